@@ -1,0 +1,149 @@
+"""The backend dispatch table.
+
+A backend runs a whole recurrent layer stack for a module. Each entry answers
+two questions with a reason (or ``None`` when the answer is yes):
+
+* ``unavailable()``: can it run on this machine at all?
+* ``unsupported(module, x)``: can it compute *exactly this* configuration?
+  ``x`` is None when asked at construction time (configuration only).
+
+``backend="auto"`` walks :data:`AUTO_ORDER` and picks the first backend that
+can run; asking for a backend by name that cannot run raises a ValueError
+with its reason. New backends join with :func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, _VF
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .runner import reference_scan, run_stack
+from .spec import State
+
+
+class Backend:
+    name: str = ""
+    description: str = ""
+
+    def unavailable(self) -> Optional[str]:
+        return None
+
+    def unsupported(self, module, x: Optional[Tensor]) -> Optional[str]:
+        return None
+
+    def run(self, module, x: Tensor, state0: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    description = "the generic runner looping over each cell's step function in plain PyTorch ops"
+
+    def run(self, module, x, state0, lengths):
+        return run_stack(module, x, state0, lengths, reference_scan)
+
+
+_VF_LAYERS = {"RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu, "LSTM": _VF.lstm, "GRU": _VF.gru}
+
+
+class TorchBackend(Backend):
+    """PyTorch's own fused op (cuDNN on GPU, oneDNN or ATen on CPU), whole stack in one call."""
+
+    name = "torch"
+    description = "PyTorch's built-in fused RNN op (cuDNN / oneDNN / ATen)"
+
+    def unsupported(self, module, x):
+        mode = module.cell_spec.extra.get("torch_mode")
+        if mode is None or not getattr(module, "_is_standard", False):
+            return f"PyTorch has no fused op for the '{module.cell_spec.name}' cell"
+        extra = module._regularizers_active() if hasattr(module, "_regularizers_active") else None
+        if extra:
+            return f"PyTorch's fused op has no {extra}"
+        if x is not None and not x.dtype.is_floating_point:
+            return f"PyTorch's fused op needs a floating-point input, got {x.dtype}"
+        return None
+
+    def run(self, module, x, state0, lengths):
+        fn = _VF_LAYERS[module.cell_spec.extra["torch_mode"]]
+        hx = state0 if len(state0) > 1 else state0[0]
+        args = (module._flat_weights, module.bias, module.num_layers, module.dropout,
+                module.training, module.num_directions == 2)
+        if lengths is None:
+            result = fn(x, hx, *args, False)
+            return result[0], tuple(result[1:])
+        # torch packs instead of taking lengths; it rejects empty sequences, so
+        # run those for one step and give them back their initial state.
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), enforce_sorted=False)
+        order, back = packed.sorted_indices, packed.unsorted_indices
+        hx_sorted = tuple(h.index_select(1, order) for h in state0)
+        result = fn(packed.data, packed.batch_sizes, hx_sorted if len(state0) > 1 else hx_sorted[0], *args)
+        out_packed = PackedSequence(result[0], packed.batch_sizes, order, back)
+        out, _ = pad_packed_sequence(out_packed, total_length=x.shape[0])
+        states = tuple(s.index_select(1, back) for s in result[1:])
+        empty = (lengths == 0).view(1, -1, 1)
+        states = tuple(torch.where(empty, s0, s) for s0, s in zip(state0, states))
+        return out, states
+
+
+BACKENDS: Dict[str, Backend] = {}
+AUTO_ORDER = ["fused", "torch", "reference"]
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+register_backend(ReferenceBackend())
+register_backend(TorchBackend())
+
+BACKEND_CHOICES = ("auto", "reference", "torch", "fused")
+
+
+def check_backend_name(name, owner: str) -> str:
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"{owner}: backend must be one of {list(BACKEND_CHOICES)}, got {name!r}")
+    return name
+
+
+def why_not(name: str, module, x: Optional[Tensor] = None) -> Optional[str]:
+    """Why backend ``name`` cannot run ``module`` (on ``x``), or None if it can."""
+    backend = BACKENDS.get(name)
+    if backend is None:
+        return f"the '{name}' backend is not installed"
+    return backend.unavailable() or backend.unsupported(module, x)
+
+
+def select(module, x: Optional[Tensor] = None) -> Backend:
+    """The backend that will run ``module`` on ``x`` (see the module docstring)."""
+    requested = module.backend
+    if requested == "auto":
+        for name in auto_order(module, x):
+            if why_not(name, module, x) is None:
+                return BACKENDS[name]
+        raise RuntimeError("no backend can run this module")  # reference runs everything
+    reason = why_not(requested, module, x)
+    if reason is not None:
+        raise ValueError(
+            f"{module._describe()}: backend={requested!r} cannot run this configuration: {reason}. "
+            "Use backend='auto' to pick one that can."
+        )
+    return BACKENDS[requested]
+
+
+def auto_order(module, x: Optional[Tensor]):
+    """Backends in the order ``auto`` tries them; the fused backend reorders
+    this from its measured table where it has one."""
+    preference = BACKENDS.get("fused")
+    if preference is not None and hasattr(preference, "auto_order"):
+        return preference.auto_order(module, x, AUTO_ORDER)
+    return AUTO_ORDER
+
+
+def describe_backends() -> Dict[str, str]:
+    """Each known backend: 'ready' or why it is not."""
+    return {name: (BACKENDS[name].unavailable() or "ready") if name in BACKENDS else "not installed"
+            for name in ("reference", "torch", "fused")}

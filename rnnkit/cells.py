@@ -1,0 +1,215 @@
+"""One-step cells with torch.nn's contract: :class:`RNNCell`, :class:`LSTMCell`, :class:`GRUCell`.
+
+A cell applies its spec's step once: ``state = step(project(x), state)``, the
+same function the sequence runner loops over.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, _VF, nn
+
+from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str
+from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
+from .spec import CellSpec
+
+_VF_CELLS = {"RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell, "LSTM": _VF.lstm_cell, "GRU": _VF.gru_cell}
+
+
+class CellBase(nn.Module):
+    """Shared machinery of every rnnkit cell (the analogue of ``torch.nn.RNNCellBase``).
+
+    Subclasses may override :meth:`_param_shapes` and :meth:`reset_parameters`
+    to hold other parameters; the step itself is the spec's.
+    """
+
+    _is_standard = True
+
+    def __init__(self, cell_spec: CellSpec, input_size: int, hidden_size: int, bias: bool = True,
+                 device=None, dtype=None, *, backend: str = "auto") -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.cell_spec = cell_spec
+        self.input_size = check_positive_int("input_size", input_size, owner=owner)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size, owner=owner)
+        self.bias = check_bool("bias", bias, owner=owner)
+        if backend not in ("auto", "reference", "torch"):
+            raise ValueError(f"{owner}: backend must be one of ['auto', 'reference', 'torch'] for a cell, got {backend!r}")
+        if backend == "torch" and not self._torch_op():
+            raise ValueError(f"{owner}: backend='torch' cannot run this cell: PyTorch has no fused op for the "
+                             f"'{cell_spec.name}' cell. Use backend='auto' to pick one that can.")
+        self.backend = backend
+        self.last_backend: Optional[str] = None
+        factory = {"device": device, "dtype": dtype}
+        for name, shape in self._param_shapes():
+            if shape is None:
+                self.register_parameter(name, None)
+            else:
+                setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    def _param_shapes(self) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
+        gates = self.cell_spec.gates * self.hidden_size
+        shapes: List[Tuple[str, Optional[Tuple[int, ...]]]] = [
+            ("weight_ih", (gates, self.input_size)), ("weight_hh", (gates, self.hidden_size))]
+        shapes += [("bias_ih", (gates,) if self.bias else None), ("bias_hh", (gates,) if self.bias else None)]
+        return shapes
+
+    def reset_parameters(self) -> None:
+        """Every parameter ~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)), as torch.nn."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def _params(self) -> Dict[str, Optional[Tensor]]:
+        return dict(self._parameters)
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size})"
+
+    def _torch_op(self):
+        mode = self.cell_spec.extra.get("torch_mode")
+        return _VF_CELLS.get(mode) if self._is_standard and mode else None
+
+    def _state_sizes(self) -> List[int]:
+        return [self.hidden_size for _ in self.cell_spec.state_names]
+
+    def forward(self, input: Tensor, hx=None):
+        owner = self._describe()
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{owner}: input must be 2-D (N, H_in) or 1-D (H_in,) unbatched, "
+                             f"got {input.dim()}-D input of shape {shape_str(input.shape)}")
+        batched = input.dim() == 2
+        if input.shape[-1] != self.input_size:
+            read = f"(N={input.shape[0]}, H_in={input.shape[1]})" if batched else f"(H_in={input.shape[0]},)"
+            raise ValueError(f"{owner}: input of shape {shape_str(input.shape)} was read as {read}; its feature "
+                             f"axis (the last) must equal input_size={self.input_size}")
+        ref = self.weight_ih
+        check_dtype_device(self, "input", input, ref)
+        x = input if batched else input.unsqueeze(0)
+        names = self.cell_spec.state_names
+        sizes = self._state_sizes()
+        if hx is None:
+            state = tuple(x.new_zeros(x.shape[0], size) for size in sizes)
+        else:
+            state = self._check_hx(hx, x.shape[0], batched, sizes, ref)
+        op = self._torch_op() if self.backend != "reference" else None
+        if op is not None:
+            self.last_backend = "torch"
+            p = self._params()
+            args = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
+            new = op(x, state if len(names) > 1 else state[0], *args)
+            new = tuple(new) if isinstance(new, (tuple, list)) else (new,)
+        else:
+            self.last_backend = "reference"
+            p = self._params()
+            new = self.cell_spec.step(self.cell_spec.project(x, p), state, p)
+        if not batched:
+            new = tuple(s.squeeze(0) for s in new)
+        return new if len(new) > 1 else new[0]
+
+    def _check_hx(self, hx, batch: int, batched: bool, sizes: List[int], ref: Tensor):
+        owner = self._describe()
+        names = self.cell_spec.state_names
+        if len(names) == 1:
+            if isinstance(hx, (tuple, list)):
+                raise TypeError(f"{owner}: hx must be a single Tensor, got a {type(hx).__name__}")
+            states = (hx,)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != len(names):
+                raise TypeError(f"{owner}: hx must be a tuple ({', '.join(names)}), got {type(hx).__name__}")
+            states = tuple(hx)
+        out = []
+        for name, s, size in zip(names, states, sizes):
+            if not isinstance(s, Tensor):
+                raise TypeError(f"{owner}: {name} must be a Tensor, got {type(s).__name__}")
+            want = (batch, size) if batched else (size,)
+            if tuple(s.shape) != want:
+                legend = f"(N={batch}, H={size})" if batched else f"(H={size},)"
+                raise ValueError(f"{owner}: {name} has shape {shape_str(s.shape)} but expected {shape_str(want)} "
+                                 f"= {legend} for an input of shape {shape_str((batch, self.input_size) if batched else (self.input_size,))}")
+            check_dtype_device(self, name, s, ref)
+            out.append(s if batched else s.unsqueeze(0))
+        return tuple(out)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s + f", backend={self.backend!r}"
+
+
+class RNNCell(CellBase):
+    r"""An Elman RNN cell: ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)``, as ``torch.nn.RNNCell``.
+
+    Args:
+        input_size, hidden_size, bias, device, dtype: as torch.nn.
+        nonlinearity: ``'tanh'``, ``'relu'``, another name from
+            :data:`rnnkit.functional.ACTIVATIONS`, or a callable.
+        backend: ``'auto'``, ``'reference'`` or ``'torch'``.
+
+    Inputs: ``input (N, H_in)`` or ``(H_in,)``; ``hx (N, H)`` or ``(H,)``, zeros if None.
+    Output: ``h' (N, H)`` or ``(H,)``.
+
+    Attributes: ``weight_ih (H, H_in)``, ``weight_hh (H, H)``, ``bias_ih (H,)``, ``bias_hh (H,)``.
+
+    Examples::
+
+        >>> cell = rnnkit.RNNCell(10, 20)
+        >>> h = cell(torch.randn(3, 10))
+        >>> h.shape
+        torch.Size([3, 20])
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: Activation = "tanh",
+                 device=None, dtype=None, *, backend: str = "auto") -> None:
+        resolve_activation(nonlinearity, owner="RNNCell")
+        self.nonlinearity = nonlinearity
+        super().__init__(rnn_spec(nonlinearity), input_size, hidden_size, bias, device, dtype, backend=backend)
+
+
+class LSTMCell(CellBase):
+    r"""An LSTM cell, gates ``i, f, g, o``, as ``torch.nn.LSTMCell``.
+
+    ``c' = σ(f) c + σ(i) tanh(g)``, ``h' = σ(o) tanh(c')``.
+
+    Inputs: ``input (N, H_in)`` or ``(H_in,)``; ``hx = (h, c)``, each ``(N, H)`` or ``(H,)``, zeros if None.
+    Output: ``(h', c')``.
+
+    Attributes: ``weight_ih (4H, H_in)``, ``weight_hh (4H, H)``, ``bias_ih (4H,)``, ``bias_hh (4H,)``.
+
+    Examples::
+
+        >>> cell = rnnkit.LSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 *, backend: str = "auto") -> None:
+        super().__init__(LSTM_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)
+
+
+class GRUCell(CellBase):
+    r"""A GRU cell, gates ``r, z, n``, as ``torch.nn.GRUCell``.
+
+    ``n = tanh(W_in x + b_in + r (W_hn h + b_hn))``, ``h' = (1 - z) n + z h``.
+
+    Inputs: ``input (N, H_in)`` or ``(H_in,)``; ``hx (N, H)`` or ``(H,)``, zeros if None.
+    Output: ``h' (N, H)`` or ``(H,)``.
+
+    Attributes: ``weight_ih (3H, H_in)``, ``weight_hh (3H, H)``, ``bias_ih (3H,)``, ``bias_hh (3H,)``.
+
+    Examples::
+
+        >>> cell = rnnkit.GRUCell(10, 20)
+        >>> h = cell(torch.randn(3, 10))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 *, backend: str = "auto") -> None:
+        super().__init__(GRU_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)

@@ -1,0 +1,113 @@
+"""The math of the standard cells, written once, as pure step functions.
+
+Each cell is an input projection (run over all time steps at once by the
+runner) and a step on the projected input. The gate order is torch.nn's:
+LSTM ``i, f, g, o``; GRU ``r, z, n``. ``p`` holds one layer-direction's
+parameters by their unsuffixed names (``weight_ih``, ``weight_hh``, ``bias_ih``,
+``bias_hh``, ``weight_hr``); a missing bias is ``None``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import CellSpec, Params, State
+
+Activation = Union[str, Callable[[Tensor], Tensor]]
+
+ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "elu": F.elu,
+    "leaky_relu": F.leaky_relu,
+    "softsign": F.softsign,
+    "hardtanh": F.hardtanh,
+    "identity": lambda x: x,
+}
+
+
+def resolve_activation(nonlinearity: Activation, owner: str = "rnnkit") -> Callable[[Tensor], Tensor]:
+    """Turn a name from :data:`ACTIVATIONS` or a callable into a function."""
+    if callable(nonlinearity):
+        return nonlinearity
+    if isinstance(nonlinearity, str) and nonlinearity in ACTIVATIONS:
+        return ACTIVATIONS[nonlinearity]
+    raise ValueError(
+        f"{owner}: nonlinearity must be one of {sorted(ACTIVATIONS)} or a callable, got {nonlinearity!r}"
+    )
+
+
+def linear_project(x: Tensor, p: Params) -> Tensor:
+    """``W_ih x + b_ih`` over any leading axes: ``(..., H_in) -> (..., G)``."""
+    return F.linear(x, p["weight_ih"], p.get("bias_ih"))
+
+
+def recurrent_project(h: Tensor, p: Params) -> Tensor:
+    """``W_hh h + b_hh``: ``(N, H_out) -> (N, G)``."""
+    return F.linear(h, p["weight_hh"], p.get("bias_hh"))
+
+
+def rnn_step(xp: Tensor, state: State, p: Params, act: Callable[[Tensor], Tensor] = torch.tanh) -> State:
+    """Elman RNN: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``."""
+    (h,) = state
+    return (act(xp + recurrent_project(h, p)),)
+
+
+def lstm_step(xp: Tensor, state: State, p: Params) -> State:
+    """LSTM, gates ``i, f, g, o``; with ``weight_hr`` the output is projected.
+
+    ``c' = sigmoid(f) * c + sigmoid(i) * tanh(g)``,
+    ``h' = W_hr (sigmoid(o) * tanh(c'))`` (no ``W_hr`` without ``proj_size``).
+    """
+    h, c = state
+    i, f, g, o = (xp + recurrent_project(h, p)).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    w_hr = p.get("weight_hr")
+    if w_hr is not None:
+        h = F.linear(h, w_hr)
+    return h, c
+
+
+def gru_step(xp: Tensor, state: State, p: Params) -> State:
+    """GRU, gates ``r, z, n``: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``,
+    ``h' = (1 - z) * n + z * h``."""
+    (h,) = state
+    x_r, x_z, x_n = xp.chunk(3, dim=-1)
+    h_r, h_z, h_n = recurrent_project(h, p).chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (n + z * (h - n),)
+
+
+@functools.lru_cache(maxsize=None)
+def rnn_spec(nonlinearity: Activation = "tanh") -> CellSpec:
+    """The Elman RNN's spec for a named activation or a callable."""
+    act = resolve_activation(nonlinearity)
+    name = nonlinearity if isinstance(nonlinearity, str) else getattr(nonlinearity, "__name__", "custom")
+    fusable = f"rnn_{nonlinearity}" if nonlinearity in ("tanh", "relu") else None
+    return CellSpec(
+        name=f"rnn_{name}",
+        gates=1,
+        state_names=("h",),
+        project=linear_project,
+        step=functools.partial(rnn_step, act=act),
+        fusable=fusable,
+        extra={"torch_mode": {"tanh": "RNN_TANH", "relu": "RNN_RELU"}.get(nonlinearity)
+               if isinstance(nonlinearity, str) else None},
+    )
+
+
+LSTM_SPEC = CellSpec("lstm", 4, ("h", "c"), linear_project, lstm_step, fusable="lstm",
+                     extra={"torch_mode": "LSTM"})
+GRU_SPEC = CellSpec("gru", 3, ("h",), linear_project, gru_step, fusable="gru",
+                    extra={"torch_mode": "GRU"})

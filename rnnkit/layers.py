@@ -1,0 +1,429 @@
+"""Recurrent layers with torch.nn's contract: :class:`RNN`, :class:`LSTM`, :class:`GRU`.
+
+:class:`RecurrentBase` does what ``torch.nn.RNNBase`` does (parameters, their
+names and order, initialisation, validation) and hands the sequence to a
+backend. The subclasses are mostly docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import backends as _backends
+from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
+                      check_states, read_input, shape_str)
+from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
+from .runner import mask_padding
+from .spec import CellSpec
+
+
+class RecurrentBase(nn.Module):
+    """Shared machinery of every rnnkit layer (the analogue of ``torch.nn.RNNBase``).
+
+    Subclasses set ``cell_spec`` and may override the parameter hooks
+    (:meth:`_layer_param_shapes`, :meth:`reset_parameters`) and the layout hooks
+    (:meth:`_feature_symbols`, :meth:`_check_features`, :meth:`_state_shapes`).
+    """
+
+    cell_spec: CellSpec
+    _is_standard = True  # computes exactly what a torch.nn layer computes
+
+    def __init__(self, cell_spec: CellSpec, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
+                 *, backend: str = "auto") -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.cell_spec = cell_spec
+        self.input_size = check_positive_int("input_size", input_size, owner=owner)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size, owner=owner)
+        self.num_layers = check_positive_int("num_layers", num_layers, owner=owner)
+        self.bias = check_bool("bias", bias, owner=owner)
+        self.batch_first = check_bool("batch_first", batch_first, owner=owner)
+        self.dropout = check_probability("dropout", dropout, owner=owner)
+        self.bidirectional = check_bool("bidirectional", bidirectional, owner=owner)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int):
+            raise TypeError(f"{owner}: proj_size must be an int, got {proj_size!r}")
+        if proj_size != 0 and cell_spec.name != "lstm":
+            raise ValueError(f"{owner}: proj_size is only supported by LSTM (got proj_size={proj_size})")
+        if proj_size < 0:
+            raise ValueError(f"{owner}: proj_size must be >= 0 (0 disables the projection), got {proj_size}")
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"{owner}: proj_size must be smaller than hidden_size, got proj_size={proj_size} "
+                f"and hidden_size={hidden_size}"
+            )
+        self.proj_size = proj_size
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=3,
+            )
+        self.backend = _backends.check_backend_name(backend, owner)
+        self.last_backend: Optional[str] = None
+
+        factory = {"device": device, "dtype": dtype}
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
+        self._param_keys: List[Dict[str, str]] = []
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                layer_input = self.input_size if layer == 0 else self._layer_output_size * self.num_directions
+                names = []
+                for key, shape in self._layer_param_shapes(layer_input):
+                    name = key + suffix
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+                self._param_keys.append({n[: -len(suffix)]: n for n in names})
+        self.reset_parameters()
+        if self.backend != "auto":
+            reason = _backends.why_not(self.backend, self)
+            if reason is not None:
+                raise ValueError(f"{self._describe()}: backend={self.backend!r} cannot run this configuration: "
+                                 f"{reason}. Use backend='auto' to pick one that can.")
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _layer_output_size(self) -> int:
+        """Per-direction output size of one layer (``H_out``)."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def _layer_param_shapes(self, layer_input: int) -> List[Tuple[str, Tuple[int, ...]]]:
+        """The parameters of one layer-direction, in torch.nn's order."""
+        gates = self.cell_spec.gates * self.hidden_size
+        shapes = [("weight_ih", (gates, layer_input)), ("weight_hh", (gates, self._layer_output_size))]
+        if self.bias:
+            shapes += [("bias_ih", (gates,)), ("bias_hh", (gates,))]
+        if self.proj_size > 0:
+            shapes += [("weight_hr", (self.proj_size, self.hidden_size))]
+        return shapes
+
+    def reset_parameters(self) -> None:
+        """Every parameter ~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)), as torch.nn
+        (same order, so the same seed gives the same weights as torch.nn)."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def _layer_params(self, k: int) -> Dict[str, Optional[Tensor]]:
+        """Parameters of layer-direction ``k`` by their unsuffixed names."""
+        return {key: getattr(self, name) for key, name in self._param_keys[k].items()}
+
+    @property
+    def _flat_weights(self) -> List[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        """Parameters grouped per layer-direction, as ``torch.nn.RNNBase.all_weights``."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Accepted for drop-in compatibility with torch.nn; rnnkit keeps each
+        parameter in its own tensor, so there is nothing to do."""
+
+    # ------------------------------------------------------------------ layout hooks
+
+    def _describe(self) -> str:
+        args = f"input_size={self.input_size}, hidden_size={self.hidden_size}"
+        if self.num_layers != 1:
+            args += f", num_layers={self.num_layers}"
+        if self.bidirectional:
+            args += ", bidirectional=True"
+        if self.proj_size:
+            args += f", proj_size={self.proj_size}"
+        return f"{type(self).__name__}({args})"
+
+    def _feature_symbols(self) -> Sequence[str]:
+        return ("H_in",)
+
+    def _check_features(self, feature_shape: Tuple[int, ...]) -> Optional[str]:
+        if feature_shape[0] != self.input_size:
+            return (f"its feature axis (the last, H_in={feature_shape[0]}) must equal "
+                    f"input_size={self.input_size}")
+        return None
+
+    def _state_shapes(self, batch: int, feature_shape: Tuple[int, ...]) -> List[Tuple[int, ...]]:
+        """Batched shape of each state tensor: ``h`` then (LSTM) ``c``."""
+        lead = (self.num_directions * self.num_layers, batch)
+        shapes = [lead + (self._layer_output_size,)]
+        shapes += [lead + (self.hidden_size,) for _ in self.cell_spec.state_names[1:]]
+        return shapes
+
+    def _state_symbols(self, label: str) -> Sequence[str]:
+        return ("H_out",) if label.startswith("h") else ("H",)
+
+    def _regularizers_active(self) -> Optional[str]:
+        return None
+
+    # ------------------------------------------------------------------ forward
+
+    def which_backend(self, input: Optional[Tensor] = None) -> str:
+        """The name of the backend this module runs (on ``input``, if given)."""
+        x = input.data if isinstance(input, PackedSequence) else input
+        return _backends.select(self, x).name
+
+    def forward(self, input, hx=None, *, lengths=None, padding_value: float = 0.0):
+        """See the class docstring. ``lengths`` (N,) gives each sequence's length
+        in a padded batch, with no packing; positions past a length are set to
+        ``padding_value`` and the final state is the one after each sequence's
+        last valid step."""
+        packed_in = input if isinstance(input, PackedSequence) else None
+        if packed_in is not None:
+            if lengths is not None:
+                raise ValueError(f"{self._describe()}: lengths cannot be given with a PackedSequence input "
+                                 "(it carries its own lengths)")
+            x, packed_lengths = pad_packed_sequence(packed_in, padding_value=padding_value)
+            reading = read_input(self, x, packed=True)
+        else:
+            reading = read_input(self, input)
+            x = input if reading.batched else input.unsqueeze(1)
+            if self.batch_first and reading.batched:
+                x = x.transpose(0, 1)
+        ref = next(self.parameters())
+        check_dtype_device(self, "input", x, ref)
+        if packed_in is not None:
+            lengths = packed_lengths.to(x.device)
+        elif lengths is not None:
+            lengths = check_lengths(self, lengths, reading, x.device)
+
+        expected = self._state_shapes(reading.batch, reading.feature_shape)
+        if hx is None:
+            state0 = tuple(x.new_zeros(shape) for shape in expected)
+        else:
+            state0 = check_states(self, hx, reading, expected, ref)
+
+        backend = _backends.select(self, x)
+        self.last_backend = backend.name
+        out, states = backend.run(self, x, state0, lengths)
+        out = mask_padding(out, lengths, padding_value)
+
+        if packed_in is not None:
+            out = _repack(out, packed_in, packed_lengths)
+        elif not reading.batched:
+            out = out.squeeze(1)
+            states = tuple(s.squeeze(1) for s in states)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (states if len(states) > 1 else states[0])
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        s = s.format(**self.__dict__)
+        s += f", backend={self.backend!r}"
+        if self.last_backend is not None and self.backend == "auto":
+            s += f" (last ran: {self.last_backend!r})"
+        return s
+
+
+def _repack(out: Tensor, like: PackedSequence, lengths: Tensor) -> PackedSequence:
+    """Pack ``out`` (L, N, ...) into the same layout (batch sizes, order) as ``like``."""
+    order = like.sorted_indices
+    if order is not None:
+        out, lengths = out.index_select(1, order), lengths.index_select(0, order.to(lengths.device))
+    data = pack_padded_sequence(out, lengths.cpu(), enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+_SHAPES_DOC = r"""
+    Inputs: input, hx (, lengths)
+        * **input**: ``(L, N, H_in)``, or ``(N, L, H_in)`` with ``batch_first=True``,
+          or ``(L, H_in)`` unbatched, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
+        * **{hx}**: initial state{hx_shape}; zeros if not given.
+        * **lengths** (keyword): ``(N,)`` integer tensor or list, each sequence's
+          length in a padded batch, in any order; no packing needed. A length may
+          be 0 (the output is all padding and the final state is the initial one).
+        * **padding_value** (keyword): the output past each length (default 0).
+
+    Outputs: output, {hn}
+        * **output**: ``(L, N, D * H_out)`` (``(N, L, D * H_out)`` with
+          ``batch_first=True``; ``(L, D * H_out)`` unbatched; a PackedSequence
+          for a PackedSequence input): the last layer's ``h_t`` for every ``t``.
+        * **{hn_first}**: ``(D * num_layers, N, H_out)`` whatever ``batch_first``
+          says: each layer-direction's final state, layer-major, direction-minor
+          (row ``2 * k`` is layer ``k`` forward, row ``2 * k + 1`` its reverse).{cn}
+
+    Shape legend: ``N`` batch, ``L`` sequence length, ``D`` 2 if bidirectional
+    else 1, ``H_in`` input_size, ``H_out`` {hout}.
+
+    For a one-way net ``output[-1] == h_n[-1]``. For a bidirectional one,
+    ``h_n[-2]`` (last layer, forward) equals ``output[-1, :, :H_out]`` and
+    ``h_n[-1]`` (last layer, reverse) equals ``output[0, :, H_out:]``, so
+    ``h_n[-1]`` is NOT ``output[-1]``. With ``lengths``, read ``output`` at
+    ``lengths - 1`` instead of ``-1``.
+"""
+
+_ARGS_DOC = r"""
+        input_size: ``H_in``, the number of features of ``x``.
+        hidden_size: ``H``, the number of features of ``h``.
+        num_layers: how many layers to stack; layer ``k > 0`` reads layer ``k-1``'s output.
+        bias: if False, no ``b_ih`` and ``b_hh``.
+        batch_first: if True, ``input`` and ``output`` are ``(N, L, ·)``; states are not affected.
+        dropout: dropout probability on each layer's output except the last's, in training only.
+        bidirectional: if True, each layer also runs the sequence backwards.
+        backend: ``"auto"`` (the fastest backend that computes the same function),
+            ``"reference"`` (plain PyTorch step loop, differentiable twice), ``"torch"``
+            (PyTorch's fused op), or ``"fused"`` (rnnkit's C++ kernels).
+            ``module.last_backend`` names the one that ran."""
+
+
+class RNN(RecurrentBase):
+    __doc__ = r"""Elman RNN: ``torch.nn.RNN`` with rnnkit's backends and ``lengths``.
+
+    .. math:: h_t = \tanh(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})
+
+    (``relu`` instead of ``tanh`` with ``nonlinearity='relu'``; any name in
+    :data:`rnnkit.functional.ACTIVATIONS` or a callable runs on the reference backend).
+
+    Equivalent to the following, for one layer and direction::
+
+        h = h0
+        for t in range(L):
+            h = torch.tanh(x[t] @ weight_ih_l0.T + bias_ih_l0 + h @ weight_hh_l0.T + bias_hh_l0)
+            output.append(h)
+
+    Args:""" + _ARGS_DOC.replace("        bias:", "        nonlinearity: ``'tanh'`` (default), ``'relu'``, another name or a callable.\n        bias:") + \
+        _SHAPES_DOC.format(hx="hx", hx_shape=" ``(D * num_layers, N, H_out)``", hn="h_n", hn_first="h_n", cn="",
+                           hout="hidden_size") + r"""
+    Attributes:
+        weight_ih_l[k]: ``(hidden_size, input_size)`` for ``k = 0``, else ``(hidden_size, D * hidden_size)``.
+        weight_hh_l[k]: ``(hidden_size, hidden_size)``.
+        bias_ih_l[k], bias_hh_l[k]: ``(hidden_size,)``.
+        All ~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)); ``_reverse`` names the backward direction.
+
+    Examples::
+
+        >>> rnn = rnnkit.RNN(10, 20, 2)
+        >>> output, h_n = rnn(torch.randn(5, 3, 10), torch.randn(2, 3, 20))
+        >>> output.shape, h_n.shape
+        (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: Activation = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto") -> None:
+        self.nonlinearity = nonlinearity
+        resolve_activation(nonlinearity, owner="RNN")
+        spec = rnn_spec(nonlinearity)
+        super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, backend=backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.nonlinearity != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        return s
+
+
+class LSTM(RecurrentBase):
+    __doc__ = r"""Long short-term memory: ``torch.nn.LSTM`` with rnnkit's backends and ``lengths``.
+
+    .. math::
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        f_t = \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf}) \\
+        g_t = \tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        c_t = f_t \odot c_{t-1} + i_t \odot g_t \\
+        h_t = o_t \odot \tanh(c_t)  \quad (h_t = W_{hr}(o_t \odot \tanh(c_t)) \text{ with proj\_size})
+        \end{array}
+
+    Gates are stacked ``i, f, g, o`` in ``weight_ih`` and ``weight_hh``, as in torch.nn.
+
+    Equivalent to the following, for one layer and direction::
+
+        for t in range(L):
+            i, f, g, o = (x[t] @ W_ih.T + b_ih + h @ W_hh.T + b_hh).chunk(4, -1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = o.sigmoid() * c.tanh()
+
+    Args:""" + _ARGS_DOC + r"""
+        proj_size: if > 0, ``h_t`` is projected to ``proj_size`` features by ``W_hr``.
+""" + _SHAPES_DOC.format(hx="hx = (h_0, c_0)", hx_shape="s ``h_0 (D * num_layers, N, H_out)`` and "
+                         "``c_0 (D * num_layers, N, H)``", hn="(h_n, c_n)", hn_first="h_n",
+                         cn="\n        * **c_n**: ``(D * num_layers, N, H)``: the final cell states, same order.",
+                         hout="proj_size if > 0 else hidden_size") + r"""
+    Attributes:
+        weight_ih_l[k]: ``(4*hidden_size, input_size)`` for ``k = 0``, else ``(4*hidden_size, D * H_out)``.
+        weight_hh_l[k]: ``(4*hidden_size, H_out)``.
+        bias_ih_l[k], bias_hh_l[k]: ``(4*hidden_size,)``.
+        weight_hr_l[k]: ``(proj_size, hidden_size)``, only with ``proj_size > 0``.
+        All ~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)); ``_reverse`` names the backward direction.
+
+    Examples::
+
+        >>> lstm = rnnkit.LSTM(50, 100, num_layers=2)
+        >>> out, (h, c) = lstm(torch.randn(10, 3, 50))
+        >>> out.shape, h.shape, c.shape
+        (torch.Size([10, 3, 100]), torch.Size([2, 3, 100]), torch.Size([2, 3, 100]))
+        >>> torch.equal(out[-1], h[-1])
+        True
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, backend: str = "auto") -> None:
+        super().__init__(LSTM_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, backend=backend)
+
+
+class GRU(RecurrentBase):
+    __doc__ = r"""Gated recurrent unit: ``torch.nn.GRU`` with rnnkit's backends and ``lengths``.
+
+    .. math::
+        \begin{array}{ll}
+        r_t = \sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr}) \\
+        z_t = \sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz}) \\
+        n_t = \tanh(W_{in} x_t + b_{in} + r_t \odot (W_{hn} h_{t-1} + b_{hn})) \\
+        h_t = (1 - z_t) \odot n_t + z_t \odot h_{t-1}
+        \end{array}
+
+    Gates are stacked ``r, z, n``, as in torch.nn.
+
+    Args:""" + _ARGS_DOC + "\n" + _SHAPES_DOC.format(
+        hx="hx", hx_shape=" ``(D * num_layers, N, H_out)``", hn="h_n", hn_first="h_n", cn="", hout="hidden_size") + r"""
+    Attributes:
+        weight_ih_l[k]: ``(3*hidden_size, input_size)`` for ``k = 0``, else ``(3*hidden_size, D * hidden_size)``.
+        weight_hh_l[k]: ``(3*hidden_size, hidden_size)``.
+        bias_ih_l[k], bias_hh_l[k]: ``(3*hidden_size,)``.
+
+    Examples::
+
+        >>> gru = rnnkit.GRU(10, 20, 2)
+        >>> out, h = gru(torch.randn(3, 32, 10))
+        >>> out.shape, h.shape
+        (torch.Size([3, 32, 20]), torch.Size([2, 32, 20]))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, backend: str = "auto") -> None:
+        super().__init__(GRU_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, backend=backend)

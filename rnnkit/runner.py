@@ -1,0 +1,112 @@
+"""The one generic sequence runner.
+
+It owns stacking layers, both directions, per-sequence ``lengths`` and
+inter-layer dropout for every layer in rnnkit. The time loop of one layer in
+one direction is a *scan*, which a backend provides; the reference scan below
+is the oracle every other backend is checked against.
+
+All tensors here are time-major: ``x`` is ``(L, N, *F)``, a state is
+``(D*num_layers, N, *S)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import CellSpec, Params, State
+
+Scan = Callable[[CellSpec, Params, Tensor, State, Optional[Tensor]], Tuple[Tensor, State]]
+
+
+def valid_mask(lengths: Tensor, seq_len: int) -> Tensor:
+    """``(L, N)`` bool: True where step ``t`` is inside sequence ``n``."""
+    return torch.arange(seq_len, device=lengths.device).unsqueeze(1) < lengths.unsqueeze(0)
+
+
+def _per_row(mask: Tensor, like: Tensor) -> Tensor:
+    """Reshape an ``(N,)`` mask to broadcast against ``(N, *S)``."""
+    return mask.view(mask.shape[0], *([1] * (like.dim() - 1)))
+
+
+def reverse_sequences(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """Reverse each sequence within its own length; padding stays in place.
+
+    With ``lengths`` ``[3, 1]`` and ``L = 4``, row 0 reads steps ``2, 1, 0, 3``
+    and row 1 reads ``0, 1, 2, 3``. The map is its own inverse.
+    """
+    if lengths is None:
+        return x.flip(0)
+    seq_len, batch = x.shape[0], x.shape[1]
+    t = torch.arange(seq_len, device=x.device).unsqueeze(1)
+    index = torch.where(t < lengths, lengths - 1 - t, t)  # (L, N)
+    return x[index, torch.arange(batch, device=x.device)]
+
+
+def reference_scan(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    """One layer, one direction, forward in time, in plain PyTorch ops.
+
+    Returns the outputs ``(L, N, *S_h)`` and the final state. A sequence past
+    its length keeps its state (so its final state is the one after step
+    ``lengths[n] - 1``); its outputs there are garbage for the runner to mask.
+    """
+    xp = spec.project(x, p)  # (L, N, G*H...) all steps in one product
+    if spec.sequence is not None:
+        return spec.sequence(xp, state, p, lengths)
+    seq_len = x.shape[0]
+    # steps before the shortest length need no masking: one sync, then none
+    masked_from = seq_len if lengths is None else (int(lengths.min()) if lengths.numel() else 0)
+    outputs = []
+    for t in range(seq_len):
+        new = spec.step(xp[t], state, p)
+        if t >= masked_from:
+            keep = _per_row(t < lengths, new[0])
+            new = tuple(torch.where(keep, n, s) for n, s in zip(new, state))
+        state = new
+        outputs.append(state[0])
+    return torch.stack(outputs), state
+
+
+def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan: Scan) -> Tuple[Tensor, State]:
+    """Run ``module``'s layers and directions over ``x`` with ``scan``.
+
+    ``module`` supplies ``cell_spec``, ``num_layers``, ``num_directions``,
+    ``dropout``, ``training`` and ``_layer_params(k)`` for ``k = layer * D +
+    direction`` (the layer-major, direction-minor order of ``h_n``).
+    Returns the last layer's output ``(L, N, D*H_out...)`` (padding not yet
+    masked) and the final states, each ``(D*num_layers, N, ...)``.
+    """
+    spec = module.cell_spec
+    num_dirs = module.num_directions
+    finals = [[] for _ in state0]
+    layer_input = x
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(num_dirs):
+            k = layer * num_dirs + direction
+            s0 = tuple(s[k] for s in state0)
+            p = module._layer_params(k)
+            if direction == 0:
+                out, s_n = scan(spec, p, layer_input, s0, lengths)
+            else:
+                out, s_n = scan(spec, p, reverse_sequences(layer_input, lengths), s0, lengths)
+                out = reverse_sequences(out, lengths)
+            outputs.append(out)
+            for acc, s in zip(finals, s_n):
+                acc.append(s)
+        layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+    return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+def mask_padding(out: Tensor, lengths: Optional[Tensor], padding_value: float) -> Tensor:
+    """Set the output at ``t >= lengths[n]`` to ``padding_value`` (no gradient flows there)."""
+    if lengths is None:
+        return out
+    valid = valid_mask(lengths, out.shape[0])
+    valid = valid.view(*valid.shape, *([1] * (out.dim() - 2)))
+    return out.masked_fill(~valid, padding_value)
