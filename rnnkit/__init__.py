@@ -8,6 +8,10 @@ with swappable backends.
 from .backends import BACKENDS, describe_backends
 from .cells import GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN, RecurrentBase
+from .explain import Explanation, explain
+from .sequences import (lengths_to_mask, pack_padded_sequence, pack_sequence, pad_packed_sequence, pad_sequence,
+                        unpad_sequence)
+from .streaming import Stream, chunk_lengths, detach_state, reset_state
 from .registry import LAYERS, LayerEntry, get_layer, register_layer
 from .spec import CellSpec
 
@@ -21,5 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RecurrentBase", "CellSpec",
+    "explain", "Explanation", "Stream", "chunk_lengths", "detach_state", "reset_state",
+    "lengths_to_mask", "pack_padded_sequence", "pack_sequence", "pad_packed_sequence", "pad_sequence", "unpad_sequence",
     "BACKENDS", "describe_backends", "LAYERS", "LayerEntry", "get_layer", "register_layer", "__version__",
 ]

@@ -16,7 +16,9 @@ from torch import Tensor
 
 
 def shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    """``(3, 4)``; a one-axis shape keeps Python's trailing comma: ``(400,)``."""
+    inner = ", ".join(str(int(s)) for s in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
 
 
 # ----------------------------------------------------------------------------- constructor
@@ -135,7 +137,8 @@ def _feature_hint(module, x: Tensor, fnd: int) -> Optional[str]:
     last = x.dim() - 1
     others = [a for a in range(last) if x.shape[a] == want]
     if not others:
-        return None
+        return (f"Fix: give the input {want} features on its last axis, or construct the layer with "
+                f"input_size={x.shape[last]}")
     a = others[0]
     return (
         f"Fix: axis {a} has size {want} = input_size; if that is your feature axis, move it last, "
@@ -163,10 +166,13 @@ def check_dtype_device(module, what: str, t: Tensor, ref: Tensor) -> None:
 # ----------------------------------------------------------------------------- states
 
 
-def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int, ...]], ref: Tensor) -> Tuple[Tensor, ...]:
+def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int, ...]],
+                 ref: Optional[Tensor]) -> Tuple[Tensor, ...]:
     """Check the user's initial state against ``expected`` (one batched shape per
     state tensor, e.g. ``[(D*num_layers, N, H_out), (D*num_layers, N, H)]``) and
-    return it batched. An unbatched input takes states without the N axis."""
+    return it batched. An unbatched input takes states without the N axis.
+    ``ref`` (a parameter) is what dtype and device are checked against; None
+    checks shapes only."""
     owner = module._describe()
     names = module.cell_spec.state_names
     if len(names) == 1:
@@ -187,7 +193,8 @@ def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int
         want = tuple(shape) if reading.batched else tuple(shape[:1]) + tuple(shape[2:])
         if tuple(s.shape) != want:
             raise ValueError(_state_message(module, label, s, want, reading))
-        check_dtype_device(module, label, s, ref)
+        if ref is not None:
+            check_dtype_device(module, label, s, ref)
         out.append(s if reading.batched else s.unsqueeze(1))
     return tuple(out)
 
