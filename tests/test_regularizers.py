@@ -51,11 +51,11 @@ def _p(layer, suffix="_l0"):
     return {k[: -len(suffix)]: v for k, v in layer.named_parameters() if k.endswith(suffix)}
 
 
-def hand_lstm(x, h, c, p, rd=None, zo=None, zo_eval=None, w_hh=None):
+def hand_lstm(x, h, c, p, rd=None, zo=None, zo_eval=None, w_hh=None, w_hr=None):
     """torch.nn.LSTM's formula, written out, with a recurrent-dropout mask ``rd``
     (already scaled), per-step zoneout masks ``zo[t] = (k_h, k_c)`` or eval
     rates ``zo_eval = (p_h, p_c)``, and a replacement ``w_hh``."""
-    H = h.shape[-1]
+    H = c.shape[-1]
     w_hh = p["weight_hh"] if w_hh is None else w_hh
     outs = []
     for t in range(x.shape[0]):
@@ -65,6 +65,8 @@ def hand_lstm(x, h, c, p, rd=None, zo=None, zo_eval=None, w_hh=None):
             torch.sigmoid(a[:, 3 * H:])
         c_new = f * c + i * g
         h_new = o * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.T
         if zo is not None:
             k_h, k_c = zo[t]
             h_new, c_new = k_h * h + (1 - k_h) * h_new, k_c * c + (1 - k_c) * c_new
@@ -249,6 +251,24 @@ def test_all_regularizers_together_formula(masks):
     (rd,) = masks.of("recurrent_dropout")
     zo = list(zip(masks.of("zoneout_h"), masks.of("zoneout_c")))
     ref_out, _, ref_c = hand_lstm(x, h0[0], c0[0], _p(layer), rd=rd / 0.8, zo=zo, w_hh=layer.weight_hh_l0 * wd / 0.6)
+    torch.testing.assert_close(out, ref_out, **TOL64)
+    torch.testing.assert_close(c[0], ref_c, **TOL64)
+
+
+def test_all_regularizers_with_proj_size(masks):
+    """With proj_size, the recurrent-dropout and h-zoneout masks are (N, proj_size),
+    the c-zoneout mask (N, H), and only weight_hh (4H, proj_size) is dropped."""
+    layer = rnnkit.LSTM(3, 4, proj_size=2, recurrent_dropout=0.2, zoneout=0.1, zoneout_cell=0.3, weight_drop=0.4,
+                        dtype=F64)
+    x, _, c0 = _data()
+    h0 = torch.randn(1, 3, 2, dtype=F64)
+    out, (h, c) = layer(x, (h0, c0))
+    (wd,) = masks.of("weight_drop")
+    (rd,) = masks.of("recurrent_dropout")
+    assert wd.shape == (16, 2) and rd.shape == (3, 2) and masks.of("zoneout_c")[0].shape == (3, 4)
+    zo = list(zip(masks.of("zoneout_h"), masks.of("zoneout_c")))
+    ref_out, _, ref_c = hand_lstm(x, h0[0], c0[0], _p(layer), rd=rd / 0.8, zo=zo, w_hh=layer.weight_hh_l0 * wd / 0.6,
+                                  w_hr=layer.weight_hr_l0)
     torch.testing.assert_close(out, ref_out, **TOL64)
     torch.testing.assert_close(c[0], ref_c, **TOL64)
 
