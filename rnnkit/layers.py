@@ -421,11 +421,11 @@ class RNN(RecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: Activation = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto") -> None:
-        self.nonlinearity = nonlinearity
         resolve_activation(nonlinearity, owner="RNN")
         spec = rnn_spec(nonlinearity)
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype, backend=backend)
+        self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -171,3 +171,25 @@ def test_rnn_callable_with_lengths_and_bidirectional():
 def test_rnn_bad_nonlinearity(bad):
     with pytest.raises(ValueError, match=r"RNN: nonlinearity must be one of \[.*\] or a callable, got"):
         rnnkit.RNN(3, 4, nonlinearity=bad)
+
+
+def test_module_activation_is_a_submodule_that_learns():
+    """An nn.Module activation (here PReLU, which has a parameter) is registered,
+    so it trains and moves with the layer; the result matches the formula."""
+    torch.manual_seed(0)
+    rnn = randomize_(rnnkit.RNN(3, 4, dtype=torch.float64), seed=1)
+    prelu = torch.nn.PReLU(dtype=torch.float64)
+    with_module = rnnkit.RNN(3, 4, nonlinearity=prelu, dtype=torch.float64)
+    with_module.load_state_dict({**rnn.state_dict(), "nonlinearity.weight": prelu.weight.detach()})
+    assert "nonlinearity.weight" in dict(with_module.named_parameters())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(1, 2, 4, dtype=torch.float64)
+    out, _ = with_module(x, h0)
+    act = lambda v: torch.where(v > 0, v, 0.25 * v)  # noqa: E731 (PReLU's initial slope)
+    torch.testing.assert_close(out, hand_rnn(x, h0[0], _p(rnn), act)[0], **TOL64)
+    out.sum().backward()
+    assert prelu.weight.grad is not None and prelu.weight.grad.abs().sum() > 0
+    cell = rnnkit.RNNCell(3, 4, nonlinearity=torch.nn.Tanh())
+    assert isinstance(cell.nonlinearity, torch.nn.Tanh) and cell(torch.randn(2, 3)).shape == (2, 4)
+    ind = rnnkit.IndRNN(3, 4, nonlinearity=torch.nn.ELU())
+    assert ind(torch.randn(5, 2, 3))[0].shape == (5, 2, 4)

@@ -113,10 +113,10 @@ class IndRNN(RecurrentBase):
                  device=None, dtype=None, *, recurrent_max_abs: Optional[float] = None,
                  backend: str = "auto") -> None:
         resolve_activation(nonlinearity, owner="IndRNN")
-        self.nonlinearity = nonlinearity
         self.recurrent_max_abs = _check_max_abs("IndRNN", recurrent_max_abs)
         super().__init__(indrnn_spec(nonlinearity, self.recurrent_max_abs), input_size, hidden_size, num_layers,
                          bias, batch_first, dropout, bidirectional, 0, device, dtype, backend=backend)
+        self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
     def _layer_param_shapes(self, layer_input: int) -> List[Tuple[str, Tuple[int, ...]]]:
         return [(n, s) for n, s in _shapes(self.hidden_size, layer_input, self.bias) if s is not None]
@@ -161,10 +161,10 @@ class IndRNNCell(CellBase):
                  device=None, dtype=None, *, recurrent_max_abs: Optional[float] = None,
                  backend: str = "auto") -> None:
         resolve_activation(nonlinearity, owner="IndRNNCell")
-        self.nonlinearity = nonlinearity
         self.recurrent_max_abs = _check_max_abs("IndRNNCell", recurrent_max_abs)
         super().__init__(indrnn_spec(nonlinearity, self.recurrent_max_abs), input_size, hidden_size, bias, device,
                          dtype, backend=backend)
+        self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
     def _param_shapes(self) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
         return _shapes(self.hidden_size, self.input_size, self.bias)
