@@ -21,11 +21,16 @@ register_layer(LayerEntry("rnn", RNN, RNNCell, torch_equivalent=_torch.nn.RNN))
 register_layer(LayerEntry("lstm", LSTM, LSTMCell, torch_equivalent=_torch.nn.LSTM))
 register_layer(LayerEntry("gru", GRU, GRUCell, torch_equivalent=_torch.nn.GRU))
 
+from .zoo import (IndRNN, IndRNNCell, LayerNormGRU, LayerNormGRUCell, LayerNormLSTM,  # noqa: E402
+                  LayerNormLSTMCell, PeepholeLSTM, PeepholeLSTMCell)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RecurrentBase", "CellSpec",
     "explain", "Explanation", "Stream", "chunk_lengths", "detach_state", "reset_state",
     "lengths_to_mask", "pack_padded_sequence", "pack_sequence", "pad_packed_sequence", "pad_sequence", "unpad_sequence",
+    "LayerNormLSTM", "LayerNormGRU", "PeepholeLSTM", "IndRNN",
+    "LayerNormLSTMCell", "LayerNormGRUCell", "PeepholeLSTMCell", "IndRNNCell",
     "BACKENDS", "describe_backends", "LAYERS", "LayerEntry", "get_layer", "register_layer", "__version__",
 ]

@@ -169,8 +169,8 @@ class RNNCell(CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: Activation = "tanh",
                  device=None, dtype=None, *, backend: str = "auto") -> None:
         resolve_activation(nonlinearity, owner="RNNCell")
-        self.nonlinearity = nonlinearity
         super().__init__(rnn_spec(nonlinearity), input_size, hidden_size, bias, device, dtype, backend=backend)
+        self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
 
 class LSTMCell(CellBase):

@@ -50,9 +50,22 @@ def linear_project(x: Tensor, p: Params) -> Tensor:
     return F.linear(x, p["weight_ih"], p.get("bias_ih"))
 
 
+RECURRENT_MASK = "recurrent_dropout_mask"
+"""The key under which the runner puts a recurrent-dropout mask into ``p``
+(see :func:`rnnkit.runner.apply_regularizers`). Cells whose spec sets
+``extra["recurrent_dropout"] = True`` read ``h`` through :func:`recurrent_input`."""
+
+
+def recurrent_input(h: Tensor, p: Params) -> Tensor:
+    """``h`` as the recurrent projection reads it: times the sequence's
+    recurrent-dropout mask ``(N, H_out)`` when the runner put one in ``p``."""
+    mask = p.get(RECURRENT_MASK)
+    return h if mask is None else h * mask
+
+
 def recurrent_project(h: Tensor, p: Params) -> Tensor:
-    """``W_hh h + b_hh``: ``(N, H_out) -> (N, G)``."""
-    return F.linear(h, p["weight_hh"], p.get("bias_hh"))
+    """``W_hh h + b_hh``: ``(N, H_out) -> (N, G)`` (``h`` through :func:`recurrent_input`)."""
+    return F.linear(recurrent_input(h, p), p["weight_hh"], p.get("bias_hh"))
 
 
 def rnn_step(xp: Tensor, state: State, p: Params, act: Callable[[Tensor], Tensor] = torch.tanh) -> State:
@@ -79,7 +92,8 @@ def lstm_step(xp: Tensor, state: State, p: Params) -> State:
 
 def gru_step(xp: Tensor, state: State, p: Params) -> State:
     """GRU, gates ``r, z, n``: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``,
-    ``h' = (1 - z) * n + z * h``."""
+    ``h' = (1 - z) * n + z * h`` (with recurrent dropout only ``W_h h`` reads the
+    masked ``h``; the update ``z * h`` uses the unmasked one)."""
     (h,) = state
     x_r, x_z, x_n = xp.chunk(3, dim=-1)
     h_r, h_z, h_n = recurrent_project(h, p).chunk(3, dim=-1)
@@ -108,6 +122,6 @@ def rnn_spec(nonlinearity: Activation = "tanh") -> CellSpec:
 
 
 LSTM_SPEC = CellSpec("lstm", 4, ("h", "c"), linear_project, lstm_step, fusable="lstm",
-                     extra={"torch_mode": "LSTM"})
+                     extra={"torch_mode": "LSTM", "recurrent_dropout": True})
 GRU_SPEC = CellSpec("gru", 3, ("h",), linear_project, gru_step, fusable="gru",
-                    extra={"torch_mode": "GRU"})
+                    extra={"torch_mode": "GRU", "recurrent_dropout": True})

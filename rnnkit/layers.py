@@ -8,6 +8,7 @@ backend. The subclasses are mostly docstrings.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -19,7 +20,7 @@ from . import backends as _backends
 from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
                       check_states, read_input, shape_str)
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
-from .runner import mask_padding
+from .runner import RegularizerRates, drop_connect, mask_padding
 from .spec import CellSpec
 
 
@@ -37,7 +38,8 @@ class RecurrentBase(nn.Module):
     def __init__(self, cell_spec: CellSpec, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
-                 *, backend: str = "auto") -> None:
+                 *, backend: str = "auto", recurrent_dropout: float = 0.0, zoneout: float = 0.0,
+                 zoneout_cell: Optional[float] = None, weight_drop: float = 0.0) -> None:
         super().__init__()
         owner = type(self).__name__
         self.cell_spec = cell_spec
@@ -68,6 +70,7 @@ class RecurrentBase(nn.Module):
             )
         self.backend = _backends.check_backend_name(backend, owner)
         self.last_backend: Optional[str] = None
+        self._set_regularizers(owner, recurrent_dropout, zoneout, zoneout_cell, weight_drop)
 
         factory = {"device": device, "dtype": dtype}
         self._flat_weights_names: List[str] = []
@@ -122,11 +125,13 @@ class RecurrentBase(nn.Module):
 
     def _layer_params(self, k: int) -> Dict[str, Optional[Tensor]]:
         """Parameters of layer-direction ``k`` by their unsuffixed names."""
-        return {key: getattr(self, name) for key, name in self._param_keys[k].items()}
+        return {key: self._weight(name) for key, name in self._param_keys[k].items()}
 
     @property
     def _flat_weights(self) -> List[Tensor]:
-        return [getattr(self, name) for name in self._flat_weights_names]
+        """The parameters in torch.nn's flat order; during a forward with
+        ``weight_drop``, each ``weight_hh`` is this forward's dropped copy."""
+        return [self._weight(name) for name in self._flat_weights_names]
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
@@ -168,8 +173,61 @@ class RecurrentBase(nn.Module):
     def _state_symbols(self, label: str) -> Sequence[str]:
         return ("H_out",) if label.startswith("h") else ("H",)
 
+    # ------------------------------------------------------------------ regularizers
+
+    def _set_regularizers(self, owner: str, recurrent_dropout, zoneout, zoneout_cell, weight_drop) -> None:
+        """Validate and store the regularizer rates (all 0 unless a subclass passes them)."""
+        self.recurrent_dropout = _check_rate(owner, "recurrent_dropout", recurrent_dropout,
+                                             "the probability of zeroing a unit of h_{t-1} in the recurrent input")
+        self.zoneout = _check_rate(owner, "zoneout", zoneout, "the probability that a unit of h keeps its "
+                                   "previous value")
+        if zoneout_cell is not None and len(self.cell_spec.state_names) < 2:
+            raise ValueError(f"{owner}: zoneout_cell is only for layers with a cell state (LSTMs); this layer's "
+                             f"state is ({', '.join(self.cell_spec.state_names)}), got zoneout_cell={zoneout_cell!r}")
+        self.zoneout_cell = self.zoneout if zoneout_cell is None else _check_rate(
+            owner, "zoneout_cell", zoneout_cell, "the probability that a unit of c keeps its previous value")
+        self.weight_drop = _check_rate(owner, "weight_drop", weight_drop,
+                                       "the probability of zeroing an element of weight_hh")
+        if self.recurrent_dropout > 0 and not self.cell_spec.extra.get("recurrent_dropout"):
+            raise ValueError(f"{owner}: recurrent_dropout is not supported by the '{self.cell_spec.name}' cell "
+                             f"(its step does not read h through rnnkit.functional.recurrent_input), "
+                             f"got recurrent_dropout={recurrent_dropout!r}")
+        self._dropped_weights: Optional[Dict[str, Tensor]] = None
+
+    def _regularizer_rates(self) -> Optional[RegularizerRates]:
+        """The rates the runner applies, or None when every rate is 0."""
+        zoneout = (self.zoneout,) + (self.zoneout_cell,) * (len(self.cell_spec.state_names) - 1)
+        if self.recurrent_dropout == 0 and self.weight_drop == 0 and not any(zoneout):
+            return None
+        return RegularizerRates(self.recurrent_dropout, zoneout, self.weight_drop)
+
     def _regularizers_active(self) -> Optional[str]:
-        return None
+        """What this configuration computes that PyTorch's fused op cannot, or None.
+
+        Weight-drop is not listed: the torch backend runs it by passing the
+        dropped ``weight_hh`` in its flat weight list."""
+        parts = []
+        if self.training and self.recurrent_dropout > 0:
+            parts.append(f"recurrent dropout (recurrent_dropout={self.recurrent_dropout}, in training mode)")
+        if self.zoneout > 0 or self.zoneout_cell > 0:
+            rates = f"zoneout={self.zoneout}"
+            if len(self.cell_spec.state_names) > 1 and self.zoneout_cell != self.zoneout:
+                rates += f", zoneout_cell={self.zoneout_cell}"
+            parts.append(f"zoneout ({rates}; it changes the function in eval mode too)")
+        return " or ".join(parts) or None
+
+    def _sample_weight_drop(self) -> Optional[Dict[str, Tensor]]:
+        """Each ``weight_hh`` with one DropConnect mask for this forward (training only)."""
+        if not (self.training and self.weight_drop > 0):
+            return None
+        return {name: drop_connect(getattr(self, name), self.weight_drop)
+                for name in self._flat_weights_names if name.startswith("weight_hh")}
+
+    def _weight(self, name: str) -> Tensor:
+        dropped = self._dropped_weights
+        if dropped is not None and name in dropped:
+            return dropped[name]
+        return getattr(self, name)
 
     # ------------------------------------------------------------------ forward
 
@@ -210,7 +268,11 @@ class RecurrentBase(nn.Module):
 
         backend = _backends.select(self, x)
         self.last_backend = backend.name
-        out, states = backend.run(self, x, state0, lengths)
+        self._dropped_weights = self._sample_weight_drop()
+        try:
+            out, states = backend.run(self, x, state0, lengths)
+        finally:
+            self._dropped_weights = None
         out = mask_padding(out, lengths, padding_value)
 
         if packed_in is not None:
@@ -236,11 +298,26 @@ class RecurrentBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        for name in ("recurrent_dropout", "zoneout", "weight_drop"):
+            if getattr(self, name, 0):
+                s += f", {name}={{{name}}}"
+        if len(self.cell_spec.state_names) > 1 and getattr(self, "zoneout_cell", 0) != getattr(self, "zoneout", 0):
+            s += ", zoneout_cell={zoneout_cell}"
         s = s.format(**self.__dict__)
         s += f", backend={self.backend!r}"
         if self.last_backend is not None and self.backend == "auto":
             s += f" (last ran: {self.last_backend!r})"
         return s
+
+
+def _check_rate(owner: str, name: str, value, meaning: str) -> float:
+    """A regularizer rate: a real number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a number in [0, 1) ({meaning}), got {value!r} of type "
+                        f"{type(value).__name__}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{owner}: {name} must be a number in [0, 1) ({meaning}), got {value!r}")
+    return float(value)
 
 
 def _repack(out: Tensor, like: PackedSequence, lengths: Tensor) -> PackedSequence:
@@ -294,6 +371,21 @@ _ARGS_DOC = r"""
             ``module.last_backend`` names the one that ran."""
 
 
+_REGULARIZERS_DOC = r"""
+        recurrent_dropout (keyword): variational dropout of ``h_{{t-1}}`` where it enters the
+            recurrent projection (Gal and Ghahramani 2016): one mask ``(N, H_out)`` per
+            sequence and layer-direction, reused at every step, scaled by ``1 / (1 - p)``;
+            training only.{gru_note}
+        zoneout (keyword): each unit of ``h`` keeps its previous value with probability
+            ``p`` at each step in training (a fresh mask per step and unit), and is
+            ``p * h_{{t-1}} + (1 - p) * h_t`` in eval (Krueger et al. 2017).{cell_note}
+        weight_drop (keyword): DropConnect on every ``weight_hh`` (Merity et al. 2018,
+            AWD-LSTM): one mask per forward, scaled by ``1 / (1 - p)``; training only. The
+            parameters keep their torch.nn names, so ``state_dict`` is unchanged.
+        Each rate is in ``[0, 1)``, default 0. Zoneout (any mode) and recurrent dropout
+        (training) run on the reference backend; weight-drop also runs on ``torch``."""
+
+
 class RNN(RecurrentBase):
     __doc__ = r"""Elman RNN: ``torch.nn.RNN`` with rnnkit's backends and ``lengths``.
 
@@ -329,11 +421,11 @@ class RNN(RecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: Activation = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto") -> None:
-        self.nonlinearity = nonlinearity
         resolve_activation(nonlinearity, owner="RNN")
         spec = rnn_spec(nonlinearity)
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype, backend=backend)
+        self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -365,8 +457,9 @@ class LSTM(RecurrentBase):
             h = o.sigmoid() * c.tanh()
 
     Args:""" + _ARGS_DOC + r"""
-        proj_size: if > 0, ``h_t`` is projected to ``proj_size`` features by ``W_hr``.
-""" + _SHAPES_DOC.format(hx="hx = (h_0, c_0)", hx_shape="s ``h_0 (D * num_layers, N, H_out)`` and "
+        proj_size: if > 0, ``h_t`` is projected to ``proj_size`` features by ``W_hr``.""" + \
+        _REGULARIZERS_DOC.format(gru_note="", cell_note="\n        zoneout_cell (keyword): the same for the cell "
+                                 "state ``c``; defaults to ``zoneout``.") + "\n" + _SHAPES_DOC.format(hx="hx = (h_0, c_0)", hx_shape="s ``h_0 (D * num_layers, N, H_out)`` and "
                          "``c_0 (D * num_layers, N, H)``", hn="(h_n, c_n)", hn_first="h_n",
                          cn="\n        * **c_n**: ``(D * num_layers, N, H)``: the final cell states, same order.",
                          hout="proj_size if > 0 else hidden_size") + r"""
@@ -389,9 +482,11 @@ class LSTM(RecurrentBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None, *, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0,
+                 zoneout: float = 0.0, zoneout_cell: Optional[float] = None, weight_drop: float = 0.0) -> None:
         super().__init__(LSTM_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend)
+                         proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
+                         zoneout=zoneout, zoneout_cell=zoneout_cell, weight_drop=weight_drop)
 
 
 class GRU(RecurrentBase):
@@ -407,8 +502,10 @@ class GRU(RecurrentBase):
 
     Gates are stacked ``r, z, n``, as in torch.nn.
 
-    Args:""" + _ARGS_DOC + "\n" + _SHAPES_DOC.format(
-        hx="hx", hx_shape=" ``(D * num_layers, N, H_out)``", hn="h_n", hn_first="h_n", cn="", hout="hidden_size") + r"""
+    Args:""" + _ARGS_DOC + _REGULARIZERS_DOC.format(
+        gru_note="\n            The update ``z * h_{t-1}`` reads the unmasked ``h_{t-1}``.", cell_note="") + "\n" + \
+        _SHAPES_DOC.format(hx="hx", hx_shape=" ``(D * num_layers, N, H_out)``", hn="h_n", hn_first="h_n", cn="",
+                           hout="hidden_size") + r"""
     Attributes:
         weight_ih_l[k]: ``(3*hidden_size, input_size)`` for ``k = 0``, else ``(3*hidden_size, D * hidden_size)``.
         weight_hh_l[k]: ``(3*hidden_size, hidden_size)``.
@@ -424,6 +521,8 @@ class GRU(RecurrentBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None, *, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0,
+                 zoneout: float = 0.0, weight_drop: float = 0.0) -> None:
         super().__init__(GRU_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend)
+                         proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
+                         zoneout=zoneout, weight_drop=weight_drop)

@@ -11,12 +11,14 @@ All tensors here are time-major: ``x`` is ``(L, N, *F)``, a state is
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .functional import RECURRENT_MASK
 from .spec import CellSpec, Params, State
 
 Scan = Callable[[CellSpec, Params, Tensor, State, Optional[Tensor]], Tuple[Tensor, State]]
@@ -78,9 +80,13 @@ def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan:
     direction`` (the layer-major, direction-minor order of ``h_n``).
     Returns the last layer's output ``(L, N, D*H_out...)`` (padding not yet
     masked) and the final states, each ``(D*num_layers, N, ...)``.
+
+    A module with ``_regularizer_rates()`` gets recurrent dropout and zoneout
+    here (:func:`apply_regularizers`), for every layer-direction, whatever the scan.
     """
     spec = module.cell_spec
     num_dirs = module.num_directions
+    rates = module._regularizer_rates() if hasattr(module, "_regularizer_rates") else None
     finals = [[] for _ in state0]
     layer_input = x
     for layer in range(module.num_layers):
@@ -89,10 +95,11 @@ def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan:
             k = layer * num_dirs + direction
             s0 = tuple(s[k] for s in state0)
             p = module._layer_params(k)
+            spec_k, p = apply_regularizers(spec, p, s0, rates, module.training)
             if direction == 0:
-                out, s_n = scan(spec, p, layer_input, s0, lengths)
+                out, s_n = scan(spec_k, p, layer_input, s0, lengths)
             else:
-                out, s_n = scan(spec, p, reverse_sequences(layer_input, lengths), s0, lengths)
+                out, s_n = scan(spec_k, p, reverse_sequences(layer_input, lengths), s0, lengths)
                 out = reverse_sequences(out, lengths)
             outputs.append(out)
             for acc, s in zip(finals, s_n):
@@ -110,3 +117,94 @@ def mask_padding(out: Tensor, lengths: Optional[Tensor], padding_value: float) -
     valid = valid_mask(lengths, out.shape[0])
     valid = valid.view(*valid.shape, *([1] * (out.dim() - 2)))
     return out.masked_fill(~valid, padding_value)
+
+
+# ----------------------------------------------------------------------------- regularizers
+#
+# Every random mask of recurrent dropout, zoneout and weight-drop is drawn by
+# bernoulli_mask below (tests patch that one function to fix the masks), and
+# applied here, never inside a cell: recurrent dropout and zoneout by
+# apply_regularizers (called by run_stack per layer-direction), weight-drop by
+# drop_connect (called by RecurrentBase.forward once per forward, so that the
+# torch backend runs the same dropped weights).
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerRates:
+    """A layer's regularizer rates, as the runner reads them.
+
+    Attributes:
+        recurrent_dropout: probability of zeroing a unit of ``h_{t-1}`` in the
+            recurrent projection (one mask per sequence and layer-direction).
+        zoneout: per state tensor (``h`` then ``c``), the probability that a
+            unit keeps its previous value at a step.
+        weight_drop: probability of zeroing an element of ``weight_hh`` (one mask per forward).
+    """
+
+    recurrent_dropout: float = 0.0
+    zoneout: Tuple[float, ...] = ()
+    weight_drop: float = 0.0
+
+    def any_zoneout(self) -> bool:
+        return any(r > 0 for r in self.zoneout)
+
+
+def bernoulli_mask(shape, prob: float, like: Tensor, what: str) -> Tensor:
+    """A ``{0, 1}`` tensor of ``shape`` (dtype and device of ``like``) whose
+    elements are 1 with probability ``prob``, from torch's global generator (so
+    ``torch.manual_seed`` reproduces it). ``what`` names the use
+    (``"recurrent_dropout"``, ``"zoneout_h"``, ``"zoneout_c"``, ``"weight_drop"``)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(prob)
+
+
+def drop_connect(weight: Tensor, rate: float) -> Tensor:
+    """DropConnect: ``weight * m / (1 - rate)``, ``m ~ Bernoulli(1 - rate)`` elementwise."""
+    return weight * bernoulli_mask(weight.shape, 1.0 - rate, weight, "weight_drop") / (1.0 - rate)
+
+
+def apply_regularizers(spec: CellSpec, p: Params, state0: State, rates: Optional[RegularizerRates],
+                       training: bool) -> Tuple[CellSpec, Params]:
+    """The spec and params one layer-direction runs with, under ``rates``.
+
+    * recurrent dropout (training only): one mask ``m / (1 - rate)`` of
+      ``state0[0]``'s shape ``(N, H_out)``, put into ``p`` under
+      :data:`rnnkit.functional.RECURRENT_MASK` for the cell's recurrent projection;
+    * zoneout: the step is wrapped so that state ``j`` becomes
+      ``k * s_{t-1} + (1 - k) * s_t`` with a fresh mask ``k ~ Bernoulli(rate_j)``
+      at each step in training, and ``rate_j * s_{t-1} + (1 - rate_j) * s_t``
+      (the expectation) in eval.
+
+    A regularized spec has no ``sequence`` scan and no ``fusable`` kernel, so
+    every scan loops its (wrapped) step.
+    """
+    if rates is None:
+        return spec, p
+    changes = {}
+    if training and rates.recurrent_dropout > 0:
+        keep = 1.0 - rates.recurrent_dropout
+        h0 = state0[0]
+        p = {**p, RECURRENT_MASK: bernoulli_mask(h0.shape, keep, h0, "recurrent_dropout") / keep}
+        changes.update(sequence=None, fusable=None)
+    if rates.any_zoneout():
+        changes.update(step=_zoneout_step(spec, rates.zoneout, training), sequence=None, fusable=None)
+    return (dataclasses.replace(spec, **changes) if changes else spec), p
+
+
+def _zoneout_step(spec: CellSpec, zoneout: Tuple[float, ...], training: bool):
+    step = spec.step
+    names = spec.state_names
+
+    def zoneout_step(xp: Tensor, state: State, p: Params) -> State:
+        new = step(xp, state, p)
+        mixed = []
+        for name, s_prev, s_new, rate in zip(names, state, new, zoneout):
+            if rate == 0:
+                mixed.append(s_new)
+            elif training:
+                keep = bernoulli_mask(s_new.shape, rate, s_new, f"zoneout_{name}")
+                mixed.append(keep * s_prev + (1 - keep) * s_new)
+            else:
+                mixed.append(rate * s_prev + (1 - rate) * s_new)
+        return tuple(mixed)
+
+    return zoneout_step
