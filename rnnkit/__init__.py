@@ -10,6 +10,10 @@ from .cells import GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN, RecurrentBase
 from .registry import LAYERS, LayerEntry, get_layer, register_layer
 from .spec import CellSpec
+from .zoo.conv import (ConvGRU, ConvGRU1d, ConvGRU1dCell, ConvGRU2d, ConvGRU2dCell, ConvGRU3d, ConvGRU3dCell,
+                       ConvGRUCell, ConvLSTM, ConvLSTM1d, ConvLSTM1dCell, ConvLSTM2d, ConvLSTM2dCell, ConvLSTM3d,
+                       ConvLSTM3dCell, ConvLSTMCell)
+from .zoo.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
 
 import torch as _torch
 
