@@ -569,3 +569,11 @@ def test_docs_examples_run():
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/conv_and_minimal.md", "exec"), {})
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import rnnkit.zoo.conv as module
+    result = doctest.testmod(module, extraglobs={"rnnkit": rnnkit, "torch": torch})
+    assert result.attempted > 0 and result.failed == 0

@@ -301,3 +301,11 @@ def test_min_gru_learns_to_count():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import rnnkit.zoo.minimal as module
+    result = doctest.testmod(module, extraglobs={"rnnkit": rnnkit, "torch": torch})
+    assert result.attempted > 0 and result.failed == 0

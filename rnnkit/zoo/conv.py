@@ -281,8 +281,8 @@ class _ConvRecurrentBase(RecurrentBase):
         return super().forward(input, hx, lengths=lengths, padding_value=padding_value)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        s += f", kernel_size={self.kernel_size}"
+        s = f"{self.input_size}, {self.hidden_size}, kernel_size={self.kernel_size}"
+        s += super().extra_repr()[len(f"{self.input_size}, {self.hidden_size}"):]
         if any(v != 1 for v in self.stride):
             s += f", stride={self.stride}"
         if any(v != 1 for v in self.dilation):
@@ -604,7 +604,8 @@ class _ConvCellBase(CellBase):
         return tuple(out)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr() + f", kernel_size={self.kernel_size}"
+        s = f"{self.input_size}, {self.hidden_size}, kernel_size={self.kernel_size}"
+        s += super().extra_repr()[len(f"{self.input_size}, {self.hidden_size}"):]
         if any(v != 1 for v in self.stride):
             s += f", stride={self.stride}"
         if any(v != 1 for v in self.dilation):
@@ -629,12 +630,12 @@ class _ConvGRUCellBase(_ConvCellBase):
                          device, dtype, backend=backend)
 
 
-def _cell_doc(kind: str, nd: int) -> str:
+def _cell_doc(kind: str, nd: int, note: str = "") -> str:
     s = ", ".join(_SPATIAL_SYMBOLS[nd])
     s2 = ", ".join(v + "'" for v in _SPATIAL_SYMBOLS[nd])
     lstm = kind == "LSTM"
     return (f"One step of :class:`Conv{kind}{nd}d` (same equations, same parameters without the ``_l[k]`` suffix).\n"
-            + (_LSTM_EQUATIONS if lstm else _GRU_EQUATIONS) + f"""
+            + (_LSTM_EQUATIONS if lstm else _GRU_EQUATIONS) + note + f"""
     Args:
         input_size, hidden_size, kernel_size, bias, stride, dilation{', peephole, peephole_shape' if lstm else ''}:
             as :class:`Conv{kind}{nd}d`.
@@ -665,14 +666,14 @@ class ConvLSTM1dCell(_ConvLSTMCellBase):
 
 
 class ConvLSTM2dCell(_ConvLSTMCellBase):
-    __doc__ = _cell_doc("LSTM", 2) + r"""
+    __doc__ = _cell_doc("LSTM", 2, r"""
     Loads checkpoints of ConvLSTM_pytorch's ``ConvLSTMCell`` (one ``conv`` over
     ``cat([x, h], dim=1)`` with gates ``i, f, o, g``, odd kernel) with
     ``load_state_dict`` as they are, or build one from such a checkpoint with
     :meth:`from_convlstm_pytorch`. The conv weight is split into ``weight_ih``
     and ``weight_hh``, the gates reordered to ``i, f, g, o``, the bias goes to
     ``bias_ih`` and ``bias_hh`` is zero; the outputs are then the same.
-    """
+""")
     _nd = 2
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
