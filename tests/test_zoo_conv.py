@@ -304,6 +304,13 @@ def test_batch_first_and_unbatched_equal_time_major():
     assert out_u.shape == (4, 6, 5) and h_u.shape == (2, 3, 5)
     assert_close(out_u, out[:, 1], F64, "unbatched output")
     assert_close(c_u, c[:, 1], F64, "unbatched c_n")
+    h0, c0 = torch.randn(2, 3, 5, dtype=F64), torch.randn(2, 3, 5, dtype=F64)  # unbatched states: no N axis
+    out_u, (h_u, _) = m(x[:, 1], (h0, c0))
+    out_1, (h_1, _) = m(x[:, 1:2], (h0.unsqueeze(1), c0.unsqueeze(1)))
+    assert_close(out_u, out_1[:, 0], F64, "unbatched output with hx")
+    assert_close(h_u, h_1[:, 0], F64, "unbatched h_n with hx")
+    with pytest.raises(ValueError, match=r"Fix: the input is unbatched \(no N axis\), so the state must be unbatched"):
+        m(x[:, 1], (h0.unsqueeze(1), c0.unsqueeze(1)))
 
 
 def test_shapes_1d_2d_3d():
@@ -396,6 +403,8 @@ def test_constructor_errors():
         rnnkit.ConvLSTM2d(3, 4, 3, backend="torch")
     with pytest.raises(TypeError, match="input_size must be a positive int"):
         rnnkit.ConvGRU2d(3.0, 4, 3)
+    import numpy as np
+    assert rnnkit.ConvGRU2d(3, 4, np.int64(3), stride=[np.int64(1), 2]).kernel_size == (3, 3)
 
 
 def test_cell_errors():

@@ -120,6 +120,23 @@ def test_scan_equals_step_loop_float32_10000_steps(cls):
     torch.testing.assert_close(o1.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+def test_scan_gradients_equal_step_loop_gradients_over_5000_steps_float32(cls):
+    torch.manual_seed(11)
+    par, seq = _pair(cls, 3, 4)
+    x = torch.randn(5000, 2, 3) * 2
+    w = torch.randn(5000, 2, 4)
+    grads = []
+    for m in (par, seq):
+        h0 = torch.randn(1, 2, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out, _ = m(x, h0)
+        (out * w).sum().backward()
+        grads.append([h0.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_log_space_scan_keeps_any_sign_of_h0_and_saturated_gates():
     """``h_t = a_t h_{t-1} + b_t`` with h0 negative, zero and positive, and a_t from 1e-30 to 1 - 1e-9."""
     torch.manual_seed(3)

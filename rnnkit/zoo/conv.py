@@ -20,6 +20,7 @@ Shape legend: ``L`` sequence length, ``N`` batch, ``D`` 2 if bidirectional else
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -129,10 +130,10 @@ def _tuple_arg(name: str, value, nd: int, owner: str) -> Tuple[int, ...]:
     """An int or a length-``nd`` tuple of positive ints, as a tuple."""
     if isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a positive int or a tuple of {nd} positive ints, got {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
         value = (value,) * nd
-    if not isinstance(value, (tuple, list)) or len(value) != nd or \
-            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != nd or \
+            any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
         raise ValueError(f"{owner}: {name} must be a positive int or a tuple of {nd} positive ints "
                          f"(one per spatial dim), got {value!r}")
     if any(v <= 0 for v in value):
