@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .._checks import check_bool, check_dtype_device, check_positive_int, shape_str
+from .._checks import check_bool, check_dtype_device, shape_str
 from ..cells import CellBase
 from ..layers import RecurrentBase
 from ..registry import LayerEntry, register_layer
