@@ -5,7 +5,6 @@ errors, the ConvLSTM_pytorch checkpoint, and a small training run."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -545,7 +544,6 @@ def _moving_dots(generator, n=16, length=8, size=8):
 def test_conv_lstm_learns_to_predict_the_next_frame():
     """Next-frame prediction of a moving dot on 8x8 as a 64-way classification of its position:
     the loss starts at log(64) ~ 4.2, and only a model that localizes the dot gets below half of it."""
-    start = time.perf_counter()
     torch.manual_seed(14)
     gen = torch.Generator().manual_seed(0)
     model = rnnkit.ConvLSTM2d(1, 8, 3)
@@ -568,7 +566,6 @@ def test_conv_lstm_learns_to_predict_the_next_frame():
     with torch.no_grad():
         final = loss_of(test).item()
     assert final < 0.5 * initial, (initial, final)
-    assert time.perf_counter() - start < 30  # budget 10 s on an idle machine; generous on a busy one
 
 
 def test_docs_examples_run():
