@@ -2,27 +2,31 @@
 
 Drop-in ``torch.nn`` layers and cells (:class:`RNN`, :class:`LSTM`, :class:`GRU`,
 :class:`RNNCell`, :class:`LSTMCell`, :class:`GRUCell`) on one sequence runner
-with swappable backends.
+with swappable backends, and the variants torch.nn lacks (the zoo).
 """
+
+import torch as _torch
 
 from .backends import BACKENDS, describe_backends
 from .cells import GRUCell, LSTMCell, RNNCell
-from .layers import GRU, LSTM, RNN, RecurrentBase
 from .explain import Explanation, explain
+from .layers import GRU, LSTM, RNN, RecurrentBase
+from .registry import LAYERS, LayerEntry, get_layer, register_layer
 from .sequences import (lengths_to_mask, pack_padded_sequence, pack_sequence, pad_packed_sequence, pad_sequence,
                         unpad_sequence)
-from .streaming import Stream, chunk_lengths, detach_state, reset_state
-from .registry import LAYERS, LayerEntry, get_layer, register_layer
 from .spec import CellSpec
-
-import torch as _torch
+from .streaming import Stream, chunk_lengths, detach_state, reset_state
 
 register_layer(LayerEntry("rnn", RNN, RNNCell, torch_equivalent=_torch.nn.RNN))
 register_layer(LayerEntry("lstm", LSTM, LSTMCell, torch_equivalent=_torch.nn.LSTM))
 register_layer(LayerEntry("gru", GRU, GRUCell, torch_equivalent=_torch.nn.GRU))
 
-from .zoo import (IndRNN, IndRNNCell, LayerNormGRU, LayerNormGRUCell, LayerNormLSTM,  # noqa: E402
-                  LayerNormLSTMCell, PeepholeLSTM, PeepholeLSTMCell)
+# the zoo registers its layers on import, after the standard ones
+from .zoo import (ConvGRU, ConvGRU1d, ConvGRU1dCell, ConvGRU2d, ConvGRU2dCell, ConvGRU3d,  # noqa: E402
+                  ConvGRU3dCell, ConvGRUCell, ConvLSTM, ConvLSTM1d, ConvLSTM1dCell, ConvLSTM2d, ConvLSTM2dCell,
+                  ConvLSTM3d, ConvLSTM3dCell, ConvLSTMCell, IndRNN, IndRNNCell, LayerNormGRU, LayerNormGRUCell,
+                  LayerNormLSTM, LayerNormLSTMCell, MinGRU, MinGRUCell, MinLSTM, MinLSTMCell, PeepholeLSTM,
+                  PeepholeLSTMCell)
 
 __version__ = "0.1.0"
 
@@ -32,5 +36,9 @@ __all__ = [
     "lengths_to_mask", "pack_padded_sequence", "pack_sequence", "pad_packed_sequence", "pad_sequence", "unpad_sequence",
     "LayerNormLSTM", "LayerNormGRU", "PeepholeLSTM", "IndRNN",
     "LayerNormLSTMCell", "LayerNormGRUCell", "PeepholeLSTMCell", "IndRNNCell",
+    "ConvLSTM", "ConvLSTM1d", "ConvLSTM2d", "ConvLSTM3d", "ConvGRU", "ConvGRU1d", "ConvGRU2d", "ConvGRU3d",
+    "ConvLSTMCell", "ConvLSTM1dCell", "ConvLSTM2dCell", "ConvLSTM3dCell",
+    "ConvGRUCell", "ConvGRU1dCell", "ConvGRU2dCell", "ConvGRU3dCell",
+    "MinGRU", "MinLSTM", "MinGRUCell", "MinLSTMCell",
     "BACKENDS", "describe_backends", "LAYERS", "LayerEntry", "get_layer", "register_layer", "__version__",
 ]
