@@ -105,7 +105,9 @@ def read_input(module, x: Tensor, *, packed: bool = False) -> InputReading:
             f"or {fnd + 1}-D {_sym(expected_u)} (unbatched), got {x.dim()}-D input of shape {shape_str(x.shape)}"
         )
     syms = layout_symbols(batch_first, batched, fsyms)
-    axes = [(s, int(n), _MEANING.get(s, "feature")) for s, n in zip(syms, x.shape)]
+    # the first feature axis holds the features (channels); any after it are spatial
+    meanings = [_MEANING.get(s) or ("feature" if i == len(syms) - fnd else "spatial") for i, s in enumerate(syms)]
+    axes = [(s, int(n), m) for s, n, m in zip(syms, x.shape, meanings)]
     sizes = dict((s, n) for s, n, _ in axes)
     feature_shape = tuple(int(n) for n in x.shape[x.dim() - fnd:])
     reading = InputReading(

@@ -180,12 +180,17 @@ def _notes(module, reading: InputReading) -> List[str]:
     D, layers = module.num_directions, module.num_layers
     notes = []
     bf = reading.batch_first and reading.batched
-    last = "output[:, -1" if bf else "output[-1"
-    first = "output[:, 0" if bf else "output[0"
+    # index the time axis, then (batched) the batch axis, so the next index is the feature axis
+    if not reading.batched:
+        last, first = "output[-1", "output[0"
+    elif bf:
+        last, first = "output[:, -1", "output[:, 0"
+    else:
+        last, first = "output[-1, :", "output[0, :"
     if bf:
         notes.append("batch_first=True changes input and output only: h_n keeps (D*num_layers, N, H_out)")
     if D == 1:
-        notes.append(f"h_n[-1] == {last}] (the last layer's final state is the last output step)")
+        notes.append(f"h_n[-1] == {last.rstrip(', :')}] (the last layer's final state is the last output step)")
         if layers > 1:
             notes.append(f"h_n[k] is layer k's final state, k = 0..{layers - 1}")
     else:
@@ -193,7 +198,7 @@ def _notes(module, reading: InputReading) -> List[str]:
                                              for k in range(layers)))
         h_out = module._state_shapes(1, reading.feature_shape)[0][2]
         notes.append(f"h_n[-2] (last layer, forward) == {last}, :{h_out}]")
-        notes.append(f"h_n[-1] (last layer, reverse) == {first}, {h_out}:] -- NOT {last}]")
+        notes.append(f"h_n[-1] (last layer, reverse) == {first}, {h_out}:] -- NOT {last.rstrip(', :')}]")
     notes.append("with lengths=..., read output at lengths - 1 instead of -1; h_n already holds each sequence's "
                  "state after its own last step")
     return notes

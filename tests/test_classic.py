@@ -133,3 +133,31 @@ def test_explain_bad_hx_suggests_batch_first():
 def test_explain_rejects_non_shapes():
     with pytest.raises(TypeError, match=r"explain: input must be a Tensor, a PackedSequence or a shape"):
         rnnkit.explain(rnnkit.GRU(3, 4), "10x3x3")
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_explain_slices_are_what_a_real_forward_gives(batch_first, unbatched):
+    """Evaluate the slice expressions the explainer prints against a real output."""
+    torch.manual_seed(0)
+    lstm = rnnkit.LSTM(3, 4, 2, bidirectional=True, batch_first=batch_first, backend="reference")
+    x = torch.randn((2, 5, 3) if batch_first else (5, 2, 3))
+    if unbatched:
+        x = x[0] if batch_first else x[:, 0]
+    output, (h_n, _) = lstm(x)
+    notes = [n for n in rnnkit.explain(lstm, x).notes if n.startswith("h_n[-")]
+    assert len(notes) == 2
+    for note in notes:
+        lhs, rhs = note.split(" == ")
+        rhs = rhs.split(" -- ")[0]
+        lhs = lhs.split(" (")[0]
+        assert torch.equal(eval(lhs), eval(rhs)), note
+    uni = rnnkit.LSTM(3, 4, batch_first=batch_first)
+    output, (h_n, _) = uni(x)
+    note = next(n for n in rnnkit.explain(uni, x).notes if n.startswith("h_n[-1] =="))
+    assert torch.equal(eval(note.split(" == ")[0]), eval(note.split(" == ")[1].split(" (")[0])), note
+
+
+def test_explain_conv_axes_are_channels_and_spatial():
+    d = rnnkit.explain(rnnkit.ConvLSTM(3, 8, kernel_size=3), (4, 2, 3, 6, 6)).to_dict()
+    assert [a["meaning"] for a in d["reading"]["axes"]] == ["sequence", "batch", "feature", "spatial", "spatial"]
