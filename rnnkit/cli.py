@@ -279,6 +279,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rnnkit ... | head`: the reader left; not our failure
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except Exception as err:  # a failure, not a usage error
         print(f"{prog}: failed: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         if os.environ.get("RNNKIT_DEBUG"):

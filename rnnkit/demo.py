@@ -24,6 +24,7 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,12 +109,12 @@ def sine(cell="rnn", backend="auto", steps=300, hidden_size=32, seed=0, out="rnn
             x, y, t = curve(k)
             pred, h = net(x, h)
             ts.append(t), ys.append(y.flatten()), ps.append(pred.flatten())
-        t, y, p = torch.cat(ts), torch.cat(ys), torch.cat(ps)
-        mse = nn.functional.mse_loss(p, y).item()
+        t, y, p = torch.cat(ts).numpy(), torch.cat(ys).numpy(), torch.cat(ps).numpy()
+        mse = float(((p - y) ** 2).mean())
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.plot(t, torch.sin(t), color="0.7", label="input sin(t)")
+    ax.plot(t, np.sin(t), color="0.7", label="input sin(t)")
     ax.plot(t, y, "b-", label="target cos(t)")
     ax.plot(t, p, "r--", label=f"prediction ({cell})")
     ax.set(title=f"sine -> cos, {cell}: test MSE {mse:.5f}", xlabel="t")
@@ -182,7 +183,7 @@ def digits(cell="lstm", backend="auto", epochs=15, hidden_size=64, seed=0, out="
     ax.set(title=f"test accuracy (final {accuracy:.3f})", xlabel="epoch", ylim=(0, 1))
     for i in range(12):
         ax = fig.add_subplot(4, 9, 9 * (i // 3) + 7 + i % 3)
-        ax.imshow(x_test[i], cmap="gray_r")
+        ax.imshow(x_test[i].numpy(), cmap="gray_r")
         ok = pred[i] == y_test[i]
         ax.set_title(f"{int(pred[i])}" + ("" if ok else f" ({int(y_test[i])})"), color="k" if ok else "r",
                      fontsize=9)
@@ -243,7 +244,7 @@ def adding(cells: Sequence[str] = ("rnn", "gru", "lstm"), backend="auto", steps=
     window = max(1, steps // 50)
     for cell, losses in curves.items():
         smooth = torch.tensor(losses).unfold(0, window, 1).mean(1) if len(losses) >= window else torch.tensor(losses)
-        ax.plot(range(window, window + len(smooth)), smooth, label=f"{cell} (test MSE {mse[cell]:.4f})")
+        ax.plot(range(window, window + len(smooth)), smooth.numpy(), label=f"{cell} (test MSE {mse[cell]:.4f})")
     ax.axhline(baseline, color="k", ls=":", label="predict the mean (1/6)")
     ax.set(title=f"adding problem, length {seq_len}", xlabel="training step", ylabel="MSE", yscale="log")
     ax.legend()
