@@ -98,6 +98,7 @@ def machine_info() -> Dict[str, object]:
         "platform": platform.platform(), "cpu": cpu_name(), "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": rnnkit.describe_backends(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -276,6 +277,7 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
     rows = []
     from tqdm.auto import tqdm
@@ -288,8 +290,10 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     finally:
         bar.close()
         torch.set_num_threads(before)
+    machine = machine_info()
+    machine["load_average_1min_before"] = load_before
     return {
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {"dtype": "float32", "threads": threads, "seq_len": seq_len, "repeats": repeats,
                      "target_s_per_sample": target_s, "max_call_s": max_call_s, "quick": quick,
                      "sizes": {s: dict(zip(("batch", "input_size", "hidden_size"), table[s])) for s in sizes},
@@ -308,7 +312,7 @@ def _run_row(section, entry, size_name, size, seq_len, repeats, target_s, max_ca
             if section != "step" and probe_len < seq_len:  # estimate from a short run before the full one
                 probe = build(probe_len)
                 probe()
-                estimate = _time_calls(probe, 1) * seq_len / probe_len
+                estimate = min(_time_calls(probe, 1) for _ in range(3)) * seq_len / probe_len
                 if estimate > max_call_s:
                     skipped[name] = f"too slow: about {estimate:.1f} s per call (limit {max_call_s:g} s, --max-call)"
                     continue
@@ -346,6 +350,11 @@ def format_table(result: Dict[str, object]) -> str:
     out = [f"rnnkit bench: float32, {st['threads']} threads, T={st['seq_len']}, min of {st['repeats']} interleaved "
            f"repeats; times in ms per call, xR = time / best rnnkit backend's time",
            f"machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}, rnnkit {m['rnnkit']}"]
+    load = m.get("load_average_1min_before")
+    if load is not None and load > 0.5 * (m["usable_cores"] or 1):
+        out.append(f"warning: the machine was busy before the run (load average {load:.1f} on "
+                   f"{m['usable_cores']} cores): other processes shared the cores, so these figures are noisy")
+                   "other processes shared the cores, so these figures are noisy")
     notes: List[str] = []
     for section in SECTIONS:
         srows = [r for r in rows if r["section"] == section]
