@@ -354,7 +354,6 @@ def format_table(result: Dict[str, object]) -> str:
     if load is not None and load > 0.5 * (m["usable_cores"] or 1):
         out.append(f"warning: the machine was busy before the run (load average {load:.1f} on "
                    f"{m['usable_cores']} cores): other processes shared the cores, so these figures are noisy")
-                   "other processes shared the cores, so these figures are noisy")
     notes: List[str] = []
     for section in SECTIONS:
         srows = [r for r in rows if r["section"] == section]
