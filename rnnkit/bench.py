@@ -369,10 +369,11 @@ def format_table(result: Dict[str, object]) -> str:
                     cells.append(f"{_ms(r['times_s'][n])} x{r['ratio_to_best'][n]:.2f}")
                 elif n in r["skipped"]:
                     reason = r["skipped"][n]
-                    short = "too slow" if reason.startswith("too slow") else \
-                        "failed" if reason.startswith("failed") else "n/a"
-                    cells.append(short)
-                    if short != "n/a" or n != TORCH_NN:
+                    kind = reason.split(":")[0] if reason.startswith(("too slow", "failed", "unavailable")) else "n/a"
+                    cells.append(kind)
+                    if kind == "unavailable":
+                        notes.append(f"{n}: {reason}")
+                    elif kind != "n/a":
                         notes.append(f"{section} {r['cell']} {r['size']} {n}: {reason}")
                 else:
                     cells.append("-")
@@ -387,15 +388,15 @@ def format_table(result: Dict[str, object]) -> str:
         out += ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
     if notes:
         out.append("")
-        out.append("not timed (n/a = this backend cannot run this layer):")
+        out.append("not timed:")
         seen = set()
         for note in notes:
             if note not in seen:
                 seen.add(note)
                 out.append(f"  {note}")
     out.append("")
-    out.append(f"torch.nn/best = torch.nn time / best rnnkit time (above 1: rnnkit is faster); "
-               f"total {result['seconds']:.0f} s")
+    out.append(f"n/a: the backend cannot run this layer (reasons in --json); torch.nn/best = torch.nn time / "
+               f"best rnnkit time (above 1: rnnkit is faster); total {result['seconds']:.0f} s")
     return "\n".join(out)
 
 

@@ -68,7 +68,7 @@ def _plt():
 
 def _bar(total: int, desc: str, quiet: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True)
 
 
 def detach(h):
@@ -113,12 +113,12 @@ def sine(cell="rnn", backend="auto", steps=300, hidden_size=32, seed=0, out="rnn
         mse = float(((p - y) ** 2).mean())
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    fig, ax = plt.subplots(figsize=(11, 3.5))
     ax.plot(t, np.sin(t), color="0.7", label="input sin(t)")
     ax.plot(t, y, "b-", label="target cos(t)")
     ax.plot(t, p, "r--", label=f"prediction ({cell})")
     ax.set(title=f"sine -> cos, {cell}: test MSE {mse:.5f}", xlabel="t")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     plot = _save_fig(fig, out, "sine.png")
     result = f"sine: {cell} predicts cos from sin with test MSE {mse:.5f} over {test_windows} unseen windows " \
              f"(after {steps} training windows)"
@@ -188,7 +188,8 @@ def digits(cell="lstm", backend="auto", epochs=15, hidden_size=64, seed=0, out="
         ax.set_title(f"{int(pred[i])}" + ("" if ok else f" ({int(y_test[i])})"), color="k" if ok else "r",
                      fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"digits, {cell} reading 8x8 images one row per step")
+    fig.suptitle(f"digits, {cell} reading 8x8 images one row per step; right: held-out digits with the "
+                 "predicted label (red: wrong, true label in brackets)")
     plot = _save_fig(fig, out, "digits.png")
     result = f"digits: {cell} test accuracy {accuracy:.4f} ({correct}/{len(y_test)} held-out images) " \
              f"after {epochs} epochs"
