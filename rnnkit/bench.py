@@ -366,7 +366,8 @@ def format_table(result: Dict[str, object]) -> str:
             cells = [r["cell"], r["size"], str(c["batch"]), str(c["input_size"]), str(c["hidden_size"])]
             for n in names:
                 if n in r["times_s"]:
-                    cells.append(f"{_ms(r['times_s'][n])} x{r['ratio_to_best'][n]:.2f}")
+                    ratio = r["ratio_to_best"].get(n)
+                    cells.append(_ms(r["times_s"][n]) + (f" x{ratio:.2f}" if ratio is not None else ""))
                 elif n in r["skipped"]:
                     reason = r["skipped"][n]
                     kind = reason.split(":")[0] if reason.startswith(("too slow", "failed", "unavailable")) else "n/a"
@@ -426,11 +427,12 @@ def run_from_args(args) -> int:
     result = run(cells=args.cell, sizes=args.size, sections=args.section, repeats=args.repeats,
                  seq_len=args.seq_len, threads=args.threads, quick=args.quick, max_call_s=args.max_call,
                  progress=not args.quiet)
-    print(format_table(result))
-    if args.json:
+    if args.json:  # written first: the figures survive whatever happens next
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    print(format_table(result))
+    if args.json:
         print(f"json: {args.json}")
     return 0
 

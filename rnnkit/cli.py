@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 from typing import List, Optional
 
 import torch
@@ -100,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo", help="train a classic model on real data and plot how it did",
-        description="Train one of the classic RNN tutorial models on real data, with a progress bar, "
-                    "a PNG plot and a one-line result. The default (digits) runs in well under a minute.",
+        description=textwrap.fill("Train one of the classic RNN tutorial models on real data, with a progress "
+                                  "bar, a PNG plot and a one-line result. The default (digits) runs in well "
+                                  "under a minute.", 90),
         epilog="tasks:\n"
                "  digits  LSTM(8, 64, batch_first) reads scikit-learn's 8x8 digits one row per step;\n"
                "          Linear(64, 10) on r_out[:, -1, :]; reports held-out test accuracy (default)\n"
@@ -134,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "explain", help="show the shapes a layer reads and returns, and its parameters",
-        description="Build a layer from the options and print how it reads an input of the given shape: "
-                    "the input's axes, the shapes of output, h_n (and c_n) with what each axis means, "
-                    "each parameter and the total count.",
+        description=textwrap.fill("Build a layer from the options and print how it reads an input of the given "
+                                  "shape: the input's axes, the shapes of output, h_n (and c_n) with what each "
+                                  "axis means, each parameter and the total count.", 90),
         epilog="examples:\n"
                "  rnnkit explain lstm --input-size 50 --hidden-size 100 --num-layers 2 --seq-len 10 --batch 3\n"
                "  rnnkit explain gru --input-size 8 --hidden-size 16 --batch-first --bidirectional\n"
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench", help="time forward+backward of every backend side by side and print ratios",
-        description=_bench.DESCRIPTION, epilog=_bench.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=textwrap.fill(_bench.DESCRIPTION, 90), epilog=_bench.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _bench.add_arguments(b)
 
     sub.add_parser("info", help="versions, device, threads, and which backends are ready",

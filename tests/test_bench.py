@@ -143,6 +143,19 @@ def test_too_slow_contestants_are_skipped_and_said(monkeypatch):
     assert "too slow" in bench.format_table(result)
 
 
+def test_a_row_where_only_torch_nn_ran_is_printed(monkeypatch):
+    def decline(self, module, x):
+        return "declined for this test"
+
+    for name in BACKENDS:
+        monkeypatch.setattr(type(BACKENDS[name]), "unsupported", decline)
+    result = bench.run(cells=["rnn"], sizes=["S"], sections=["layer"], quick=True, progress=False)
+    row = result["rows"][0]
+    assert set(row["times_s"]) == {bench.TORCH_NN} and row["best"] is None and row["ratio_to_best"] == {}
+    line = next(x for x in bench.format_table(result).splitlines() if x.startswith("rnn "))
+    assert line.split()[-2:] == ["-", "-"] and "n/a" in line
+
+
 def test_time_row_interleaves_and_takes_the_minimum():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
