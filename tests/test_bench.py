@@ -143,6 +143,28 @@ def test_too_slow_contestants_are_skipped_and_said(monkeypatch):
     assert "too slow" in bench.format_table(result)
 
 
+@pytest.mark.parametrize("full_call, kept", [(0.5, True), (1.5, False)])
+def test_a_pessimistic_probe_is_checked_with_one_full_call(monkeypatch, full_call, kept):
+    class Plain(rnnkit.RNN):  # runs on the reference backend only: one contestant
+        _is_standard = False
+
+    monkeypatch.setitem(rnnkit.LAYERS, "plainrnn", rnnkit.LayerEntry("plainrnn", Plain))
+    answers = iter([1.0, 1.0, 1.0])  # 3 probe calls of 5 steps: about 2 s for T=10, over the 1 s limit
+
+    def fake_time_calls(fn, number):
+        fn()
+        return next(answers, full_call)
+
+    monkeypatch.setattr(bench, "_time_calls", fake_time_calls)
+    result = bench.run(cells=["plainrnn"], sizes=["S"], sections=["layer"], quick=True, max_call_s=1.0,
+                       progress=False)
+    row = result["rows"][0]
+    if kept:
+        assert row["times_s"] == {"reference": full_call}
+    else:
+        assert row["times_s"] == {} and row["skipped"]["reference"] == "too slow: 1.5 s per call (limit 1 s, --max-call)"
+
+
 def test_a_row_where_only_torch_nn_ran_is_printed(monkeypatch):
     def decline(self, module, x):
         return "declined for this test"
