@@ -57,14 +57,15 @@ EPILOG = """sections:
   step     one cell step at batch 1 with state in and out (forward, no grad), vs torch.nn.<Cell>
   lengths  forward+backward with random lengths in [T/4, T]: rnnkit's lengths= path per backend vs
            torch.nn on a PackedSequence (packing and unpacking included)
-  (step and lengths run the LSTM unless --cell is given)
+  The layer section runs every layer with vector inputs, step and lengths the LSTM, unless --cell
+  is given; --all runs every registered layer (convolutional ones included) in every section.
 
 ratios:
   "x1.00" after a time = time / time of the best rnnkit backend in that row
   torch.nn/best        = torch.nn time / best rnnkit time (above 1: rnnkit is faster)
 
 examples:
-  rnnkit bench                                   # everything, a few minutes
+  rnnkit bench                                   # the default suite, under 5 minutes
   rnnkit bench --cell gru --size S --size M --json gru.json
   rnnkit bench --section step"""
 
@@ -224,13 +225,18 @@ def _time_calls(fn: Contestant, number: int) -> float:
     return (time.perf_counter() - start) / number
 
 
-def time_row(fns: Dict[str, Contestant], repeats: int, target_s: float) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """Interleaved min-of-repeats: ``(min seconds per call, median seconds per call)`` per name."""
+def time_row(fns: Dict[str, Contestant], repeats: int, target_s: float,
+             once: Optional[Dict[str, float]] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Interleaved min-of-repeats: ``(min seconds per call, median seconds per call)`` per name.
+    ``once`` gives the time of one warm call where it is already known (no warm-up then)."""
     numbers = {}
     for name, fn in fns.items():
-        fn()  # warm up (allocator, oneDNN primitives, lazy builds)
-        once = _time_calls(fn, 1)
-        numbers[name] = max(1, int(target_s / max(once, 1e-7)))
+        if once is None or name not in once:
+            fn()  # warm up (allocator, oneDNN primitives, lazy builds)
+            t = _time_calls(fn, 1)
+        else:
+            t = once[name]
+        numbers[name] = max(1, int(target_s / max(t, 1e-7)))
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
@@ -244,7 +250,7 @@ def time_row(fns: Dict[str, Contestant], repeats: int, target_s: float) -> Tuple
 def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = None,
         sections: Optional[Sequence[str]] = None, repeats: int = 5, seq_len: int = 100, threads: int = 2,
         quick: bool = False, max_call_s: float = 2.0, target_s: float = 0.05, seed: int = 0,
-        progress: bool = True) -> Dict[str, object]:
+        progress: bool = True, budget_s: Optional[float] = 270.0, all_layers: bool = False) -> Dict[str, object]:
     """Run the benchmark and return every figure (see the module docstring).
 
     Returns a dict with ``machine``, ``settings``, ``rows`` (one per section,
@@ -269,9 +275,10 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     if repeats < 1 or seq_len < 1 or threads < 1:
         raise BenchArgumentError(f"repeats, seq_len and threads must be >= 1, got {repeats}, {seq_len}, {threads}")
 
+    everyone = [n for n in LAYERS if all_layers or LAYERS[n].spatial is None]
     plan = []
     for section in sections:
-        for cell in (cells or DEFAULT_SECTION_CELLS.get(section) or sorted(LAYERS, key=list(LAYERS).index)):
+        for cell in (cells or (everyone if all_layers else DEFAULT_SECTION_CELLS.get(section, everyone))):
             if cell in LAYERS:
                 plan += [(section, cell, size) for size in sizes]
 
@@ -285,6 +292,10 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     try:
         for section, cell, size in bar:
             bar.set_postfix_str(f"{section} {cell} {size}")
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                rows.append(_unrun_row(section, LAYERS[cell], size, table[size], seq_len, seed,
+                                       f"not run: the time budget was spent (--budget {budget_s:g} s)"))
+                continue
             rows.append(_run_row(section, LAYERS[cell], size, table[size], seq_len, repeats, target_s,
                                  max_call_s, seed))
     finally:
@@ -295,6 +306,7 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     return {
         "machine": machine,
         "settings": {"dtype": "float32", "threads": threads, "seq_len": seq_len, "repeats": repeats,
+                     "budget_s": budget_s, "all_layers": all_layers,
                      "target_s_per_sample": target_s, "max_call_s": max_call_s, "quick": quick,
                      "sizes": {s: dict(zip(("batch", "input_size", "hidden_size"), table[s])) for s in sizes},
                      "timer": "interleaved min over repeats of the mean over `number` calls"},
@@ -303,35 +315,37 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     }
 
 
+def _unrun_row(section, entry, size_name, size, seq_len, seed, reason):
+    builders, skipped, config = _contestants(section, entry, size, seq_len, seed)
+    skipped.update({name: reason for name in builders})
+    return {"section": section, "cell": entry.name, "size": size_name, "config": config, "times_s": {},
+            "median_s": {}, "skipped": skipped, "best": None, "ratio_to_best": {}, "torch_nn_speedup": {}}
+
+
 def _run_row(section, entry, size_name, size, seq_len, repeats, target_s, max_call_s, seed):
     builders, skipped, config = _contestants(section, entry, size, seq_len, seed)
-    fns = {}
+    fns, once = {}, {}
     probe_len = min(seq_len, 5)
     for name, build in builders.items():
         try:
-            fn = None
             if section != "step" and probe_len < seq_len:  # estimate from a short run before the full one
                 probe = build(probe_len)
                 probe()
                 estimate = min(_time_calls(probe, 1) for _ in range(3)) * seq_len / probe_len
-                if estimate > max_call_s:
-                    measured = None
-                    if estimate <= 5 * max_call_s:  # a probe can overestimate (warm-up, noise): check once
-                        fn = build(seq_len)
-                        fn()
-                        measured = _time_calls(fn, 1)
-                    if measured is None or measured > max_call_s:
-                        took = f"{measured:.1f} s per call" if measured else f"about {estimate:.1f} s per call"
-                        skipped[name] = f"too slow: {took} (limit {max_call_s:g} s, --max-call)"
-                        continue
-            if fn is None:
-                fn = build(seq_len)
-                fn()
+                if estimate > 2 * max_call_s:
+                    skipped[name] = f"too slow: about {estimate:.1f} s per call (limit {max_call_s:g} s, --max-call)"
+                    continue
+            fn = build(seq_len)
+            fn()  # warm
+            once[name] = _time_calls(fn, 1)
+            if once[name] > max_call_s:
+                skipped[name] = f"too slow: {once[name]:.1f} s per call (limit {max_call_s:g} s, --max-call)"
+                continue
         except Exception as err:  # a backend that fails here is reported, not fatal
             skipped[name] = f"failed: {type(err).__name__}: {_one_line(err)}"
             continue
         fns[name] = fn
-    times, medians = time_row(fns, repeats, target_s) if fns else ({}, {})
+    times, medians = time_row(fns, repeats, target_s, once) if fns else ({}, {})
     ours = {n: t for n, t in times.items() if n != TORCH_NN}
     best = min(ours, key=ours.get) if ours else None
     row = {"section": section, "cell": entry.name, "size": size_name, "config": config, "times_s": times,
@@ -379,10 +393,13 @@ def format_table(result: Dict[str, object]) -> str:
                     cells.append(_ms(r["times_s"][n]) + (f" x{ratio:.2f}" if ratio is not None else ""))
                 elif n in r["skipped"]:
                     reason = r["skipped"][n]
-                    kind = reason.split(":")[0] if reason.startswith(("too slow", "failed", "unavailable")) else "n/a"
+                    kind = reason.split(":")[0] if reason.startswith(("too slow", "failed", "unavailable", "not run")) \
+                        else "n/a"
                     cells.append(kind)
                     if kind == "unavailable":
                         notes.append(f"{n}: {reason}")
+                    elif kind == "not run":
+                        notes.append(reason)
                     elif kind != "n/a":
                         notes.append(f"{section} {r['cell']} {r['size']} {n}: {reason}")
                 else:
@@ -412,7 +429,8 @@ def format_table(result: Dict[str, object]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cell", action="append", metavar="CELL", type=lambda v: v.lower().replace("-", "_"),
-                        help=f"layer to time (repeatable; default: every registered layer: {', '.join(LAYERS)}; "
+                        help="layer to time (repeatable; default: every registered layer with vector inputs: "
+                             f"{', '.join(n for n in LAYERS if LAYERS[n].spatial is None)}; "
                              "the step and lengths sections default to lstm)")
     parser.add_argument("--size", action="append", choices=list(SIZES), help="S, M or L (repeatable; default: all)")
     parser.add_argument("--section", action="append", choices=SECTIONS,
@@ -422,8 +440,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=100, metavar="T", help="sequence length (default: 100)")
     parser.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default: 2)")
     parser.add_argument("--max-call", type=float, default=2.0, metavar="SECONDS",
-                        help="skip a contestant whose one call takes longer than this (estimated from a 5-step "
-                             "probe, checked with one full call when the estimate is within 5x; default: 2.0)")
+                        help="skip a contestant whose one call takes longer than this (a 5-step probe first "
+                             "skips those estimated over twice this; default: 2.0)")
+    parser.add_argument("--budget", type=float, default=270.0, metavar="SECONDS",
+                        help="stop starting new rows after this many seconds; the rest are listed as not run "
+                             "(default: 270, so the default run ends within 5 minutes; 0: no limit)")
+    parser.add_argument("--all", action="store_true", dest="all_layers",
+                        help="every registered layer, the convolutional ones included, in every section "
+                             "(default: the vector layers; step and lengths: lstm)")
     parser.add_argument("--json", metavar="PATH", help="write every figure (config, times, ratios, machine) here")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny smoke run: T <= 10, tiny sizes, 2 repeats (for tests; the figures mean little)")
@@ -433,9 +457,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> int:
     if args.max_call <= 0:
         raise BenchArgumentError(f"--max-call must be positive, got {args.max_call}")
+    if args.budget < 0:
+        raise BenchArgumentError(f"--budget must be >= 0 (0: no limit), got {args.budget}")
     result = run(cells=args.cell, sizes=args.size, sections=args.section, repeats=args.repeats,
                  seq_len=args.seq_len, threads=args.threads, quick=args.quick, max_call_s=args.max_call,
-                 progress=not args.quiet)
+                 progress=not args.quiet, budget_s=args.budget or None, all_layers=args.all_layers)
     if args.json:  # written first: the figures survive whatever happens next
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

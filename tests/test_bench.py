@@ -165,6 +165,26 @@ def test_a_pessimistic_probe_is_checked_with_one_full_call(monkeypatch, full_cal
         assert row["times_s"] == {} and row["skipped"]["reference"] == "too slow: 1.5 s per call (limit 1 s, --max-call)"
 
 
+def test_the_time_budget_stops_new_rows_and_says_so():
+    result = bench.run(cells=["rnn"], sizes=["S", "M"], sections=["layer"], quick=True, budget_s=0.0,
+                       progress=False)
+    assert [r["times_s"] for r in result["rows"]] == [{}, {}]
+    reason = "not run: the time budget was spent (--budget 0 s)"
+    assert all(set(r["skipped"].values()) >= {reason} for r in result["rows"])
+    assert reason in bench.format_table(result)
+
+
+def test_spatial_layers_run_only_with_all_or_by_name(monkeypatch):
+    monkeypatch.setitem(rnnkit.LAYERS, "fake_conv", rnnkit.LayerEntry("fake_conv", rnnkit.LSTM, spatial=(2,)))
+    kw = dict(sizes=["S"], sections=["layer"], quick=True, progress=False)
+    assert "fake_conv" not in {r["cell"] for r in bench.run(**kw)["rows"]}
+    rows = bench.run(all_layers=True, **kw)["rows"]
+    assert {r["cell"] for r in rows} == set(rnnkit.LAYERS)
+    fake = next(r for r in rows if r["cell"] == "fake_conv")  # LSTM cannot read (L, N, C, W): reported, not fatal
+    assert fake["times_s"] == {} and fake["skipped"]["reference"].startswith("failed: ValueError")
+    assert [r["cell"] for r in bench.run(cells=["fake_conv"], **kw)["rows"]] == ["fake_conv"]
+
+
 def test_a_row_where_only_torch_nn_ran_is_printed(monkeypatch):
     def decline(self, module, x):
         return "declined for this test"
@@ -193,6 +213,7 @@ def test_time_row_interleaves_and_takes_the_minimum():
     (["--section", "x"], "argument --section: invalid choice: 'x'"),
     (["--repeats", "0"], "repeats, seq_len and threads must be >= 1"),
     (["--max-call", "0"], "--max-call must be positive"),
+    (["--budget", "-1"], "--budget must be >= 0"),
 ])
 def test_bench_bad_arguments_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, "bench", "--quick", "--quiet", *argv)
