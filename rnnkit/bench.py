@@ -106,6 +106,24 @@ def machine_info() -> Dict[str, object]:
     }
 
 
+def thread_check(threads: int) -> Dict[str, float]:
+    """Min time of a 256x256 matrix product on ``threads`` threads and on one. On an idle machine
+    more threads are faster; when other processes hold the cores, the threads of a parallel
+    region wait for each other and can be many times slower than one thread."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    before = torch.get_num_threads()
+    result = {}
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            a @ b
+            result[f"matmul_s_{n}_threads"] = min(_time_calls(lambda: a @ b, 1) for _ in range(10))
+    finally:
+        torch.set_num_threads(before)
+    result["slowdown_vs_1_thread"] = result[f"matmul_s_{threads}_threads"] / result["matmul_s_1_threads"]
+    return result
+
+
 # ----------------------------------------------------------------------------- contestants
 
 Contestant = Callable[[], object]
@@ -250,7 +268,7 @@ def time_row(fns: Dict[str, Contestant], repeats: int, target_s: float,
 def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = None,
         sections: Optional[Sequence[str]] = None, repeats: int = 5, seq_len: int = 100, threads: int = 2,
         quick: bool = False, max_call_s: float = 2.0, target_s: float = 0.05, seed: int = 0,
-        progress: bool = True, budget_s: Optional[float] = 270.0, all_layers: bool = False) -> Dict[str, object]:
+        progress: bool = True, budget_s: Optional[float] = 240.0, all_layers: bool = False) -> Dict[str, object]:
     """Run the benchmark and return every figure (see the module docstring).
 
     Returns a dict with ``machine``, ``settings``, ``rows`` (one per section,
@@ -285,6 +303,7 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    threads_ok = thread_check(threads)
     start = time.perf_counter()
     rows = []
     from tqdm.auto import tqdm
@@ -297,12 +316,13 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
                                        f"not run: the time budget was spent (--budget {budget_s:g} s)"))
                 continue
             rows.append(_run_row(section, LAYERS[cell], size, table[size], seq_len, repeats, target_s,
-                                 max_call_s, seed))
+                                 max_call_s, seed, None if budget_s is None else start + budget_s, budget_s))
     finally:
         bar.close()
         torch.set_num_threads(before)
     machine = machine_info()
     machine["load_average_1min_before"] = load_before
+    machine["thread_check"] = threads_ok
     return {
         "machine": machine,
         "settings": {"dtype": "float32", "threads": threads, "seq_len": seq_len, "repeats": repeats,
@@ -322,11 +342,15 @@ def _unrun_row(section, entry, size_name, size, seq_len, seed, reason):
             "median_s": {}, "skipped": skipped, "best": None, "ratio_to_best": {}, "torch_nn_speedup": {}}
 
 
-def _run_row(section, entry, size_name, size, seq_len, repeats, target_s, max_call_s, seed):
+def _run_row(section, entry, size_name, size, seq_len, repeats, target_s, max_call_s, seed,
+             deadline=None, budget_s=None):
     builders, skipped, config = _contestants(section, entry, size, seq_len, seed)
     fns, once = {}, {}
     probe_len = min(seq_len, 5)
     for name, build in builders.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            skipped[name] = f"not run: the time budget was spent (--budget {budget_s:g} s)"
+            continue
         try:
             if section != "step" and probe_len < seq_len:  # estimate from a short run before the full one
                 probe = build(probe_len)
@@ -377,6 +401,12 @@ def format_table(result: Dict[str, object]) -> str:
     if load is not None and load > 0.5 * (m["usable_cores"] or 1):
         out.append(f"warning: the machine was busy before the run (load average {load:.1f} on "
                    f"{m['usable_cores']} cores): other processes shared the cores, so these figures are noisy")
+    check = m.get("thread_check") or {}
+    if st["threads"] > 1 and check.get("slowdown_vs_1_thread", 0) > 1.5:
+        out.append(f"warning: {st['threads']} threads were starved (a 256x256 matmul took "
+                   f"{check['slowdown_vs_1_thread']:.1f}x longer on {st['threads']} threads than on 1): another "
+                   "process holds the cores, so threaded figures are inflated; rerun on an idle machine or "
+                   "with --threads 1")
     notes: List[str] = []
     for section in SECTIONS:
         srows = [r for r in rows if r["section"] == section]
@@ -442,9 +472,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-call", type=float, default=2.0, metavar="SECONDS",
                         help="skip a contestant whose one call takes longer than this (a 5-step probe first "
                              "skips those estimated over twice this; default: 2.0)")
-    parser.add_argument("--budget", type=float, default=270.0, metavar="SECONDS",
+    parser.add_argument("--budget", type=float, default=240.0, metavar="SECONDS",
                         help="stop starting new rows after this many seconds; the rest are listed as not run "
-                             "(default: 270, so the default run ends within 5 minutes; 0: no limit)")
+                             "(default: 240, so the default run ends within 5 minutes; 0: no limit)")
     parser.add_argument("--all", action="store_true", dest="all_layers",
                         help="every registered layer, the convolutional ones included, in every section "
                              "(default: the vector layers; step and lengths: lstm)")

@@ -198,6 +198,19 @@ def test_a_row_where_only_torch_nn_ran_is_printed(monkeypatch):
     assert line.split()[-2:] == ["-", "-"] and "n/a" in line
 
 
+def test_thread_check_and_its_warning():
+    check = bench.thread_check(2)
+    assert check["slowdown_vs_1_thread"] == pytest.approx(check["matmul_s_2_threads"] / check["matmul_s_1_threads"])
+    result = bench.run(cells=["rnn"], sizes=["S"], sections=["layer"], quick=True, progress=False)
+    assert set(result["machine"]["thread_check"]) == set(check)
+    for slowdown, warned in [(12.0, True), (0.6, False)]:
+        result["machine"]["thread_check"]["slowdown_vs_1_thread"] = slowdown
+        table = bench.format_table(result)
+        assert ("warning: 2 threads were starved" in table) is warned
+        if warned:
+            assert "took 12.0x longer on 2 threads than on 1" in table
+
+
 def test_time_row_interleaves_and_takes_the_minimum():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
