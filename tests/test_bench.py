@@ -156,6 +156,7 @@ def test_a_pessimistic_probe_is_checked_with_one_full_call(monkeypatch, full_cal
         return next(answers, full_call)
 
     monkeypatch.setattr(bench, "_time_calls", fake_time_calls)
+    monkeypatch.setattr(bench, "thread_check", lambda threads: {})
     result = bench.run(cells=["plainrnn"], sizes=["S"], sections=["layer"], quick=True, max_call_s=1.0,
                        progress=False)
     row = result["rows"][0]
