@@ -322,7 +322,9 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
         torch.set_num_threads(before)
     machine = machine_info()
     machine["load_average_1min_before"] = load_before
-    machine["thread_check"] = threads_ok
+    after = thread_check(threads)  # the cores may have been taken during the run
+    machine["thread_check"] = max(threads_ok, after, key=lambda c: c["slowdown_vs_1_thread"])
+    machine["thread_check"]["at_start_and_end"] = [threads_ok["slowdown_vs_1_thread"], after["slowdown_vs_1_thread"]]
     return {
         "machine": machine,
         "settings": {"dtype": "float32", "threads": threads, "seq_len": seq_len, "repeats": repeats,
@@ -403,7 +405,7 @@ def format_table(result: Dict[str, object]) -> str:
                    f"{m['usable_cores']} cores): other processes shared the cores, so these figures are noisy")
     check = m.get("thread_check") or {}
     if st["threads"] > 1 and check.get("slowdown_vs_1_thread", 0) > 1.5:
-        out.append(f"warning: {st['threads']} threads were starved (a 256x256 matmul took "
+        out.append(f"warning: {st['threads']} threads were starved (at the start or the end, a 256x256 matmul took "
                    f"{check['slowdown_vs_1_thread']:.1f}x longer on {st['threads']} threads than on 1): another "
                    "process holds the cores, so threaded figures are inflated; rerun on an idle machine or "
                    "with --threads 1")

@@ -156,7 +156,7 @@ def test_a_pessimistic_probe_is_checked_with_one_full_call(monkeypatch, full_cal
         return next(answers, full_call)
 
     monkeypatch.setattr(bench, "_time_calls", fake_time_calls)
-    monkeypatch.setattr(bench, "thread_check", lambda threads: {})
+    monkeypatch.setattr(bench, "thread_check", lambda threads: {"slowdown_vs_1_thread": 0.5})
     result = bench.run(cells=["plainrnn"], sizes=["S"], sections=["layer"], quick=True, max_call_s=1.0,
                        progress=False)
     row = result["rows"][0]
@@ -203,7 +203,9 @@ def test_thread_check_and_its_warning():
     check = bench.thread_check(2)
     assert check["slowdown_vs_1_thread"] == pytest.approx(check["matmul_s_2_threads"] / check["matmul_s_1_threads"])
     result = bench.run(cells=["rnn"], sizes=["S"], sections=["layer"], quick=True, progress=False)
-    assert set(result["machine"]["thread_check"]) == set(check)
+    assert set(result["machine"]["thread_check"]) == set(check) | {"at_start_and_end"}
+    assert result["machine"]["thread_check"]["slowdown_vs_1_thread"] == max(
+        result["machine"]["thread_check"]["at_start_and_end"])
     for slowdown, warned in [(12.0, True), (0.6, False)]:
         result["machine"]["thread_check"]["slowdown_vs_1_thread"] = slowdown
         table = bench.format_table(result)
