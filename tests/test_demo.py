@@ -176,6 +176,17 @@ def test_adding_batch_against_its_definition():
         assert y[n, 0].item() == pytest.approx(values[n, i].item() + values[n, j].item(), abs=1e-6)
 
 
+def test_docs_python_examples_run(tmp_path, monkeypatch):
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cli.md")
+    with open(doc) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, doc, "exec"), {})
+    assert (tmp_path / "digits.pt").exists() and (tmp_path / "rnnkit-out" / "digits.png").exists()
+
+
 # ----------------------------------------------------------------------------- full runs (slow)
 
 
