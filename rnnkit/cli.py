@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench", help="time forward+backward of every backend side by side and print ratios",
-        description=textwrap.fill(_bench.DESCRIPTION, 90), epilog=_bench.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=textwrap.fill(_bench.DESCRIPTION, 90), epilog=_bench.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     _bench.add_arguments(b)
 
     sub.add_parser("info", help="versions, device, threads, and which backends are ready",

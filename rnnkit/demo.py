@@ -108,7 +108,9 @@ def sine(cell="rnn", backend="auto", steps=300, hidden_size=32, seed=0, out="rnn
         for k in range(steps, steps + test_windows):
             x, y, t = curve(k)
             pred, h = net(x, h)
-            ts.append(t), ys.append(y.flatten()), ps.append(pred.flatten())
+            ts.append(t)
+            ys.append(y.flatten())
+            ps.append(pred.flatten())
         t, y, p = torch.cat(ts).numpy(), torch.cat(ys).numpy(), torch.cat(ps).numpy()
         mse = float(((p - y) ** 2).mean())
 

@@ -96,7 +96,7 @@ def test_info_reports_versions_threads_and_backends(capsys):
     assert ", ".join(sorted(rnnkit.LAYERS)) in out
 
 
-# ----------------------------------------------------------------------------- explain: usage errors (no explainer needed)
+# ------------------------------------------------------------- explain: usage errors (no explainer needed)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -131,7 +131,7 @@ def test_explain_without_explainer_fails_with_exit_1(capsys, monkeypatch):
     assert code == 1 and "rnnkit.explain is missing" in err
 
 
-# ----------------------------------------------------------------------------- explain: the table (needs rnnkit.explain)
+# ------------------------------------------------------------- explain: the table (needs rnnkit.explain)
 
 
 def _real_shapes(module, shape):
