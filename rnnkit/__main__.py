@@ -1,5 +1,8 @@
+"""``python -m rnnkit``: the same program as the ``rnnkit`` command."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""``rnnkit bench``: every backend side by side, in one process, with ratios.
+
+The benchmark walks the registries, so a new backend (``rnnkit.backends.BACKENDS``)
+or a new layer (``rnnkit.LAYERS``) shows up with no change here. For each layer
+and size it times, in float32 with a fixed thread count:
+
+* ``layer``: forward + backward of the whole layer over ``T`` steps, on each
+  rnnkit backend that can run it and on the ``torch.nn`` equivalent (if any);
+* ``step``: one step of the cell at batch 1, state in and state out, forward
+  under ``torch.no_grad()`` (the streaming latency), on each backend the cell
+  accepts and on ``torch.nn.<Name>Cell``;
+* ``lengths``: forward + backward with variable lengths: rnnkit's ``lengths=``
+  path on each backend against ``torch.nn`` on a ``PackedSequence`` (the time of
+  ``pack_padded_sequence`` and ``pad_packed_sequence`` included, as a user pays it).
+
+Timing: each contestant is warmed up, then every repeat times all contestants
+of a row one after the other (in a rotating order, so noise hits them alike);
+a contestant's figure is the minimum over repeats of the mean over ``number``
+calls. Ratios: ``time / time of the best rnnkit backend`` (1.00 = the best), and
+``torch.nn time / backend time`` (above 1: rnnkit is faster than torch.nn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .backends import BACKENDS
+from .registry import LAYERS, LayerEntry
+
+SIZES: Dict[str, Tuple[int, int, int]] = {"S": (1, 32, 64), "M": (16, 64, 128), "L": (64, 256, 256)}  # batch, H_in, H
+QUICK_SIZES: Dict[str, Tuple[int, int, int]] = {"S": (1, 4, 8), "M": (2, 8, 16), "L": (3, 8, 16)}
+SECTIONS = ("layer", "step", "lengths")
+DEFAULT_SECTION_CELLS = {"step": ["lstm"], "lengths": ["lstm"]}  # when no --cell is given
+TORCH_NN = "torch.nn"
+SECTION_TITLES = {
+    "layer": "forward+backward over T steps",
+    "step": "one cell step at batch 1, state in and out (forward, no grad: streaming latency)",
+    "lengths": "forward+backward with variable lengths (rnnkit lengths= vs torch.nn on a PackedSequence)",
+}
+
+DESCRIPTION = ("Time forward+backward of every rnnkit backend and of torch.nn, side by side in one process, "
+               "and print the ratios. Walks rnnkit.LAYERS and the backend registry, so new layers and "
+               "backends appear by themselves.")
+EPILOG = """sections:
+  layer    forward+backward of the layer over T steps, sizes S (batch 1, H_in 32, H 64),
+           M (batch 16, H_in 64, H 128), L (batch 64, H_in 256, H 256)
+  step     one cell step at batch 1 with state in and out (forward, no grad), vs torch.nn.<Cell>
+  lengths  forward+backward with random lengths in [T/4, T]: rnnkit's lengths= path per backend vs
+           torch.nn on a PackedSequence (packing and unpacking included)
+  The layer section runs every layer with vector inputs, step and lengths the LSTM, unless --cell
+  is given; --all runs every registered layer (convolutional ones included) in every section.
+
+ratios:
+  "x1.00" after a time = time / time of the best rnnkit backend in that row
+  torch.nn/best        = torch.nn time / best rnnkit time (above 1: rnnkit is faster)
+
+examples:
+  rnnkit bench                                   # the default suite, under 5 minutes
+  rnnkit bench --cell gru --size S --size M --json gru.json
+  rnnkit bench --section step"""
+
+
+class BenchArgumentError(ValueError):
+    """An option of the benchmark that cannot work (the command line exits with code 2)."""
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> Dict[str, object]:
+    import rnnkit
+    return {
+        "rnnkit": rnnkit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "cpu": cpu_name(), "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "backends": rnnkit.describe_backends(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def thread_check(threads: int) -> Dict[str, float]:
+    """Min time of a 256x256 matrix product on ``threads`` threads and on one. On an idle machine
+    more threads are faster; when other processes hold the cores, the threads of a parallel
+    region wait for each other and can be many times slower than one thread."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    before = torch.get_num_threads()
+    result = {}
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            a @ b
+            result[f"matmul_s_{n}_threads"] = min(_time_calls(lambda: a @ b, 1) for _ in range(10))
+    finally:
+        torch.set_num_threads(before)
+    result["slowdown_vs_1_thread"] = result[f"matmul_s_{threads}_threads"] / result["matmul_s_1_threads"]
+    return result
+
+
+# ----------------------------------------------------------------------------- contestants
+
+Contestant = Callable[[], object]
+
+
+def _fwd_bwd(module, x, lengths=None) -> Contestant:
+    def call():
+        module.zero_grad(set_to_none=True)
+        out = module(x)[0] if lengths is None else module(x, lengths=lengths)[0]
+        out.sum().backward()
+    return call
+
+
+def _fwd_bwd_packed(module, x, lengths) -> Contestant:
+    def call():
+        module.zero_grad(set_to_none=True)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, _ = pad_packed_sequence(module(packed)[0], total_length=x.shape[0])
+        out.sum().backward()
+    return call
+
+
+def _step(cell, x) -> Contestant:
+    with torch.no_grad():
+        state = cell(x)  # the state a stream carries: fed back in, returned anew
+
+    def call():
+        with torch.no_grad():
+            return cell(x, state)
+    return call
+
+
+def _torch_cell(entry: LayerEntry):
+    eq = entry.torch_equivalent
+    return getattr(torch.nn, eq.__name__ + "Cell", None) if eq is not None else None
+
+
+def _contestants(section: str, entry: LayerEntry, size: Tuple[int, int, int], seq_len: int, seed: int):
+    """``(builders, skipped, config)``: builders map a name to ``f(seq_len) -> callable``
+    (a short ``seq_len`` makes the cheap probe), skipped maps a name to the reason."""
+    batch, h_in, hidden = size
+    if section == "step":
+        batch = 1
+    gen = torch.Generator().manual_seed(seed)
+    shape = entry.input_shape(seq_len, batch, h_in)
+    x = torch.randn(shape, generator=gen)
+    lengths = None
+    if section == "lengths":
+        lengths = torch.randint(max(1, seq_len // 4), seq_len + 1, (batch,), generator=gen)
+        lengths[0] = seq_len
+    config = {"batch": batch, "input_size": h_in, "hidden_size": hidden, "seq_len": 1 if section == "step" else seq_len,
+              "input_shape": list(shape[1:] if section == "step" else shape), "dtype": "float32"}
+    if lengths is not None:
+        config["lengths"] = lengths.tolist()
+    builders: Dict[str, Callable[[int], Contestant]] = {}
+    skipped: Dict[str, str] = {}
+
+    def clip(t: int):
+        xs = x[:t]
+        ls = None if lengths is None else lengths.clamp(max=t)
+        return xs, ls
+
+    for name, backend in BACKENDS.items():
+        reason = backend.unavailable()
+        if reason:
+            skipped[name] = f"unavailable: {reason}"
+            continue
+        try:
+            if section == "step":
+                if entry.cell is None:
+                    skipped[name] = f"{entry.name} has no cell"
+                    continue
+                module = entry.cell(h_in, hidden, **{**entry.kwargs, "backend": name})
+            else:
+                module = entry.make(h_in, hidden, backend=name)
+                reason = backend.unsupported(module, x)
+                if reason:
+                    skipped[name] = reason
+                    continue
+        except (ValueError, TypeError) as err:
+            skipped[name] = _one_line(err)
+            continue
+        if section == "step":
+            builders[name] = lambda t, m=module: _step(m, x[0])
+        else:
+            builders[name] = lambda t, m=module: _fwd_bwd(m, *clip(t))
+
+    if section == "step":
+        tcell = _torch_cell(entry)
+        if tcell is None or entry.spatial is not None:
+            skipped[TORCH_NN] = "no torch.nn equivalent"
+        else:
+            m = tcell(h_in, hidden)
+            builders[TORCH_NN] = lambda t, m=m: _step(m, x[0])
+    elif entry.torch_equivalent is None or entry.spatial is not None:
+        skipped[TORCH_NN] = "no torch.nn equivalent"
+    else:
+        try:
+            m = entry.torch_equivalent(h_in, hidden, **dict(entry.kwargs))
+        except TypeError as err:
+            skipped[TORCH_NN] = _one_line(err)
+        else:
+            if section == "lengths":
+                builders[TORCH_NN] = lambda t, m=m: _fwd_bwd_packed(m, *clip(t))
+            else:
+                builders[TORCH_NN] = lambda t, m=m: _fwd_bwd(m, clip(t)[0])
+    return builders, skipped, config
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _time_calls(fn: Contestant, number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def time_row(fns: Dict[str, Contestant], repeats: int, target_s: float,
+             once: Optional[Dict[str, float]] = None) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Interleaved min-of-repeats: ``(min seconds per call, median seconds per call)`` per name.
+    ``once`` gives the time of one warm call where it is already known (no warm-up then)."""
+    numbers = {}
+    for name, fn in fns.items():
+        if once is None or name not in once:
+            fn()  # warm up (allocator, oneDNN primitives, lazy builds)
+            t = _time_calls(fn, 1)
+        else:
+            t = once[name]
+        numbers[name] = max(1, int(target_s / max(t, 1e-7)))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(_time_calls(fns[name], numbers[name]))
+    mins = {name: min(s) for name, s in samples.items()}
+    medians = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+    return mins, medians
+
+
+def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = None,
+        sections: Optional[Sequence[str]] = None, repeats: int = 5, seq_len: int = 100, threads: int = 2,
+        quick: bool = False, max_call_s: float = 2.0, target_s: float = 0.05, seed: int = 0,
+        progress: bool = True, budget_s: Optional[float] = 240.0, all_layers: bool = False) -> Dict[str, object]:
+    """Run the benchmark and return every figure (see the module docstring).
+
+    Returns a dict with ``machine``, ``settings``, ``rows`` (one per section,
+    cell and size: ``config``, ``times_s``, ``median_s``, ``skipped``, ``best``,
+    ``ratio_to_best``, ``torch_nn_speedup``) and ``seconds``.
+    """
+    table = QUICK_SIZES if quick else SIZES
+    if quick:
+        seq_len, repeats, target_s = min(seq_len, 10), min(repeats, 2), 0.0
+    cells = list(cells) if cells else None
+    for name in cells or []:
+        if name not in LAYERS:
+            raise BenchArgumentError(f"unknown cell {name!r}; choose from {sorted(LAYERS)}")
+    sizes = list(sizes or table)
+    for s in sizes:
+        if s not in table:
+            raise BenchArgumentError(f"unknown size {s!r}; choose from {list(table)}")
+    sections = list(sections or SECTIONS)
+    for s in sections:
+        if s not in SECTIONS:
+            raise BenchArgumentError(f"unknown section {s!r}; choose from {list(SECTIONS)}")
+    if repeats < 1 or seq_len < 1 or threads < 1:
+        raise BenchArgumentError(f"repeats, seq_len and threads must be >= 1, got {repeats}, {seq_len}, {threads}")
+
+    everyone = [n for n in LAYERS if all_layers or LAYERS[n].spatial is None]
+    plan = []
+    for section in sections:
+        for cell in (cells or (everyone if all_layers else DEFAULT_SECTION_CELLS.get(section, everyone))):
+            if cell in LAYERS:
+                plan += [(section, cell, size) for size in sizes]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    threads_ok = thread_check(threads)
+    start = time.perf_counter()
+    rows = []
+    from tqdm.auto import tqdm
+    bar = tqdm(plan, desc="rnnkit bench", disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        for section, cell, size in bar:
+            bar.set_postfix_str(f"{section} {cell} {size}")
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                rows.append(_unrun_row(section, LAYERS[cell], size, table[size], seq_len, seed,
+                                       f"not run: the time budget was spent (--budget {budget_s:g} s)"))
+                continue
+            rows.append(_run_row(section, LAYERS[cell], size, table[size], seq_len, repeats, target_s,
+                                 max_call_s, seed, None if budget_s is None else start + budget_s, budget_s))
+    finally:
+        bar.close()
+        torch.set_num_threads(before)
+    machine = machine_info()
+    machine["load_average_1min_before"] = load_before
+    after = thread_check(threads)  # the cores may have been taken during the run
+    machine["thread_check"] = max(threads_ok, after, key=lambda c: c["slowdown_vs_1_thread"])
+    machine["thread_check"]["at_start_and_end"] = [threads_ok["slowdown_vs_1_thread"], after["slowdown_vs_1_thread"]]
+    return {
+        "machine": machine,
+        "settings": {"dtype": "float32", "threads": threads, "seq_len": seq_len, "repeats": repeats,
+                     "budget_s": budget_s, "all_layers": all_layers,
+                     "target_s_per_sample": target_s, "max_call_s": max_call_s, "quick": quick,
+                     "sizes": {s: dict(zip(("batch", "input_size", "hidden_size"), table[s])) for s in sizes},
+                     "timer": "interleaved min over repeats of the mean over `number` calls"},
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _unrun_row(section, entry, size_name, size, seq_len, seed, reason):
+    builders, skipped, config = _contestants(section, entry, size, seq_len, seed)
+    skipped.update({name: reason for name in builders})
+    return {"section": section, "cell": entry.name, "size": size_name, "config": config, "times_s": {},
+            "median_s": {}, "skipped": skipped, "best": None, "ratio_to_best": {}, "torch_nn_speedup": {}}
+
+
+def _run_row(section, entry, size_name, size, seq_len, repeats, target_s, max_call_s, seed,
+             deadline=None, budget_s=None):
+    builders, skipped, config = _contestants(section, entry, size, seq_len, seed)
+    fns, once = {}, {}
+    probe_len = min(seq_len, 5)
+    for name, build in builders.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            skipped[name] = f"not run: the time budget was spent (--budget {budget_s:g} s)"
+            continue
+        try:
+            if section != "step" and probe_len < seq_len:  # estimate from a short run before the full one
+                probe = build(probe_len)
+                probe()
+                estimate = min(_time_calls(probe, 1) for _ in range(3)) * seq_len / probe_len
+                if estimate > 2 * max_call_s:
+                    skipped[name] = f"too slow: about {estimate:.1f} s per call (limit {max_call_s:g} s, --max-call)"
+                    continue
+            fn = build(seq_len)
+            fn()  # warm
+            once[name] = _time_calls(fn, 1)
+            if once[name] > max_call_s:
+                skipped[name] = f"too slow: {once[name]:.1f} s per call (limit {max_call_s:g} s, --max-call)"
+                continue
+        except Exception as err:  # a backend that fails here is reported, not fatal
+            skipped[name] = f"failed: {type(err).__name__}: {_one_line(err)}"
+            continue
+        fns[name] = fn
+    times, medians = time_row(fns, repeats, target_s, once) if fns else ({}, {})
+    ours = {n: t for n, t in times.items() if n != TORCH_NN}
+    best = min(ours, key=ours.get) if ours else None
+    row = {"section": section, "cell": entry.name, "size": size_name, "config": config, "times_s": times,
+           "median_s": medians, "skipped": skipped, "best": best,
+           "ratio_to_best": {n: t / ours[best] for n, t in times.items()} if best else {},
+           "torch_nn_speedup": ({n: times[TORCH_NN] / t for n, t in ours.items()} if TORCH_NN in times else {})}
+    return row
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _ms(t: float) -> str:
+    ms = t * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def format_table(result: Dict[str, object]) -> str:
+    rows = result["rows"]
+    st = result["settings"]
+    m = result["machine"]
+    names = [n for n in BACKENDS if any(n in r["times_s"] or n in r["skipped"] for r in rows)]
+    names += [n for r in rows for n in list(r["times_s"]) + list(r["skipped"]) if n not in names and n != TORCH_NN]
+    names.append(TORCH_NN)
+    out = [f"rnnkit bench: float32, {st['threads']} threads, T={st['seq_len']}, min of {st['repeats']} interleaved "
+           f"repeats; times in ms per call, xR = time / best rnnkit backend's time",
+           f"machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}, rnnkit {m['rnnkit']}"]
+    load = m.get("load_average_1min_before")
+    if load is not None and load > 0.5 * (m["usable_cores"] or 1):
+        out.append(f"warning: the machine was busy before the run (load average {load:.1f} on "
+                   f"{m['usable_cores']} cores): other processes shared the cores, so these figures are noisy")
+    check = m.get("thread_check") or {}
+    if st["threads"] > 1 and check.get("slowdown_vs_1_thread", 0) > 1.5:
+        out.append(f"warning: {st['threads']} threads were starved (at the start or the end, a 256x256 matmul took "
+                   f"{check['slowdown_vs_1_thread']:.1f}x longer on {st['threads']} threads than on 1): another "
+                   "process holds the cores, so threaded figures are inflated; rerun on an idle machine or "
+                   "with --threads 1")
+    notes: List[str] = []
+    for section in SECTIONS:
+        srows = [r for r in rows if r["section"] == section]
+        if not srows:
+            continue
+        cols = ["cell", "size", "N", "H_in", "H"] + names + ["best", "torch.nn/best"]
+        lines = []
+        for r in srows:
+            c = r["config"]
+            cells = [r["cell"], r["size"], str(c["batch"]), str(c["input_size"]), str(c["hidden_size"])]
+            for n in names:
+                if n in r["times_s"]:
+                    ratio = r["ratio_to_best"].get(n)
+                    cells.append(_ms(r["times_s"][n]) + (f" x{ratio:.2f}" if ratio is not None else ""))
+                elif n in r["skipped"]:
+                    reason = r["skipped"][n]
+                    kind = reason.split(":")[0] if reason.startswith(("too slow", "failed", "unavailable", "not run")) \
+                        else "n/a"
+                    cells.append(kind)
+                    if kind == "unavailable":
+                        notes.append(f"{n}: {reason}")
+                    elif kind == "not run":
+                        notes.append(reason)
+                    elif kind != "n/a":
+                        notes.append(f"{section} {r['cell']} {r['size']} {n}: {reason}")
+                else:
+                    cells.append("-")
+            cells.append(r["best"] or "-")
+            best = r["best"]
+            cells.append(f"{r['torch_nn_speedup'][best]:.2f}" if best in r["torch_nn_speedup"] else "-")
+            lines.append(cells)
+        widths = [max(len(x) for x in col) for col in zip(cols, *lines)]
+        out.append("")
+        out.append(f"[{section}] {SECTION_TITLES[section]}")
+        out.append("  ".join(h.ljust(w) for h, w in zip(cols, widths)).rstrip())
+        out += ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
+    if notes:
+        out.append("")
+        out.append("not timed:")
+        seen = set()
+        for note in notes:
+            if note not in seen:
+                seen.add(note)
+                out.append(f"  {note}")
+    out.append("")
+    out.append(f"n/a: the backend cannot run this layer (reasons in --json); torch.nn/best = torch.nn time / "
+               f"best rnnkit time (above 1: rnnkit is faster); total {result['seconds']:.0f} s")
+    return "\n".join(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cell", action="append", metavar="CELL", type=lambda v: v.lower().replace("-", "_"),
+                        help="layer to time (repeatable; default: every registered layer with vector inputs: "
+                             f"{', '.join(n for n in LAYERS if LAYERS[n].spatial is None)}; "
+                             "the step and lengths sections default to lstm)")
+    parser.add_argument("--size", action="append", choices=list(SIZES), help="S, M or L (repeatable; default: all)")
+    parser.add_argument("--section", action="append", choices=SECTIONS,
+                        help="layer, step or lengths (repeatable; default: all three)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="N",
+                        help="interleaved repeats; each figure is the minimum (default: 5)")
+    parser.add_argument("--seq-len", type=int, default=100, metavar="T", help="sequence length (default: 100)")
+    parser.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default: 2)")
+    parser.add_argument("--max-call", type=float, default=2.0, metavar="SECONDS",
+                        help="skip a contestant whose one call takes longer than this (a 5-step probe first "
+                             "skips those estimated over twice this; default: 2.0)")
+    parser.add_argument("--budget", type=float, default=240.0, metavar="SECONDS",
+                        help="stop starting new rows after this many seconds; the rest are listed as not run "
+                             "(default: 240, so the default run ends within 5 minutes; 0: no limit)")
+    parser.add_argument("--all", action="store_true", dest="all_layers",
+                        help="every registered layer, the convolutional ones included, in every section "
+                             "(default: the vector layers; step and lengths: lstm)")
+    parser.add_argument("--json", metavar="PATH", help="write every figure (config, times, ratios, machine) here")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny smoke run: T <= 10, tiny sizes, 2 repeats (for tests; the figures mean little)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_from_args(args) -> int:
+    if args.max_call <= 0:
+        raise BenchArgumentError(f"--max-call must be positive, got {args.max_call}")
+    if args.budget < 0:
+        raise BenchArgumentError(f"--budget must be >= 0 (0: no limit), got {args.budget}")
+    result = run(cells=args.cell, sizes=args.size, sections=args.section, repeats=args.repeats,
+                 seq_len=args.seq_len, threads=args.threads, quick=args.quick, max_call_s=args.max_call,
+                 progress=not args.quiet, budget_s=args.budget or None, all_layers=args.all_layers)
+    if args.json:  # written first: the figures survive whatever happens next
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(format_table(result))
+    if args.json:
+        print(f"json: {args.json}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python benchmarks/bench.py [options]``: the same as ``rnnkit bench [options]``."""
+    from .cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
