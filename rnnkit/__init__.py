@@ -6,6 +6,7 @@ with swappable backends.
 """
 
 from .backends import BACKENDS, describe_backends
+from . import fused as _fused  # registers the 'fused' backend (the C++ build waits for first use)
 from .cells import GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN, RecurrentBase
 from .registry import LAYERS, LayerEntry, get_layer, register_layer
