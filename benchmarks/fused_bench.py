@@ -83,14 +83,19 @@ def step_fn(module, x, lengths=None, packed=False):
 
 
 def timed(fn, inner: int) -> float:
-    t0 = time.perf_counter()
+    """The fastest of ``inner`` back-to-back calls (each timed on its own, so a
+    burst of load from other processes spoils only the calls it hits)."""
+    best = float("inf")
     for _ in range(inner):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / inner
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
-def race(fns: dict, repeat: int, budget: float = 0.05) -> dict:
-    """min-of-``repeat`` seconds per call of each fn, interleaved round by round."""
+def race(fns: dict, repeat: int, budget: float = 0.04) -> dict:
+    """Seconds per call of each fn: the minimum over ``repeat`` rounds of about
+    ``budget`` seconds each, the fns interleaved round by round."""
     for fn in fns.values():  # warm up
         fn()
         fn()
