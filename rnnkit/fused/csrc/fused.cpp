@@ -32,6 +32,17 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's packed GEMM: the recurrent weights are packed once per sequence and
+// every step's product reuses them (plain sgemm re-packs them on every call).
+// Weak too: with another BLAS the kernels use plain gemm.
+size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*) __attribute__((weak));
+void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int)
+    __attribute__((weak));
+size_t cblas_dgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_dgemm_pack(int, int, int, int, int, int, double, const double*, int, double*) __attribute__((weak));
+void cblas_dgemm_compute(int, int, int, int, int, int, const double*, int, const double*, int, double, double*, int)
+    __attribute__((weak));
 }
 
 namespace rnnkit_fused {
@@ -54,9 +65,71 @@ inline void blas(char ta, char tb, int m, int n, int k, double alpha, const doub
 inline bool have_blas(float*) { return sgemm_ != nullptr; }
 inline bool have_blas(double*) { return dgemm_ != nullptr; }
 
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+inline bool have_packed(float*) {
+  return cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
+}
+inline bool have_packed(double*) {
+  return cblas_dgemm_pack_get_size && cblas_dgemm_pack && cblas_dgemm_compute;
+}
+inline size_t pack_size(float*, int m, int n, int k) { return cblas_sgemm_pack_get_size(kBMatrix, m, n, k); }
+inline size_t pack_size(double*, int m, int n, int k) { return cblas_dgemm_pack_get_size(kBMatrix, m, n, k); }
+inline void pack(int trans, int m, int n, int k, const float* b, int ldb, float* dst) {
+  cblas_sgemm_pack(kRowMajor, kBMatrix, trans, m, n, k, 1.f, b, ldb, dst);
+}
+inline void pack(int trans, int m, int n, int k, const double* b, int ldb, double* dst) {
+  cblas_dgemm_pack(kRowMajor, kBMatrix, trans, m, n, k, 1.0, b, ldb, dst);
+}
+inline void packed_compute(int m, int n, int k, const float* a, int lda, const float* bp, float beta, float* c, int ldc) {
+  cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, bp, n, beta, c, ldc);
+}
+inline void packed_compute(int m, int n, int k, const double* a, int lda, const double* bp, double beta, double* c,
+                           int ldc) {
+  cblas_dgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, bp, n, beta, c, ldc);
+}
+
 template <typename T>
 Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Few rows (a batch of 1 to 3): a register-blocked kernel beats BLAS, whose
+// call and packing overhead dominates a matrix-vector product of this size.
+constexpr int64_t kSmallRows = 4;
+
+// C (rows x cols) = beta * C + A (rows x k) * B, B is (k x cols) row-major; beta 0 or 1.
+template <typename T>
+void small_gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T beta,
+                   T* C, int64_t ldc) {
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* a = A + r * lda;
+    T* c = C + r * ldc;
+    int64_t j = 0;
+    for (; j + 4 * VS <= cols; j += 4 * VS) {
+      V c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
+      if (beta != T(0)) {
+        c0 = V::loadu(c + j), c1 = V::loadu(c + j + VS), c2 = V::loadu(c + j + 2 * VS), c3 = V::loadu(c + j + 3 * VS);
+      }
+      const T* b = B + j;
+      for (int64_t kk = 0; kk < k; ++kk, b += ldb) {
+        const V av(a[kk]);
+        c0 = at::vec::fmadd(av, V::loadu(b), c0);
+        c1 = at::vec::fmadd(av, V::loadu(b + VS), c1);
+        c2 = at::vec::fmadd(av, V::loadu(b + 2 * VS), c2);
+        c3 = at::vec::fmadd(av, V::loadu(b + 3 * VS), c3);
+      }
+      c0.store(c + j), c1.store(c + j + VS), c2.store(c + j + 2 * VS), c3.store(c + j + 3 * VS);
+    }
+    for (; j < cols; j += VS) {
+      const int64_t cnt = std::min(VS, cols - j);
+      V c0 = beta != T(0) ? V::loadu(c + j, cnt) : V(T(0));
+      const T* b = B + j;
+      for (int64_t kk = 0; kk < k; ++kk, b += ldb) c0 = at::vec::fmadd(V(a[kk]), V::loadu(b, cnt), c0);
+      c0.store(c + j, cnt);
+    }
+  }
 }
 
 // C (rows x cols) = beta * C + A (rows x k) * B^T, B is (cols x k); all row-major.
@@ -84,6 +157,10 @@ template <typename T>
 void gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
              int64_t ldc) {
   if (rows == 0 || cols == 0) return;
+  if (rows < kSmallRows && k > 0 && (beta == T(0) || beta == T(1))) {
+    small_gemm_ab(rows, cols, k, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
   if (k == 0) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = beta == T(0) ? T(0) : beta * C[r * ldc + j];
@@ -168,6 +245,45 @@ void check_same(const Tensor& ref, const Tensor& t, const char* what, at::IntArr
   TORCH_CHECK(t.sizes() == shape, "rnnkit_fused: ", what, " has shape ", t.sizes(), ", expected ", shape);
 }
 
+// The recurrent product of one step, C (rows x cols) = beta C + A (rows x k) op(B),
+// with B (a weight) laid out once before the time loop: transposed for the
+// few-rows kernel, packed for MKL, or left as is for plain BLAS.
+template <typename T>
+struct Recurrent {
+  int64_t rows, cols, k;
+  bool trans;  // op(B) = B^T, B is (cols x k); else op(B) = B, B is (k x cols)
+  const T* B;
+  Tensor keep;      // the laid-out copy
+  const T* small = nullptr;   // (k x cols) for the few-rows kernel
+  const T* packed = nullptr;  // MKL packed B
+
+  Recurrent(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w)
+      : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<T>()) {
+    if (rows == 0 || cols == 0 || k == 0) return;
+    if (rows < kSmallRows) {
+      if (trans) {
+        keep = w.t().contiguous();
+        small = keep.data_ptr<T>();
+      } else {
+        small = B;
+      }
+    } else if (have_packed((T*)nullptr)) {
+      const size_t bytes = pack_size((T*)nullptr, (int)rows, (int)cols, (int)k);
+      keep = at::empty({(int64_t)(bytes / sizeof(T) + 1)}, w.options());
+      pack(trans ? kTrans : kNoTrans, (int)rows, (int)cols, (int)k, B, (int)(trans ? k : cols), keep.data_ptr<T>());
+      packed = keep.data_ptr<T>();
+    }
+  }
+
+  void operator()(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+    if (rows == 0 || cols == 0) return;
+    if (small && k > 0) small_gemm_ab(rows, cols, k, A, lda, small, cols, beta, C, ldc);
+    else if (packed) packed_compute((int)rows, (int)cols, (int)k, A, (int)lda, packed, beta, C, (int)ldc);
+    else if (trans) gemm_abt(rows, cols, k, A, lda, B, k, beta, C, ldc);
+    else gemm_ab(rows, cols, k, A, lda, B, cols, beta, C, ldc);
+  }
+};
+
 // h_{t-1} for every t: (L, N, H_out), the rows the recurrent weight gradient reads.
 Tensor previous_states(const Tensor& h0, const Tensor& out) {
   const int64_t L = out.size(0);
@@ -221,14 +337,15 @@ std::tuple<Tensor, Tensor> rnn_fwd(const Tensor& xp_, const Tensor& w_hh_, const
   Tensor out = at::empty({L, N, H}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rnn_fwd", [&] {
     using T = scalar_t;
-    const T *x = xp.data_ptr<T>(), *w = w_hh.data_ptr<T>(), *h_init = h0.data_ptr<T>();
+    const Recurrent<T> rec(N, H, H, true, w_hh);
+    const T *x = xp.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     T* o = out.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(H);
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
       T* ot = o + t * N * H;
       copy_row(ot, x + t * N * H, N * H);
-      gemm_abt<T>(N, H, H, hp, H, w, H, T(1), ot, H);
+      rec(hp, H, T(1), ot, H);
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
@@ -256,7 +373,8 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd(const Tensor& grad_out_, const Tensor
   Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_bwd", [&] {
     using T = scalar_t;
-    const T *go = grad_out.data_ptr<T>(), *w = w_hh.data_ptr<T>(), *o = out.data_ptr<T>();
+    const Recurrent<T> rec(N, H, H, false, w_hh);
+    const T *go = grad_out.data_ptr<T>(), *o = out.data_ptr<T>();
     T *dx = dxp.data_ptr<T>(), *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(H);
     for (int64_t t = L - 1; t >= 0; --t) {
@@ -275,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd(const Tensor& grad_out_, const Tensor
           }
         }
       });
-      gemm_ab<T>(N, H, H, dxt, H, w, H, T(1), dn, H);
+      rec(dxt, H, T(1), dn, H);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
@@ -348,7 +466,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
   Tensor ms = proj ? at::empty({L, N, H}, xp.options()) : at::empty({0}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "lstm_fwd", [&] {
     using T = scalar_t;
-    const T *x = xp.data_ptr<T>(), *w = w_hh.data_ptr<T>(), *wr = proj ? w_hr.data_ptr<T>() : nullptr;
+    const Recurrent<T> rec(N, G, P, true, w_hh);
+    const Recurrent<T> rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
+    const T* x = xp.data_ptr<T>();
     const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>();
     T *o = out.data_ptr<T>(), *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *m = proj ? ms.data_ptr<T>() : nullptr;
     const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
@@ -360,7 +480,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
       T* ot = o + t * N * P;
       T* mt = proj ? m + t * N * H : ot;
       copy_row(gt, x + t * N * G, N * G);
-      gemm_abt<T>(N, G, P, hp, P, w, P, T(1), gt, G);
+      rec(hp, P, T(1), gt, G);
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
@@ -374,7 +494,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
         }
       });
       if (proj) {
-        gemm_abt<T>(N, P, H, mt, H, wr, H, T(0), ot, P);
+        rec_r(mt, H, T(0), ot, P);
         if (check)
           for (int64_t n = 0; n < N; ++n)
             if (t >= len[n]) copy_row(ot + n * P, hp + n * P, P);
@@ -408,7 +528,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, P}, out.options()), dc = grad_cn.clone();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lstm_bwd", [&] {
     using T = scalar_t;
-    const T *go = grad_out.data_ptr<T>(), *w = w_hh.data_ptr<T>(), *wr = proj ? w_hr.data_ptr<T>() : nullptr;
+    const Recurrent<T> rec(N, P, G, false, w_hh);
+    const Recurrent<T> rec_r(proj ? N : 0, H, P, false, proj ? w_hr : w_hh);
+    const T* go = grad_out.data_ptr<T>();
     const T *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *c_init = c0.data_ptr<T>();
     T *dg = dG.data_ptr<T>(), *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>(), *dcp = dc.data_ptr<T>();
     T *dm = proj ? dm_buf.data_ptr<T>() : nullptr, *dha = proj ? dHall.data_ptr<T>() : nullptr;
@@ -421,7 +543,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
       T* dgt = dg + t * N * G;
       const T* dmt = dh;
       if (proj) {
-        gemm_ab<T>(N, H, P, dh, P, wr, H, T(0), dm, H);
+        rec_r(dh, P, T(0), dm, H);
         copy_row(dha + t * N * P, dh, N * P);
         dmt = dm;
       }
@@ -438,7 +560,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
           }
         }
       });
-      gemm_ab<T>(N, P, G, dgt, G, w, P, T(1), dn, P);
+      rec(dgt, G, T(1), dn, P);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
@@ -510,12 +632,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd(const Tensor& xp_, const Tens
   Tensor hh = at::empty({N, G}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "gru_fwd", [&] {
     using T = scalar_t;
-    const T *x = xp.data_ptr<T>(), *w = w_hh.data_ptr<T>(), *bh = b_hh.data_ptr<T>(), *h_init = h0.data_ptr<T>();
+    const Recurrent<T> rec(N, G, H, true, w_hh);
+    const T *x = xp.data_ptr<T>(), *bh = b_hh.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     T *o = out.data_ptr<T>(), *rz = rzn.data_ptr<T>(), *hn = hns.data_ptr<T>(), *hb = hh.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
-      gemm_abt<T>(N, G, H, hp, H, w, H, T(0), hb, G);
+      rec(hp, H, T(0), hb, G);
       const T* xt = x + t * N * G;
       T *rzt = rz + t * N * G, *hnt = hn + t * N * H, *ot = o + t * N * H;
       const bool check = len && t >= min_len;
@@ -551,7 +674,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd(const Tensor& grad_out_, cons
   Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gru_bwd", [&] {
     using T = scalar_t;
-    const T *go = grad_out.data_ptr<T>(), *w = w_hh.data_ptr<T>(), *o = out.data_ptr<T>();
+    const Recurrent<T> rec(N, H, G, false, w_hh);
+    const T *go = grad_out.data_ptr<T>(), *o = out.data_ptr<T>();
     const T *rz = rzn.data_ptr<T>(), *hn = hns.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     T *dx = dxp.data_ptr<T>(), *dhp = dhh.data_ptr<T>(), *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
@@ -572,7 +696,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd(const Tensor& grad_out_, cons
           }
         }
       });
-      gemm_ab<T>(N, H, G, dht, G, w, H, T(1), dn, H);
+      rec(dht, G, T(1), dn, H);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
