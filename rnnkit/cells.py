@@ -20,6 +20,20 @@ from .fused.cells import cell_step as _fused_step, cell_unsupported as _fused_un
 _VF_CELLS = {"RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell, "LSTM": _VF.lstm_cell, "GRU": _VF.gru_cell}
 
 
+class _Owner:
+    """A cell's description for error messages, formatted only when one is raised."""
+
+    __slots__ = ("cell",)
+
+    def __init__(self, cell) -> None:
+        self.cell = cell
+
+    def __format__(self, spec: str) -> str:
+        return format(self.cell._describe(), spec)
+
+    __str__ = lambda self: self.cell._describe()  # noqa: E731
+
+
 class CellBase(nn.Module):
     """Shared machinery of every rnnkit cell (the analogue of ``torch.nn.RNNCellBase``).
 
@@ -85,7 +99,7 @@ class CellBase(nn.Module):
         return [self.hidden_size for _ in self.cell_spec.state_names]
 
     def forward(self, input: Tensor, hx=None):
-        owner = self._describe()
+        owner = _Owner(self)  # formatted only if an error message needs it
         if not isinstance(input, Tensor):
             raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -109,7 +123,8 @@ class CellBase(nn.Module):
         if self.backend in ("auto", "fused") and _fused_unsupported(self, x) is None and (
                 self.backend == "fused" or not torch.is_grad_enabled() or not _any_requires_grad(self, x, state)):
             # the fused step: one C++ op per inference step (auto uses it where no gradient is needed)
-            self.last_backend = "fused"
+            if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than the step itself
+                self.last_backend = "fused"
             new = _fused_step(self, x, state)
         elif self.backend == "fused":
             raise ValueError(f"{owner}: backend='fused' cannot run this input: {_fused_unsupported(self, x)}")
@@ -128,7 +143,7 @@ class CellBase(nn.Module):
         return new if len(new) > 1 else new[0]
 
     def _check_hx(self, hx, batch: int, batched: bool, sizes: List[int], ref: Tensor):
-        owner = self._describe()
+        owner = _Owner(self)
         names = self.cell_spec.state_names
         if len(names) == 1:
             if isinstance(hx, (tuple, list)):

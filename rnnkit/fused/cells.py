@@ -8,6 +8,7 @@ op for ``L = 1``, whose backward is the hand-written BPTT.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -17,12 +18,30 @@ from . import _build, _ops
 from .backend import KERNELS, _bias_sum, _project
 
 
+_FLOATS = (torch.float32, torch.float64)
+_CELL_OPS: dict = {}
+
+
+def _cell_ops() -> dict:
+    """The cell ops as resolved overloads (skips the per-call overload lookup)."""
+    if not _CELL_OPS:
+        ops = torch.ops.rnnkit_fused
+        _CELL_OPS.update(lstm=ops.lstm_cell.default, gru=ops.gru_cell.default, rnn=ops.rnn_cell.default)
+    return _CELL_OPS
+
+
 def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
-    """Why the fused step cannot run ``cell`` (on ``x``), or None if it can."""
-    reason = _build.load()
-    if reason is not None:
-        return reason
-    _ops.register()
+    """Why the fused step cannot run ``cell`` (on ``x``), or None if it can.
+    Asked on every step, so the common case is a few attribute reads."""
+    if not _ops._registered or os.environ.get(_build.DISABLE_ENV):
+        reason = _build.load()
+        if reason is not None:
+            return reason
+        _ops.register()
+    ref = cell._parameters["weight_ih"]
+    if (cell.cell_spec.fusable in KERNELS and cell._is_standard and ref.dtype in _FLOATS
+            and ref.device.type == "cpu" and (x is None or (x.dtype in _FLOATS and x.device.type == "cpu"))):
+        return None
     spec = cell.cell_spec
     if spec.fusable not in KERNELS or not getattr(cell, "_is_standard", False):
         return f"no fused kernel for the '{spec.name}' cell"
@@ -44,15 +63,15 @@ def _needs_grad(tensors) -> bool:
 def cell_step(cell, x: Tensor, state: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
     """One step of ``cell`` on ``x (N, H_in)`` from ``state`` (each ``(N, H)``)."""
     spec = cell.cell_spec
-    p = dict(cell._parameters)
+    p = cell._parameters
     w_ih, w_hh, b_ih, b_hh = p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh")
-    ops = torch.ops.rnnkit_fused
     if not _needs_grad([x, *state, w_ih, w_hh, b_ih, b_hh]):
+        ops = _cell_ops()
         if spec.fusable == "lstm":
-            return tuple(ops.lstm_cell(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh))
+            return tuple(ops["lstm"](x, state[0], state[1], w_ih, w_hh, b_ih, b_hh))
         if spec.fusable == "gru":
-            return (ops.gru_cell(x, state[0], w_ih, w_hh, b_ih, b_hh),)
-        return (ops.rnn_cell(x, state[0], w_ih, w_hh, b_ih, b_hh, _ops.ACT[spec.fusable]),)
+            return (ops["gru"](x, state[0], w_ih, w_hh, b_ih, b_hh),)
+        return (ops["rnn"](x, state[0], w_ih, w_hh, b_ih, b_hh, _ops.ACT[spec.fusable]),)
     # differentiable: the sequence op on one step
     x1 = x.unsqueeze(0)
     if spec.fusable == "lstm":
