@@ -299,13 +299,20 @@ Tensor weight_grad(const Tensor& dG, const Tensor& X) {
 
 // ================================================================ RNN (tanh / relu)
 
+// a + b (b may be null: a alone), the pre-activation of a gate from its
+// recurrent part (the step's product) and its input part (xp).
 template <typename T>
-inline void rnn_act_row(T* h, int64_t H, int64_t act) {
+inline Vec<T> load_sum(const T* a, const T* b, int64_t j, int64_t cnt) {
+  return b ? Vec<T>::loadu(a + j, cnt) + Vec<T>::loadu(b + j, cnt) : Vec<T>::loadu(a + j, cnt);
+}
+
+template <typename T>
+inline void rnn_act_row(T* h, const T* x, int64_t H, int64_t act) {
   constexpr int64_t VS = Vec<T>::size();
   const Vec<T> zero(T(0));
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
-    Vec<T> v = Vec<T>::loadu(h + j, cnt);
+    Vec<T> v = load_sum(h, x, j, cnt);
     v = act == 0 ? vtanh(v) : at::vec::maximum(v, zero);
     v.store(h + j, cnt);
   }
@@ -344,13 +351,13 @@ std::tuple<Tensor, Tensor> rnn_fwd(const Tensor& xp_, const Tensor& w_hh_, const
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
       T* ot = o + t * N * H;
-      copy_row(ot, x + t * N * H, N * H);
-      rec(hp, H, T(1), ot, H);
+      rec(hp, H, T(0), ot, H);
+      const T* xt = x + t * N * H;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
           if (check && t >= len[n]) copy_row(ot + n * H, hp + n * H, H);
-          else rnn_act_row(ot + n * H, H, act);
+          else rnn_act_row(ot + n * H, xt + n * H, H, act);
         }
       });
     }
@@ -405,14 +412,15 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd(const Tensor& grad_out_, const Tensor
 // ================================================================ LSTM
 
 template <typename T>
-inline void lstm_row(T* g, const T* cp, T* c, T* m, int64_t H) {
+inline void lstm_row(T* g, const T* x, const T* cp, T* c, T* m, int64_t H) {
   constexpr int64_t VS = Vec<T>::size();
+  const T *x1 = x ? x + H : nullptr, *x2 = x ? x + 2 * H : nullptr, *x3 = x ? x + 3 * H : nullptr;
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
-    Vec<T> i = vsigmoid(Vec<T>::loadu(g + j, cnt));
-    Vec<T> f = vsigmoid(Vec<T>::loadu(g + H + j, cnt));
-    Vec<T> gg = vtanh(Vec<T>::loadu(g + 2 * H + j, cnt));
-    Vec<T> o = vsigmoid(Vec<T>::loadu(g + 3 * H + j, cnt));
+    Vec<T> i = vsigmoid(load_sum(g, x, j, cnt));
+    Vec<T> f = vsigmoid(load_sum(g + H, x1, j, cnt));
+    Vec<T> gg = vtanh(load_sum(g + 2 * H, x2, j, cnt));
+    Vec<T> o = vsigmoid(load_sum(g + 3 * H, x3, j, cnt));
     Vec<T> cn = f * Vec<T>::loadu(cp + j, cnt) + i * gg;
     i.store(g + j, cnt);
     f.store(g + H + j, cnt);
@@ -479,8 +487,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
       T* ct = c + t * N * H;
       T* ot = o + t * N * P;
       T* mt = proj ? m + t * N * H : ot;
-      copy_row(gt, x + t * N * G, N * G);
-      rec(hp, P, T(1), gt, G);
+      rec(hp, P, T(0), gt, G);
+      const T* xt = x + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
@@ -489,7 +497,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
             if (proj) zero_row(mt + n * H, H);
             else copy_row(ot + n * H, hp + n * H, H);
           } else {
-            lstm_row(gt + n * G, cp + n * H, ct + n * H, mt + n * H, H);
+            lstm_row(gt + n * G, xt + n * G, cp + n * H, ct + n * H, mt + n * H, H);
           }
         }
       });
@@ -753,7 +761,7 @@ std::tuple<Tensor, Tensor> lstm_cell(const Tensor& x_, const Tensor& h_, const T
     T *g = gates.data_ptr<T>(), *hn = h_new.data_ptr<T>(), *cn = c_new.data_ptr<T>();
     const T* cp = c.data_ptr<T>();
     at::parallel_for(0, N, row_grain(4 * H), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) lstm_row(g + n * 4 * H, cp + n * H, cn + n * H, hn + n * H, H);
+      for (int64_t n = b; n < e; ++n) lstm_row(g + n * 4 * H, (const T*)nullptr, cp + n * H, cn + n * H, hn + n * H, H);
     });
   });
   return {h_new, c_new};
@@ -790,7 +798,7 @@ Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih, const Te
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_cell", [&] {
     using T = scalar_t;
     T* p = pre.data_ptr<T>();
-    for (int64_t n = 0; n < N; ++n) rnn_act_row(p + n * H, H, act);
+    for (int64_t n = 0; n < N; ++n) rnn_act_row(p + n * H, (const T*)nullptr, H, act);
   });
   return pre;
 }
