@@ -8,6 +8,7 @@ with swappable backends, and the variants torch.nn lacks (the zoo).
 import torch as _torch
 
 from .backends import BACKENDS, describe_backends
+from . import fused as _fused  # registers the 'fused' backend (the C++ build waits for first use)
 from .cells import GRUCell, LSTMCell, RNNCell
 from .explain import Explanation, explain
 from .layers import GRU, LSTM, RNN, RecurrentBase

@@ -152,13 +152,14 @@ def _feature_hint(module, x: Tensor, fnd: int) -> Optional[str]:
 
 
 def check_dtype_device(module, what: str, t: Tensor, ref: Tensor) -> None:
-    owner = module._describe()
     if t.dtype != ref.dtype:
+        owner = module._describe()
         raise TypeError(
             f"{owner}: {what} has dtype {t.dtype} but the parameters are {ref.dtype}. "
             f"Fix: convert the {what} with .to({ref.dtype}) or the module with .to({t.dtype})"
         )
     if t.device != ref.device:
+        owner = module._describe()
         raise ValueError(
             f"{owner}: {what} is on device {t.device} but the parameters are on {ref.device}. "
             f"Fix: move the {what} with .to('{ref.device}') or the module with .to('{t.device}')"

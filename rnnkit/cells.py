@@ -15,8 +15,23 @@ from torch import Tensor, _VF, nn
 from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
+from .fused.cells import cell_step as _fused_step, cell_unsupported as _fused_unsupported
 
 _VF_CELLS = {"RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell, "LSTM": _VF.lstm_cell, "GRU": _VF.gru_cell}
+
+
+class _Owner:
+    """A cell's description for error messages, formatted only when one is raised."""
+
+    __slots__ = ("cell",)
+
+    def __init__(self, cell) -> None:
+        self.cell = cell
+
+    def __format__(self, spec: str) -> str:
+        return format(self.cell._describe(), spec)
+
+    __str__ = lambda self: self.cell._describe()  # noqa: E731
 
 
 class CellBase(nn.Module):
@@ -36,8 +51,9 @@ class CellBase(nn.Module):
         self.input_size = check_positive_int("input_size", input_size, owner=owner)
         self.hidden_size = check_positive_int("hidden_size", hidden_size, owner=owner)
         self.bias = check_bool("bias", bias, owner=owner)
-        if backend not in ("auto", "reference", "torch"):
-            raise ValueError(f"{owner}: backend must be one of ['auto', 'reference', 'torch'] for a cell, got {backend!r}")
+        if backend not in ("auto", "reference", "torch", "fused"):
+            raise ValueError(f"{owner}: backend must be one of ['auto', 'reference', 'torch', 'fused'] for a cell, "
+                             f"got {backend!r}")
         if backend == "torch" and not self._torch_op():
             raise ValueError(f"{owner}: backend='torch' cannot run this cell: PyTorch has no fused op for the "
                              f"'{cell_spec.name}' cell. Use backend='auto' to pick one that can.")
@@ -50,6 +66,11 @@ class CellBase(nn.Module):
             else:
                 setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters()
+        if backend == "fused":
+            reason = _fused_unsupported(self)
+            if reason is not None:
+                raise ValueError(f"{owner}: backend='fused' cannot run this cell: {reason}. "
+                                 "Use backend='auto' to pick one that can.")
 
     def _param_shapes(self) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
         gates = self.cell_spec.gates * self.hidden_size
@@ -78,7 +99,7 @@ class CellBase(nn.Module):
         return [self.hidden_size for _ in self.cell_spec.state_names]
 
     def forward(self, input: Tensor, hx=None):
-        owner = self._describe()
+        owner = _Owner(self)  # formatted only if an error message needs it
         if not isinstance(input, Tensor):
             raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -99,7 +120,15 @@ class CellBase(nn.Module):
         else:
             state = self._check_hx(hx, x.shape[0], batched, sizes, ref)
         op = self._torch_op() if self.backend != "reference" else None
-        if op is not None:
+        if self.backend in ("auto", "fused") and _fused_unsupported(self, x) is None and (
+                self.backend == "fused" or not torch.is_grad_enabled() or not _any_requires_grad(self, x, state)):
+            # the fused step: one C++ op per inference step (auto uses it where no gradient is needed)
+            if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than the step itself
+                self.last_backend = "fused"
+            new = _fused_step(self, x, state)
+        elif self.backend == "fused":
+            raise ValueError(f"{owner}: backend='fused' cannot run this input: {_fused_unsupported(self, x)}")
+        elif op is not None:
             self.last_backend = "torch"
             p = self._params()
             args = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
@@ -114,7 +143,7 @@ class CellBase(nn.Module):
         return new if len(new) > 1 else new[0]
 
     def _check_hx(self, hx, batch: int, batched: bool, sizes: List[int], ref: Tensor):
-        owner = self._describe()
+        owner = _Owner(self)
         names = self.cell_spec.state_names
         if len(names) == 1:
             if isinstance(hx, (tuple, list)):
@@ -144,6 +173,11 @@ class CellBase(nn.Module):
         return s + f", backend={self.backend!r}"
 
 
+def _any_requires_grad(cell: CellBase, x: Tensor, state) -> bool:
+    return x.requires_grad or any(s.requires_grad for s in state) or any(
+        p.requires_grad for p in cell._parameters.values() if p is not None)
+
+
 class RNNCell(CellBase):
     r"""An Elman RNN cell: ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)``, as ``torch.nn.RNNCell``.
 
@@ -151,7 +185,8 @@ class RNNCell(CellBase):
         input_size, hidden_size, bias, device, dtype: as torch.nn.
         nonlinearity: ``'tanh'``, ``'relu'``, another name from
             :data:`rnnkit.functional.ACTIVATIONS`, or a callable.
-        backend: ``'auto'``, ``'reference'`` or ``'torch'``.
+        backend: ``'auto'``, ``'reference'``, ``'torch'`` or ``'fused'`` (rnnkit's C++ step;
+            ``'auto'`` uses it for inference steps, where no gradient is needed).
 
     Inputs: ``input (N, H_in)`` or ``(H_in,)``; ``hx (N, H)`` or ``(H,)``, zeros if None.
     Output: ``h' (N, H)`` or ``(H,)``.

@@ -1,0 +1,14 @@
+"""rnnkit's fused CPU backend (``backend="fused"``).
+
+Importing this package registers the backend; the C++ extension is compiled on
+first use (or ahead of time with ``python -m rnnkit.fused build``) and cached.
+See docs/fused.md.
+"""
+
+from ..backends import register_backend
+from ._build import DISABLE_ENV, info, load
+from .backend import KERNELS, FusedBackend, fused_scan
+
+BACKEND = register_backend(FusedBackend())
+
+__all__ = ["BACKEND", "DISABLE_ENV", "FusedBackend", "KERNELS", "fused_scan", "info", "load"]

@@ -1,0 +1,169 @@
+"""The fused ops joined to PyTorch: fake (meta) implementations for
+``torch.compile`` and autograd formulas that call the hand-written backward ops.
+
+The C++ library (``csrc/fused.cpp``) defines the schemas and CPU kernels under
+``torch.ops.rnnkit_fused``:
+
+* ``rnn_fwd / lstm_fwd / gru_fwd``: a whole sequence, one layer, one direction,
+  on the input projection ``xp (L, N, G)`` computed beforehand in one GEMM.
+  Besides ``out (L, N, H_out)`` and the final state they return what the
+  backward needs (gate activations, cell states), which the wrappers below drop.
+* ``rnn_bwd / lstm_bwd / gru_bwd``: backpropagation through time.
+* ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
+
+:func:`register` runs once after the library is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_registered = False
+ACT = {"rnn_tanh": 0, "rnn_relu": 1}
+
+
+def _ops():
+    return torch.ops.rnnkit_fused
+
+
+# ------------------------------------------------------------------ fake implementations
+
+def _fake_rnn_fwd(xp, w_hh, h0, lengths, act):
+    L, N, H = xp.shape[0], xp.shape[1], w_hh.shape[1]
+    return xp.new_empty(L, N, H), xp.new_empty(N, H)
+
+
+def _fake_rnn_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, act):
+    return out.new_empty(out.shape), w_hh.new_empty(w_hh.shape), h0.new_empty(h0.shape)
+
+
+def _fake_lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths):
+    L, N, G = xp.shape
+    H, P = G // 4, w_hh.shape[1]
+    ms = xp.new_empty(L, N, H) if w_hr is not None else xp.new_empty(0)
+    return (xp.new_empty(L, N, P), xp.new_empty(N, P), xp.new_empty(N, H), xp.new_empty(L, N, G),
+            xp.new_empty(L, N, H), ms)
+
+
+def _fake_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms):
+    g_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else out.new_empty(0)
+    return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), g_hr, h0.new_empty(h0.shape), \
+        c0.new_empty(c0.shape)
+
+
+def _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths):
+    L, N, G = xp.shape
+    H = w_hh.shape[1]
+    return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(L, N, G), xp.new_empty(L, N, H)
+
+
+def _fake_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn):
+    return rzn.new_empty(rzn.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty(w_hh.shape[0]), \
+        h0.new_empty(h0.shape)
+
+
+def _fake_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    return c.new_empty(c.shape), c.new_empty(c.shape)
+
+
+def _fake_gru_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    return h.new_empty(h.shape)
+
+
+def _fake_rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, act):
+    return h.new_empty(h.shape)
+
+
+# ------------------------------------------------------------------ autograd
+
+def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def _setup_rnn(ctx, inputs, output):
+    xp, w_hh, h0, lengths, act = inputs
+    out, _ = output
+    ctx.act = act
+    ctx.save_for_backward(w_hh, h0, lengths, out)
+
+
+def _backward_rnn(ctx, grad_out, grad_hn):
+    w_hh, h0, lengths, out = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    dxp, dw, dh0 = _ops().rnn_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, ctx.act)
+    return dxp, dw, dh0, None, None
+
+
+def _setup_lstm(ctx, inputs, output):
+    xp, w_hh, w_hr, h0, c0, lengths = inputs
+    out, _, _, gates, cs, ms = output
+    ctx.save_for_backward(w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms)
+
+
+def _backward_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
+    w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    grad_cn = _zeros_if_none(grad_cn, c0)
+    dxp, dw_hh, dw_hr, dh0, dc0 = _ops().lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out,
+                                                  gates, cs, ms)
+    return dxp, dw_hh, (dw_hr if w_hr is not None else None), dh0, dc0, None
+
+
+def _setup_gru(ctx, inputs, output):
+    xp, w_hh, b_hh, h0, lengths = inputs
+    out, _, rzn, hn = output
+    ctx.has_bias = b_hh is not None
+    ctx.save_for_backward(w_hh, h0, lengths, out, rzn, hn)
+
+
+def _backward_gru(ctx, grad_out, grad_hn, *_unused):
+    w_hh, h0, lengths, out, rzn, hn = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    dxp, dw_hh, db_hh, dh0 = _ops().gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn)
+    return dxp, dw_hh, (db_hh if ctx.has_bias else None), dh0, None
+
+
+def register() -> None:
+    """Attach fake and autograd implementations to the loaded C++ ops (once)."""
+    global _registered
+    if _registered:
+        return
+    lib = torch.library
+    for name, fn in [("rnn_fwd", _fake_rnn_fwd), ("rnn_bwd", _fake_rnn_bwd), ("lstm_fwd", _fake_lstm_fwd),
+                     ("lstm_bwd", _fake_lstm_bwd), ("gru_fwd", _fake_gru_fwd), ("gru_bwd", _fake_gru_bwd),
+                     ("lstm_cell", _fake_lstm_cell), ("gru_cell", _fake_gru_cell), ("rnn_cell", _fake_rnn_cell)]:
+        lib.register_fake(f"rnnkit_fused::{name}", fn)
+    lib.register_autograd("rnnkit_fused::rnn_fwd", _backward_rnn, setup_context=_setup_rnn)
+    lib.register_autograd("rnnkit_fused::lstm_fwd", _backward_lstm, setup_context=_setup_lstm)
+    lib.register_autograd("rnnkit_fused::gru_fwd", _backward_gru, setup_context=_setup_gru)
+    _registered = True
+
+
+# ------------------------------------------------------------------ the functions the backend calls
+
+def rnn_sequence(xp: Tensor, w_hh: Tensor, h0: Tensor, lengths: Optional[Tensor], act: int) -> Tuple[Tensor, Tensor]:
+    """``(out (L, N, H), h_n (N, H))`` of an Elman RNN on the projected input
+    ``xp = x W_ih^T + b_ih + b_hh``; ``act`` 0 is tanh, 1 is relu."""
+    return _ops().rnn_fwd(xp, w_hh, h0, lengths, act)
+
+
+def lstm_sequence(xp: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
+                  lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(out (L, N, H_out), h_n (N, H_out), c_n (N, H))`` of an LSTM on
+    ``xp = x W_ih^T + b_ih + b_hh``, gates ``i, f, g, o``."""
+    out, h_n, c_n, _, _, _ = _ops().lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths)
+    return out, h_n, c_n
+
+
+def gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
+                 lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(out (L, N, H), h_n (N, H))`` of a GRU on ``xp = x W_ih^T + b_ih``
+    (``b_hh`` stays inside: its ``n`` part is gated by ``r``)."""
+    out, h_n, _, _ = _ops().gru_fwd(xp, w_hh, b_hh, h0, lengths)
+    return out, h_n

@@ -1,0 +1,193 @@
+"""The ``fused`` backend: rnnkit's C++ sequence kernels plugged into the runner.
+
+Each layer-direction is one scan: the input projection of every step in one
+matrix product (ATen, so autograd covers ``W_ih``, ``b_ih`` and ``x``), then one
+fused op for the time loop with a hand-written backward. Layers, directions,
+``lengths`` and dropout stay the runner's job (:func:`rnnkit.runner.run_stack`).
+
+Kernel families are keyed by :attr:`rnnkit.spec.CellSpec.fusable`; a cell whose
+family is not in :data:`KERNELS` is declined with a reason, so ``auto`` moves on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..backends import Backend
+from ..runner import run_stack
+from ..spec import CellSpec, Params, State
+from . import _build, _ops
+
+TABLE_PATH = Path(__file__).with_name("auto_table.json")
+SIZE_CLASSES = {"S": (1, 64), "M": (16, 128), "L": (64, 256)}  # (batch, hidden) of the benchmark's sizes
+
+
+def _bias_sum(p: Params) -> Optional[Tensor]:
+    b_ih, b_hh = p.get("bias_ih"), p.get("bias_hh")
+    if b_ih is None:
+        return b_hh
+    return b_ih if b_hh is None else b_ih + b_hh
+
+
+def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """``x (L, N, H_in) -> (L, N, G)`` in one GEMM."""
+    L, N = x.shape[0], x.shape[1]
+    x2 = x.reshape(L * N, x.shape[2])
+    xp = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+    return xp.view(L, N, w.shape[0])
+
+
+def _lengths(lengths: Optional[Tensor]) -> Optional[Tensor]:
+    return None if lengths is None else lengths.to(device="cpu", dtype=torch.int64)
+
+
+def scan_rnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    xp = _project(x, p["weight_ih"], _bias_sum(p))
+    out, h_n = _ops.rnn_sequence(xp, p["weight_hh"], state[0].contiguous(), _lengths(lengths), _ops.ACT[spec.fusable])
+    return out, (h_n,)
+
+
+def scan_lstm(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    xp = _project(x, p["weight_ih"], _bias_sum(p))
+    out, h_n, c_n = _ops.lstm_sequence(xp, p["weight_hh"], p.get("weight_hr"), state[0].contiguous(),
+                                       state[1].contiguous(), _lengths(lengths))
+    return out, (h_n, c_n)
+
+
+def scan_gru(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    xp = _project(x, p["weight_ih"], p.get("bias_ih"))
+    out, h_n = _ops.gru_sequence(xp, p["weight_hh"], p.get("bias_hh"), state[0].contiguous(), _lengths(lengths))
+    return out, (h_n,)
+
+
+KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
+    "rnn_tanh": scan_rnn,
+    "rnn_relu": scan_rnn,
+    "lstm": scan_lstm,
+    "gru": scan_gru,
+}
+"""Fused kernel families by :attr:`CellSpec.fusable`. A new family (LayerNorm
+LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""
+
+
+def fused_scan(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    """The runner's scan for every fusable family."""
+    return KERNELS[spec.fusable](spec, p, x, state, lengths)
+
+
+# ------------------------------------------------------------------ the measured table
+
+def load_table(path: Path = TABLE_PATH) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def size_class(batch: int, hidden: int) -> str:
+    """The benchmark size (S, M, L) nearest to ``(batch, hidden)`` on a log scale."""
+    def dist(ref):
+        b, h = ref
+        return (math.log2(max(batch, 1) / b)) ** 2 + (math.log2(max(hidden, 1) / h)) ** 2
+    return min(SIZE_CLASSES, key=lambda k: dist(SIZE_CLASSES[k]))
+
+
+def table_key(module) -> Optional[str]:
+    fam = getattr(module.cell_spec, "fusable", None)
+    if fam is None:
+        return None
+    return fam + ("_proj" if getattr(module, "proj_size", 0) else "")
+
+
+class FusedBackend(Backend):
+    """``backend="fused"``: each layer-direction of RNN (tanh/relu), LSTM (with or
+    without ``proj_size``) and GRU runs as one C++ op with a hand-written backward.
+
+    ``unavailable()`` builds the extension on first call (cached) and returns
+    why it cannot run (disabled, no compiler, the compiler's first error line).
+    ``unsupported(module, x)`` declines other cells, devices and dtypes.
+    ``auto_order`` puts torch first where ``auto_table.json`` measured it faster.
+
+    Examples::
+
+        >>> lstm = rnnkit.LSTM(32, 64, backend="fused")
+        >>> out, (h, c) = lstm(torch.randn(100, 4, 32), lengths=torch.tensor([100, 50, 3, 0]))
+        >>> lstm.last_backend
+        'fused'
+    """
+
+    name = "fused"
+    description = "rnnkit's C++ kernels: whole-sequence time loop, hand-written backward (CPU, float32/float64)"
+
+    def __init__(self) -> None:
+        self._warned = False
+        self._table: Optional[dict] = None
+
+    # -- availability
+    def unavailable(self) -> Optional[str]:
+        reason = _build.load()
+        if reason is None:
+            _ops.register()
+        return reason
+
+    def unsupported(self, module, x: Optional[Tensor]) -> Optional[str]:
+        spec = module.cell_spec
+        if spec.fusable not in KERNELS:
+            return f"no fused kernel for the '{spec.name}' cell"
+        extra = module._regularizers_active() if hasattr(module, "_regularizers_active") else None
+        if extra:
+            return f"the fused kernels have no {extra}"
+        ref = next(iter(module.parameters()), None)
+        for t, what in ((ref, "parameters"), (x, "input")):
+            if t is None:
+                continue
+            if t.device.type != "cpu":
+                return f"the fused kernels run on the CPU, got {what} on {t.device}"
+            if t.dtype not in (torch.float32, torch.float64):
+                return f"the fused kernels run float32 and float64, got {what} of dtype {t.dtype}"
+        if x is not None and x.dim() != 3:
+            return f"the fused kernels take (L, N, H_in) inputs, got {x.dim()}-D"
+        return None
+
+    def run(self, module, x, state0, lengths):
+        return run_stack(module, x, state0, lengths, fused_scan)
+
+    # -- auto
+    def table(self) -> dict:
+        if self._table is None:
+            self._table = load_table()
+        return self._table
+
+    def choice(self, module, x: Optional[Tensor]) -> Optional[str]:
+        """The measured fastest backend for this configuration, or None if unmeasured."""
+        key = table_key(module)
+        entries = self.table().get("fastest", {})
+        if key not in entries:
+            return None
+        batch = x.shape[1] if x is not None and x.dim() >= 2 else 1
+        return entries[key].get(size_class(batch, module.hidden_size))
+
+    def auto_order(self, module, x: Optional[Tensor], default_order: List[str]) -> List[str]:
+        """``auto``'s order: the measured table first. Where the table says torch.nn
+        is faster, torch goes first; unmeasured configurations keep ``default_order``.
+        When the extension cannot be built, warn once and keep the order (the
+        dispatcher then skips 'fused')."""
+        reason = self.unavailable()
+        if reason is not None:
+            if not self._warned and _build.disabled() is None:
+                self._warned = True
+                warnings.warn(f"rnnkit: the fused backend is unavailable ({reason}); backend='auto' uses the "
+                              "other backends. Set RNNKIT_DISABLE_FUSED=1 to silence this.", RuntimeWarning,
+                              stacklevel=4)
+            return list(default_order)
+        best = self.choice(module, x)
+        if best is None or best not in default_order or best == default_order[0]:
+            return list(default_order)
+        return [best] + [name for name in default_order if name != best]

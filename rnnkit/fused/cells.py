@@ -1,0 +1,86 @@
+"""The fused single-step path of :class:`rnnkit.RNNCell`, :class:`rnnkit.LSTMCell`
+and :class:`rnnkit.GRUCell`.
+
+Inference (no gradient needed) runs one C++ op per step: both matrix products
+and the gate math, no Python in between. With a gradient it runs the sequence
+op for ``L = 1``, whose backward is the hand-written BPTT.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _build, _ops
+from .backend import KERNELS, _bias_sum, _project
+
+
+_FLOATS = (torch.float32, torch.float64)
+_CELL_OPS: dict = {}
+
+
+def _cell_ops() -> dict:
+    """The cell ops as resolved overloads (skips the per-call overload lookup)."""
+    if not _CELL_OPS:
+        ops = torch.ops.rnnkit_fused
+        _CELL_OPS.update(lstm=ops.lstm_cell.default, gru=ops.gru_cell.default, rnn=ops.rnn_cell.default)
+    return _CELL_OPS
+
+
+def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
+    """Why the fused step cannot run ``cell`` (on ``x``), or None if it can.
+    Asked on every step, so the common case is a few attribute reads."""
+    if not _ops._registered or os.environ.get(_build.DISABLE_ENV):
+        reason = _build.load()
+        if reason is not None:
+            return reason
+        _ops.register()
+    ref = cell._parameters["weight_ih"]
+    if (cell.cell_spec.fusable in KERNELS and cell._is_standard and ref.dtype in _FLOATS
+            and ref.device.type == "cpu" and (x is None or (x.dtype in _FLOATS and x.device.type == "cpu"))):
+        return None
+    spec = cell.cell_spec
+    if spec.fusable not in KERNELS or not getattr(cell, "_is_standard", False):
+        return f"no fused kernel for the '{spec.name}' cell"
+    ref = cell.weight_ih
+    for t, what in ((ref, "parameters"), (x, "input")):
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            return f"the fused kernels run on the CPU, got {what} on {t.device}"
+        if t.dtype not in (torch.float32, torch.float64):
+            return f"the fused kernels run float32 and float64, got {what} of dtype {t.dtype}"
+    return None
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def cell_step(cell, x: Tensor, state: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    """One step of ``cell`` on ``x (N, H_in)`` from ``state`` (each ``(N, H)``)."""
+    spec = cell.cell_spec
+    p = cell._parameters
+    w_ih, w_hh, b_ih, b_hh = p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh")
+    if not _needs_grad([x, *state, w_ih, w_hh, b_ih, b_hh]):
+        ops = _cell_ops()
+        if spec.fusable == "lstm":
+            return tuple(ops["lstm"](x, state[0], state[1], w_ih, w_hh, b_ih, b_hh))
+        if spec.fusable == "gru":
+            return (ops["gru"](x, state[0], w_ih, w_hh, b_ih, b_hh),)
+        return (ops["rnn"](x, state[0], w_ih, w_hh, b_ih, b_hh, _ops.ACT[spec.fusable]),)
+    # differentiable: the sequence op on one step
+    x1 = x.unsqueeze(0)
+    if spec.fusable == "lstm":
+        out, h, c = _ops.lstm_sequence(_project(x1, w_ih, _bias_sum(p)), w_hh, None, state[0].contiguous(),
+                                       state[1].contiguous(), None)
+        return h, c
+    if spec.fusable == "gru":
+        out, h = _ops.gru_sequence(_project(x1, w_ih, b_ih), w_hh, b_hh, state[0].contiguous(), None)
+        return (h,)
+    out, h = _ops.rnn_sequence(_project(x1, w_ih, _bias_sum(p)), w_hh, state[0].contiguous(), None,
+                               _ops.ACT[spec.fusable])
+    return (h,)
