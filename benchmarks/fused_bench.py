@@ -194,6 +194,7 @@ def main(argv=None) -> int:
             row = {"cell": "lstm_lengths", "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()},
                    "torch_over_fused": r["torch.nn"] / r["fused"], "reference_over_fused": r["reference"] / r["fused"]}
             results["rows"].append(row)
+            fastest.setdefault("lstm_lengths", {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
             print(f"{'lstm+len':<10} {size:<4} {row['fused_ms']:9.3f} {row['torch.nn_ms']:9.3f} "
                   f"{row['reference_ms']:9.3f} {row['torch_over_fused']:11.2f} {row['reference_over_fused']:9.2f}"
                   "   (torch.nn on a PackedSequence)", flush=True)

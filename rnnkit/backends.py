@@ -117,11 +117,11 @@ def why_not(name: str, module, x: Optional[Tensor] = None) -> Optional[str]:
     return backend.unavailable() or backend.unsupported(module, x)
 
 
-def select(module, x: Optional[Tensor] = None) -> Backend:
-    """The backend that will run ``module`` on ``x`` (see the module docstring)."""
+def select(module, x: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Backend:
+    """The backend that will run ``module`` on ``x`` (with ``lengths``, if given)."""
     requested = module.backend
     if requested == "auto":
-        for name in auto_order(module, x):
+        for name in auto_order(module, x, lengths):
             if why_not(name, module, x) is None:
                 return BACKENDS[name]
         raise RuntimeError("no backend can run this module")  # reference runs everything
@@ -134,12 +134,12 @@ def select(module, x: Optional[Tensor] = None) -> Backend:
     return BACKENDS[requested]
 
 
-def auto_order(module, x: Optional[Tensor]):
+def auto_order(module, x: Optional[Tensor], lengths: Optional[Tensor] = None):
     """Backends in the order ``auto`` tries them; the fused backend reorders
     this from its measured table where it has one."""
     preference = BACKENDS.get("fused")
     if preference is not None and hasattr(preference, "auto_order"):
-        return preference.auto_order(module, x, AUTO_ORDER)
+        return preference.auto_order(module, x, AUTO_ORDER, lengths)
     return AUTO_ORDER
 
 

@@ -231,10 +231,17 @@ class RecurrentBase(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def which_backend(self, input: Optional[Tensor] = None) -> str:
-        """The name of the backend this module runs (on ``input``, if given)."""
-        x = input.data if isinstance(input, PackedSequence) else input
-        return _backends.select(self, x).name
+    def which_backend(self, input: Optional[Tensor] = None, lengths=None) -> str:
+        """The name of the backend this module runs (on ``input`` with ``lengths``, if given)."""
+        if isinstance(input, PackedSequence):
+            input, lengths = pad_packed_sequence(input)
+        elif input is not None and input.dim() == len(self._feature_symbols()) + 1:
+            input = input.unsqueeze(1)  # unbatched: (L, 1, ...) as forward runs it
+        elif input is not None and self.batch_first:
+            input = input.transpose(0, 1)  # forward runs time-major
+        if lengths is not None and not isinstance(lengths, Tensor):
+            lengths = torch.as_tensor(lengths)
+        return _backends.select(self, input, lengths).name
 
     def forward(self, input, hx=None, *, lengths=None, padding_value: float = 0.0):
         """See the class docstring. ``lengths`` (N,) gives each sequence's length
@@ -266,7 +273,7 @@ class RecurrentBase(nn.Module):
         else:
             state0 = check_states(self, hx, reading, expected, ref)
 
-        backend = _backends.select(self, x)
+        backend = _backends.select(self, x, lengths)
         self.last_backend = backend.name
         self._dropped_weights = self._sample_weight_drop()
         try:

@@ -126,7 +126,7 @@ def test_new_layers_show_up_without_changes(monkeypatch):
     class Plain(rnnkit.RNN):  # a non-torch.nn variant: the torch backend must decline it
         _is_standard = False
 
-    monkeypatch.setitem(rnnkit.LAYERS, "plainrnn", rnnkit.LayerEntry("plainrnn", Plain))
+    monkeypatch.setitem(rnnkit.LAYERS, "plainrnn", rnnkit.LayerEntry("plainrnn", Plain, kwargs={"nonlinearity": "softsign"}))
     result = bench.run(cells=["plainrnn"], sizes=["S"], sections=["layer"], quick=True, progress=False)
     row = result["rows"][0]
     assert "reference" in row["times_s"] and "torch" not in row["times_s"]
@@ -145,10 +145,10 @@ def test_too_slow_contestants_are_skipped_and_said(monkeypatch):
 
 @pytest.mark.parametrize("full_call, kept", [(0.5, True), (1.5, False)])
 def test_a_pessimistic_probe_is_checked_with_one_full_call(monkeypatch, full_call, kept):
-    class Plain(rnnkit.RNN):  # runs on the reference backend only: one contestant
+    class Plain(rnnkit.RNN):  # softsign: runs on the reference backend only, one contestant
         _is_standard = False
 
-    monkeypatch.setitem(rnnkit.LAYERS, "plainrnn", rnnkit.LayerEntry("plainrnn", Plain))
+    monkeypatch.setitem(rnnkit.LAYERS, "plainrnn", rnnkit.LayerEntry("plainrnn", Plain, kwargs={"nonlinearity": "softsign"}))
     answers = iter([1.0, 1.0, 1.0])  # 3 probe calls of 5 steps: about 2 s for T=10, over the 1 s limit
 
     def fake_time_calls(fn, number):

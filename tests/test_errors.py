@@ -59,7 +59,7 @@ def test_backend_that_cannot_run_the_configuration():
         rnnkit.RNN(3, 4, nonlinearity="gelu", backend="torch")
     with pytest.raises(ValueError, match=r"backend='torch' cannot run this cell"):
         rnnkit.RNNCell(3, 4, nonlinearity=torch.sin, backend="torch")
-    with pytest.raises(ValueError, match=r"RNNCell: backend must be one of \['auto', 'reference', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"RNNCell: backend must be one of \['auto', 'reference', 'torch', 'fused'\]"):
         rnnkit.RNNCell(3, 4, backend="cuda")
 
 

@@ -332,7 +332,7 @@ def test_shipped_table_is_well_formed():
     assert table, f"{fb.TABLE_PATH} is missing: run benchmarks/fused_bench.py --write-table"
     assert "machine" in table
     for key, per_size in table["fastest"].items():
-        assert key.split("_proj")[0] in fb.KERNELS
+        assert key.removesuffix("_lengths").removesuffix("_proj") in fb.KERNELS
         assert set(per_size) <= set(fb.SIZE_CLASSES)
         assert set(per_size.values()) <= {"fused", "torch"}
 
@@ -381,3 +381,18 @@ def test_first_error_line_is_the_compilers():
            "fused.cpp:583:47: error: 'op' is not a constant expression\n  583 | x\nninja: build stopped\n")
     assert _build._first_error_line("Error building extension 'x'\n" + log) == \
         "fused.cpp:583:47: error: 'op' is not a constant expression"
+
+
+def test_auto_with_lengths_reads_the_lengths_row():
+    """torch has to pack for lengths, so auto consults the measured `lstm_lengths` row."""
+    table = fb.load_table()["fastest"]
+    if "lstm_lengths" not in table:
+        pytest.skip("the shipped table has no lstm_lengths row")
+    lstm = rnnkit.LSTM(64, 128)
+    x = torch.randn(10, 16, 64)  # size class M
+    assert lstm.which_backend(x) == table["lstm"]["M"]
+    assert lstm.which_backend(x, lengths=[10] * 16) == table["lstm_lengths"]["M"]
+    lstm(x, lengths=torch.full((16,), 10))
+    assert lstm.last_backend == table["lstm_lengths"]["M"]
+    lstm_bf = rnnkit.LSTM(64, 128, batch_first=True)  # which_backend reads batch_first inputs like forward
+    assert lstm_bf.which_backend(x.transpose(0, 1), lengths=[10] * 16) == table["lstm_lengths"]["M"]

@@ -165,16 +165,21 @@ class FusedBackend(Backend):
             self._table = load_table()
         return self._table
 
-    def choice(self, module, x: Optional[Tensor]) -> Optional[str]:
-        """The measured fastest backend for this configuration, or None if unmeasured."""
+    def choice(self, module, x: Optional[Tensor], lengths: Optional[Tensor] = None) -> Optional[str]:
+        """The measured fastest backend for this configuration, or None if unmeasured.
+        With ``lengths``, the table's ``<cell>_lengths`` row is used where it was
+        measured (torch then has to pack, which changes the answer)."""
         key = table_key(module)
         entries = self.table().get("fastest", {})
+        if lengths is not None and f"{key}_lengths" in entries:
+            key = f"{key}_lengths"
         if key not in entries:
             return None
         batch = x.shape[1] if x is not None and x.dim() >= 2 else 1
         return entries[key].get(size_class(batch, module.hidden_size))
 
-    def auto_order(self, module, x: Optional[Tensor], default_order: List[str]) -> List[str]:
+    def auto_order(self, module, x: Optional[Tensor], default_order: List[str],
+                   lengths: Optional[Tensor] = None) -> List[str]:
         """``auto``'s order: the measured table first. Where the table says torch.nn
         is faster, torch goes first; unmeasured configurations keep ``default_order``.
         When the extension cannot be built, warn once and keep the order (the
@@ -187,7 +192,7 @@ class FusedBackend(Backend):
                               "other backends. Set RNNKIT_DISABLE_FUSED=1 to silence this.", RuntimeWarning,
                               stacklevel=4)
             return list(default_order)
-        best = self.choice(module, x)
+        best = self.choice(module, x, lengths)
         if best is None or best not in default_order or best == default_order[0]:
             return list(default_order)
         return [best] + [name for name in default_order if name != best]
