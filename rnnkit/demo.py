@@ -190,8 +190,9 @@ def digits(cell="lstm", backend="auto", epochs=15, hidden_size=64, seed=0, out="
         ax.set_title(f"{int(pred[i])}" + ("" if ok else f" ({int(y_test[i])})"), color="k" if ok else "r",
                      fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"digits, {cell} reading 8x8 images one row per step; right: held-out digits with the "
-                 "predicted label (red: wrong, true label in brackets)")
+    fig.suptitle(f"digits: {cell} reading 8x8 images one row per step\n"
+                 "right: held-out digits with the predicted label (red: wrong, true label in brackets)",
+                 fontsize=10)
     plot = _save_fig(fig, out, "digits.png")
     result = f"digits: {cell} test accuracy {accuracy:.4f} ({correct}/{len(y_test)} held-out images) " \
              f"after {epochs} epochs"
