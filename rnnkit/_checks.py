@@ -169,6 +169,20 @@ def check_dtype_device(module, what: str, t: Tensor, ref: Tensor) -> None:
 # ----------------------------------------------------------------------------- states
 
 
+def split_states(owner, hx, labels: Sequence[str], single: str = "") -> Tuple:
+    """``hx`` as a tuple with one entry per state (``labels``, e.g. ``("h_0", "c_0")``),
+    or a TypeError that names the expected form. ``single`` qualifies the
+    message for one-state cells (e.g. ``" h_0 for this layer"``)."""
+    if len(labels) == 1:
+        if isinstance(hx, (tuple, list)):
+            raise TypeError(f"{owner}: hx must be a single Tensor{single}, got a {type(hx).__name__}")
+        return (hx,)
+    if not isinstance(hx, (tuple, list)) or len(hx) != len(labels):
+        got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"a {type(hx).__name__} of {len(hx)}"
+        raise TypeError(f"{owner}: hx must be a tuple ({', '.join(labels)}), got {got}")
+    return tuple(hx)
+
+
 def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int, ...]],
                  ref: Optional[Tensor]) -> Tuple[Tensor, ...]:
     """Check the user's initial state against ``expected`` (one batched shape per
@@ -178,16 +192,7 @@ def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int
     checks shapes only."""
     owner = module._describe()
     names = module.cell_spec.state_names
-    if len(names) == 1:
-        if isinstance(hx, (tuple, list)):
-            raise TypeError(f"{owner}: hx must be a single Tensor h_0 for this layer, got a {type(hx).__name__}")
-        states = (hx,)
-    else:
-        if not isinstance(hx, (tuple, list)) or len(hx) != len(names):
-            got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"a {type(hx).__name__} of {len(hx)}"
-            want = ", ".join(f"{n}_0" for n in names)
-            raise TypeError(f"{owner}: hx must be a tuple ({want}), got {got}")
-        states = tuple(hx)
+    states = split_states(owner, hx, [f"{n}_0" for n in names], single=" h_0 for this layer")
     out = []
     for name, s, shape in zip(names, states, expected):
         label = f"{name}_0"

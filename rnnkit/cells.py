@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, _VF, nn
 
-from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str
+from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str, split_states
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
 from .fused.cells import cell_step as _fused_step, cell_unsupported as _fused_unsupported
@@ -145,14 +145,7 @@ class CellBase(nn.Module):
     def _check_hx(self, hx, batch: int, batched: bool, sizes: List[int], ref: Tensor):
         owner = _Owner(self)
         names = self.cell_spec.state_names
-        if len(names) == 1:
-            if isinstance(hx, (tuple, list)):
-                raise TypeError(f"{owner}: hx must be a single Tensor, got a {type(hx).__name__}")
-            states = (hx,)
-        else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != len(names):
-                raise TypeError(f"{owner}: hx must be a tuple ({', '.join(names)}), got {type(hx).__name__}")
-            states = tuple(hx)
+        states = split_states(owner, hx, names)
         out = []
         for name, s, size in zip(names, states, sizes):
             if not isinstance(s, Tensor):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .._checks import check_bool, check_dtype_device, shape_str
+from .._checks import check_bool, check_dtype_device, shape_str, split_states
 from ..cells import CellBase
 from ..layers import RecurrentBase
 from ..registry import LayerEntry, register_layer
@@ -582,14 +582,7 @@ class _ConvCellBase(CellBase):
     def _check_conv_hx(self, hx, shape, batched: bool, read: str, input: Tensor, ref: Tensor):
         owner = self._describe()
         names = self.cell_spec.state_names
-        if len(names) == 1:
-            if isinstance(hx, (tuple, list)):
-                raise TypeError(f"{owner}: hx must be a single Tensor, got a {type(hx).__name__}")
-            states = (hx,)
-        else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != len(names):
-                raise TypeError(f"{owner}: hx must be a tuple ({', '.join(names)}), got {type(hx).__name__}")
-            states = tuple(hx)
+        states = split_states(owner, hx, names)
         want = shape if batched else shape[1:]
         legend = (("N",) if batched else ()) + ("hidden",) + _SPATIAL_SYMBOLS[self._nd]
         out = []
