@@ -67,11 +67,20 @@ def scan_gru(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Option
     return out, (h_n,)
 
 
+def scan_peephole_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
+                       lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    xp = _project(x, p["weight_ih"], _bias_sum(p))
+    out, h_n, c_n = _ops.peephole_sequence(xp, p["weight_hh"], p["weight_ci"], p["weight_cf"], p["weight_co"],
+                                           state[0].contiguous(), state[1].contiguous(), _lengths(lengths))
+    return out, (h_n, c_n)
+
+
 KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "rnn_tanh": scan_rnn,
     "rnn_relu": scan_rnn,
     "lstm": scan_lstm,
     "gru": scan_gru,
+    "peephole_lstm": scan_peephole_lstm,
 }
 """Fused kernel families by :attr:`CellSpec.fusable`. A new family (LayerNorm
 LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""
