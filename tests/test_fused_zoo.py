@@ -1,4 +1,4 @@
-"""The fused kernels of the zoo cells (peephole LSTM): the whole layer against
+"""The fused kernels of the zoo cells (peephole LSTM, IndRNN): the whole layer against
 the reference backend (outputs, final states, every gradient, peepholes
 included), gradcheck and torch.library.opcheck of the new ops, shape errors,
 and what the backend still declines.
@@ -21,8 +21,22 @@ REASON = FUSED.unavailable()
 needs_fused = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
 DT = torch.float64
 
+def _clamped_indrnn(h_in, hidden, **kw):
+    """recurrent_max_abs=0.7 with u spread over (-1.2, 1.2), so the clamp bites on both sides."""
+    m = rnnkit.IndRNN(h_in, hidden, recurrent_max_abs=0.7, nonlinearity="tanh", **kw)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("weight_hh"):
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 2.4 - 1.2)
+    return m
+
+
 LAYERS = {
     "peephole_lstm": lambda h_in, hidden, **kw: rnnkit.PeepholeLSTM(h_in, hidden, **kw),
+    "indrnn_relu": lambda h_in, hidden, **kw: rnnkit.IndRNN(h_in, hidden, **kw),
+    "indrnn_tanh": lambda h_in, hidden, **kw: rnnkit.IndRNN(h_in, hidden, nonlinearity="tanh", **kw),
+    "indrnn_tanh_clamped": _clamped_indrnn,
 }
 
 
@@ -56,7 +70,7 @@ def test_layer_matches_reference_backend(name, bias, dtype):
     """Two layers, bidirectional, lengths with a zero, a short and a full row:
     outputs, final states and the gradient of the input, every initial state
     and every parameter (peepholes included) equal the reference backend's."""
-    L, N, h_in, hidden, layers = 6, 4, 5, 7, 2
+    L, N, h_in, hidden, layers = 6, 4, 5, 19, 2  # 19: whole vectors and a remainder in float32 and float64
     fused, ref = _pair(name, h_in, hidden, dtype, num_layers=layers, bidirectional=True, bias=bias)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(L, N, h_in, generator=g, dtype=dtype)
@@ -123,6 +137,22 @@ def test_peephole_op_gradcheck(lengths):
     assert torch.autograd.gradcheck(fn, args)
 
 
+@needs_fused
+@pytest.mark.parametrize("act", [0, 1], ids=["tanh", "relu"])
+@pytest.mark.parametrize("lengths", [None, [0, 2, 4]], ids=["full", "lengths"])
+def test_indrnn_op_gradcheck(act, lengths):
+    """gradcheck (float64) of indrnn_fwd with its hand-written backward: the
+    projected input, u and h0."""
+    L, N, H = 4, 3, 5
+    r = _rand(torch.Generator().manual_seed(4))
+    lengths = None if lengths is None else torch.tensor(lengths)
+    args = (r(L, N, H), r(H) * 3, r(N, H))  # |u| up to 1.5
+
+    def fn(xp, u, h0):
+        return _ops.indrnn_sequence(xp, u, h0, lengths, act)
+    assert torch.autograd.gradcheck(fn, args)
+
+
 def _op_samples():
     g = torch.Generator().manual_seed(5)
     r = _rand(g)
@@ -138,6 +168,13 @@ def _op_samples():
     out, h_n, c_n, gates, cs = ops.peephole_fwd(r(L, N, 4 * H, grad=False), *w, h0, c0, lengths)
     samples.append((ops.peephole_bwd.default, (r(L, N, H, grad=False), r(N, H, grad=False), r(N, H, grad=False),
                                                *w, h0, c0, lengths, out, gates, cs)))
+    samples += [
+        (ops.indrnn_fwd.default, (r(L, N, H), r(H), r(N, H), lengths, 0)),
+        (ops.indrnn_fwd.default, (r(L, N, H), r(H), r(N, H), None, 1)),
+    ]
+    u, h0 = r(H, grad=False), r(N, H, grad=False)
+    out, h_n = ops.indrnn_fwd(r(L, N, H, grad=False), u, h0, lengths, 1)
+    samples.append((ops.indrnn_bwd.default, (r(L, N, H, grad=False), r(N, H, grad=False), u, h0, lengths, out, 1)))
     return samples
 
 
@@ -182,3 +219,30 @@ def test_peephole_cell_stays_on_the_step_function():
     with pytest.raises(ValueError, match=r"backend='fused' cannot run this cell: no fused kernel for the "
                                          r"'peephole_lstm' cell"):
         rnnkit.PeepholeLSTMCell(3, 4, backend="fused")
+
+
+@needs_fused
+def test_indrnn_op_errors_name_what_was_received():
+    ops = torch.ops.rnnkit_fused
+    z = torch.zeros
+    with pytest.raises(RuntimeError, match=r"act must be 0 \(tanh\) or 1 \(relu\), got 2"):
+        ops.indrnn_fwd(z(2, 1, 3), z(3), z(1, 3), None, 2)
+    with pytest.raises(RuntimeError, match=r"u must be \(H,\), got \[3, 3\]"):
+        ops.indrnn_fwd(z(2, 1, 3), z(3, 3), z(1, 3), None, 0)
+    with pytest.raises(RuntimeError, match=r"h0 has shape \[2, 3\], expected \[1, 3\]"):
+        ops.indrnn_fwd(z(2, 1, 3), z(3), z(2, 3), None, 0)
+    with pytest.raises(RuntimeError, match=r"lengths must be \(N,\) = \(1,\), got \[2\]"):
+        ops.indrnn_fwd(z(2, 1, 3), z(3), z(1, 3), torch.tensor([1, 2]), 0)
+
+
+@needs_fused
+def test_backend_declines_other_indrnn_activations():
+    with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: no fused kernel for the "
+                                         r"'indrnn_gelu' cell \(IndRNN is fused for nonlinearity 'relu' and 'tanh' "
+                                         r"only\)"):
+        rnnkit.IndRNN(3, 4, nonlinearity="gelu", backend="fused")
+    assert rnnkit.IndRNN(3, 4, nonlinearity="gelu").which_backend(torch.randn(2, 1, 3)) == "reference"
+    assert rnnkit.IndRNN(3, 4, nonlinearity=torch.tanh).which_backend(torch.randn(2, 1, 3)) == "reference"
+    for act in ("relu", "tanh"):
+        assert rnnkit.IndRNN(3, 4, nonlinearity=act, recurrent_max_abs=2.0).which_backend(
+            torch.randn(2, 1, 3)) == "fused"
