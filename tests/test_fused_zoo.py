@@ -114,6 +114,27 @@ def test_layer_without_lengths_matches_reference_backend(name):
         assert_close(a, b, DT, "grad")
 
 
+@needs_fused
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_large_batch_parallel_path_matches_reference_backend(name):
+    """A batch and width large enough for the kernels to split rows (and IndRNN's
+    unit blocks, with a partial last block) over threads, with lengths: float64."""
+    L, N, h_in, hidden = 4, 40, 3, 300
+    fused, ref = _pair(name, h_in, hidden, DT)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(L, N, h_in, generator=g, dtype=DT)
+    hx = tuple(torch.randn(1, N, hidden, generator=g, dtype=DT) for _ in range(fused.cell_spec.num_states))
+    lengths = torch.randint(0, L + 1, (N,), generator=g)
+    o1, s1, g1 = _run(fused, x, hx, lengths)
+    assert fused.last_backend == "fused"
+    o2, s2, g2 = _run(ref, x, hx, lengths)
+    assert_close(o1, o2, DT, "output")
+    for i, (a, b) in enumerate(zip(s1, s2)):
+        assert_close(a, b, DT, f"final state {i}")
+    for k in g1:
+        assert_close(g1[k], g2[k], DT, f"grad of {k}")
+
+
 # ------------------------------------------------------------------ the ops: gradcheck, opcheck, errors
 
 def _rand(g):
