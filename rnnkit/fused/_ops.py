@@ -4,11 +4,11 @@
 The C++ library (``csrc/fused.cpp``) defines the schemas and CPU kernels under
 ``torch.ops.rnnkit_fused``:
 
-* ``rnn_fwd / lstm_fwd / gru_fwd``: a whole sequence, one layer, one direction,
+* ``rnn_fwd / lstm_fwd / gru_fwd / peephole_fwd / indrnn_fwd``: a whole sequence, one layer, one direction,
   on the input projection ``xp (L, N, G)`` computed beforehand in one GEMM.
   Besides ``out (L, N, H_out)`` and the final state they return what the
   backward needs (gate activations, cell states), which the wrappers below drop.
-* ``rnn_bwd / lstm_bwd / gru_bwd``: backpropagation through time.
+* ``rnn_bwd / lstm_bwd / gru_bwd / peephole_bwd / indrnn_bwd``: backpropagation through time.
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 
 :func:`register` runs once after the library is loaded.
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 _registered = False
-ACT = {"rnn_tanh": 0, "rnn_relu": 1}
+ACT = {"rnn_tanh": 0, "rnn_relu": 1, "indrnn_tanh": 0, "indrnn_relu": 1}
 
 
 def _ops():
@@ -63,6 +63,27 @@ def _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths):
 def _fake_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn):
     return rzn.new_empty(rzn.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty(w_hh.shape[0]), \
         h0.new_empty(h0.shape)
+
+
+def _fake_peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths):
+    L, N, G = xp.shape
+    H = G // 4
+    return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(N, H), xp.new_empty(L, N, G), \
+        xp.new_empty(L, N, H)
+
+
+def _fake_peephole_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs):
+    return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), w_ci.new_empty(w_ci.shape), \
+        w_cf.new_empty(w_cf.shape), w_co.new_empty(w_co.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_indrnn_fwd(xp, u, h0, lengths, act):
+    L, N, H = xp.shape
+    return xp.new_empty(L, N, H), xp.new_empty(N, H)
+
+
+def _fake_indrnn_bwd(grad_out, grad_hn, u, h0, lengths, out, act):
+    return out.new_empty(out.shape), u.new_empty(u.shape), h0.new_empty(h0.shape)
 
 
 def _fake_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
@@ -114,6 +135,37 @@ def _backward_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
     return dxp, dw_hh, (dw_hr if w_hr is not None else None), dh0, dc0, None
 
 
+def _setup_peephole(ctx, inputs, output):
+    xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths = inputs
+    out, _, _, gates, cs = output
+    ctx.save_for_backward(w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
+
+
+def _backward_peephole(ctx, grad_out, grad_hn, grad_cn, *_unused):
+    w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    grad_cn = _zeros_if_none(grad_cn, c0)
+    dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0 = _ops().peephole_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf,
+                                                                    w_co, h0, c0, lengths, out, gates, cs)
+    return dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0, None
+
+
+def _setup_indrnn(ctx, inputs, output):
+    xp, u, h0, lengths, act = inputs
+    out, _ = output
+    ctx.act = act
+    ctx.save_for_backward(u, h0, lengths, out)
+
+
+def _backward_indrnn(ctx, grad_out, grad_hn):
+    u, h0, lengths, out = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    dxp, du, dh0 = _ops().indrnn_bwd(grad_out, grad_hn, u, h0, lengths, out, ctx.act)
+    return dxp, du, dh0, None, None
+
+
 def _setup_gru(ctx, inputs, output):
     xp, w_hh, b_hh, h0, lengths = inputs
     out, _, rzn, hn = output
@@ -137,11 +189,15 @@ def register() -> None:
     lib = torch.library
     for name, fn in [("rnn_fwd", _fake_rnn_fwd), ("rnn_bwd", _fake_rnn_bwd), ("lstm_fwd", _fake_lstm_fwd),
                      ("lstm_bwd", _fake_lstm_bwd), ("gru_fwd", _fake_gru_fwd), ("gru_bwd", _fake_gru_bwd),
+                     ("peephole_fwd", _fake_peephole_fwd), ("peephole_bwd", _fake_peephole_bwd),
+                     ("indrnn_fwd", _fake_indrnn_fwd), ("indrnn_bwd", _fake_indrnn_bwd),
                      ("lstm_cell", _fake_lstm_cell), ("gru_cell", _fake_gru_cell), ("rnn_cell", _fake_rnn_cell)]:
         lib.register_fake(f"rnnkit_fused::{name}", fn)
     lib.register_autograd("rnnkit_fused::rnn_fwd", _backward_rnn, setup_context=_setup_rnn)
     lib.register_autograd("rnnkit_fused::lstm_fwd", _backward_lstm, setup_context=_setup_lstm)
     lib.register_autograd("rnnkit_fused::gru_fwd", _backward_gru, setup_context=_setup_gru)
+    lib.register_autograd("rnnkit_fused::peephole_fwd", _backward_peephole, setup_context=_setup_peephole)
+    lib.register_autograd("rnnkit_fused::indrnn_fwd", _backward_indrnn, setup_context=_setup_indrnn)
     _registered = True
 
 
@@ -167,3 +223,19 @@ def gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
     (``b_hh`` stays inside: its ``n`` part is gated by ``r``)."""
     out, h_n, _, _ = _ops().gru_fwd(xp, w_hh, b_hh, h0, lengths)
     return out, h_n
+
+
+def peephole_sequence(xp: Tensor, w_hh: Tensor, w_ci: Tensor, w_cf: Tensor, w_co: Tensor, h0: Tensor, c0: Tensor,
+                      lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(out (L, N, H), h_n (N, H), c_n (N, H))`` of a peephole LSTM on
+    ``xp = x W_ih^T + b_ih + b_hh``, gates ``i, f, g, o``; ``i, f`` see ``c_{t-1}``
+    through ``w_ci, w_cf``, ``o`` sees ``c_t`` through ``w_co`` (each ``(H,)``)."""
+    out, h_n, c_n, _, _ = _ops().peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
+    return out, h_n, c_n
+
+
+def indrnn_sequence(xp: Tensor, u: Tensor, h0: Tensor, lengths: Optional[Tensor], act: int) -> Tuple[Tensor, Tensor]:
+    """``(out (L, N, H), h_n (N, H))`` of an IndRNN, ``h_t = act(xp_t + u * h_{t-1})``
+    with ``xp = x W_ih^T + b_ih + b_hh`` and the per-unit ``u (H,)`` (already
+    clamped by the caller where the layer bounds it); ``act`` 0 is tanh, 1 is relu."""
+    return _ops().indrnn_fwd(xp, u, h0, lengths, act)

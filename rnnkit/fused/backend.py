@@ -67,11 +67,32 @@ def scan_gru(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Option
     return out, (h_n,)
 
 
+def scan_peephole_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
+                       lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    xp = _project(x, p["weight_ih"], _bias_sum(p))
+    out, h_n, c_n = _ops.peephole_sequence(xp, p["weight_hh"], p["weight_ci"], p["weight_cf"], p["weight_co"],
+                                           state[0].contiguous(), state[1].contiguous(), _lengths(lengths))
+    return out, (h_n, c_n)
+
+
+def scan_indrnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    xp = _project(x, p["weight_ih"], _bias_sum(p))
+    u = p["weight_hh"]
+    bound = spec.extra.get("recurrent_max_abs")
+    if bound is not None:  # the layer's |u| <= m, as its step applies it (autograd covers the clamp)
+        u = u.clamp(-bound, bound)
+    out, h_n = _ops.indrnn_sequence(xp, u, state[0].contiguous(), _lengths(lengths), _ops.ACT[spec.fusable])
+    return out, (h_n,)
+
+
 KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "rnn_tanh": scan_rnn,
     "rnn_relu": scan_rnn,
     "lstm": scan_lstm,
     "gru": scan_gru,
+    "peephole_lstm": scan_peephole_lstm,
+    "indrnn_relu": scan_indrnn,
+    "indrnn_tanh": scan_indrnn,
 }
 """Fused kernel families by :attr:`CellSpec.fusable`. A new family (LayerNorm
 LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""
@@ -140,6 +161,9 @@ class FusedBackend(Backend):
     def unsupported(self, module, x: Optional[Tensor]) -> Optional[str]:
         spec = module.cell_spec
         if spec.fusable not in KERNELS:
+            if spec.name.startswith("indrnn_"):
+                return f"no fused kernel for the '{spec.name}' cell (IndRNN is fused for nonlinearity 'relu' and " \
+                    "'tanh' only)"
             return f"no fused kernel for the '{spec.name}' cell"
         extra = module._regularizers_active() if hasattr(module, "_regularizers_active") else None
         if extra:

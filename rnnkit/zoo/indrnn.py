@@ -38,8 +38,10 @@ def indrnn_step(xp: Tensor, state: State, p: Params, act: Callable[[Tensor], Ten
 def indrnn_spec(nonlinearity: Activation = "relu", recurrent_max_abs: Optional[float] = None) -> CellSpec:
     act = resolve_activation(nonlinearity)
     name = nonlinearity if isinstance(nonlinearity, str) else getattr(nonlinearity, "__name__", "custom")
+    fusable = f"indrnn_{nonlinearity}" if isinstance(nonlinearity, str) and nonlinearity in ("relu", "tanh") else None
     return CellSpec(f"indrnn_{name}", 1, ("h",), linear_project,
-                    functools.partial(indrnn_step, act=act, recurrent_max_abs=recurrent_max_abs))
+                    functools.partial(indrnn_step, act=act, recurrent_max_abs=recurrent_max_abs), fusable=fusable,
+                    extra={"recurrent_max_abs": recurrent_max_abs})
 
 
 def _check_max_abs(owner: str, value) -> Optional[float]:

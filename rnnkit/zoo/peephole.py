@@ -35,7 +35,7 @@ def peephole_lstm_step(xp: Tensor, state: State, p: Params) -> State:
 
 
 PEEPHOLE_LSTM_SPEC = CellSpec("peephole_lstm", 4, ("h", "c"), linear_project, peephole_lstm_step,
-                              extra={"recurrent_dropout": True})
+                              fusable="peephole_lstm", extra={"recurrent_dropout": True})
 
 _PEEPHOLES = ("weight_ci", "weight_cf", "weight_co")
 
