@@ -92,7 +92,8 @@ class IndRNN(RecurrentBase):
         dropout: dropout probability on each layer's output except the last's, in training only.
         bidirectional: if True, each layer also runs the sequence backwards.
         recurrent_max_abs (keyword): None (default, no clamping) or the bound ``m`` on ``|u|``.
-        backend: ``'auto'`` or ``'reference'`` (PyTorch has no fused op for IndRNN).
+        backend: ``'auto'``, ``'reference'`` or ``'fused'`` (rnnkit's C++ kernel, for ``'relu'`` and
+            ``'tanh'``); PyTorch has no fused op for IndRNN.
 """ + _SHAPES_DOC.format(hx="hx", hx_shape=" ``(D * num_layers, N, H_out)``", hn="h_n", hn_first="h_n", cn="",
                          hout="hidden_size") + r"""
     Attributes:
