@@ -4,11 +4,11 @@
 The C++ library (``csrc/fused.cpp``) defines the schemas and CPU kernels under
 ``torch.ops.rnnkit_fused``:
 
-* ``rnn_fwd / lstm_fwd / gru_fwd / peephole_fwd / indrnn_fwd``: a whole sequence, one layer, one direction,
+* ``rnn_fwd / lstm_fwd / gru_fwd / peephole_fwd / ln_lstm_fwd / indrnn_fwd``: a whole sequence, one layer, one direction,
   on the input projection ``xp (L, N, G)`` computed beforehand in one GEMM.
   Besides ``out (L, N, H_out)`` and the final state they return what the
   backward needs (gate activations, cell states), which the wrappers below drop.
-* ``rnn_bwd / lstm_bwd / gru_bwd / peephole_bwd / indrnn_bwd``: backpropagation through time.
+* ``rnn_bwd / lstm_bwd / gru_bwd / peephole_bwd / ln_lstm_bwd / indrnn_bwd``: backpropagation through time.
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 
 :func:`register` runs once after the library is loaded.
@@ -75,6 +75,19 @@ def _fake_peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths):
 def _fake_peephole_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs):
     return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), w_ci.new_empty(w_ci.shape), \
         w_cf.new_empty(w_cf.shape), w_co.new_empty(w_co.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_ln_lstm_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps):
+    L, N, G = xp.shape
+    H = G // 4
+    return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(N, H), xp.new_empty(L, N, G), \
+        xp.new_empty(L, N, H), xp.new_empty(L, N, G), xp.new_empty(L, N, H), xp.new_empty(L, N, 2)
+
+
+def _fake_ln_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates, cs,
+                      nz, nc, rstd):
+    return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), ln_w_hh.new_empty(ln_w_hh.shape), \
+        ln_w_c.new_empty(ln_w_c.shape), ln_b_c.new_empty(ln_b_c.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
 
 def _fake_indrnn_fwd(xp, u, h0, lengths, act):
@@ -151,6 +164,22 @@ def _backward_peephole(ctx, grad_out, grad_hn, grad_cn, *_unused):
     return dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0, None
 
 
+def _setup_ln_lstm(ctx, inputs, output):
+    xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps = inputs
+    out, _, _, gates, cs, nz, nc, rstd = output
+    ctx.save_for_backward(w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates, cs, nz, nc, rstd)
+
+
+def _backward_ln_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
+    w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates, cs, nz, nc, rstd = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    grad_cn = _zeros_if_none(grad_cn, c0)
+    grads = _ops().ln_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out,
+                               gates, cs, nz, nc, rstd)
+    return (*grads, None, None)
+
+
 def _setup_indrnn(ctx, inputs, output):
     xp, u, h0, lengths, act = inputs
     out, _ = output
@@ -190,6 +219,7 @@ def register() -> None:
     for name, fn in [("rnn_fwd", _fake_rnn_fwd), ("rnn_bwd", _fake_rnn_bwd), ("lstm_fwd", _fake_lstm_fwd),
                      ("lstm_bwd", _fake_lstm_bwd), ("gru_fwd", _fake_gru_fwd), ("gru_bwd", _fake_gru_bwd),
                      ("peephole_fwd", _fake_peephole_fwd), ("peephole_bwd", _fake_peephole_bwd),
+                     ("ln_lstm_fwd", _fake_ln_lstm_fwd), ("ln_lstm_bwd", _fake_ln_lstm_bwd),
                      ("indrnn_fwd", _fake_indrnn_fwd), ("indrnn_bwd", _fake_indrnn_bwd),
                      ("lstm_cell", _fake_lstm_cell), ("gru_cell", _fake_gru_cell), ("rnn_cell", _fake_rnn_cell)]:
         lib.register_fake(f"rnnkit_fused::{name}", fn)
@@ -197,6 +227,7 @@ def register() -> None:
     lib.register_autograd("rnnkit_fused::lstm_fwd", _backward_lstm, setup_context=_setup_lstm)
     lib.register_autograd("rnnkit_fused::gru_fwd", _backward_gru, setup_context=_setup_gru)
     lib.register_autograd("rnnkit_fused::peephole_fwd", _backward_peephole, setup_context=_setup_peephole)
+    lib.register_autograd("rnnkit_fused::ln_lstm_fwd", _backward_ln_lstm, setup_context=_setup_ln_lstm)
     lib.register_autograd("rnnkit_fused::indrnn_fwd", _backward_indrnn, setup_context=_setup_indrnn)
     _registered = True
 
@@ -231,6 +262,16 @@ def peephole_sequence(xp: Tensor, w_hh: Tensor, w_ci: Tensor, w_cf: Tensor, w_co
     ``xp = x W_ih^T + b_ih + b_hh``, gates ``i, f, g, o``; ``i, f`` see ``c_{t-1}``
     through ``w_ci, w_cf``, ``o`` sees ``c_t`` through ``w_co`` (each ``(H,)``)."""
     out, h_n, c_n, _, _ = _ops().peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
+    return out, h_n, c_n
+
+
+def ln_lstm_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, ln_w_c: Tensor, ln_b_c: Tensor, h0: Tensor,
+                     c0: Tensor, lengths: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(out (L, N, H), h_n (N, H), c_n (N, H))`` of a LayerNorm LSTM on
+    ``xp = LN_ih(x W_ih^T) + b_ih + b_hh + ln_bias_hh`` (every additive term that does
+    not depend on ``h``): gates ``a = xp + ln_w_hh * LN(h W_hh^T)``, ``i, f, g, o``;
+    ``h_t = o tanh(ln_w_c * LN(c_t) + ln_b_c)`` (each LN without gain, ``eps`` inside the root)."""
+    out, h_n, c_n, *_ = _ops().ln_lstm_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps)
     return out, h_n, c_n
 
 

@@ -75,6 +75,23 @@ def scan_peephole_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
     return out, (h_n, c_n)
 
 
+def scan_layernorm_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
+                        lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    # the spec's own project (LN_ih(W_ih x) + b_ih over every step, ATen), then every other term that does not
+    # depend on h (b_hh, the LN_hh shift) folded in; autograd covers them all
+    eps = spec.project.keywords["eps"]
+    xp = spec.project(x, p)
+    for name in ("bias_hh", "ln_bias_hh"):
+        if p.get(name) is not None:
+            xp = xp + p[name]
+    ln_b_c = p.get("ln_bias_c")
+    if ln_b_c is None:
+        ln_b_c = p["ln_weight_c"].new_zeros(p["ln_weight_c"].shape)
+    out, h_n, c_n = _ops.ln_lstm_sequence(xp, p["weight_hh"], p["ln_weight_hh"], p["ln_weight_c"], ln_b_c,
+                                          state[0].contiguous(), state[1].contiguous(), _lengths(lengths), eps)
+    return out, (h_n, c_n)
+
+
 def scan_indrnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
     xp = _project(x, p["weight_ih"], _bias_sum(p))
     u = p["weight_hh"]
@@ -91,6 +108,7 @@ KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "lstm": scan_lstm,
     "gru": scan_gru,
     "peephole_lstm": scan_peephole_lstm,
+    "layernorm_lstm": scan_layernorm_lstm,
     "indrnn_relu": scan_indrnn,
     "indrnn_tanh": scan_indrnn,
 }

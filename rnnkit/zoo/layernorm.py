@@ -69,7 +69,8 @@ def layernorm_gru_step(xp: Tensor, state: State, p: Params, eps: float = 1e-5) -
 @functools.lru_cache(maxsize=None)
 def layernorm_lstm_spec(eps: float = 1e-5) -> CellSpec:
     return CellSpec("layernorm_lstm", 4, ("h", "c"), functools.partial(layernorm_project, eps=eps),
-                    functools.partial(layernorm_lstm_step, eps=eps), extra={"recurrent_dropout": True})
+                    functools.partial(layernorm_lstm_step, eps=eps), fusable="layernorm_lstm",
+                    extra={"recurrent_dropout": True})
 
 
 @functools.lru_cache(maxsize=None)

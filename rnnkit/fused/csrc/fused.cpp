@@ -1,5 +1,5 @@
 // rnnkit's fused CPU kernels: whole-sequence RNN (tanh/relu), LSTM (with and
-// without a projection), GRU, peephole LSTM and IndRNN (tanh/relu), forward and hand-written backward (BPTT),
+// without a projection), GRU, peephole LSTM, LayerNorm LSTM and IndRNN (tanh/relu), forward and hand-written backward (BPTT),
 // plus inference single-step cells. One translation unit on purpose: compile
 // time is paid by every fresh install and CI run.
 //
@@ -18,11 +18,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <tuple>
 
@@ -886,6 +888,287 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
   return {dG, grad_w_hh, grad_ci, grad_cf, grad_co, dh_a, dc};
 }
 
+// ================================================================ LayerNorm LSTM
+
+// a = xp + γ_hh ⊙ LN(z), z = W_hh h_{t-1} (the caller folds b_ih, b_hh and the LN_hh shift into xp);
+// i, f, g, o from a; c_t = f c_{t-1} + i g; h_t = o tanh(γ_c ⊙ LN(c_t) + β_c). LN(v) = (v - μ) / sqrt(σ² + eps),
+// biased variance, as F.layer_norm.
+
+// The gate functions at full precision (Sleef's 1-ulp exp and tanh) in float32 too: the normalizations
+// divide by a small standard deviation and amplify every rounding difference, and float32 must stay
+// within 1e-5 of the reference backend.
+template <typename T>
+inline Vec<T> psigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+template <typename T>
+inline Vec<T> ptanh(const Vec<T>& x) { return x.tanh(); }
+
+// mean and 1 / sqrt(var + eps) of v (n,), two passes (the variance of the centred values)
+template <typename T>
+inline void ln_stats(const T* v, int64_t n, T eps, T& mean, T& rstd) {
+  constexpr int64_t VS = Vec<T>::size();
+  Vec<T> acc(T(0));
+  int64_t j = 0;
+  for (; j + VS <= n; j += VS) acc = acc + Vec<T>::loadu(v + j);
+  T s = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc);
+  for (; j < n; ++j) s += v[j];
+  const T m = s / T(n);
+  const Vec<T> mv(m);
+  Vec<T> acc2(T(0));
+  j = 0;
+  for (; j + VS <= n; j += VS) {
+    Vec<T> d = Vec<T>::loadu(v + j) - mv;
+    acc2 = at::vec::fmadd(d, d, acc2);
+  }
+  T q = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, acc2);
+  for (; j < n; ++j) q += (v[j] - m) * (v[j] - m);
+  mean = m;
+  rstd = T(1) / std::sqrt(q / T(n) + eps);
+}
+
+// sums of d and d ⊙ y over n (for the LN backward)
+template <typename T>
+inline void ln_sums(const T* d, const T* y, int64_t n, T& sd, T& sdy) {
+  constexpr int64_t VS = Vec<T>::size();
+  Vec<T> a(T(0)), b(T(0));
+  int64_t j = 0;
+  for (; j + VS <= n; j += VS) {
+    Vec<T> dv = Vec<T>::loadu(d + j);
+    a = a + dv;
+    b = at::vec::fmadd(dv, Vec<T>::loadu(y + j), b);
+  }
+  T s1 = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& z) { return x + z; }, a);
+  T s2 = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& z) { return x + z; }, b);
+  for (; j < n; ++j) s1 += d[j], s2 += d[j] * y[j];
+  sd = s1, sdy = s2;
+}
+
+// One row of one step. z (G,) holds W_hh h_{t-1} on entry and the gate activations (i, f, g, o) on exit;
+// nz (G,) gets LN(z), nc (H,) gets LN(c_t); rs gets (rstd_hh, rstd_c).
+template <typename T>
+inline void ln_lstm_row(T* z, const T* x, const T* ghh, const T* gc, const T* bc, const T* cp, T* c, T* h, T* nz,
+                        T* nc, T* rs, int64_t H, T eps) {
+  constexpr int64_t VS = Vec<T>::size();
+  const int64_t G = 4 * H;
+  T mean, rstd;
+  ln_stats(z, G, eps, mean, rstd);
+  rs[0] = rstd;
+  const Vec<T> mv(mean), rv(rstd);
+  for (int64_t j = 0; j < G; j += VS) {
+    const int64_t cnt = std::min(VS, G - j);
+    Vec<T> n = (Vec<T>::loadu(z + j, cnt) - mv) * rv;
+    n.store(nz + j, cnt);
+  }
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t cnt = std::min(VS, H - j);
+    auto pre = [&](int64_t k) {
+      return Vec<T>::loadu(x + k * H + j, cnt) + Vec<T>::loadu(ghh + k * H + j, cnt) * Vec<T>::loadu(nz + k * H + j, cnt);
+    };
+    Vec<T> i = psigmoid(pre(0)), f = psigmoid(pre(1)), gg = ptanh(pre(2)), o = psigmoid(pre(3));
+    Vec<T> cn = f * Vec<T>::loadu(cp + j, cnt) + i * gg;
+    i.store(z + j, cnt);
+    f.store(z + H + j, cnt);
+    gg.store(z + 2 * H + j, cnt);
+    o.store(z + 3 * H + j, cnt);
+    cn.store(c + j, cnt);
+  }
+  ln_stats(c, H, eps, mean, rstd);
+  rs[1] = rstd;
+  const Vec<T> mc(mean), rc(rstd);
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t cnt = std::min(VS, H - j);
+    Vec<T> n = (Vec<T>::loadu(c + j, cnt) - mc) * rc;
+    n.store(nc + j, cnt);
+    Vec<T> y = Vec<T>::loadu(gc + j, cnt) * n + Vec<T>::loadu(bc + j, cnt);
+    (Vec<T>::loadu(z + 3 * H + j, cnt) * ptanh(y)).store(h + j, cnt);
+  }
+}
+
+// The backward of one row of one step. dm: dL/dh_t; dc: dL/dc_t from later steps on entry, dL/dc_{t-1} on exit.
+// Writes dg (G,): dL/da (the gradient of xp), dz (G,): dL/dz (for dh_{t-1} and dW_hh), dy (H,): dL/d(LN_c out).
+template <typename T>
+inline void ln_lstm_grad_row(const T* g, const T* ghh, const T* gc, const T* bc, const T* cp, const T* nz,
+                             const T* nc, const T* rs, const T* dm, T* dc, T* dg, T* dz, T* dy, int64_t H) {
+  constexpr int64_t VS = Vec<T>::size();
+  const int64_t G = 4 * H;
+  const Vec<T> one(T(1));
+  // dy = dh o (1 - tanh² y); dz temporarily holds dn_c = dy γ_c in its first H entries
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t cnt = std::min(VS, H - j);
+    Vec<T> n = Vec<T>::loadu(nc + j, cnt);
+    Vec<T> ty = ptanh(Vec<T>::loadu(gc + j, cnt) * n + Vec<T>::loadu(bc + j, cnt));
+    Vec<T> o = Vec<T>::loadu(g + 3 * H + j, cnt), d = Vec<T>::loadu(dm + j, cnt);
+    Vec<T> dyv = d * o * (one - ty * ty);
+    dyv.store(dy + j, cnt);
+    (dyv * Vec<T>::loadu(gc + j, cnt)).store(dz + j, cnt);
+    (d * ty * o * (one - o)).store(dg + 3 * H + j, cnt);
+  }
+  T s1, s2;
+  ln_sums(dz, nc, H, s1, s2);
+  const Vec<T> m1(s1 / T(H)), m2(s2 / T(H)), rc(rs[1]);
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t cnt = std::min(VS, H - j);
+    Vec<T> dn = Vec<T>::loadu(dz + j, cnt);
+    Vec<T> dct = Vec<T>::loadu(dc + j, cnt) + rc * (dn - m1 - Vec<T>::loadu(nc + j, cnt) * m2);
+    Vec<T> i = Vec<T>::loadu(g + j, cnt), f = Vec<T>::loadu(g + H + j, cnt), gg = Vec<T>::loadu(g + 2 * H + j, cnt);
+    (dct * gg * i * (one - i)).store(dg + j, cnt);
+    (dct * Vec<T>::loadu(cp + j, cnt) * f * (one - f)).store(dg + H + j, cnt);
+    (dct * i * (one - gg * gg)).store(dg + 2 * H + j, cnt);
+    (dct * f).store(dc + j, cnt);
+  }
+  // LN_hh: dn = dg γ_hh, dz = rstd (dn - mean(dn) - nz mean(dn nz))
+  for (int64_t j = 0; j < G; j += VS) {
+    const int64_t cnt = std::min(VS, G - j);
+    (Vec<T>::loadu(dg + j, cnt) * Vec<T>::loadu(ghh + j, cnt)).store(dz + j, cnt);
+  }
+  ln_sums(dz, nz, G, s1, s2);
+  const Vec<T> n1(s1 / T(G)), n2(s2 / T(G)), rh(rs[0]);
+  for (int64_t j = 0; j < G; j += VS) {
+    const int64_t cnt = std::min(VS, G - j);
+    (rh * (Vec<T>::loadu(dz + j, cnt) - n1 - Vec<T>::loadu(nz + j, cnt) * n2)).store(dz + j, cnt);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_,
+    const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths, double eps_) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) == 4 * w_hh_.size(1),
+              "rnnkit_fused::ln_lstm_fwd: w_hh must be (4H, H), got ", w_hh_.sizes());
+  TORCH_CHECK(eps_ > 0, "rnnkit_fused::ln_lstm_fwd: eps must be positive, got ", eps_);
+  const int64_t H = w_hh_.size(1), G = 4 * H;
+  check_seq(xp_, "ln_lstm_fwd", G);
+  const int64_t L = xp_.size(0), N = xp_.size(1);
+  Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  Tensor g_hh = g_hh_.contiguous(), g_c = g_c_.contiguous(), b_c = b_c_.contiguous();
+  check_same(xp, w_hh, "w_hh", {G, H});
+  check_same(xp, g_hh, "ln_weight_hh", {G});
+  check_same(xp, g_c, "ln_weight_c", {H});
+  check_same(xp, b_c, "ln_bias_c", {H});
+  check_same(xp, h0, "h0", {N, H});
+  check_same(xp, c0, "c0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = at::empty({L, N, H}, xp.options());
+  Tensor gates = at::empty({L, N, G}, xp.options());
+  Tensor cs = at::empty({L, N, H}, xp.options());
+  Tensor nzs = at::empty({L, N, G}, xp.options());
+  Tensor ncs = at::empty({L, N, H}, xp.options());
+  Tensor rstd = at::empty({L, N, 2}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "ln_lstm_fwd", [&] {
+    using T = scalar_t;
+    const T eps = T(eps_);
+    const Recurrent<T> rec(N, G, H, true, w_hh);
+    const T* x = xp.data_ptr<T>();
+    const T *ghh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
+    const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>();
+    T *o = out.data_ptr<T>(), *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>();
+    T *nz = nzs.data_ptr<T>(), *nc = ncs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
+    const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
+    for (int64_t t = 0; t < L; ++t) {
+      const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
+      const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+      T *gt = gs + t * N * G, *ct = c + t * N * H, *ot = o + t * N * H;
+      T *nzt = nz + t * N * G, *nct = nc + t * N * H, *rst = rs + t * N * 2;
+      rec(hp, H, T(0), gt, G);
+      const T* xt = x + t * N * G;
+      const bool check = len && t >= min_len;
+      at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          if (check && t >= len[n]) {  // held; the saved LN values are zero so the parameter sums skip this step
+            copy_row(ct + n * H, cp + n * H, H);
+            copy_row(ot + n * H, hp + n * H, H);
+            zero_row(gt + n * G, G);
+            zero_row(nzt + n * G, G);
+            zero_row(nct + n * H, H);
+            rst[2 * n] = rst[2 * n + 1] = T(0);
+          } else {
+            ln_lstm_row(gt + n * G, xt + n * G, ghh, gc, bc, cp + n * H, ct + n * H, ot + n * H, nzt + n * G,
+                        nct + n * H, rst + 2 * n, H, eps);
+          }
+        }
+      });
+    }
+  });
+  Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
+  Tensor c_n = L > 0 ? cs[L - 1].clone() : c0.clone();
+  return {out, h_n, c_n, gates, cs, nzs, ncs, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_, const Tensor& h0_, const Tensor& c0_,
+    const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_,
+    const Tensor& nzs_, const Tensor& ncs_, const Tensor& rstd_) {
+  const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 4 * H;
+  Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
+  Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
+  Tensor g_hh = g_hh_.contiguous(), g_c = g_c_.contiguous(), b_c = b_c_.contiguous();
+  Tensor gates = gates_.contiguous(), cs = cs_.contiguous(), nzs = nzs_.contiguous(), ncs = ncs_.contiguous();
+  Tensor rstd = rstd_.contiguous();
+  check_same(out, grad_out, "grad_out", out.sizes());
+  check_same(out, grad_hn, "grad_h_n", {N, H});
+  check_same(out, grad_cn, "grad_c_n", {N, H});
+  check_same(out, gates, "gates", {L, N, G});
+  check_same(out, cs, "cs", {L, N, H});
+  check_same(out, nzs, "nz", {L, N, G});
+  check_same(out, ncs, "nc", {L, N, H});
+  check_same(out, rstd, "rstd", {L, N, 2});
+  check_same(out, w_hh, "w_hh", {G, H});
+  check_same(out, g_hh, "ln_weight_hh", {G});
+  check_same(out, g_c, "ln_weight_c", {H});
+  check_same(out, b_c, "ln_bias_c", {H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor dG = at::empty({L, N, G}, out.options());
+  Tensor dZ = at::empty({L, N, G}, out.options());
+  Tensor dY = at::empty({L, N, H}, out.options());
+  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options()), dc = grad_cn.clone();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_lstm_bwd", [&] {
+    using T = scalar_t;
+    const Recurrent<T> rec(N, H, G, false, w_hh);
+    const T* go = grad_out.data_ptr<T>();
+    const T *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *c_init = c0.data_ptr<T>();
+    const T *nz = nzs.data_ptr<T>(), *nc = ncs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
+    const T *ghh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
+    T *dg = dG.data_ptr<T>(), *dz = dZ.data_ptr<T>(), *dy = dY.data_ptr<T>();
+    T *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
+    for (int64_t t = L - 1; t >= 0; --t) {
+      add_into(dh, go + t * N * H, N * H);
+      const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+      const T *gt = gs + t * N * G, *nzt = nz + t * N * G, *nct = nc + t * N * H, *rst = rs + t * N * 2;
+      T *dgt = dg + t * N * G, *dzt = dz + t * N * G, *dyt = dy + t * N * H;
+      const bool check = len && t >= min_len;
+      at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          if (check && t >= len[n]) {  // held: h and c pass through unchanged
+            zero_row(dgt + n * G, G);
+            zero_row(dzt + n * G, G);
+            zero_row(dyt + n * H, H);
+            copy_row(dn + n * H, dh + n * H, H);
+          } else {
+            ln_lstm_grad_row(gt + n * G, ghh, gc, bc, cp + n * H, nzt + n * G, nct + n * H, rst + 2 * n,
+                             dh + n * H, dcp + n * H, dgt + n * G, dzt + n * G, dyt + n * H, H);
+            zero_row(dn + n * H, H);
+          }
+        }
+      });
+      rec(dzt, G, T(1), dn, H);
+      std::swap(dh, dn);
+    }
+    if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
+  });
+  Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out));
+  // the LN gains and shift: sums over steps and rows (held steps add nothing: their saved LN values are zero)
+  const std::array<int64_t, 2> steps_rows{0, 1};
+  Tensor grad_g_hh = (dG * nzs).sum(steps_rows);
+  Tensor grad_g_c = (dY * ncs).sum(steps_rows);
+  Tensor grad_b_c = dY.sum(steps_rows);
+  return {dG, grad_w_hh, grad_g_hh, grad_g_c, grad_b_c, dh_a, dc};
+}
+
 // ================================================================ IndRNN
 
 // h_t = act(xp_t + u * h_{t-1}), u (H,) per unit: no recurrent matrix product,
@@ -1136,6 +1419,11 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("indrnn_fwd(Tensor xp, Tensor u, Tensor h0, Tensor? lengths, int act) -> (Tensor, Tensor)");
   m.def("indrnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor u, Tensor h0, Tensor? lengths, Tensor out, int act)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("ln_lstm_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor ln_w_c, Tensor ln_b_c, Tensor h0, Tensor c0,"
+        " Tensor? lengths, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ln_lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor ln_w_hh, Tensor ln_w_c,"
+        " Tensor ln_b_c, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor nz,"
+        " Tensor nc, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("capability() -> str", &rnnkit_fused::capability);
   m.def("uses_blas() -> int", &rnnkit_fused::uses_blas);
 }
@@ -1151,6 +1439,8 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("peephole_bwd", &rnnkit_fused::peephole_bwd);
   m.impl("indrnn_fwd", &rnnkit_fused::indrnn_fwd);
   m.impl("indrnn_bwd", &rnnkit_fused::indrnn_bwd);
+  m.impl("ln_lstm_fwd", &rnnkit_fused::ln_lstm_fwd);
+  m.impl("ln_lstm_bwd", &rnnkit_fused::ln_lstm_bwd);
   m.impl("lstm_cell", &rnnkit_fused::lstm_cell);
   m.impl("gru_cell", &rnnkit_fused::gru_cell);
   m.impl("rnn_cell", &rnnkit_fused::rnn_cell);

@@ -1,0 +1,282 @@
+"""The fused LayerNorm LSTM kernel (ln_lstm_fwd / ln_lstm_bwd): the whole layer
+against the reference backend (outputs, final states, every gradient, the LN
+gains and shifts included), gradcheck and torch.library.opcheck of the ops,
+torch.compile, shape errors, and what the backend still declines.
+
+test_lengths_streaming.py also runs this kernel (the lengths oracle and chunked
+streaming) through the registry walk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.backends import BACKENDS
+from rnnkit.fused import _ops
+from helpers import assert_close, flatten_states, weighted_sum
+
+FUSED = BACKENDS["fused"]
+REASON = FUSED.unavailable()
+needs_fused = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
+DT = torch.float64
+
+
+def _pair(h_in, hidden, dtype, **kw):
+    """The same LayerNormLSTM twice (equal parameters, LN gains and shifts moved
+    off their 1 / 0 init so they matter): backend 'fused' and 'reference'."""
+    torch.manual_seed(0)
+    fused = rnnkit.LayerNormLSTM(h_in, hidden, backend="fused", dtype=dtype, **kw)
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(torch.rand(p.shape, dtype=dtype) - 0.5)
+    ref = rnnkit.LayerNormLSTM(h_in, hidden, backend="reference", dtype=dtype, **kw)
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def _run(module, x, hx, lengths, weights=weighted_sum):
+    x = x.clone().requires_grad_()
+    hx = tuple(h.clone().requires_grad_() for h in hx)
+    out, h_n = module(x, hx, lengths=lengths)
+    states = flatten_states(h_n)
+    names = [n for n, _ in module.named_parameters()]
+    leaves = [x, *hx, *module.parameters()]
+    grads = torch.autograd.grad(weights([out, *states]), leaves)
+    return out, states, dict(zip(["input", "h0", "c0"] + names, grads))
+
+
+def _compare(fused, ref, x, hx, lengths, dtype):
+    o1, s1, g1 = _run(fused, x, hx, lengths)
+    assert fused.last_backend == "fused"
+    o2, s2, g2 = _run(ref, x, hx, lengths)
+    assert ref.last_backend == "reference"
+    assert_close(o1, o2, dtype, "output")
+    for i, (a, b) in enumerate(zip(s1, s2)):
+        assert_close(a, b, dtype, f"final state {i}")
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        assert_close(g1[k], g2[k], dtype, f"grad of {k}")
+    return g1, s1
+
+
+# ------------------------------------------------------------------ the layer against the reference backend
+
+def _bidir_case(bias, dtype):
+    L, N, h_in, hidden, layers = 6, 4, 5, 19, 2  # 19: whole vectors and a remainder in float32 and float64
+    fused, ref = _pair(h_in, hidden, dtype, num_layers=layers, bidirectional=True, bias=bias)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(L, N, h_in, generator=g, dtype=dtype)
+    hx = tuple(torch.randn(2 * layers, N, hidden, generator=g, dtype=dtype) for _ in range(2))
+    return fused, ref, x, hx, torch.tensor([6, 0, 3, 1])
+
+
+@needs_fused
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_matches_reference_backend_float64(bias):
+    """Two layers, bidirectional, lengths with a zero, a short and a full row:
+    outputs, final states and the gradient of the input, h0, c0 and every
+    parameter (W, b, every LN gain and shift) equal the reference backend's (1e-10)."""
+    fused, ref, x, hx, lengths = _bidir_case(bias, DT)
+    grads, states = _compare(fused, ref, x, hx, lengths, DT)
+    expected = {"ln_weight_hh_l1_reverse", "ln_weight_c_l0", "ln_weight_ih_l1"}
+    if bias:
+        expected |= {"ln_bias_hh_l0", "ln_bias_c_l1_reverse", "ln_bias_ih_l0", "bias_hh_l1"}
+    assert expected <= grads.keys()
+    for k in expected:  # the LN parameters get a real (nonzero) gradient
+        assert grads[k].abs().max() > 0, k
+    for a, b in zip(states, hx):  # the zero-length row keeps its initial state exactly
+        assert torch.equal(a[:, 1], b[:, 1])
+
+
+@needs_fused
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_layer_matches_reference_backend_float32(bias):
+    """The same case in float32. Outputs and final states equal the reference
+    backend's to 1e-5. The gradients go through two layer norms per step, which
+    amplify float32 rounding: measured against float64, the reference backend's
+    own float32 gradients are off by up to ~6e-5 here, so the two float32
+    implementations cannot agree to 1e-5 everywhere. The gradients are checked
+    (a) against the reference's float32 gradients to 1e-4, and (b) against the
+    float64 oracle: the fused error is at most twice the reference's own error."""
+    fused, ref, x, hx, lengths = _bidir_case(bias, torch.float32)
+    o1, s1, g1 = _run(fused, x, hx, lengths)
+    assert fused.last_backend == "fused"
+    o2, s2, g2 = _run(ref, x, hx, lengths)
+    assert_close(o1, o2, torch.float32, "output")
+    for i, (a, b) in enumerate(zip(s1, s2)):
+        assert_close(a, b, torch.float32, f"final state {i}")
+    for a, b in zip(s1, hx):
+        assert torch.equal(a[:, 1], b[:, 1])
+    oracle = rnnkit.LayerNormLSTM(5, 19, num_layers=2, bidirectional=True, bias=bias, backend="reference",
+                                  dtype=DT)
+    oracle.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    # the float64 run with the float32 run's data and the same (float32-drawn) output weights
+    _, _, g64 = _run(oracle, x.double(), tuple(h.double() for h in hx), lengths,
+                     weights=_weighted_sum_as_float32)
+    assert g1.keys() == g2.keys() == g64.keys()
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"grad of {k}: {m}")
+        err_fused = (g1[k].double() - g64[k]).abs().max().item()
+        err_ref = (g2[k].double() - g64[k]).abs().max().item()
+        assert err_fused <= 2 * err_ref + 1e-6, f"grad of {k}: fused error {err_fused:.2e}, reference {err_ref:.2e}"
+
+
+def _weighted_sum_as_float32(tensors, seed=123):
+    """weighted_sum with the weights drawn in float32 (as the float32 runs draw them), applied in float64."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0
+    for t in tensors:
+        total = total + (t * torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype)).sum()
+    return total
+
+
+@needs_fused
+def test_layer_without_lengths_matches_reference_backend():
+    """No lengths, no initial state, batch_first, one layer, another eps: float64."""
+    fused, ref = _pair(3, 5, DT, batch_first=True, layer_norm_eps=1e-3)
+    x = torch.randn(2, 7, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    results = []
+    for m in (fused, ref):
+        xi = x.clone().requires_grad_()
+        out, h_n = m(xi)
+        states = flatten_states(h_n)
+        grads = torch.autograd.grad(weighted_sum([out, *states]), [xi, *m.parameters()])
+        results.append((out, states, grads))
+    assert fused.last_backend == "fused"
+    (o1, s1, g1), (o2, s2, g2) = results
+    assert_close(o1, o2, DT, "output")
+    for a, b in zip(s1, s2):
+        assert_close(a, b, DT, "final state")
+    for a, b in zip(g1, g2):
+        assert_close(a, b, DT, "grad")
+
+
+@needs_fused
+def test_large_batch_parallel_path_matches_reference_backend():
+    """A batch and width large enough for the kernel to split rows over threads
+    (and take the packed-GEMM path), with random lengths: float64."""
+    L, N, h_in, hidden = 4, 40, 3, 130
+    fused, ref = _pair(h_in, hidden, DT)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(L, N, h_in, generator=g, dtype=DT)
+    hx = tuple(torch.randn(1, N, hidden, generator=g, dtype=DT) for _ in range(2))
+    lengths = torch.randint(0, L + 1, (N,), generator=g)
+    _compare(fused, ref, x, hx, lengths, DT)
+
+
+# ------------------------------------------------------------------ the ops: gradcheck, opcheck, compile, errors
+
+def _rand(g):
+    def r(*shape, grad=True, shift=0.0):
+        return (torch.rand(*shape, generator=g, dtype=DT) - 0.5 + shift).requires_grad_(grad)
+    return r
+
+
+@needs_fused
+@pytest.mark.parametrize("lengths", [None, [0, 2, 4]], ids=["full", "lengths"])
+def test_ln_lstm_op_gradcheck(lengths):
+    """gradcheck (float64) of ln_lstm_fwd with its hand-written backward: the
+    projected input, w_hh, the LN_hh gain, the LN_c gain and shift, h0 and c0."""
+    L, N, H = 4, 3, 3
+    r = _rand(torch.Generator().manual_seed(3))
+    lengths = None if lengths is None else torch.tensor(lengths)
+    args = (r(L, N, 4 * H), r(4 * H, H), r(4 * H, shift=1.0), r(H, shift=1.0), r(H), r(N, H), r(N, H))
+
+    def fn(xp, w, g_hh, g_c, b_c, h0, c0):
+        return _ops.ln_lstm_sequence(xp, w, g_hh, g_c, b_c, h0, c0, lengths, 1e-5)
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def _op_samples():
+    r = _rand(torch.Generator().manual_seed(5))
+    L, N, H = 3, 2, 4
+    lengths = torch.tensor([3, 1])
+    ops = torch.ops.rnnkit_fused
+
+    def fwd_args(grad):
+        return (r(L, N, 4 * H, grad=grad), r(4 * H, H, grad=grad), r(4 * H, grad=grad, shift=1.0),
+                r(H, grad=grad, shift=1.0), r(H, grad=grad), r(N, H, grad=grad), r(N, H, grad=grad))
+    samples = [(ops.ln_lstm_fwd.default, (*fwd_args(True), lengths, 1e-5)),
+               (ops.ln_lstm_fwd.default, (*fwd_args(True), None, 1e-3))]
+    xp, *w, h0, c0 = fwd_args(False)
+    saved = ops.ln_lstm_fwd(xp, *w, h0, c0, lengths, 1e-5)
+    out, _, _, *rest = saved
+    samples.append((ops.ln_lstm_bwd.default, (r(L, N, H, grad=False), r(N, H, grad=False), r(N, H, grad=False),
+                                              *w, h0, c0, lengths, out, *rest)))
+    return samples
+
+
+@needs_fused
+def test_opcheck():
+    """torch.library.opcheck: schema, autograd registration, fake tensors and
+    AOT dispatch of ln_lstm_fwd / ln_lstm_bwd."""
+    for op, args in _op_samples():
+        torch.library.opcheck(op, args)
+
+
+@needs_fused
+def test_torch_compile_traces_the_op():
+    """torch.compile (fullgraph, aot_eager: fake tensors + the registered autograd)
+    of the fused scan gives the eager results and gradients (input, W_hh, LN gains)."""
+    from rnnkit.fused import backend as fb
+    torch._dynamo.reset()
+    layer, _ = _pair(3, 4, DT)
+    p = layer._layer_params(0)
+    x = torch.randn(5, 2, 3, dtype=DT)
+    s0 = tuple(torch.randn(2, 4, dtype=DT) for _ in range(2))
+    lengths = torch.tensor([5, 2])
+    wrt = [p["weight_hh"], p["ln_weight_hh"], p["ln_weight_c"], p["ln_bias_c"]]
+
+    def f(x):
+        out, state = fb.fused_scan(layer.cell_spec, p, x, s0, lengths)
+        return (out * out).sum() + sum(s.sum() for s in state)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = f(xe)
+    ge = torch.autograd.grad(ye, [xe, *wrt])
+    yc = compiled(xc)
+    gc = torch.autograd.grad(yc, [xc, *wrt])
+    assert_close(yc, ye, DT, "compiled output")
+    for a, b in zip(gc, ge):
+        assert_close(a, b, DT, "compiled grad")
+
+
+@needs_fused
+def test_ln_lstm_op_shape_errors_name_what_was_received():
+    ops = torch.ops.rnnkit_fused
+    z = torch.zeros
+    with pytest.raises(RuntimeError, match=r"w_hh must be \(4H, H\), got \[8, 3\]"):
+        ops.ln_lstm_fwd(z(2, 1, 8), z(8, 3), z(8), z(2), z(2), z(1, 2), z(1, 2), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"ln_weight_hh has shape \[2\], expected \[8\]"):
+        ops.ln_lstm_fwd(z(2, 1, 8), z(8, 2), z(2), z(2), z(2), z(1, 2), z(1, 2), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"ln_bias_c has shape \[3\], expected \[2\]"):
+        ops.ln_lstm_fwd(z(2, 1, 8), z(8, 2), z(8), z(2), z(3), z(1, 2), z(1, 2), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"c0 has shape \[2, 2\], expected \[1, 2\]"):
+        ops.ln_lstm_fwd(z(2, 1, 8), z(8, 2), z(8), z(2), z(2), z(1, 2), z(2, 2), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"xp's last axis must be G = 8, got 6"):
+        ops.ln_lstm_fwd(z(2, 1, 6), z(8, 2), z(8), z(2), z(2), z(1, 2), z(1, 2), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"eps must be positive, got 0"):
+        ops.ln_lstm_fwd(z(2, 1, 8), z(8, 2), z(8), z(2), z(2), z(1, 2), z(1, 2), None, 0.0)
+
+
+# ------------------------------------------------------------------ what the backend declines
+
+@needs_fused
+def test_backend_declines_regularized_layernorm_lstm():
+    with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: the fused kernels have "
+                                         r"no zoneout \(zoneout=0.1"):
+        rnnkit.LayerNormLSTM(3, 4, backend="fused", zoneout=0.1)
+    assert rnnkit.LayerNormLSTM(3, 4, zoneout=0.1).which_backend(torch.randn(2, 1, 3)) == "reference"
+    assert rnnkit.LayerNormLSTM(3, 4).which_backend(torch.randn(2, 1, 3)) == "fused"
+
+
+@needs_fused
+def test_layernorm_gru_and_cell_stay_on_the_step_function():
+    """Only the LayerNorm LSTM layer is fused: the LN-GRU layer and the LN-LSTM
+    cell run their step functions, and an explicit backend='fused' says why not."""
+    assert rnnkit.LayerNormGRU(3, 4).which_backend(torch.randn(2, 1, 3)) != "fused"
+    with pytest.raises(ValueError, match=r"backend='fused' cannot run this cell: no fused kernel for the "
+                                         r"'layernorm_lstm' cell"):
+        rnnkit.LayerNormLSTMCell(3, 4, backend="fused")
