@@ -36,6 +36,7 @@ CELLS = {  # name -> (rnnkit class, torch.nn class, kwargs, table key)
     # zoo cells: torch.nn has no such layer, so the torch column is torch.nn.LSTM of the same size
     # (the yardstick), not the same function; they get no entry in auto's table (key None)
     "peephole_lstm": (rnnkit.PeepholeLSTM, torch.nn.LSTM, {}, None),
+    "layernorm_lstm": (rnnkit.LayerNormLSTM, torch.nn.LSTM, {}, None),
     "indrnn": (rnnkit.IndRNN, None, {}, None),  # relu; no torch.nn counterpart: fused vs reference only
     "indrnn_tanh": (rnnkit.IndRNN, None, {"nonlinearity": "tanh"}, None),
 }
@@ -65,7 +66,7 @@ def make(cell: str, size: str, seed: int = 0):
     if torch_cls is not None:
         mods["torch.nn"] = torch_cls(inp, hidden, **{k: v for k, v in kw.items() if k != "nonlinearity" or
                                                       torch_cls is torch.nn.RNN})
-    for m in mods.values():  # a zoo cell has parameters torch.nn's stand-in lacks (peepholes): left out
+    for m in mods.values():  # a zoo cell has parameters torch.nn's stand-in lacks (peepholes, LN gains): left out
         m.load_state_dict({k: v for k, v in mods["fused"].state_dict().items() if k in m.state_dict()})
     x = torch.randn(T, batch, inp)
     return mods, x

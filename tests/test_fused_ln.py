@@ -280,3 +280,20 @@ def test_layernorm_gru_and_cell_stay_on_the_step_function():
     with pytest.raises(ValueError, match=r"backend='fused' cannot run this cell: no fused kernel for the "
                                          r"'layernorm_lstm' cell"):
         rnnkit.LayerNormLSTMCell(3, 4, backend="fused")
+
+
+@needs_fused
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fused_matches_hand_written_formula(bias):
+    """A second oracle: the hand-written LN-LSTM formula of test_zoo_ln.py (float64, eps 0.1)."""
+    from test_zoo_ln import TOL64, _params, hand_ln_lstm, randomize_
+    torch.manual_seed(0)
+    layer = randomize_(rnnkit.LayerNormLSTM(3, 4, bias=bias, dtype=DT, layer_norm_eps=0.1, backend="fused"))
+    x = torch.randn(5, 2, 3, dtype=DT)
+    h0, c0 = torch.randn(1, 2, 4, dtype=DT), torch.randn(1, 2, 4, dtype=DT)
+    out, (h, c) = layer(x, (h0, c0))
+    assert layer.last_backend == "fused"
+    ref_out, ref_h, ref_c = hand_ln_lstm(x, h0[0], c0[0], _params(layer), 0.1)
+    torch.testing.assert_close(out, ref_out, **TOL64)
+    torch.testing.assert_close(h[0], ref_h, **TOL64)
+    torch.testing.assert_close(c[0], ref_c, **TOL64)
