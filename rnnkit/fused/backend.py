@@ -81,9 +81,9 @@ def scan_layernorm_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
     # depend on h (b_hh, the LN_hh shift) folded in; autograd covers them all
     eps = spec.project.keywords["eps"]
     xp = spec.project(x, p)
-    for name in ("bias_hh", "ln_bias_hh"):
-        if p.get(name) is not None:
-            xp = xp + p[name]
+    shift = [p[name] for name in ("bias_hh", "ln_bias_hh") if p.get(name) is not None]
+    if shift:
+        xp = xp + (shift[0] if len(shift) == 1 else shift[0] + shift[1])
     ln_b_c = p.get("ln_bias_c")
     if ln_b_c is None:
         ln_b_c = p["ln_weight_c"].new_zeros(p["ln_weight_c"].shape)
