@@ -145,6 +145,19 @@ def table_key(module) -> Optional[str]:
     return fam + ("_proj" if getattr(module, "proj_size", 0) else "")
 
 
+def tensor_unsupported(ref: Optional[Tensor], x: Optional[Tensor]) -> Optional[str]:
+    """Why the kernels cannot take these parameters (``ref``) and input, or None:
+    they run on the CPU, in float32 and float64."""
+    for t, what in ((ref, "parameters"), (x, "input")):
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            return f"the fused kernels run on the CPU, got {what} on {t.device}"
+        if t.dtype not in (torch.float32, torch.float64):
+            return f"the fused kernels run float32 and float64, got {what} of dtype {t.dtype}"
+    return None
+
+
 class FusedBackend(Backend):
     """``backend="fused"``: each layer-direction of RNN (tanh/relu), LSTM (with or
     without ``proj_size``) and GRU runs as one C++ op with a hand-written backward.
@@ -186,14 +199,9 @@ class FusedBackend(Backend):
         extra = module._regularizers_active() if hasattr(module, "_regularizers_active") else None
         if extra:
             return f"the fused kernels have no {extra}"
-        ref = next(iter(module.parameters()), None)
-        for t, what in ((ref, "parameters"), (x, "input")):
-            if t is None:
-                continue
-            if t.device.type != "cpu":
-                return f"the fused kernels run on the CPU, got {what} on {t.device}"
-            if t.dtype not in (torch.float32, torch.float64):
-                return f"the fused kernels run float32 and float64, got {what} of dtype {t.dtype}"
+        reason = tensor_unsupported(next(iter(module.parameters()), None), x)
+        if reason is not None:
+            return reason
         if x is not None and x.dim() != 3:
             return f"the fused kernels take (L, N, H_in) inputs, got {x.dim()}-D"
         return None

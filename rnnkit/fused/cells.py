@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _build, _ops
-from .backend import KERNELS, _bias_sum, _project
+from .backend import KERNELS, _bias_sum, _project, tensor_unsupported
 
 
 _FLOATS = (torch.float32, torch.float64)
@@ -45,15 +45,7 @@ def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
     spec = cell.cell_spec
     if spec.fusable not in KERNELS or not getattr(cell, "_is_standard", False):
         return f"no fused kernel for the '{spec.name}' cell"
-    ref = cell.weight_ih
-    for t, what in ((ref, "parameters"), (x, "input")):
-        if t is None:
-            continue
-        if t.device.type != "cpu":
-            return f"the fused kernels run on the CPU, got {what} on {t.device}"
-        if t.dtype not in (torch.float32, torch.float64):
-            return f"the fused kernels run float32 and float64, got {what} of dtype {t.dtype}"
-    return None
+    return tensor_unsupported(cell.weight_ih, x)
 
 
 def _needs_grad(tensors) -> bool:
