@@ -3,8 +3,9 @@ against the reference backend (outputs, final states, every gradient, the LN
 gains and shifts included), gradcheck and torch.library.opcheck of the ops,
 torch.compile, shape errors, and what the backend still declines.
 
-test_lengths_streaming.py also runs this kernel (the lengths oracle and chunked
-streaming) through the registry walk."""
+test_fused_zoo.py runs it without lengths and on the large-batch parallel path
+(with the other fused zoo layers), and test_lengths_streaming.py runs the lengths
+oracle and chunked streaming through the registry walk."""
 
 from __future__ import annotations
 
@@ -130,40 +131,6 @@ def _weighted_sum_as_float32(tensors, seed=123):
     for t in tensors:
         total = total + (t * torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype)).sum()
     return total
-
-
-@needs_fused
-def test_layer_without_lengths_matches_reference_backend():
-    """No lengths, no initial state, batch_first, one layer, another eps: float64."""
-    fused, ref = _pair(3, 5, DT, batch_first=True, layer_norm_eps=1e-3)
-    x = torch.randn(2, 7, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
-    results = []
-    for m in (fused, ref):
-        xi = x.clone().requires_grad_()
-        out, h_n = m(xi)
-        states = flatten_states(h_n)
-        grads = torch.autograd.grad(weighted_sum([out, *states]), [xi, *m.parameters()])
-        results.append((out, states, grads))
-    assert fused.last_backend == "fused"
-    (o1, s1, g1), (o2, s2, g2) = results
-    assert_close(o1, o2, DT, "output")
-    for a, b in zip(s1, s2):
-        assert_close(a, b, DT, "final state")
-    for a, b in zip(g1, g2):
-        assert_close(a, b, DT, "grad")
-
-
-@needs_fused
-def test_large_batch_parallel_path_matches_reference_backend():
-    """A batch and width large enough for the kernel to split rows over threads
-    (and take the packed-GEMM path), with random lengths: float64."""
-    L, N, h_in, hidden = 4, 40, 3, 130
-    fused, ref = _pair(h_in, hidden, DT)
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(L, N, h_in, generator=g, dtype=DT)
-    hx = tuple(torch.randn(1, N, hidden, generator=g, dtype=DT) for _ in range(2))
-    lengths = torch.randint(0, L + 1, (N,), generator=g)
-    _compare(fused, ref, x, hx, lengths, DT)
 
 
 # ------------------------------------------------------------------ the ops: gradcheck, opcheck, compile, errors
