@@ -233,40 +233,45 @@ class RecurrentBase(nn.Module):
 
     def which_backend(self, input: Optional[Tensor] = None, lengths=None) -> str:
         """The name of the backend this module runs (on ``input`` with ``lengths``, if given)."""
-        if isinstance(input, PackedSequence):
-            input, lengths = pad_packed_sequence(input)
-        elif input is not None and input.dim() == len(self._feature_symbols()) + 1:
-            input = input.unsqueeze(1)  # unbatched: (L, 1, ...) as forward runs it
-        elif input is not None and self.batch_first:
-            input = input.transpose(0, 1)  # forward runs time-major
-        if lengths is not None and not isinstance(lengths, Tensor):
-            lengths = torch.as_tensor(lengths)
-        return _backends.select(self, input, lengths).name
+        if input is None:
+            return _backends.select(self, None, None if lengths is None else torch.as_tensor(lengths)).name
+        x, _, lengths, _ = self._time_major(input, lengths)
+        return _backends.select(self, x, lengths).name
 
-    def forward(self, input, hx=None, *, lengths=None, padding_value: float = 0.0):
-        """See the class docstring. ``lengths`` (N,) gives each sequence's length
-        in a padded batch, with no packing; positions past a length are set to
-        ``padding_value`` and the final state is the one after each sequence's
-        last valid step."""
-        packed_in = input if isinstance(input, PackedSequence) else None
-        if packed_in is not None:
+    def _time_major(self, input, lengths, padding_value: float = 0.0):
+        """Read and check ``input`` and ``lengths`` as the backends take them.
+
+        Returns ``x`` time-major ``(L, N, ...)`` (unbatched input gets ``N = 1``),
+        its :class:`InputReading`, ``lengths`` as an int64 tensor on ``x``'s device
+        (or None), and, for a PackedSequence, its lengths as packed (to repack the
+        output), else None.
+        """
+        packed_lengths = None
+        if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError(f"{self._describe()}: lengths cannot be given with a PackedSequence input "
                                  "(it carries its own lengths)")
-            x, packed_lengths = pad_packed_sequence(packed_in, padding_value=padding_value)
+            x, packed_lengths = pad_packed_sequence(input, padding_value=padding_value)
             reading = read_input(self, x, packed=True)
         else:
             reading = read_input(self, input)
             x = input if reading.batched else input.unsqueeze(1)
             if self.batch_first and reading.batched:
                 x = x.transpose(0, 1)
-        ref = next(self.parameters())
-        check_dtype_device(self, "input", x, ref)
-        if packed_in is not None:
+        check_dtype_device(self, "input", x, next(self.parameters()))
+        if packed_lengths is not None:
             lengths = packed_lengths.to(x.device)
         elif lengths is not None:
             lengths = check_lengths(self, lengths, reading, x.device)
+        return x, reading, lengths, packed_lengths
 
+    def forward(self, input, hx=None, *, lengths=None, padding_value: float = 0.0):
+        """See the class docstring. ``lengths`` (N,) gives each sequence's length
+        in a padded batch, with no packing; positions past a length are set to
+        ``padding_value`` and the final state is the one after each sequence's
+        last valid step."""
+        x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
+        ref = next(self.parameters())
         expected = self._state_shapes(reading.batch, reading.feature_shape)
         if hx is None:
             state0 = tuple(x.new_zeros(shape) for shape in expected)
@@ -282,8 +287,8 @@ class RecurrentBase(nn.Module):
             self._dropped_weights = None
         out = mask_padding(out, lengths, padding_value)
 
-        if packed_in is not None:
-            out = _repack(out, packed_in, packed_lengths)
+        if packed_lengths is not None:
+            out = _repack(out, input, packed_lengths)
         elif not reading.batched:
             out = out.squeeze(1)
             states = tuple(s.squeeze(1) for s in states)

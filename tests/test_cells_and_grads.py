@@ -148,3 +148,18 @@ def test_dropout_after_last_layer_never_applied():
     gru_d.load_state_dict(gru.state_dict())
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(gru_d.train()(x)[0], gru(x)[0])
+
+
+def test_which_backend_reads_input_as_forward_does():
+    """which_backend names the backend forward then runs, for every input form,
+    and rejects a bad input with forward's own message."""
+    lstm = rnnkit.LSTM(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 2], batch_first=True)
+    for inp, kw in [(x, {}), (x, {"lengths": [5, 2]}), (x[0], {}), (packed, {})]:
+        lstm(inp, **kw)
+        assert lstm.which_backend(inp, **kw) == lstm.last_backend
+    with pytest.raises(ValueError, match=r"read as \(N=2, L=5, H_in=4\) \[batch_first=True\]"):
+        lstm.which_backend(torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match=r"lengths has 3 entries but the batch has N=2"):
+        lstm.which_backend(x, lengths=[5, 2, 1])
