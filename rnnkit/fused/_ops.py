@@ -111,6 +111,31 @@ def _fake_rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh, act):
     return h.new_empty(h.shape)
 
 
+# ConvLSTM / ConvGRU: xp (L, N, G, *S), states (N, hidden, *S), w_hh (G, hidden, *kernel)
+
+def _fake_conv_lstm_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths):
+    L, N, hid, spatial = xp.shape[0], xp.shape[1], w_hh.shape[1], xp.shape[3:]
+    return xp.new_empty(L, N, hid, *spatial), xp.new_empty(N, hid, *spatial), xp.new_empty(N, hid, *spatial), \
+        xp.new_empty(xp.shape), xp.new_empty(L, N, hid, *spatial)
+
+
+def _fake_conv_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs):
+    peep = [w.new_empty(w.shape) if w is not None else out.new_empty(0) for w in (w_ci, w_cf, w_co)]
+    return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), *peep, h0.new_empty(h0.shape), \
+        c0.new_empty(c0.shape)
+
+
+def _fake_conv_gru_fwd(xp, w_hh, b_hh, h0, lengths):
+    L, N, hid, spatial = xp.shape[0], xp.shape[1], w_hh.shape[1], xp.shape[3:]
+    return xp.new_empty(L, N, hid, *spatial), xp.new_empty(N, hid, *spatial), xp.new_empty(xp.shape), \
+        xp.new_empty(L, N, hid, *spatial)
+
+
+def _fake_conv_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn):
+    return rzn.new_empty(rzn.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty(w_hh.shape[0]), \
+        h0.new_empty(h0.shape)
+
+
 # ------------------------------------------------------------------ autograd
 
 def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
@@ -210,6 +235,38 @@ def _backward_gru(ctx, grad_out, grad_hn, *_unused):
     return dxp, dw_hh, (db_hh if ctx.has_bias else None), dh0, None
 
 
+def _setup_conv_lstm(ctx, inputs, output):
+    xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths = inputs
+    out, _, _, gates, cs = output
+    ctx.save_for_backward(w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
+
+
+def _backward_conv_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
+    w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    grad_cn = _zeros_if_none(grad_cn, c0)
+    dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0 = _ops().conv_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf,
+                                                                     w_co, h0, c0, lengths, out, gates, cs)
+    peep = (dw_ci, dw_cf, dw_co) if w_ci is not None else (None, None, None)
+    return dxp, dw_hh, *peep, dh0, dc0, None
+
+
+def _setup_conv_gru(ctx, inputs, output):
+    xp, w_hh, b_hh, h0, lengths = inputs
+    out, _, rzn, hn = output
+    ctx.has_bias = b_hh is not None
+    ctx.save_for_backward(w_hh, h0, lengths, out, rzn, hn)
+
+
+def _backward_conv_gru(ctx, grad_out, grad_hn, *_unused):
+    w_hh, h0, lengths, out, rzn, hn = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    dxp, dw_hh, db_hh, dh0 = _ops().conv_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn)
+    return dxp, dw_hh, (db_hh if ctx.has_bias else None), dh0, None
+
+
 def register() -> None:
     """Attach fake and autograd implementations to the loaded C++ ops (once)."""
     global _registered
@@ -229,6 +286,11 @@ def register() -> None:
     lib.register_autograd("rnnkit_fused::peephole_fwd", _backward_peephole, setup_context=_setup_peephole)
     lib.register_autograd("rnnkit_fused::ln_lstm_fwd", _backward_ln_lstm, setup_context=_setup_ln_lstm)
     lib.register_autograd("rnnkit_fused::indrnn_fwd", _backward_indrnn, setup_context=_setup_indrnn)
+    for name, fn in [("conv_lstm_fwd", _fake_conv_lstm_fwd), ("conv_lstm_bwd", _fake_conv_lstm_bwd),
+                     ("conv_gru_fwd", _fake_conv_gru_fwd), ("conv_gru_bwd", _fake_conv_gru_bwd)]:
+        lib.register_fake(f"rnnkit_fused::{name}", fn)
+    lib.register_autograd("rnnkit_fused::conv_lstm_fwd", _backward_conv_lstm, setup_context=_setup_conv_lstm)
+    lib.register_autograd("rnnkit_fused::conv_gru_fwd", _backward_conv_gru, setup_context=_setup_conv_gru)
     _registered = True
 
 
@@ -280,3 +342,26 @@ def indrnn_sequence(xp: Tensor, u: Tensor, h0: Tensor, lengths: Optional[Tensor]
     with ``xp = x W_ih^T + b_ih + b_hh`` and the per-unit ``u (H,)`` (already
     clamped by the caller where the layer bounds it); ``act`` 0 is tanh, 1 is relu."""
     return _ops().indrnn_fwd(xp, u, h0, lengths, act)
+
+
+def conv_lstm_sequence(xp: Tensor, w_hh: Tensor, w_ci: Optional[Tensor], w_cf: Optional[Tensor],
+                       w_co: Optional[Tensor], h0: Tensor, c0: Tensor,
+                       lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(out (L, N, hidden, *S), h_n (N, hidden, *S), c_n (N, hidden, *S))`` of a
+    ConvLSTM on its input convolution ``xp = W_ih * x + b_ih + b_hh`` ``(L, N, 4 hidden, *S)``,
+    gates ``i, f, g, o``: per step ``a = xp_t + U * h_{t-1}`` with ``U = w_hh
+    (4 hidden, hidden, *kernel)`` ('same' padding as :func:`rnnkit.zoo.conv.conv_same`).
+    Peepholes ``w_ci, w_cf, w_co`` are all None or all ``(hidden, *S)`` (the caller expands
+    broadcast ones): ``i, f`` see ``c_{t-1}``, ``o`` sees ``c_t``, element-wise."""
+    out, h_n, c_n, _, _ = _ops().conv_lstm_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
+    return out, h_n, c_n
+
+
+def conv_gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
+                      lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(out (L, N, hidden, *S), h_n (N, hidden, *S))`` of a ConvGRU on its input
+    convolution ``xp = W_ih * x + b_ih`` ``(L, N, 3 hidden, *S)``, gates ``r, z, n``;
+    ``b_hh`` goes with the recurrent convolution ``U * h_{t-1} + b_hh`` (its ``n``
+    part is gated by ``r``)."""
+    out, h_n, _, _ = _ops().conv_gru_fwd(xp, w_hh, b_hh, h0, lengths)
+    return out, h_n

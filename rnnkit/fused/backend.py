@@ -102,6 +102,30 @@ def scan_indrnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Opt
     return out, (h_n,)
 
 
+def scan_conv_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
+                   lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    # the spec's own input convolution over every step (ATen, L folded into the batch; b_hh joins b_ih in its
+    # bias), then the C++ time loop; autograd covers W_ih, the biases, x and the peepholes' broadcast
+    xp = spec.project(x, {**p, "bias_ih": _bias_sum(p)})
+    peepholes = [p.get(name) for name in ("weight_ci", "weight_cf", "weight_co")]
+    if peepholes[0] is not None:
+        peepholes = [w.expand(state[1].shape[1:]) for w in peepholes]  # (hidden, *S') from (hidden, 1, ...)
+    out, h_n, c_n = _ops.conv_lstm_sequence(xp, p["weight_hh"], *peepholes, state[0].contiguous(),
+                                            state[1].contiguous(), _lengths(lengths))
+    return out, (h_n, c_n)
+
+
+def scan_conv_gru(spec: CellSpec, p: Params, x: Tensor, state: State,
+                  lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    xp = spec.project(x, p)  # W_ih * x + b_ih; b_hh stays with the recurrent convolution (r gates its n part)
+    out, h_n = _ops.conv_gru_sequence(xp, p["weight_hh"], p.get("bias_hh"), state[0].contiguous(), _lengths(lengths))
+    return out, (h_n,)
+
+
+CONV_FAMILIES = ("conv_lstm", "conv_gru")
+"""Families whose input is ``(L, N, C, *S)`` (1 to 3 spatial dims) instead of ``(L, N, H_in)``."""
+
+
 KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "rnn_tanh": scan_rnn,
     "rnn_relu": scan_rnn,
@@ -111,6 +135,8 @@ KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "layernorm_lstm": scan_layernorm_lstm,
     "indrnn_relu": scan_indrnn,
     "indrnn_tanh": scan_indrnn,
+    "conv_lstm": scan_conv_lstm,
+    "conv_gru": scan_conv_gru,
 }
 """Fused kernel families by :attr:`CellSpec.fusable`. A new family (LayerNorm
 LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""
@@ -202,7 +228,10 @@ class FusedBackend(Backend):
         reason = tensor_unsupported(next(iter(module.parameters()), None), x)
         if reason is not None:
             return reason
-        if x is not None and x.dim() != 3:
+        if x is not None and spec.fusable in CONV_FAMILIES:
+            if not 4 <= x.dim() <= 6:
+                return f"the fused conv kernels take (L, N, C, *S) inputs with 1 to 3 spatial dims, got {x.dim()}-D"
+        elif x is not None and x.dim() != 3:
             return f"the fused kernels take (L, N, H_in) inputs, got {x.dim()}-D"
         return None
 

@@ -119,8 +119,8 @@ def conv_gru_step(xp: Tensor, state: State, p: Params) -> State:
     return (n + z * (h - n),)
 
 
-CONV_LSTM_SPEC = CellSpec("conv_lstm", 4, ("h", "c"), conv_project, conv_lstm_step)
-CONV_GRU_SPEC = CellSpec("conv_gru", 3, ("h",), conv_project, conv_gru_step)
+CONV_LSTM_SPEC = CellSpec("conv_lstm", 4, ("h", "c"), conv_project, conv_lstm_step, fusable="conv_lstm")
+CONV_GRU_SPEC = CellSpec("conv_gru", 3, ("h",), conv_project, conv_gru_step, fusable="conv_gru")
 
 
 # ----------------------------------------------------------------------------- arguments
