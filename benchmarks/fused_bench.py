@@ -42,6 +42,16 @@ CELLS = {  # name -> (rnnkit class, torch.nn class, kwargs, table key)
 }
 T = 100
 
+# ConvLSTM / ConvGRU (fused vs reference only: torch.nn has no conv RNN), kernel 3, 'same' padding;
+# size -> (T, batch, input channels, hidden channels, square image side). Run with
+# --cells conv_lstm2d,conv_gru2d (not in the default --cells: no entry in auto's table).
+CONV_CELLS = {
+    "conv_lstm2d": (rnnkit.ConvLSTM2d, {}),
+    "conv_lstm2d_peephole": (rnnkit.ConvLSTM2d, {"peephole": True}),
+    "conv_gru2d": (rnnkit.ConvGRU2d, {}),
+}
+CONV_SIZES = {"S": (20, 1, 4, 8, 16), "M": (20, 4, 16, 32, 32), "L": (20, 8, 32, 64, 64)}
+
 
 def cpu_name() -> str:
     try:
@@ -121,6 +131,17 @@ def bench_cell(cell: str, size: str, repeat: int, with_reference: bool = True) -
     return race(fns, repeat)
 
 
+def bench_conv(cell: str, size: str, repeat: int) -> dict:
+    """A conv layer's forward+backward, fused vs reference, float32."""
+    cls, kw = CONV_CELLS[cell]
+    steps, batch, inp, hidden, side = CONV_SIZES[size]
+    torch.manual_seed(0)
+    mods = {backend: cls(inp, hidden, 3, backend=backend, **kw) for backend in ("fused", "reference")}
+    mods["reference"].load_state_dict(mods["fused"].state_dict())
+    x = torch.randn(steps, batch, inp, side, side)
+    return race({name: step_fn(m, x) for name, m in mods.items()}, repeat)
+
+
 def bench_lengths(size: str, repeat: int) -> dict:
     """LSTM with variable lengths: fused on padded+lengths vs torch.nn on a PackedSequence."""
     mods, x = make("lstm", size)
@@ -155,7 +176,9 @@ def bench_step(repeat: int, hidden: int = 64, inp: int = 32) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default=",".join(CELLS))
+    ap.add_argument("--cells", default=",".join(CELLS),
+                    help=f"comma-separated, from {sorted(CELLS)} and the conv layers {sorted(CONV_CELLS)} "
+                         "(sizes: see CONV_SIZES)")
     ap.add_argument("--sizes", default="S,M,L")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
@@ -184,6 +207,16 @@ def main(argv=None) -> int:
     print(header)
     fastest = {}
     for cell in args.cells.split(","):
+        if cell in CONV_CELLS:
+            for size in args.sizes.split(","):
+                r = bench_conv(cell, size, args.repeat)
+                row = {"cell": cell, "size": size, "conv_size": CONV_SIZES[size],
+                       **{f"{k}_ms": v * 1e3 for k, v in r.items()}, "reference_over_fused": r["reference"] / r["fused"]}
+                results["rows"].append(row)
+                print(f"{cell:<10} {size:<4} {row['fused_ms']:9.3f} {float('nan'):9.3f} {row['reference_ms']:9.3f} "
+                      f"{float('nan'):11.2f} {row['reference_over_fused']:9.2f}   (T, N, C, hidden, side) = "
+                      f"{CONV_SIZES[size]}", flush=True)
+            continue
         for size in args.sizes.split(","):
             r = bench_cell(cell, size, args.repeat, with_reference=not args.no_reference)
             row = {"cell": cell, "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()}}

@@ -1610,6 +1610,17 @@ inline void conv_gru_grad_row(const T* rzn, const T* hn, const T* hp, const T* d
   }
 }
 
+// dst += src on this thread (an ATen add_ of a state-sized tensor opens a thread-pool
+// region per step, which costs more than the add on a busy machine)
+inline void add_grad(Tensor& dst, const Tensor& src) {
+  if (!src.is_contiguous()) {
+    dst.add_(src);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dst.scalar_type(), "add_grad",
+                             [&] { add_into(dst.data_ptr<scalar_t>(), src.data_ptr<scalar_t>(), dst.numel()); });
+}
+
 // zero elements [j0, j1) of each of `blocks` gate blocks of one row
 template <typename T>
 inline void zero_blocks(T* row, int64_t blocks, int64_t HP, int64_t j0, int64_t j1) {
@@ -1737,7 +1748,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
           zero_row(dnp + r + j0, j1 - j0);
         }
       });
-      dn.add_(same.grad_input(dG[t], same.symmetric ? hp_t : like, w_hh));
+      add_grad(dn, same.grad_input(dG[t], same.symmetric ? hp_t : like, w_hh));
       std::swap(dh, dn);
     }
   });
@@ -1853,7 +1864,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_bwd(const Tensor& grad_out_,
           conv_gru_grad_row(rzt + rg, hnt + r, hp + r, dhp + r, dxt + rg, dht + rg, dnp + r, HP, j0, j1);
         }
       });
-      dn.add_(same.grad_input(dhh[t], same.symmetric ? hp_t : like, w_hh));
+      add_grad(dn, same.grad_input(dhh[t], same.symmetric ? hp_t : like, w_hh));
       std::swap(dh, dn);
     }
   });
