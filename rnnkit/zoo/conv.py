@@ -305,8 +305,9 @@ _CONV_ARGS_DOC = r"""
         stride: int or tuple, stride of layer 0's input convolution (later layers use 1,
             so every state has the same size ``S' = ceil(S / stride)``).
         dilation: int or tuple, dilation of every layer's input convolution.
-        backend: ``"auto"`` or ``"reference"`` (the generic runner; PyTorch has no
-            fused convolutional RNN op). ``module.last_backend`` names the one that ran."""
+        backend: ``"auto"``, ``"fused"`` (rnnkit's C++ gate math and state update around
+            ATen convolutions) or ``"reference"`` (the generic runner); PyTorch has no fused
+            convolutional RNN op. ``module.last_backend`` names the one that ran."""
 
 _CONV_SHAPES_DOC = r"""
     Inputs: input, hx (, lengths)
