@@ -10,6 +10,8 @@ The C++ library (``csrc/fused.cpp``) defines the schemas and CPU kernels under
   backward needs (gate activations, cell states), which the wrappers below drop.
 * ``rnn_bwd / lstm_bwd / gru_bwd / peephole_bwd / ln_lstm_bwd / indrnn_bwd``: backpropagation through time.
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
+* ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
+  ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
 
 :func:`register` runs once after the library is loaded.
 """
