@@ -172,6 +172,29 @@ def test_layer_without_lengths_batch_first_matches_reference_backend(name):
 
 
 @needs_fused
+@tiny
+@pytest.mark.parametrize("name", ["lstm1d_even_peephole", "gru1d_even_dilation"])
+def test_inter_layer_dropout_in_training_matches_reference_backend(name):
+    """Two layers with dropout 0.5 in training mode, the same seed for both backends
+    (the runner draws the same masks: the fused scan draws no random numbers): float64."""
+    fused, ref, spatial = _pair(name, DT, num_layers=2, dropout=0.5)
+    fused.train(), ref.train()
+    x = torch.randn(4, 3, 2, *spatial, dtype=DT, generator=torch.Generator().manual_seed(11))
+    results = []
+    for m in (fused, ref):
+        torch.manual_seed(5)
+        xi = x.clone().requires_grad_()
+        out, h_n = m(xi, lengths=torch.tensor([4, 1, 3]))
+        grads = torch.autograd.grad(weighted_sum([out, *flatten_states(h_n)]), [xi, *m.parameters()])
+        results.append((out, grads))
+    assert fused.last_backend == "fused"
+    (o1, g1), (o2, g2) = results
+    assert_close(o1, o2, DT, "output")
+    for a, b in zip(g1, g2):
+        assert_close(a, b, DT, "grad")
+
+
+@needs_fused
 @pytest.mark.parametrize("name", ["lstm2d_odd_peephole_stride_dilation", "gru2d_even_nobias"])
 def test_large_rows_parallel_path_matches_reference_backend(name):
     """States of 3 x 24 x 24 (1728 elements a row; the strided layer reads 48 x 47) and
