@@ -127,7 +127,7 @@ def bench_cell(cell: str, size: str, repeat: int, with_reference: bool = True,
     return race(fns, repeat)
 
 
-def bench_lengths(size: str, repeat: int, dtype: torch.dtype = torch.float32) -> dict:
+def bench_lengths(size: str, repeat: int, dtype: torch.dtype = torch.float32, with_reference: bool = True) -> dict:
     """LSTM with variable lengths: fused on padded+lengths vs torch.nn on a PackedSequence."""
     mods, x = make("lstm", size, dtype=dtype)
     batch = x.shape[1]
@@ -135,8 +135,9 @@ def bench_lengths(size: str, repeat: int, dtype: torch.dtype = torch.float32) ->
     lengths = torch.randint(T // 2, T + 1, (batch,), generator=g)
     lengths[0] = T
     fns = {"fused": step_fn(mods["fused"], x, lengths=lengths),
-           "torch.nn": step_fn(mods["torch.nn"], x, lengths=lengths, packed=True),
-           "reference": step_fn(mods["reference"], x, lengths=lengths)}
+           "torch.nn": step_fn(mods["torch.nn"], x, lengths=lengths, packed=True)}
+    if with_reference:
+        fns["reference"] = step_fn(mods["reference"], x, lengths=lengths)
     return race(fns, repeat)
 
 
@@ -217,14 +218,16 @@ def main(argv=None) -> int:
                 fastest.setdefault(key + suffix, {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
     if "lstm" in cells:
         for size in args.sizes.split(","):
-            r = bench_lengths(size, args.repeat, dtype=dtype)
+            r = bench_lengths(size, args.repeat, dtype=dtype, with_reference=not args.no_reference)
             row = {"cell": "lstm_lengths", "size": size, "dtype": args.dtype,
-                   **{f"{k}_ms": v * 1e3 for k, v in r.items()},
-                   "torch_over_fused": r["torch.nn"] / r["fused"], "reference_over_fused": r["reference"] / r["fused"]}
+                   **{f"{k}_ms": v * 1e3 for k, v in r.items()}, "torch_over_fused": r["torch.nn"] / r["fused"]}
+            if "reference" in r:
+                row["reference_over_fused"] = r["reference"] / r["fused"]
             results["rows"].append(row)
             fastest.setdefault(f"lstm{suffix}_lengths", {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
             print(f"{'lstm+len':<10} {size:<4} {row['fused_ms']:9.3f} {row['torch.nn_ms']:9.3f} "
-                  f"{row['reference_ms']:9.3f} {row['torch_over_fused']:11.2f} {row['reference_over_fused']:9.2f}"
+                  f"{row.get('reference_ms', float('nan')):9.3f} {row['torch_over_fused']:11.2f} "
+                  f"{row.get('reference_over_fused', float('nan')):9.2f}"
                   "   (torch.nn on a PackedSequence)", flush=True)
     if "lstm" in cells and dtype == torch.float32:  # the fused cells step float32/float64 only
         r = bench_step(args.repeat)
