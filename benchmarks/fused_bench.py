@@ -121,9 +121,13 @@ def race(fns: dict, repeat: int, budget: float = 0.04) -> dict:
 
 
 def bench_cell(cell: str, size: str, repeat: int, with_reference: bool = True,
-               dtype: torch.dtype = torch.float32) -> dict:
+               dtype: torch.dtype = torch.float32, vs_float32: bool = False) -> dict:
     mods, x = make(cell, size, dtype=dtype)
     fns = {name: step_fn(m, x) for name, m in mods.items() if with_reference or name != "reference"}
+    if vs_float32:  # the same layers in float32, in the same race (--vs-float32)
+        mods32, x32 = make(cell, size)
+        fns.update({f"{name}_float32": step_fn(mods32[name], x32) for name in ("fused", "torch.nn")
+                    if name in mods32})
     return race(fns, repeat)
 
 
@@ -172,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--update", action="store_true", help="with --write-table: replace only the cells measured now")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
                     help="parameters and input dtype; bfloat16 rows get table keys like lstm_bfloat16")
+    ap.add_argument("--vs-float32", action="store_true",
+                    help="with --dtype bfloat16: also time fused and torch.nn in float32, interleaved in the same race")
     args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
@@ -202,7 +208,8 @@ def main(argv=None) -> int:
     fastest = {}
     for cell in cells:
         for size in args.sizes.split(","):
-            r = bench_cell(cell, size, args.repeat, with_reference=not args.no_reference, dtype=dtype)
+            r = bench_cell(cell, size, args.repeat, with_reference=not args.no_reference, dtype=dtype,
+                           vs_float32=args.vs_float32 and dtype != torch.float32)
             row = {"cell": cell, "size": size, "dtype": args.dtype, **{f"{k}_ms": v * 1e3 for k, v in r.items()}}
             if "torch.nn" in r:
                 row["torch_over_fused"] = r["torch.nn"] / r["fused"]
@@ -213,6 +220,11 @@ def main(argv=None) -> int:
             print(f"{cell:<10} {size:<4} {row['fused_ms']:9.3f} {row.get('torch.nn_ms', float('nan')):9.3f} {ref} "
                   f"{row.get('torch_over_fused', float('nan')):11.2f} "
                   f"{row.get('reference_over_fused', float('nan')):9.2f}", flush=True)
+            if "fused_float32" in r:
+                row["fused_float32_over_fused"] = r["fused_float32"] / r["fused"]
+                print(f"{'':<15} float32: fused {r['fused_float32'] * 1e3:.3f} ms, torch.nn "
+                      f"{r.get('torch.nn_float32', float('nan')) * 1e3:.3f} ms; fused float32 / fused "
+                      f"{args.dtype} {row['fused_float32_over_fused']:.2f}", flush=True)
             key = CELLS[cell][3]
             if key is not None and "torch.nn" in r:  # torch.nn runs this very function
                 fastest.setdefault(key + suffix, {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
