@@ -1,9 +1,11 @@
 """Forward+backward timing of the fused backend against torch.nn and the reference
-backend, float32, 2 threads, T=100, in one process, interleaved, min-of-N.
+backend, float32 (or ``--dtype bfloat16``), 2 threads, T=100, in one process, interleaved, min-of-N.
 
     PYTHONPATH=$PWD python benchmarks/fused_bench.py                 # print the table
     PYTHONPATH=$PWD python benchmarks/fused_bench.py --write-table   # also write rnnkit/fused/auto_table.json
     PYTHONPATH=$PWD python benchmarks/fused_bench.py --json out.json --cells lstm,gru --sizes S,M
+    PYTHONPATH=$PWD python benchmarks/fused_bench.py --dtype bfloat16 --cells rnn_tanh,rnn_relu,lstm,lstm_proj,gru \\
+        --no-reference --write-table --update   # add the bfloat16 rows (keys like lstm_bfloat16) to auto's table
 
 The machine it runs on is shared, so every figure is the minimum over
 ``--repeat`` rounds, and in each round the backends run back to back
@@ -41,6 +43,8 @@ CELLS = {  # name -> (rnnkit class, torch.nn class, kwargs, table key)
     "indrnn_tanh": (rnnkit.IndRNN, None, {"nonlinearity": "tanh"}, None),
 }
 T = 100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BF16_CELLS = ("rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru")  # the families with bfloat16 kernels
 
 # ConvLSTM / ConvGRU (fused vs reference only: torch.nn has no conv RNN), kernel 3, 'same' padding;
 # size -> (T, batch, input channels, hidden channels, square image side). Run with
@@ -63,7 +67,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def make(cell: str, size: str, seed: int = 0):
+def make(cell: str, size: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     ours_cls, torch_cls, kw, _ = CELLS[cell]
     batch, inp, hidden = SIZES[size]
     kw = dict(kw)
@@ -78,7 +82,8 @@ def make(cell: str, size: str, seed: int = 0):
                                                       torch_cls is torch.nn.RNN})
     for m in mods.values():  # a zoo cell has parameters torch.nn's stand-in lacks (peepholes, LN gains): left out
         m.load_state_dict({k: v for k, v in mods["fused"].state_dict().items() if k in m.state_dict()})
-    x = torch.randn(T, batch, inp)
+        m.to(dtype)
+    x = torch.randn(T, batch, inp).to(dtype)
     return mods, x
 
 
@@ -125,9 +130,14 @@ def race(fns: dict, repeat: int, budget: float = 0.04) -> dict:
     return best
 
 
-def bench_cell(cell: str, size: str, repeat: int, with_reference: bool = True) -> dict:
-    mods, x = make(cell, size)
+def bench_cell(cell: str, size: str, repeat: int, with_reference: bool = True,
+               dtype: torch.dtype = torch.float32, vs_float32: bool = False) -> dict:
+    mods, x = make(cell, size, dtype=dtype)
     fns = {name: step_fn(m, x) for name, m in mods.items() if with_reference or name != "reference"}
+    if vs_float32:  # the same layers in float32, in the same race (--vs-float32)
+        mods32, x32 = make(cell, size)
+        fns.update({f"{name}_float32": step_fn(mods32[name], x32) for name in ("fused", "torch.nn")
+                    if name in mods32})
     return race(fns, repeat)
 
 
@@ -142,16 +152,17 @@ def bench_conv(cell: str, size: str, repeat: int) -> dict:
     return race({name: step_fn(m, x) for name, m in mods.items()}, repeat)
 
 
-def bench_lengths(size: str, repeat: int) -> dict:
+def bench_lengths(size: str, repeat: int, dtype: torch.dtype = torch.float32, with_reference: bool = True) -> dict:
     """LSTM with variable lengths: fused on padded+lengths vs torch.nn on a PackedSequence."""
-    mods, x = make("lstm", size)
+    mods, x = make("lstm", size, dtype=dtype)
     batch = x.shape[1]
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(T // 2, T + 1, (batch,), generator=g)
     lengths[0] = T
     fns = {"fused": step_fn(mods["fused"], x, lengths=lengths),
-           "torch.nn": step_fn(mods["torch.nn"], x, lengths=lengths, packed=True),
-           "reference": step_fn(mods["reference"], x, lengths=lengths)}
+           "torch.nn": step_fn(mods["torch.nn"], x, lengths=lengths, packed=True)}
+    if with_reference:
+        fns["reference"] = step_fn(mods["reference"], x, lengths=lengths)
     return race(fns, repeat)
 
 
@@ -186,7 +197,19 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
     ap.add_argument("--write-table", action="store_true", help=f"write auto's table to {TABLE_PATH}")
     ap.add_argument("--update", action="store_true", help="with --write-table: replace only the cells measured now")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="parameters and input dtype; bfloat16 rows get table keys like lstm_bfloat16")
+    ap.add_argument("--vs-float32", action="store_true",
+                    help="with --dtype bfloat16: also time fused and torch.nn in float32, interleaved in the same race")
     args = ap.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    cells = args.cells.split(",")
+    if dtype == torch.bfloat16:
+        skipped = [c for c in cells if c not in BF16_CELLS]
+        if skipped:
+            print(f"# no bfloat16 kernels for {', '.join(skipped)}: skipped", file=sys.stderr)
+        cells = [c for c in cells if c in BF16_CELLS]
     torch.set_num_threads(args.threads)
     reason = rnnkit.BACKENDS["fused"].unavailable()
     if reason:
@@ -194,7 +217,7 @@ def main(argv=None) -> int:
         return 1
     machine = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
                "python": platform.python_version(), "cores_visible": os.cpu_count()}
-    print(f"# {machine['cpu']}, torch {machine['torch']}, {args.threads} threads, T={T}, float32, fwd+bwd, "
+    print(f"# {machine['cpu']}, torch {machine['torch']}, {args.threads} threads, T={T}, {args.dtype}, fwd+bwd, "
           f"min of {args.repeat}")
     results = {"machine": machine, "T": T, "sizes": SIZES, "rows": []}
     warm_until = time.perf_counter() + 2.0  # settle the thread pools and allocator before the first figure
@@ -206,7 +229,7 @@ def main(argv=None) -> int:
     header = f"{'cell':<10} {'size':<4} {'fused ms':>9} {'torch ms':>9} {'ref ms':>9} {'torch/fused':>11} {'ref/fused':>9}"
     print(header)
     fastest = {}
-    for cell in args.cells.split(","):
+    for cell in cells:
         if cell in CONV_CELLS:
             for size in args.sizes.split(","):
                 r = bench_conv(cell, size, args.repeat)
@@ -218,8 +241,9 @@ def main(argv=None) -> int:
                       f"{CONV_SIZES[size]}", flush=True)
             continue
         for size in args.sizes.split(","):
-            r = bench_cell(cell, size, args.repeat, with_reference=not args.no_reference)
-            row = {"cell": cell, "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()}}
+            r = bench_cell(cell, size, args.repeat, with_reference=not args.no_reference, dtype=dtype,
+                           vs_float32=args.vs_float32 and dtype != torch.float32)
+            row = {"cell": cell, "size": size, "dtype": args.dtype, **{f"{k}_ms": v * 1e3 for k, v in r.items()}}
             if "torch.nn" in r:
                 row["torch_over_fused"] = r["torch.nn"] / r["fused"]
             if "reference" in r:
@@ -229,19 +253,28 @@ def main(argv=None) -> int:
             print(f"{cell:<10} {size:<4} {row['fused_ms']:9.3f} {row.get('torch.nn_ms', float('nan')):9.3f} {ref} "
                   f"{row.get('torch_over_fused', float('nan')):11.2f} "
                   f"{row.get('reference_over_fused', float('nan')):9.2f}", flush=True)
+            if "fused_float32" in r:
+                row["fused_float32_over_fused"] = r["fused_float32"] / r["fused"]
+                print(f"{'':<15} float32: fused {r['fused_float32'] * 1e3:.3f} ms, torch.nn "
+                      f"{r.get('torch.nn_float32', float('nan')) * 1e3:.3f} ms; fused float32 / fused "
+                      f"{args.dtype} {row['fused_float32_over_fused']:.2f}", flush=True)
             key = CELLS[cell][3]
             if key is not None and "torch.nn" in r:  # torch.nn runs this very function
-                fastest.setdefault(key, {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
-    if "lstm" in args.cells.split(","):
+                fastest.setdefault(key + suffix, {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
+    if "lstm" in cells:
         for size in args.sizes.split(","):
-            r = bench_lengths(size, args.repeat)
-            row = {"cell": "lstm_lengths", "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()},
-                   "torch_over_fused": r["torch.nn"] / r["fused"], "reference_over_fused": r["reference"] / r["fused"]}
+            r = bench_lengths(size, args.repeat, dtype=dtype, with_reference=not args.no_reference)
+            row = {"cell": "lstm_lengths", "size": size, "dtype": args.dtype,
+                   **{f"{k}_ms": v * 1e3 for k, v in r.items()}, "torch_over_fused": r["torch.nn"] / r["fused"]}
+            if "reference" in r:
+                row["reference_over_fused"] = r["reference"] / r["fused"]
             results["rows"].append(row)
-            fastest.setdefault("lstm_lengths", {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
+            fastest.setdefault(f"lstm{suffix}_lengths", {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
             print(f"{'lstm+len':<10} {size:<4} {row['fused_ms']:9.3f} {row['torch.nn_ms']:9.3f} "
-                  f"{row['reference_ms']:9.3f} {row['torch_over_fused']:11.2f} {row['reference_over_fused']:9.2f}"
+                  f"{row.get('reference_ms', float('nan')):9.3f} {row['torch_over_fused']:11.2f} "
+                  f"{row.get('reference_over_fused', float('nan')):9.2f}"
                   "   (torch.nn on a PackedSequence)", flush=True)
+    if "lstm" in cells and dtype == torch.float32:  # the fused cells step float32/float64 only
         r = bench_step(args.repeat)
         results["lstm_cell_step_us"] = {k: v * 1e6 for k, v in r.items()}
         results["rows"].append({"cell": "lstm_cell_step", "size": "S", "fused_ms": r["fused"] * 1e3,
@@ -257,10 +290,11 @@ def main(argv=None) -> int:
                  "lstm_cell_step_us": results.get("lstm_cell_step_us")}
         if args.update:  # keep the other cells' entries, replace the ones measured now
             old = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
-            measured = {(r["cell"], r["size"]) for r in results["rows"]}
+            measured = {(r["cell"], r["size"], r.get("dtype", "float32")) for r in results["rows"]}
             table["fastest"] = {**old.get("fastest", {}), **{k: {**old.get("fastest", {}).get(k, {}), **v}
                                                              for k, v in fastest.items()}}
-            table["rows"] = [r for r in old.get("rows", []) if (r["cell"], r["size"]) not in measured] + \
+            table["rows"] = [r for r in old.get("rows", [])
+                             if (r["cell"], r["size"], r.get("dtype", "float32")) not in measured] + \
                 results["rows"]
             if "lstm_cell_step_us" not in results:
                 table["lstm_cell_step_us"] = old.get("lstm_cell_step_us")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 
-import pytest
 import torch
 
 import rnnkit
@@ -38,11 +37,6 @@ def test_bfloat16_matches_a_float64_oracle_to_bf16_precision():
     from helpers import runnable_backends
     torch.manual_seed(0)
     for backend in runnable_backends():
-        if backend == "fused":  # float32/float64 kernels: refused up front, with the reason
-            with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: .*float32 and "
-                                                 r"float64, got parameters of dtype torch.bfloat16"):
-                rnnkit.LSTM(3, 4, dtype=torch.bfloat16, backend=backend)
-            continue
         m = rnnkit.LSTM(3, 4, 2, bidirectional=True, dtype=torch.bfloat16, backend=backend)
         x = torch.randn(5, 2, 3, dtype=torch.bfloat16)
         out, _ = m(x, lengths=[5, 3])

@@ -33,6 +33,13 @@ def _ops():
 
 # ------------------------------------------------------------------ fake implementations
 
+def _saved(t: Tensor) -> torch.dtype:
+    """The dtype of the float tensors a forward saves for its backward (gate
+    activations, cell states): float32 for bfloat16 sequences (the kernels keep
+    them in float32 across steps), else the sequence's own dtype."""
+    return torch.float32 if t.dtype == torch.bfloat16 else t.dtype
+
+
 def _fake_rnn_fwd(xp, w_hh, h0, lengths, act):
     L, N, H = xp.shape[0], xp.shape[1], w_hh.shape[1]
     return xp.new_empty(L, N, H), xp.new_empty(N, H)
@@ -46,24 +53,25 @@ def _fake_lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths):
     L, N, G = xp.shape
     H, P = G // 4, w_hh.shape[1]
     ms = xp.new_empty(L, N, H) if w_hr is not None else xp.new_empty(0)
-    return (xp.new_empty(L, N, P), xp.new_empty(N, P), xp.new_empty(N, H), xp.new_empty(L, N, G),
-            xp.new_empty(L, N, H), ms)
+    return (xp.new_empty(L, N, P), xp.new_empty(N, P), xp.new_empty(N, H), xp.new_empty(L, N, G, dtype=_saved(xp)),
+            xp.new_empty(L, N, H, dtype=_saved(xp)), ms)
 
 
 def _fake_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms):
     g_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else out.new_empty(0)
-    return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), g_hr, h0.new_empty(h0.shape), \
+    return out.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), g_hr, h0.new_empty(h0.shape), \
         c0.new_empty(c0.shape)
 
 
 def _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths):
     L, N, G = xp.shape
     H = w_hh.shape[1]
-    return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(L, N, G), xp.new_empty(L, N, H)
+    return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(L, N, G, dtype=_saved(xp)), \
+        xp.new_empty(L, N, H, dtype=_saved(xp))
 
 
 def _fake_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn):
-    return rzn.new_empty(rzn.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty(w_hh.shape[0]), \
+    return out.new_empty(rzn.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty(w_hh.shape[0]), \
         h0.new_empty(h0.shape)
 
 

@@ -164,23 +164,38 @@ def size_class(batch: int, hidden: int) -> str:
     return min(SIZE_CLASSES, key=lambda k: dist(SIZE_CLASSES[k]))
 
 
+BF16_FAMILIES = frozenset({"rnn_tanh", "rnn_relu", "lstm", "gru"})
+"""Kernel families that also run bfloat16 (bf16 tensors at the op boundary, float32
+gate math and cell state inside; see docs/fused.md, "bfloat16")."""
+
+
 def table_key(module) -> Optional[str]:
+    """The measured table's row for ``module``: its family, ``_proj`` with a
+    projection, ``_bfloat16`` for bfloat16 parameters (float32 and float64 share
+    the unsuffixed row)."""
     fam = getattr(module.cell_spec, "fusable", None)
     if fam is None:
         return None
-    return fam + ("_proj" if getattr(module, "proj_size", 0) else "")
+    key = fam + ("_proj" if getattr(module, "proj_size", 0) else "")
+    ref = next(iter(module.parameters()), None)
+    if ref is not None and ref.dtype == torch.bfloat16:
+        key += "_bfloat16"
+    return key
 
 
-def tensor_unsupported(ref: Optional[Tensor], x: Optional[Tensor]) -> Optional[str]:
+def tensor_unsupported(ref: Optional[Tensor], x: Optional[Tensor], bfloat16: bool = False) -> Optional[str]:
     """Why the kernels cannot take these parameters (``ref``) and input, or None:
-    they run on the CPU, in float32 and float64."""
+    they run on the CPU, in float32 and float64, and also in bfloat16 where
+    ``bfloat16`` is true (the families of :data:`BF16_FAMILIES`)."""
+    dtypes = (torch.float32, torch.float64, torch.bfloat16) if bfloat16 else (torch.float32, torch.float64)
     for t, what in ((ref, "parameters"), (x, "input")):
         if t is None:
             continue
         if t.device.type != "cpu":
             return f"the fused kernels run on the CPU, got {what} on {t.device}"
-        if t.dtype not in (torch.float32, torch.float64):
-            return f"the fused kernels run float32 and float64, got {what} of dtype {t.dtype}"
+        if t.dtype not in dtypes:
+            names = "float32, float64 and bfloat16" if bfloat16 else "float32 and float64"
+            return f"the fused kernels run {names}, got {what} of dtype {t.dtype}"
     return None
 
 
@@ -202,7 +217,8 @@ class FusedBackend(Backend):
     """
 
     name = "fused"
-    description = "rnnkit's C++ kernels: whole-sequence time loop, hand-written backward (CPU, float32/float64)"
+    description = ("rnnkit's C++ kernels: whole-sequence time loop, hand-written backward (CPU, float32/float64; "
+                   "bfloat16 for RNN/LSTM/GRU)")
 
     def __init__(self) -> None:
         self._warned = False
@@ -225,7 +241,8 @@ class FusedBackend(Backend):
         extra = module._regularizers_active() if hasattr(module, "_regularizers_active") else None
         if extra:
             return f"the fused kernels have no {extra}"
-        reason = tensor_unsupported(next(iter(module.parameters()), None), x)
+        reason = tensor_unsupported(next(iter(module.parameters()), None), x,
+                                    bfloat16=spec.fusable in BF16_FAMILIES)
         if reason is not None:
             return reason
         if x is not None and spec.fusable in CONV_FAMILIES:

@@ -25,7 +25,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <tuple>
 
 extern "C" {
@@ -1877,6 +1879,512 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_bwd(const Tensor& grad_out_,
 }  // namespace
 }  // namespace rnnkit_fused
 
+// ================================================================ bfloat16
+//
+// bf16 at the op boundary (xp, the weights, the states, out, and the gradients of
+// all of them), float32 inside:
+//   * the recurrent product is bf16 x bf16 -> float32: MKL's cblas_gemm_bf16bf16f32
+//     (AMX / avx512_bf16 where the CPU has them); with fewer than kSmallRows rows,
+//     without that symbol, or with RNNKIT_FUSED_BF16_GEMM=0, a float32 product on a
+//     float32 copy of the weight made once per sequence (a product of two bf16
+//     values is exact in float32, so the two differ only in summation order);
+//   * the gate math is the float32 row functions above, on rows converted from bf16;
+//   * the LSTM cell state and the saved gate activations (the backward's inputs)
+//     stay float32 from step to step; h is rounded to bf16 once per step (it is the
+//     output and the next step's GEMM operand);
+//   * backward: float32 gate gradients and state gradients, rounded to bf16 for the
+//     recurrent GEMM and for the weight gradients (one ATen bf16 GEMM over all steps).
+// The float32 / float64 kernels above are untouched: the *_entry functions at the
+// end of this section send bf16 here and everything else there.
+
+extern "C" {
+// MKL: C (f32) = alpha op(A) op(B) + beta C, A and B bf16. Weak like the BLAS above.
+void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const c10::BFloat16*, int, const c10::BFloat16*, int,
+                            float, float*, int) __attribute__((weak));
+}
+
+namespace rnnkit_fused {
+namespace {
+
+using BF = c10::BFloat16;
+
+inline bool bf16_gemm_enabled() {
+  if (!cblas_gemm_bf16bf16f32) return false;
+  const char* e = std::getenv("RNNKIT_FUSED_BF16_GEMM");
+  return !(e && e[0] == '0');
+}
+
+inline void to_float(const BF* src, float* dst, int64_t n) {
+  constexpr int64_t VS = Vec<BF>::size(), VF = Vec<float>::size();
+  int64_t j = 0;
+  for (; j + VS <= n; j += VS) {
+    auto v = at::vec::convert_to_float<BF>(Vec<BF>::loadu(src + j));
+    std::get<0>(v).store(dst + j);
+    std::get<1>(v).store(dst + j + VF);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+inline void to_bf16(const float* src, BF* dst, int64_t n) { at::vec::convert(src, dst, n); }
+
+inline at::TensorOptions f32_like(const Tensor& t) { return t.options().dtype(at::kFloat); }
+
+void check_seq_bf16(const Tensor& xp, const char* op, int64_t G) {
+  TORCH_CHECK(xp.dim() == 3, "rnnkit_fused::", op, ": xp must be (L, N, G), got ", xp.sizes());
+  TORCH_CHECK(xp.size(2) == G, "rnnkit_fused::", op, ": xp's last axis must be G = ", G, ", got ", xp.size(2));
+}
+
+void check_f32(const Tensor& t, const char* what, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "rnnkit_fused: ", what, " has dtype ", t.scalar_type(),
+              ", expected Float (the bfloat16 kernels save it in float32)");
+  TORCH_CHECK(t.sizes() == shape, "rnnkit_fused: ", what, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+// Recurrent<T>'s bf16 counterpart: C (rows x cols, float32) = beta C + A (rows x k, bf16) op(B), B bf16.
+struct RecurrentBF16 {
+  int64_t rows, cols, k;
+  bool trans;
+  const BF* B;
+  bool bf16 = false;  // MKL's bf16 GEMM on A and B as they are
+  Tensor wf, abuf;    // otherwise: B in float32 (laid out by Recurrent<float>) and A converted per call
+  std::unique_ptr<Recurrent<float>> f32;
+
+  RecurrentBF16(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w)
+      : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<BF>()) {
+    if (rows == 0 || cols == 0) return;
+    if (k > 0 && rows >= kSmallRows && bf16_gemm_enabled()) {
+      bf16 = true;
+      return;
+    }
+    wf = w.to(at::kFloat);
+    f32 = std::make_unique<Recurrent<float>>(rows, cols, k, trans, wf);
+    abuf = at::empty({rows, std::max<int64_t>(k, 1)}, f32_like(w));
+  }
+
+  void operator()(const BF* A, int64_t lda, float beta, float* C, int64_t ldc) const {
+    if (rows == 0 || cols == 0) return;
+    if (bf16) {
+      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, trans ? kTrans : kNoTrans, (int)rows, (int)cols, (int)k, 1.f, A,
+                             (int)lda, B, (int)(trans ? k : cols), beta, C, (int)ldc);
+      return;
+    }
+    float* a = abuf.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) to_float(A + r * lda, a + r * k, k);
+    (*f32)(a, k, beta, C, ldc);
+  }
+};
+
+// ---------------------------------------------------------------- RNN, bf16
+
+std::tuple<Tensor, Tensor> rnn_fwd_bf16(const Tensor& xp_, const Tensor& w_hh_, const Tensor& h0_,
+                                        const std::optional<Tensor>& lengths, int64_t act) {
+  const int64_t H = w_hh_.size(1);
+  check_seq_bf16(xp_, "rnn_fwd", H);
+  TORCH_CHECK(act == 0 || act == 1, "rnnkit_fused::rnn_fwd: act must be 0 (tanh) or 1 (relu), got ", act);
+  const int64_t L = xp_.size(0), N = xp_.size(1);
+  Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
+  check_same(xp, w_hh, "w_hh", {H, H});
+  check_same(xp, h0, "h0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = at::empty({L, N, H}, xp.options());
+  Tensor pre_buf = at::empty({N, H}, f32_like(xp)), x_buf = at::empty({N, H}, f32_like(xp));
+  const RecurrentBF16 rec(N, H, H, true, w_hh);
+  const BF *x = xp.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
+  BF* o = out.data_ptr<BF>();
+  float *pre = pre_buf.data_ptr<float>(), *xs = x_buf.data_ptr<float>();
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(H);
+  for (int64_t t = 0; t < L; ++t) {
+    const BF* hp = t == 0 ? h_init : o + (t - 1) * N * H;
+    BF* ot = o + t * N * H;
+    rec(hp, H, 0.f, pre, H);
+    const BF* xt = x + t * N * H;
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          copy_row(ot + n * H, hp + n * H, H);
+        } else {
+          to_float(xt + n * H, xs + n * H, H);
+          rnn_act_row(pre + n * H, xs + n * H, H, act);
+          to_bf16(pre + n * H, ot + n * H, H);
+        }
+      }
+    });
+  }
+  Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
+  return {out, h_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor> rnn_bwd_bf16(const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& w_hh_,
+                                                const Tensor& h0_, const std::optional<Tensor>& lengths,
+                                                const Tensor& out_, int64_t act) {
+  TORCH_CHECK(out_.dim() == 3, "rnnkit_fused::rnn_bwd: out must be (L, N, H), got ", out_.sizes());
+  const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2);
+  Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), w_hh = w_hh_.contiguous(),
+         h0 = h0_.contiguous(), out = out_.contiguous();
+  check_same(out, grad_out, "grad_out", out.sizes());
+  check_same(out, grad_hn, "grad_h_n", {N, H});
+  check_same(out, w_hh, "w_hh", {H, H});
+  check_same(out, h0, "h0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor dxp = at::empty({L, N, H}, out.options());
+  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = at::empty({N, H}, f32_like(out));
+  Tensor s_buf = at::empty({N, H}, f32_like(out)), dp_buf = at::empty({N, H}, f32_like(out));
+  const RecurrentBF16 rec(N, H, H, false, w_hh);
+  const BF *go = grad_out.data_ptr<BF>(), *o = out.data_ptr<BF>();
+  BF* dx = dxp.data_ptr<BF>();
+  float *dh = dh_a.data_ptr<float>(), *dn = dh_b.data_ptr<float>(), *s = s_buf.data_ptr<float>(),
+        *dp = dp_buf.data_ptr<float>();
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(H);
+  for (int64_t t = L - 1; t >= 0; --t) {
+    to_float(go + t * N * H, s, N * H);
+    add_into(dh, s, N * H);
+    const BF* ht = o + t * N * H;
+    BF* dxt = dx + t * N * H;
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          zero_row(dxt + n * H, H);
+          copy_row(dn + n * H, dh + n * H, H);
+        } else {
+          to_float(ht + n * H, s + n * H, H);
+          rnn_grad_row(dh + n * H, s + n * H, dp + n * H, H, act);
+          to_bf16(dp + n * H, dxt + n * H, H);
+          zero_row(dn + n * H, H);
+        }
+      }
+    });
+    rec(dxt, H, 1.f, dn, H);
+    std::swap(dh, dn);
+  }
+  if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
+  Tensor grad_w = weight_grad(dxp, previous_states(h0, out));
+  return {dxp, grad_w, dh_a.to(at::kBFloat16)};
+}
+
+// ---------------------------------------------------------------- LSTM, bf16
+// gates (L, N, 4H) and cs (L, N, H) are float32; ms (L, N, H) (with w_hr) is bf16.
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_bf16(const Tensor& xp_, const Tensor& w_hh_,
+                                                                         const std::optional<Tensor>& w_hr_,
+                                                                         const Tensor& h0_, const Tensor& c0_,
+                                                                         const std::optional<Tensor>& lengths) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) % 4 == 0, "rnnkit_fused::lstm_fwd: w_hh must be (4H, H_out), got ",
+              w_hh_.sizes());
+  const int64_t H = w_hh_.size(0) / 4, P = w_hh_.size(1), G = 4 * H;
+  check_seq_bf16(xp_, "lstm_fwd", G);
+  const int64_t L = xp_.size(0), N = xp_.size(1);
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(xp, w_hh, "w_hh", {G, P});
+  if (proj) check_same(xp, w_hr, "w_hr", {P, H});
+  else TORCH_CHECK(P == H, "rnnkit_fused::lstm_fwd: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
+  check_same(xp, h0, "h0", {N, P});
+  check_same(xp, c0, "c0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = at::empty({L, N, P}, xp.options());
+  Tensor gates = at::empty({L, N, G}, f32_like(xp));
+  Tensor cs = at::empty({L, N, H}, f32_like(xp));
+  Tensor ms = proj ? at::empty({L, N, H}, xp.options()) : at::empty({0}, xp.options());
+  Tensor c0f = c0.to(at::kFloat);
+  Tensor x_buf = at::empty({N, G}, f32_like(xp)), m_buf = at::empty({N, H}, f32_like(xp));
+  Tensor o_buf = proj ? at::empty({N, P}, f32_like(xp)) : Tensor();
+  const RecurrentBF16 rec(N, G, P, true, w_hh);
+  const RecurrentBF16 rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
+  const BF *x = xp.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
+  const float* c_init = c0f.data_ptr<float>();
+  BF *o = out.data_ptr<BF>(), *m = proj ? ms.data_ptr<BF>() : nullptr;
+  float *gs = gates.data_ptr<float>(), *c = cs.data_ptr<float>(), *xs = x_buf.data_ptr<float>(),
+        *mf = m_buf.data_ptr<float>(), *of = proj ? o_buf.data_ptr<float>() : nullptr;
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
+  for (int64_t t = 0; t < L; ++t) {
+    const BF* hp = t == 0 ? h_init : o + (t - 1) * N * P;
+    const float* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+    float* gt = gs + t * N * G;
+    float* ct = c + t * N * H;
+    BF* ot = o + t * N * P;
+    BF* mt = proj ? m + t * N * H : ot;
+    rec(hp, P, 0.f, gt, G);
+    const BF* xt = x + t * N * G;
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          copy_row(ct + n * H, cp + n * H, H);
+          if (proj) zero_row(mt + n * H, H);
+          else copy_row(ot + n * H, hp + n * H, H);
+        } else {
+          to_float(xt + n * G, xs + n * G, G);
+          lstm_row(gt + n * G, (const float*)(xs + n * G), cp + n * H, ct + n * H, mf + n * H, H);
+          to_bf16(mf + n * H, mt + n * H, H);
+        }
+      }
+    });
+    if (proj) {
+      rec_r(mt, H, 0.f, of, P);
+      for (int64_t n = 0; n < N; ++n) {
+        if (check && t >= len[n]) copy_row(ot + n * P, hp + n * P, P);
+        else to_bf16(of + n * P, ot + n * P, P);
+      }
+    }
+  }
+  Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
+  Tensor c_n = L > 0 ? cs[L - 1].to(at::kBFloat16) : c0.clone();
+  return {out, h_n, c_n, gates, cs, ms};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_bf16(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths,
+    const Tensor& out_, const Tensor& gates_, const Tensor& cs_, const Tensor& ms_) {
+  TORCH_CHECK(out_.dim() == 3 && cs_.dim() == 3, "rnnkit_fused::lstm_bwd: out and cs must be 3-D, got ",
+              out_.sizes(), " and ", cs_.sizes());
+  const int64_t L = out_.size(0), N = out_.size(1), P = out_.size(2), H = cs_.size(2), G = 4 * H;
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
+  Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
+  Tensor gates = gates_.contiguous(), cs = cs_.contiguous(), ms = ms_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(out, grad_out, "grad_out", out.sizes());
+  check_same(out, grad_hn, "grad_h_n", {N, P});
+  check_same(out, grad_cn, "grad_c_n", {N, H});
+  check_same(out, w_hh, "w_hh", {G, P});
+  if (proj) {
+    check_same(out, w_hr, "w_hr", {P, H});
+    check_same(out, ms, "ms", {L, N, H});
+  }
+  check_same(out, h0, "h0", {N, P});
+  check_same(out, c0, "c0", {N, H});
+  check_f32(gates, "gates", {L, N, G});
+  check_f32(cs, "cs", {L, N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor dG = at::empty({L, N, G}, out.options());
+  Tensor dHall = proj ? at::empty({L, N, P}, out.options()) : Tensor();
+  Tensor dm_buf = proj ? at::empty({N, H}, f32_like(out)) : Tensor();
+  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = at::empty({N, P}, f32_like(out)), dc = grad_cn.to(at::kFloat);
+  Tensor c0f = c0.to(at::kFloat), s_buf = at::empty({N, std::max(G, P)}, f32_like(out));
+  const RecurrentBF16 rec(N, P, G, false, w_hh);
+  const RecurrentBF16 rec_r(proj ? N : 0, H, P, false, proj ? w_hr : w_hh);
+  const BF* go = grad_out.data_ptr<BF>();
+  const float *gs = gates.data_ptr<float>(), *c = cs.data_ptr<float>(), *c_init = c0f.data_ptr<float>();
+  BF *dg = dG.data_ptr<BF>(), *dha = proj ? dHall.data_ptr<BF>() : nullptr;
+  float *dh = dh_a.data_ptr<float>(), *dn = dh_b.data_ptr<float>(), *dcp = dc.data_ptr<float>(),
+        *s = s_buf.data_ptr<float>(), *dm = proj ? dm_buf.data_ptr<float>() : nullptr;
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
+  for (int64_t t = L - 1; t >= 0; --t) {
+    to_float(go + t * N * P, s, N * P);
+    add_into(dh, s, N * P);
+    const float* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+    const float* gt = gs + t * N * G;
+    const float* ct = c + t * N * H;
+    BF* dgt = dg + t * N * G;
+    const float* dmt = dh;
+    if (proj) {
+      to_bf16(dh, dha + t * N * P, N * P);
+      rec_r(dha + t * N * P, P, 0.f, dm, H);
+      dmt = dm;
+    }
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          zero_row(dgt + n * G, G);
+          copy_row(dn + n * P, dh + n * P, P);
+          if (proj) zero_row(dha + (t * N + n) * P, P);
+        } else {
+          lstm_grad_row(gt + n * G, cp + n * H, ct + n * H, dmt + n * H, dcp + n * H, s + n * G, H);
+          to_bf16(s + n * G, dgt + n * G, G);
+          zero_row(dn + n * P, P);
+        }
+      }
+    });
+    rec(dgt, G, 1.f, dn, P);
+    std::swap(dh, dn);
+  }
+  if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
+  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out));
+  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : at::empty({0}, out.options());
+  return {dG, grad_w_hh, grad_w_hr, dh_a.to(at::kBFloat16), dc.to(at::kBFloat16)};
+}
+
+// ---------------------------------------------------------------- GRU, bf16
+// rzn (L, N, 3H) and hns (L, N, H) are float32.
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd_bf16(const Tensor& xp_, const Tensor& w_hh_,
+                                                        const std::optional<Tensor>& b_hh_, const Tensor& h0_,
+                                                        const std::optional<Tensor>& lengths) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) == 3 * w_hh_.size(1),
+              "rnnkit_fused::gru_fwd: w_hh must be (3H, H), got ", w_hh_.sizes());
+  const int64_t H = w_hh_.size(1), G = 3 * H;
+  check_seq_bf16(xp_, "gru_fwd", G);
+  const int64_t L = xp_.size(0), N = xp_.size(1);
+  Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
+  check_same(xp, w_hh, "w_hh", {G, H});
+  Tensor bhf = at::zeros({G}, f32_like(xp));
+  if (b_hh_.has_value() && b_hh_->defined()) {
+    check_same(xp, *b_hh_, "b_hh", {G});
+    bhf = b_hh_->to(at::kFloat).contiguous();
+  }
+  check_same(xp, h0, "h0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = at::empty({L, N, H}, xp.options());
+  Tensor rzn = at::empty({L, N, G}, f32_like(xp));
+  Tensor hns = at::empty({L, N, H}, f32_like(xp));
+  Tensor hh = at::empty({N, G}, f32_like(xp)), x_buf = at::empty({N, G}, f32_like(xp));
+  Tensor hp_buf = at::empty({N, H}, f32_like(xp)), h_buf = at::empty({N, H}, f32_like(xp));
+  const RecurrentBF16 rec(N, G, H, true, w_hh);
+  const BF *x = xp.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
+  const float* bh = bhf.data_ptr<float>();
+  BF* o = out.data_ptr<BF>();
+  float *rz = rzn.data_ptr<float>(), *hn = hns.data_ptr<float>(), *hb = hh.data_ptr<float>(),
+        *xs = x_buf.data_ptr<float>(), *hps = hp_buf.data_ptr<float>(), *hs = h_buf.data_ptr<float>();
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
+  for (int64_t t = 0; t < L; ++t) {
+    const BF* hp = t == 0 ? h_init : o + (t - 1) * N * H;
+    rec(hp, H, 0.f, hb, G);
+    const BF* xt = x + t * N * G;
+    float *rzt = rz + t * N * G, *hnt = hn + t * N * H;
+    BF* ot = o + t * N * H;
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          copy_row(ot + n * H, hp + n * H, H);
+          zero_row(rzt + n * G, G);
+          zero_row(hnt + n * H, H);
+        } else {
+          to_float(xt + n * G, xs + n * G, G);
+          to_float(hp + n * H, hps + n * H, H);
+          gru_row((const float*)(xs + n * G), (const float*)(hb + n * G), bh, (const float*)(hps + n * H),
+                  rzt + n * G, hnt + n * H, hs + n * H, H);
+          to_bf16(hs + n * H, ot + n * H, H);
+        }
+      }
+    });
+  }
+  Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
+  return {out, h_n, rzn, hns};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_bf16(const Tensor& grad_out_, const Tensor& grad_hn_,
+                                                        const Tensor& w_hh_, const Tensor& h0_,
+                                                        const std::optional<Tensor>& lengths, const Tensor& out_,
+                                                        const Tensor& rzn_, const Tensor& hns_) {
+  TORCH_CHECK(out_.dim() == 3, "rnnkit_fused::gru_bwd: out must be (L, N, H), got ", out_.sizes());
+  const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 3 * H;
+  Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), w_hh = w_hh_.contiguous();
+  Tensor h0 = h0_.contiguous(), out = out_.contiguous(), rzn = rzn_.contiguous(), hns = hns_.contiguous();
+  check_same(out, grad_out, "grad_out", out.sizes());
+  check_same(out, grad_hn, "grad_h_n", {N, H});
+  check_same(out, w_hh, "w_hh", {G, H});
+  check_same(out, h0, "h0", {N, H});
+  check_f32(rzn, "rzn", {L, N, G});
+  check_f32(hns, "hn", {L, N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor dxp = at::empty({L, N, G}, out.options());
+  Tensor dhh = at::empty({L, N, G}, out.options());
+  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = at::empty({N, H}, f32_like(out));
+  Tensor s_buf = at::empty({N, H}, f32_like(out)), dx_buf = at::empty({N, G}, f32_like(out)),
+         dhh_buf = at::empty({N, G}, f32_like(out));
+  const RecurrentBF16 rec(N, H, G, false, w_hh);
+  const BF *go = grad_out.data_ptr<BF>(), *o = out.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
+  const float *rz = rzn.data_ptr<float>(), *hn = hns.data_ptr<float>();
+  BF *dx = dxp.data_ptr<BF>(), *dhp = dhh.data_ptr<BF>();
+  float *dh = dh_a.data_ptr<float>(), *dn = dh_b.data_ptr<float>(), *s = s_buf.data_ptr<float>(),
+        *dxs = dx_buf.data_ptr<float>(), *dhs = dhh_buf.data_ptr<float>();
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
+  for (int64_t t = L - 1; t >= 0; --t) {
+    to_float(go + t * N * H, s, N * H);
+    add_into(dh, s, N * H);
+    const BF* hp = t == 0 ? h_init : o + (t - 1) * N * H;
+    const float *rzt = rz + t * N * G, *hnt = hn + t * N * H;
+    BF *dxt = dx + t * N * G, *dht = dhp + t * N * G;
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          zero_row(dxt + n * G, G);
+          zero_row(dht + n * G, G);
+          copy_row(dn + n * H, dh + n * H, H);
+        } else {
+          to_float(hp + n * H, s + n * H, H);
+          gru_grad_row(rzt + n * G, hnt + n * H, (const float*)(s + n * H), (const float*)(dh + n * H),
+                       dxs + n * G, dhs + n * G, dn + n * H, H);
+          to_bf16(dxs + n * G, dxt + n * G, G);
+          to_bf16(dhs + n * G, dht + n * G, G);
+        }
+      }
+    });
+    rec(dht, G, 1.f, dn, H);
+    std::swap(dh, dn);
+  }
+  if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
+  Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out));
+  Tensor grad_b_hh = at::sum(dhh, at::IntArrayRef{0, 1}, false, at::kFloat).to(at::kBFloat16);
+  return {dxp, grad_w_hh, grad_b_hh, dh_a.to(at::kBFloat16)};
+}
+
+// ---------------------------------------------------------------- dtype dispatch (the registered entry points)
+
+std::tuple<Tensor, Tensor> rnn_fwd_entry(const Tensor& xp, const Tensor& w_hh, const Tensor& h0,
+                                         const std::optional<Tensor>& lengths, int64_t act) {
+  if (xp.scalar_type() == at::kBFloat16) return rnn_fwd_bf16(xp, w_hh, h0, lengths, act);
+  return rnn_fwd(xp, w_hh, h0, lengths, act);
+}
+
+std::tuple<Tensor, Tensor, Tensor> rnn_bwd_entry(const Tensor& grad_out, const Tensor& grad_hn, const Tensor& w_hh,
+                                                 const Tensor& h0, const std::optional<Tensor>& lengths,
+                                                 const Tensor& out, int64_t act) {
+  if (out.scalar_type() == at::kBFloat16) return rnn_bwd_bf16(grad_out, grad_hn, w_hh, h0, lengths, out, act);
+  return rnn_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, act);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_entry(const Tensor& xp, const Tensor& w_hh,
+                                                                          const std::optional<Tensor>& w_hr,
+                                                                          const Tensor& h0, const Tensor& c0,
+                                                                          const std::optional<Tensor>& lengths) {
+  if (xp.scalar_type() == at::kBFloat16) return lstm_fwd_bf16(xp, w_hh, w_hr, h0, c0, lengths);
+  return lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_entry(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
+    const Tensor& out, const Tensor& gates, const Tensor& cs, const Tensor& ms) {
+  if (out.scalar_type() == at::kBFloat16)
+    return lstm_bwd_bf16(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms);
+  return lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd_entry(const Tensor& xp, const Tensor& w_hh,
+                                                         const std::optional<Tensor>& b_hh, const Tensor& h0,
+                                                         const std::optional<Tensor>& lengths) {
+  if (xp.scalar_type() == at::kBFloat16) return gru_fwd_bf16(xp, w_hh, b_hh, h0, lengths);
+  return gru_fwd(xp, w_hh, b_hh, h0, lengths);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_entry(const Tensor& grad_out, const Tensor& grad_hn,
+                                                         const Tensor& w_hh, const Tensor& h0,
+                                                         const std::optional<Tensor>& lengths, const Tensor& out,
+                                                         const Tensor& rzn, const Tensor& hns) {
+  if (out.scalar_type() == at::kBFloat16) return gru_bwd_bf16(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hns);
+  return gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hns);
+}
+
+// 1 where the bf16 recurrent product runs on MKL's bf16 GEMM (for batches of kSmallRows and more), else 0.
+int64_t bf16_gemm() { return bf16_gemm_enabled() ? 1 : 0; }
+
+}  // namespace
+}  // namespace rnnkit_fused
+
 TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("rnn_fwd(Tensor xp, Tensor w_hh, Tensor h0, Tensor? lengths, int act) -> (Tensor, Tensor)");
   m.def("rnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, int act)"
@@ -1916,15 +2424,16 @@ TORCH_LIBRARY(rnnkit_fused, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv_gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out,"
         " Tensor rzn, Tensor hn) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bf16_gemm() -> int", &rnnkit_fused::bf16_gemm);
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
-  m.impl("rnn_fwd", &rnnkit_fused::rnn_fwd);
-  m.impl("rnn_bwd", &rnnkit_fused::rnn_bwd);
-  m.impl("lstm_fwd", &rnnkit_fused::lstm_fwd);
-  m.impl("lstm_bwd", &rnnkit_fused::lstm_bwd);
-  m.impl("gru_fwd", &rnnkit_fused::gru_fwd);
-  m.impl("gru_bwd", &rnnkit_fused::gru_bwd);
+  m.impl("rnn_fwd", &rnnkit_fused::rnn_fwd_entry);
+  m.impl("rnn_bwd", &rnnkit_fused::rnn_bwd_entry);
+  m.impl("lstm_fwd", &rnnkit_fused::lstm_fwd_entry);
+  m.impl("lstm_bwd", &rnnkit_fused::lstm_bwd_entry);
+  m.impl("gru_fwd", &rnnkit_fused::gru_fwd_entry);
+  m.impl("gru_bwd", &rnnkit_fused::gru_bwd_entry);
   m.impl("peephole_fwd", &rnnkit_fused::peephole_fwd);
   m.impl("peephole_bwd", &rnnkit_fused::peephole_bwd);
   m.impl("indrnn_fwd", &rnnkit_fused::indrnn_fwd);
