@@ -134,23 +134,54 @@ def bench_lengths(size: str, repeat: int) -> dict:
     return race(fns, repeat)
 
 
-def bench_step(repeat: int, hidden: int = 64, inp: int = 32) -> dict:
-    """One LSTMCell step at batch 1, state in and out, inference (the streaming case)."""
+STEP_CELLS = {"lstm": (rnnkit.LSTMCell, torch.nn.LSTMCell, 2), "gru": (rnnkit.GRUCell, torch.nn.GRUCell, 1),
+              "rnn_tanh": (rnnkit.RNNCell, torch.nn.RNNCell, 1)}  # name -> (rnnkit, torch.nn, number of states)
+
+
+def bench_step(repeat: int, cell: str = "lstm", hidden: int = 64, inp: int = 32, grad: bool = False) -> dict:
+    """One cell step at batch 1, state in and out (the streaming case): rnnkit's cell
+    (backend='auto') against torch.nn's, same weights, same input and state, both
+    under torch.no_grad() (inference), or both with grad enabled and parameters that
+    require it (``grad=True``: a training step's forward; there rnnkit takes the torch op)."""
+    ours_cls, torch_cls, n_states = STEP_CELLS[cell]
     torch.manual_seed(0)
-    ours = rnnkit.LSTMCell(inp, hidden)
-    theirs = torch.nn.LSTMCell(inp, hidden)
+    ours = ours_cls(inp, hidden)
+    theirs = torch_cls(inp, hidden)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(1, inp)
-    state = (torch.zeros(1, hidden), torch.zeros(1, hidden))
+    state = tuple(torch.zeros(1, hidden) for _ in range(n_states))
+    hx = state if n_states > 1 else state[0]
 
-    def mk(cell):
+    def mk(module):
         def run():
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 for _ in range(100):
-                    cell(x, state)
+                    module(x, hx)
         return run
-    best = race({"fused": mk(ours), "torch.nn": mk(theirs)}, repeat)
+    fns = {"fused": mk(ours), "torch.nn": mk(theirs)}
+    # a longer warm-up than race()'s single call: on this shared machine torch.nn's
+    # first few hundred steps were seen to run 100 to 1000 times slower at times
+    for fn in fns.values():
+        until = time.perf_counter() + 0.3
+        while time.perf_counter() < until:
+            fn()
+    best = race(fns, repeat)
     return {k: v / 100 for k, v in best.items()}
+
+
+def step_rows(repeat: int, results: dict) -> None:
+    """The single-step rows: every cell of STEP_CELLS at inference."""
+    for cell, grad in [(c, False) for c in STEP_CELLS]:
+        r = bench_step(repeat, cell, grad=grad)
+        name = f"{cell}_cell_step" + ("_grad" if grad else "")
+        if cell == "lstm" and not grad:
+            results["lstm_cell_step_us"] = {k: v * 1e6 for k, v in r.items()}
+        results["rows"].append({"cell": name, "size": "S", "fused_ms": r["fused"] * 1e3,
+                                "torch.nn_ms": r["torch.nn"] * 1e3, "torch_over_fused": r["torch.nn"] / r["fused"]})
+        label = f"{STEP_CELLS[cell][0].__name__} step, batch 1, H_in 32, H 64 " + \
+            ("(grad enabled: a training forward)" if grad else "(inference)")
+        print(f"{label}: rnnkit {r['fused']*1e6:.1f} us, torch.nn {r['torch.nn']*1e6:.1f} us, "
+              f"ratio {r['torch.nn']/r['fused']:.2f}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -160,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
+    ap.add_argument("--steps-only", action="store_true", help="only the single-step (batch 1) cell rows")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
     ap.add_argument("--write-table", action="store_true", help=f"write auto's table to {TABLE_PATH}")
     ap.add_argument("--update", action="store_true", help="with --write-table: replace only the cells measured now")
@@ -183,7 +215,7 @@ def main(argv=None) -> int:
     header = f"{'cell':<10} {'size':<4} {'fused ms':>9} {'torch ms':>9} {'ref ms':>9} {'torch/fused':>11} {'ref/fused':>9}"
     print(header)
     fastest = {}
-    for cell in args.cells.split(","):
+    for cell in ([] if args.steps_only else args.cells.split(",")):
         for size in args.sizes.split(","):
             r = bench_cell(cell, size, args.repeat, with_reference=not args.no_reference)
             row = {"cell": cell, "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()}}
@@ -199,7 +231,7 @@ def main(argv=None) -> int:
             key = CELLS[cell][3]
             if key is not None and "torch.nn" in r:  # torch.nn runs this very function
                 fastest.setdefault(key, {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
-    if "lstm" in args.cells.split(","):
+    if "lstm" in args.cells.split(",") and not args.steps_only:
         for size in args.sizes.split(","):
             r = bench_lengths(size, args.repeat)
             row = {"cell": "lstm_lengths", "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()},
@@ -209,12 +241,8 @@ def main(argv=None) -> int:
             print(f"{'lstm+len':<10} {size:<4} {row['fused_ms']:9.3f} {row['torch.nn_ms']:9.3f} "
                   f"{row['reference_ms']:9.3f} {row['torch_over_fused']:11.2f} {row['reference_over_fused']:9.2f}"
                   "   (torch.nn on a PackedSequence)", flush=True)
-        r = bench_step(args.repeat)
-        results["lstm_cell_step_us"] = {k: v * 1e6 for k, v in r.items()}
-        results["rows"].append({"cell": "lstm_cell_step", "size": "S", "fused_ms": r["fused"] * 1e3,
-                                "torch.nn_ms": r["torch.nn"] * 1e3, "torch_over_fused": r["torch.nn"] / r["fused"]})
-        print(f"LSTMCell step, batch 1, H_in 32, H 64 (inference): fused {r['fused']*1e6:.1f} us, "
-              f"torch.nn {r['torch.nn']*1e6:.1f} us, ratio {r['torch.nn']/r['fused']:.2f}")
+    if "lstm" in args.cells.split(",") or args.steps_only:
+        step_rows(args.repeat, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.write_table:
