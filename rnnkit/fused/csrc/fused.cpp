@@ -956,15 +956,13 @@ inline void ln_lstm_row(T* z, const T* x, const T* ghh, const T* gc, const T* bc
   ln_stats(z, G, eps, mean, rstd);
   rs[0] = rstd;
   const Vec<T> mv(mean), rv(rstd);
-  for (int64_t j = 0; j < G; j += VS) {
-    const int64_t cnt = std::min(VS, G - j);
-    Vec<T> n = (Vec<T>::loadu(z + j, cnt) - mv) * rv;
-    n.store(nz + j, cnt);
-  }
+  // LN(z) is formed in the gate pass itself (one pass over the G values, not two)
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
     auto pre = [&](int64_t k) {
-      return Vec<T>::loadu(x + k * H + j, cnt) + Vec<T>::loadu(ghh + k * H + j, cnt) * Vec<T>::loadu(nz + k * H + j, cnt);
+      const Vec<T> n = (Vec<T>::loadu(z + k * H + j, cnt) - mv) * rv;
+      n.store(nz + k * H + j, cnt);
+      return Vec<T>::loadu(x + k * H + j, cnt) + Vec<T>::loadu(ghh + k * H + j, cnt) * n;
     };
     Vec<T> i = psigmoid(pre(0)), f = psigmoid(pre(1)), gg = ptanh(pre(2)), o = psigmoid(pre(3));
     Vec<T> cn = f * Vec<T>::loadu(cp + j, cnt) + i * gg;
@@ -988,46 +986,79 @@ inline void ln_lstm_row(T* z, const T* x, const T* ghh, const T* gc, const T* bc
 
 // The backward of one row of one step. dm: dL/dh_t; dc: dL/dc_t from later steps on entry, dL/dc_{t-1} on exit.
 // Writes dg (G,): dL/da (the gradient of xp), dz (G,): dL/dz (for dh_{t-1} and dW_hh), dy (H,): dL/d(LN_c out).
+// Three passes: (1) dy, the o gate, the LN_c sums; (2) the i, f, g gates and dc_{t-1}; the LN_hh input
+// dn = dg γ_hh and its sums are formed as each gate's dg is; (3) dz from dn.
 template <typename T>
 inline void ln_lstm_grad_row(const T* g, const T* ghh, const T* gc, const T* bc, const T* cp, const T* nz,
                              const T* nc, const T* rs, const T* dm, T* dc, T* dg, T* dz, T* dy, int64_t H) {
-  constexpr int64_t VS = Vec<T>::size();
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size();
   const int64_t G = 4 * H;
-  const Vec<T> one(T(1));
-  // dy = dh o (1 - tanh² y); dz temporarily holds dn_c = dy γ_c in its first H entries
+  const V one(T(1));
+  auto sum = [](const V& v) { return at::vec::vec_reduce_all<T>([](V& x, V& z) { return x + z; }, v); };
+  // (1) dy = dh o (1 - tanh² y); dn_c = dy γ_c and its sums for the LN_c backward
+  V a1(T(0)), a2(T(0)), b1(T(0)), b2(T(0));
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
-    Vec<T> n = Vec<T>::loadu(nc + j, cnt);
-    Vec<T> ty = ptanh(Vec<T>::loadu(gc + j, cnt) * n + Vec<T>::loadu(bc + j, cnt));
-    Vec<T> o = Vec<T>::loadu(g + 3 * H + j, cnt), d = Vec<T>::loadu(dm + j, cnt);
-    Vec<T> dyv = d * o * (one - ty * ty);
+    V n = V::loadu(nc + j, cnt), gcv = V::loadu(gc + j, cnt);
+    V ty = ptanh(gcv * n + V::loadu(bc + j, cnt));
+    V o = V::loadu(g + 3 * H + j, cnt), d = V::loadu(dm + j, cnt);
+    V dyv = d * o * (one - ty * ty);
     dyv.store(dy + j, cnt);
-    (dyv * Vec<T>::loadu(gc + j, cnt)).store(dz + j, cnt);
-    (d * ty * o * (one - o)).store(dg + 3 * H + j, cnt);
+    V dnc = dyv * gcv;
+    a1 = a1 + dnc;
+    a2 = at::vec::fmadd(dnc, n, a2);
+    V dgo = d * ty * o * (one - o);  // zero past cnt (d is zero-filled there)
+    dgo.store(dg + 3 * H + j, cnt);
+    V dn = dgo * V::loadu(ghh + 3 * H + j, cnt);
+    dn.store(dz + 3 * H + j, cnt);
+    b1 = b1 + dn;
+    b2 = at::vec::fmadd(dn, V::loadu(nz + 3 * H + j, cnt), b2);
   }
-  T s1, s2;
-  ln_sums(dz, nc, H, s1, s2);
-  const Vec<T> m1(s1 / T(H)), m2(s2 / T(H)), rc(rs[1]);
+  const V m1(sum(a1) / T(H)), m2(sum(a2) / T(H)), rc(rs[1]);
+  // (2) dc_t, the i, f, g gates, dc_{t-1}; dn = dg γ_hh for them
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
-    Vec<T> dn = Vec<T>::loadu(dz + j, cnt);
-    Vec<T> dct = Vec<T>::loadu(dc + j, cnt) + rc * (dn - m1 - Vec<T>::loadu(nc + j, cnt) * m2);
-    Vec<T> i = Vec<T>::loadu(g + j, cnt), f = Vec<T>::loadu(g + H + j, cnt), gg = Vec<T>::loadu(g + 2 * H + j, cnt);
-    (dct * gg * i * (one - i)).store(dg + j, cnt);
-    (dct * Vec<T>::loadu(cp + j, cnt) * f * (one - f)).store(dg + H + j, cnt);
-    (dct * i * (one - gg * gg)).store(dg + 2 * H + j, cnt);
+    V n = V::loadu(nc + j, cnt);
+    V dnc = V::loadu(dy + j, cnt) * V::loadu(gc + j, cnt);
+    V dct = V::loadu(dc + j, cnt) + rc * (dnc - m1 - n * m2);
+    V i = V::loadu(g + j, cnt), f = V::loadu(g + H + j, cnt), gg = V::loadu(g + 2 * H + j, cnt);
+    V dgi = dct * gg * i * (one - i), dgf = dct * V::loadu(cp + j, cnt) * f * (one - f);
+    V dgg = dct * i * (one - gg * gg);
+    if (cnt < VS) {  // past cnt dct is not zero (m1): keep those lanes out of the sums
+      dgi = V::set(V(T(0)), dgi, cnt), dgf = V::set(V(T(0)), dgf, cnt), dgg = V::set(V(T(0)), dgg, cnt);
+    }
+    dgi.store(dg + j, cnt);
+    dgf.store(dg + H + j, cnt);
+    dgg.store(dg + 2 * H + j, cnt);
     (dct * f).store(dc + j, cnt);
+    V dni = dgi * V::loadu(ghh + j, cnt), dnf = dgf * V::loadu(ghh + H + j, cnt);
+    V dng = dgg * V::loadu(ghh + 2 * H + j, cnt);
+    dni.store(dz + j, cnt);
+    dnf.store(dz + H + j, cnt);
+    dng.store(dz + 2 * H + j, cnt);
+    b1 = b1 + dni + dnf + dng;
+    b2 = at::vec::fmadd(dni, V::loadu(nz + j, cnt), b2);
+    b2 = at::vec::fmadd(dnf, V::loadu(nz + H + j, cnt), b2);
+    b2 = at::vec::fmadd(dng, V::loadu(nz + 2 * H + j, cnt), b2);
   }
-  // LN_hh: dn = dg γ_hh, dz = rstd (dn - mean(dn) - nz mean(dn nz))
+  // (3) LN_hh: dz = rstd (dn - mean(dn) - nz mean(dn nz))
+  const V n1(sum(b1) / T(G)), n2(sum(b2) / T(G)), rh(rs[0]);
   for (int64_t j = 0; j < G; j += VS) {
     const int64_t cnt = std::min(VS, G - j);
-    (Vec<T>::loadu(dg + j, cnt) * Vec<T>::loadu(ghh + j, cnt)).store(dz + j, cnt);
+    (rh * (V::loadu(dz + j, cnt) - n1 - V::loadu(nz + j, cnt) * n2)).store(dz + j, cnt);
   }
-  ln_sums(dz, nz, G, s1, s2);
-  const Vec<T> n1(s1 / T(G)), n2(s2 / T(G)), rh(rs[0]);
-  for (int64_t j = 0; j < G; j += VS) {
-    const int64_t cnt = std::min(VS, G - j);
-    (rh * (Vec<T>::loadu(dz + j, cnt) - n1 - Vec<T>::loadu(nz + j, cnt) * n2)).store(dz + j, cnt);
+}
+
+// The LN parameters' gradients of one row: acc_hh (G) += dg ⊙ LN(z), acc_gc (H) += dy ⊙ LN(c), acc_bc (H) += dy,
+// accumulated in double (sums over every step and row).
+template <typename T>
+inline void ln_lstm_param_sums(const T* dg, const T* nz, const T* dy, const T* nc, int64_t H, double* acc_hh,
+                               double* acc_gc, double* acc_bc) {
+  for (int64_t j = 0; j < 4 * H; ++j) acc_hh[j] += double(dg[j]) * double(nz[j]);
+  for (int64_t j = 0; j < H; ++j) {
+    acc_gc[j] += double(dy[j]) * double(nc[j]);
+    acc_bc[j] += double(dy[j]);
   }
 }
 
@@ -1123,8 +1154,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dG = at::empty({L, N, G}, out.options());
   Tensor dZ = at::empty({L, N, G}, out.options());
-  Tensor dY = at::empty({L, N, H}, out.options());
   Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options()), dc = grad_cn.clone();
+  // the LN parameters' gradients, summed over steps and rows as the loop goes: one double accumulator
+  // (G + 2H) and one dy row (H) per thread, added up in thread order after the loop
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), P = G + 2 * H;
+  Tensor acc = at::zeros({threads, P}, out.options().dtype(at::kDouble));
+  Tensor dy_rows = at::empty({threads, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_lstm_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, G, false, w_hh);
@@ -1132,25 +1167,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
     const T *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *c_init = c0.data_ptr<T>();
     const T *nz = nzs.data_ptr<T>(), *nc = ncs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
     const T *ghh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
-    T *dg = dG.data_ptr<T>(), *dz = dZ.data_ptr<T>(), *dy = dY.data_ptr<T>();
+    T *dg = dG.data_ptr<T>(), *dz = dZ.data_ptr<T>(), *dy_all = dy_rows.data_ptr<T>();
+    double* acc_all = acc.data_ptr<double>();
     T *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>(), *dcp = dc.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
     for (int64_t t = L - 1; t >= 0; --t) {
       add_into(dh, go + t * N * H, N * H);
       const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
       const T *gt = gs + t * N * G, *nzt = nz + t * N * G, *nct = nc + t * N * H, *rst = rs + t * N * 2;
-      T *dgt = dg + t * N * G, *dzt = dz + t * N * G, *dyt = dy + t * N * H;
+      T *dgt = dg + t * N * G, *dzt = dz + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid >= 0 && tid < threads, "rnnkit_fused::ln_lstm_bwd: thread ", tid, " of ", threads);
+        double* a = acc_all + tid * P;
+        T* dy = dy_all + tid * H;
         for (int64_t n = b; n < e; ++n) {
-          if (check && t >= len[n]) {  // held: h and c pass through unchanged
+          if (check && t >= len[n]) {  // held: h and c pass through unchanged (and add nothing to the sums)
             zero_row(dgt + n * G, G);
             zero_row(dzt + n * G, G);
-            zero_row(dyt + n * H, H);
             copy_row(dn + n * H, dh + n * H, H);
           } else {
             ln_lstm_grad_row(gt + n * G, ghh, gc, bc, cp + n * H, nzt + n * G, nct + n * H, rst + 2 * n,
-                             dh + n * H, dcp + n * H, dgt + n * G, dzt + n * G, dyt + n * H, H);
+                             dh + n * H, dcp + n * H, dgt + n * G, dzt + n * G, dy, H);
+            ln_lstm_param_sums(dgt + n * G, nzt + n * G, dy, nct + n * H, H, a, a + G, a + G + H);
             zero_row(dn + n * H, H);
           }
         }
@@ -1161,11 +1201,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
   Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out));
-  // the LN gains and shift: sums over steps and rows (held steps add nothing: their saved LN values are zero)
-  const std::array<int64_t, 2> steps_rows{0, 1};
-  Tensor grad_g_hh = (dG * nzs).sum(steps_rows);
-  Tensor grad_g_c = (dY * ncs).sum(steps_rows);
-  Tensor grad_b_c = dY.sum(steps_rows);
+  // the LN gains and shift: the threads' sums, added in thread order
+  auto part = [&](int64_t from, int64_t n) { return acc.narrow(1, from, n).sum(0).to(out.scalar_type()); };
+  Tensor grad_g_hh = part(0, G), grad_g_c = part(G, H), grad_b_c = part(G + H, H);  // three separate tensors
   return {dG, grad_w_hh, grad_g_hh, grad_g_c, grad_b_c, dh_a, dc};
 }
 
