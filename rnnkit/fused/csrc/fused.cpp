@@ -904,6 +904,15 @@ inline Vec<T> psigmoid(const Vec<T>& x) {
 }
 template <typename T>
 inline Vec<T> ptanh(const Vec<T>& x) { return x.tanh(); }
+// float32: tanh x = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) with Sleef's 1-ulp exp: a few times cheaper
+// than Sleef's tanh, within about 1e-7 absolute (the relative error grows only where |tanh x| < 1e-3)
+template <>
+inline Vec<float> ptanh(const Vec<float>& x) {
+  const Vec<float> one(1.f), ax = x.abs();
+  const Vec<float> e = (ax * Vec<float>(-2.f)).exp();
+  const Vec<float> t = (one - e) / (one + e);
+  return Vec<float>::blendv(t, t.neg(), x < Vec<float>(0.f));
+}
 
 // mean and 1 / sqrt(var + eps) of v (n,), two passes (the variance of the centred values)
 template <typename T>
