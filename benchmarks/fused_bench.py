@@ -212,10 +212,15 @@ def main(argv=None) -> int:
     while time.perf_counter() < warm_until:
         for fn in warm:
             fn()
+    if args.steps_only:  # the single-step rows alone
+        step_rows(args.repeat, results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0
     header = f"{'cell':<10} {'size':<4} {'fused ms':>9} {'torch ms':>9} {'ref ms':>9} {'torch/fused':>11} {'ref/fused':>9}"
     print(header)
     fastest = {}
-    for cell in ([] if args.steps_only else args.cells.split(",")):
+    for cell in args.cells.split(","):
         for size in args.sizes.split(","):
             r = bench_cell(cell, size, args.repeat, with_reference=not args.no_reference)
             row = {"cell": cell, "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()}}
@@ -231,7 +236,7 @@ def main(argv=None) -> int:
             key = CELLS[cell][3]
             if key is not None and "torch.nn" in r:  # torch.nn runs this very function
                 fastest.setdefault(key, {})[size] = "fused" if r["fused"] < r["torch.nn"] else "torch"
-    if "lstm" in args.cells.split(",") and not args.steps_only:
+    if "lstm" in args.cells.split(","):
         for size in args.sizes.split(","):
             r = bench_lengths(size, args.repeat)
             row = {"cell": "lstm_lengths", "size": size, **{f"{k}_ms": v * 1e3 for k, v in r.items()},
@@ -241,7 +246,6 @@ def main(argv=None) -> int:
             print(f"{'lstm+len':<10} {size:<4} {row['fused_ms']:9.3f} {row['torch.nn_ms']:9.3f} "
                   f"{row['reference_ms']:9.3f} {row['torch_over_fused']:11.2f} {row['reference_over_fused']:9.2f}"
                   "   (torch.nn on a PackedSequence)", flush=True)
-    if "lstm" in args.cells.split(",") or args.steps_only:
         step_rows(args.repeat, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
