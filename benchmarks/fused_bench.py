@@ -166,23 +166,52 @@ def bench_lengths(size: str, repeat: int, dtype: torch.dtype = torch.float32, wi
     return race(fns, repeat)
 
 
-def bench_step(repeat: int, hidden: int = 64, inp: int = 32) -> dict:
-    """One LSTMCell step at batch 1, state in and out, inference (the streaming case)."""
+STEP_CELLS = {"lstm": (rnnkit.LSTMCell, torch.nn.LSTMCell, 2), "gru": (rnnkit.GRUCell, torch.nn.GRUCell, 1),
+              "rnn_tanh": (rnnkit.RNNCell, torch.nn.RNNCell, 1)}  # name -> (rnnkit, torch.nn, number of states)
+
+
+def bench_step(repeat: int, cell: str = "lstm", hidden: int = 64, inp: int = 32, grad: bool = False) -> dict:
+    """One cell step at batch 1, state in and out (the streaming case): rnnkit's cell
+    (backend='auto') against torch.nn's, same weights, same input and state, both
+    under torch.no_grad() (inference), or both with grad enabled and parameters that
+    require it (``grad=True``: a training step's forward; there rnnkit takes the torch op)."""
+    ours_cls, torch_cls, n_states = STEP_CELLS[cell]
     torch.manual_seed(0)
-    ours = rnnkit.LSTMCell(inp, hidden)
-    theirs = torch.nn.LSTMCell(inp, hidden)
+    ours = ours_cls(inp, hidden)
+    theirs = torch_cls(inp, hidden)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(1, inp)
-    state = (torch.zeros(1, hidden), torch.zeros(1, hidden))
+    state = tuple(torch.zeros(1, hidden) for _ in range(n_states))
+    hx = state if n_states > 1 else state[0]
 
-    def mk(cell):
+    def mk(module):
         def run():
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 for _ in range(100):
-                    cell(x, state)
+                    module(x, hx)
         return run
-    best = race({"fused": mk(ours), "torch.nn": mk(theirs)}, repeat)
+    fns = {"fused": mk(ours), "torch.nn": mk(theirs)}
+    # a longer warm-up than race()'s single call: on this shared machine torch.nn's
+    # first few hundred steps were seen to run 100 to 1000 times slower at times
+    for fn in fns.values():
+        until = time.perf_counter() + 0.3
+        while time.perf_counter() < until:
+            fn()
+    best = race(fns, repeat)
     return {k: v / 100 for k, v in best.items()}
+
+
+def step_rows(repeat: int, results: dict) -> None:
+    """The single-step rows: every cell of STEP_CELLS at inference."""
+    for cell in STEP_CELLS:
+        r = bench_step(repeat, cell)
+        if cell == "lstm":
+            results["lstm_cell_step_us"] = {k: v * 1e6 for k, v in r.items()}
+        results["rows"].append({"cell": f"{cell}_cell_step", "size": "S", "fused_ms": r["fused"] * 1e3,
+                                "torch.nn_ms": r["torch.nn"] * 1e3, "torch_over_fused": r["torch.nn"] / r["fused"]})
+        print(f"{STEP_CELLS[cell][0].__name__} step, batch 1, H_in 32, H 64 (inference): rnnkit "
+              f"{r['fused']*1e6:.1f} us, torch.nn {r['torch.nn']*1e6:.1f} us, ratio {r['torch.nn']/r['fused']:.2f}",
+              flush=True)
 
 
 def main(argv=None) -> int:
@@ -194,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
+    ap.add_argument("--steps-only", action="store_true", help="only the single-step (batch 1) cell rows")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
     ap.add_argument("--write-table", action="store_true", help=f"write auto's table to {TABLE_PATH}")
     ap.add_argument("--update", action="store_true", help="with --write-table: replace only the cells measured now")
@@ -226,6 +256,11 @@ def main(argv=None) -> int:
     while time.perf_counter() < warm_until:
         for fn in warm:
             fn()
+    if args.steps_only:  # the single-step rows alone
+        step_rows(args.repeat, results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0
     header = f"{'cell':<10} {'size':<4} {'fused ms':>9} {'torch ms':>9} {'ref ms':>9} {'torch/fused':>11} {'ref/fused':>9}"
     print(header)
     fastest = {}
@@ -275,12 +310,7 @@ def main(argv=None) -> int:
                   f"{row.get('reference_over_fused', float('nan')):9.2f}"
                   "   (torch.nn on a PackedSequence)", flush=True)
     if "lstm" in cells and dtype == torch.float32:  # the fused cells step float32/float64 only
-        r = bench_step(args.repeat)
-        results["lstm_cell_step_us"] = {k: v * 1e6 for k, v in r.items()}
-        results["rows"].append({"cell": "lstm_cell_step", "size": "S", "fused_ms": r["fused"] * 1e3,
-                                "torch.nn_ms": r["torch.nn"] * 1e3, "torch_over_fused": r["torch.nn"] / r["fused"]})
-        print(f"LSTMCell step, batch 1, H_in 32, H 64 (inference): fused {r['fused']*1e6:.1f} us, "
-              f"torch.nn {r['torch.nn']*1e6:.1f} us, ratio {r['torch.nn']/r['fused']:.2f}")
+        step_rows(args.repeat, results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.write_table:

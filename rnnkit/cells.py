@@ -15,6 +15,7 @@ from torch import Tensor, _VF, nn
 from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str, split_states
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
+from .fused import _ops as _fused_ops, cells as _fused_cells
 from .fused.cells import cell_step as _fused_step, cell_unsupported as _fused_unsupported
 
 _VF_CELLS = {"RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell, "LSTM": _VF.lstm_cell, "GRU": _VF.gru_cell}
@@ -99,6 +100,18 @@ class CellBase(nn.Module):
         return [self.hidden_size for _ in self.cell_spec.state_names]
 
     def forward(self, input: Tensor, hx=None):
+        # The fast path: a plain inference step of a standard cell goes straight to the fused
+        # extension's C++ entry, which checks everything itself and answers NotImplemented
+        # unless all is plain (then the full path below validates, with its messages, and runs).
+        direct = _fused_cells.direct_step
+        if (direct is not None and self._is_standard and (self.backend == "auto" or self.backend == "fused")
+                and _fused_ops._registered and not _compiling()):
+            new = direct(_fused_cells.DIRECT_KIND.get(self.cell_spec.fusable), input, hx, self._parameters,
+                         self.input_size, self.hidden_size)
+            if new is not NotImplemented:
+                if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than the step itself
+                    self.last_backend = "fused"
+                return new
         owner = _Owner(self)  # formatted only if an error message needs it
         if not isinstance(input, Tensor):
             raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
@@ -164,6 +177,9 @@ class CellBase(nn.Module):
         if not self.bias:
             s += ", bias=False"
         return s + f", backend={self.backend!r}"
+
+
+_compiling = torch.compiler.is_compiling
 
 
 def _any_requires_grad(cell: CellBase, x: Tensor, state) -> bool:

@@ -22,7 +22,7 @@ SOURCE = Path(__file__).with_name("csrc") / "fused.cpp"
 DISABLE_ENV = "RNNKIT_DISABLE_FUSED"
 
 _lock = threading.Lock()
-_state: dict = {"loaded": False, "reason": None, "seconds": None, "path": None}
+_state: dict = {"loaded": False, "reason": None, "seconds": None, "path": None, "module": None}
 
 
 def _cpu_flags() -> set:
@@ -103,8 +103,10 @@ def load(verbose: bool = False) -> Optional[str]:
                   file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            path = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(),
-                                      is_python_module=False, verbose=verbose)
+            # a Python module: loading it registers the torch.ops ops (TORCH_LIBRARY) and gives the
+            # direct single-step entry (module.cell_step, see rnnkit/fused/cells.py)
+            module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(),
+                                        is_python_module=True, verbose=verbose)
         except Exception as e:
             text = str(e)
             out = getattr(e, "output", None)
@@ -115,11 +117,18 @@ def load(verbose: bool = False) -> Optional[str]:
             _state["reason"] = f"building the C++ extension failed: {_first_error_line(text)}"
             return _state["reason"]
         _state["seconds"] = time.perf_counter() - start
-        _state["path"] = path
+        _state["path"] = getattr(module, "__file__", None)
+        _state["module"] = module
         if not cached:
             print(f"rnnkit: fused CPU kernels ready ({_state['seconds']:.0f} s)", file=sys.stderr, flush=True)
         _state["loaded"] = True
         return None
+
+
+def module():
+    """The loaded extension as a Python module (its ``cell_step`` entry), or None when it is
+    not loaded or was registered by another copy of rnnkit in this process."""
+    return _state["module"] if load() is None else None
 
 
 def info() -> dict:

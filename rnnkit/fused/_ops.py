@@ -203,6 +203,7 @@ def _setup_ln_lstm(ctx, inputs, output):
     xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps = inputs
     out, _, _, gates, cs, nz, nc, rstd = output
     ctx.save_for_backward(w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates, cs, nz, nc, rstd)
+    ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no L x N x 4H zero tensors for them
 
 
 def _backward_ln_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):

@@ -4,6 +4,11 @@ and :class:`rnnkit.GRUCell`.
 Inference (no gradient needed) runs one C++ op per step: both matrix products
 and the gate math, no Python in between. With a gradient it runs the sequence
 op for ``L = 1``, whose backward is the hand-written BPTT.
+
+The plain inference step does not even go through the op: ``CellBase.forward``
+first offers it to :data:`direct_step` (the extension's CPython entry, which
+skips the dispatcher), and takes the full path below when that answers
+NotImplemented (a check failed, a gradient is needed, torch.compile is tracing...).
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from .backend import KERNELS, _bias_sum, _project, tensor_unsupported
 
 _FLOATS = (torch.float32, torch.float64)
 _CELL_OPS: dict = {}
+
+# the direct entry: direct_step(kind, input, hx, params, input_size, hidden_size) -> new state or
+# NotImplemented; None until the extension is loaded as a module (see csrc/fused.cpp's last section)
+direct_step = None
+DIRECT_KIND = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
 
 def _cell_ops() -> dict:
@@ -38,6 +48,9 @@ def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
         if reason is not None:
             return reason
         _ops.register()
+    global direct_step
+    if direct_step is None and _build._state["module"] is not None:
+        direct_step = getattr(_build._state["module"], "cell_step", None)
     ref = cell._parameters["weight_ih"]
     if (cell.cell_spec.fusable in KERNELS and cell._is_standard and ref.dtype in _FLOATS
             and ref.device.type == "cpu" and (x is None or (x.dtype in _FLOATS and x.device.type == "cpu"))):

@@ -906,6 +906,15 @@ inline Vec<T> psigmoid(const Vec<T>& x) {
 }
 template <typename T>
 inline Vec<T> ptanh(const Vec<T>& x) { return x.tanh(); }
+// float32: tanh x = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) with Sleef's 1-ulp exp: a few times cheaper
+// than Sleef's tanh, within about 1e-7 absolute (the relative error grows only where |tanh x| < 1e-3)
+template <>
+inline Vec<float> ptanh(const Vec<float>& x) {
+  const Vec<float> one(1.f), ax = x.abs();
+  const Vec<float> e = (ax * Vec<float>(-2.f)).exp();
+  const Vec<float> t = (one - e) / (one + e);
+  return Vec<float>::blendv(t, t.neg(), x < Vec<float>(0.f));
+}
 
 // mean and 1 / sqrt(var + eps) of v (n,), two passes (the variance of the centred values)
 template <typename T>
@@ -958,15 +967,13 @@ inline void ln_lstm_row(T* z, const T* x, const T* ghh, const T* gc, const T* bc
   ln_stats(z, G, eps, mean, rstd);
   rs[0] = rstd;
   const Vec<T> mv(mean), rv(rstd);
-  for (int64_t j = 0; j < G; j += VS) {
-    const int64_t cnt = std::min(VS, G - j);
-    Vec<T> n = (Vec<T>::loadu(z + j, cnt) - mv) * rv;
-    n.store(nz + j, cnt);
-  }
+  // LN(z) is formed in the gate pass itself (one pass over the G values, not two)
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
     auto pre = [&](int64_t k) {
-      return Vec<T>::loadu(x + k * H + j, cnt) + Vec<T>::loadu(ghh + k * H + j, cnt) * Vec<T>::loadu(nz + k * H + j, cnt);
+      const Vec<T> n = (Vec<T>::loadu(z + k * H + j, cnt) - mv) * rv;
+      n.store(nz + k * H + j, cnt);
+      return Vec<T>::loadu(x + k * H + j, cnt) + Vec<T>::loadu(ghh + k * H + j, cnt) * n;
     };
     Vec<T> i = psigmoid(pre(0)), f = psigmoid(pre(1)), gg = ptanh(pre(2)), o = psigmoid(pre(3));
     Vec<T> cn = f * Vec<T>::loadu(cp + j, cnt) + i * gg;
@@ -990,46 +997,79 @@ inline void ln_lstm_row(T* z, const T* x, const T* ghh, const T* gc, const T* bc
 
 // The backward of one row of one step. dm: dL/dh_t; dc: dL/dc_t from later steps on entry, dL/dc_{t-1} on exit.
 // Writes dg (G,): dL/da (the gradient of xp), dz (G,): dL/dz (for dh_{t-1} and dW_hh), dy (H,): dL/d(LN_c out).
+// Three passes: (1) dy, the o gate, the LN_c sums; (2) the i, f, g gates and dc_{t-1}; the LN_hh input
+// dn = dg γ_hh and its sums are formed as each gate's dg is; (3) dz from dn.
 template <typename T>
 inline void ln_lstm_grad_row(const T* g, const T* ghh, const T* gc, const T* bc, const T* cp, const T* nz,
                              const T* nc, const T* rs, const T* dm, T* dc, T* dg, T* dz, T* dy, int64_t H) {
-  constexpr int64_t VS = Vec<T>::size();
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size();
   const int64_t G = 4 * H;
-  const Vec<T> one(T(1));
-  // dy = dh o (1 - tanh² y); dz temporarily holds dn_c = dy γ_c in its first H entries
+  const V one(T(1));
+  auto sum = [](const V& v) { return at::vec::vec_reduce_all<T>([](V& x, V& z) { return x + z; }, v); };
+  // (1) dy = dh o (1 - tanh² y); dn_c = dy γ_c and its sums for the LN_c backward
+  V a1(T(0)), a2(T(0)), b1(T(0)), b2(T(0));
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
-    Vec<T> n = Vec<T>::loadu(nc + j, cnt);
-    Vec<T> ty = ptanh(Vec<T>::loadu(gc + j, cnt) * n + Vec<T>::loadu(bc + j, cnt));
-    Vec<T> o = Vec<T>::loadu(g + 3 * H + j, cnt), d = Vec<T>::loadu(dm + j, cnt);
-    Vec<T> dyv = d * o * (one - ty * ty);
+    V n = V::loadu(nc + j, cnt), gcv = V::loadu(gc + j, cnt);
+    V ty = ptanh(gcv * n + V::loadu(bc + j, cnt));
+    V o = V::loadu(g + 3 * H + j, cnt), d = V::loadu(dm + j, cnt);
+    V dyv = d * o * (one - ty * ty);
     dyv.store(dy + j, cnt);
-    (dyv * Vec<T>::loadu(gc + j, cnt)).store(dz + j, cnt);
-    (d * ty * o * (one - o)).store(dg + 3 * H + j, cnt);
+    V dnc = dyv * gcv;
+    a1 = a1 + dnc;
+    a2 = at::vec::fmadd(dnc, n, a2);
+    V dgo = d * ty * o * (one - o);  // zero past cnt (d is zero-filled there)
+    dgo.store(dg + 3 * H + j, cnt);
+    V dn = dgo * V::loadu(ghh + 3 * H + j, cnt);
+    dn.store(dz + 3 * H + j, cnt);
+    b1 = b1 + dn;
+    b2 = at::vec::fmadd(dn, V::loadu(nz + 3 * H + j, cnt), b2);
   }
-  T s1, s2;
-  ln_sums(dz, nc, H, s1, s2);
-  const Vec<T> m1(s1 / T(H)), m2(s2 / T(H)), rc(rs[1]);
+  const V m1(sum(a1) / T(H)), m2(sum(a2) / T(H)), rc(rs[1]);
+  // (2) dc_t, the i, f, g gates, dc_{t-1}; dn = dg γ_hh for them
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
-    Vec<T> dn = Vec<T>::loadu(dz + j, cnt);
-    Vec<T> dct = Vec<T>::loadu(dc + j, cnt) + rc * (dn - m1 - Vec<T>::loadu(nc + j, cnt) * m2);
-    Vec<T> i = Vec<T>::loadu(g + j, cnt), f = Vec<T>::loadu(g + H + j, cnt), gg = Vec<T>::loadu(g + 2 * H + j, cnt);
-    (dct * gg * i * (one - i)).store(dg + j, cnt);
-    (dct * Vec<T>::loadu(cp + j, cnt) * f * (one - f)).store(dg + H + j, cnt);
-    (dct * i * (one - gg * gg)).store(dg + 2 * H + j, cnt);
+    V n = V::loadu(nc + j, cnt);
+    V dnc = V::loadu(dy + j, cnt) * V::loadu(gc + j, cnt);
+    V dct = V::loadu(dc + j, cnt) + rc * (dnc - m1 - n * m2);
+    V i = V::loadu(g + j, cnt), f = V::loadu(g + H + j, cnt), gg = V::loadu(g + 2 * H + j, cnt);
+    V dgi = dct * gg * i * (one - i), dgf = dct * V::loadu(cp + j, cnt) * f * (one - f);
+    V dgg = dct * i * (one - gg * gg);
+    if (cnt < VS) {  // past cnt dct is not zero (m1): keep those lanes out of the sums
+      dgi = V::set(V(T(0)), dgi, cnt), dgf = V::set(V(T(0)), dgf, cnt), dgg = V::set(V(T(0)), dgg, cnt);
+    }
+    dgi.store(dg + j, cnt);
+    dgf.store(dg + H + j, cnt);
+    dgg.store(dg + 2 * H + j, cnt);
     (dct * f).store(dc + j, cnt);
+    V dni = dgi * V::loadu(ghh + j, cnt), dnf = dgf * V::loadu(ghh + H + j, cnt);
+    V dng = dgg * V::loadu(ghh + 2 * H + j, cnt);
+    dni.store(dz + j, cnt);
+    dnf.store(dz + H + j, cnt);
+    dng.store(dz + 2 * H + j, cnt);
+    b1 = b1 + dni + dnf + dng;
+    b2 = at::vec::fmadd(dni, V::loadu(nz + j, cnt), b2);
+    b2 = at::vec::fmadd(dnf, V::loadu(nz + H + j, cnt), b2);
+    b2 = at::vec::fmadd(dng, V::loadu(nz + 2 * H + j, cnt), b2);
   }
-  // LN_hh: dn = dg γ_hh, dz = rstd (dn - mean(dn) - nz mean(dn nz))
+  // (3) LN_hh: dz = rstd (dn - mean(dn) - nz mean(dn nz))
+  const V n1(sum(b1) / T(G)), n2(sum(b2) / T(G)), rh(rs[0]);
   for (int64_t j = 0; j < G; j += VS) {
     const int64_t cnt = std::min(VS, G - j);
-    (Vec<T>::loadu(dg + j, cnt) * Vec<T>::loadu(ghh + j, cnt)).store(dz + j, cnt);
+    (rh * (V::loadu(dz + j, cnt) - n1 - V::loadu(nz + j, cnt) * n2)).store(dz + j, cnt);
   }
-  ln_sums(dz, nz, G, s1, s2);
-  const Vec<T> n1(s1 / T(G)), n2(s2 / T(G)), rh(rs[0]);
-  for (int64_t j = 0; j < G; j += VS) {
-    const int64_t cnt = std::min(VS, G - j);
-    (rh * (Vec<T>::loadu(dz + j, cnt) - n1 - Vec<T>::loadu(nz + j, cnt) * n2)).store(dz + j, cnt);
+}
+
+// The LN parameters' gradients of one row: acc_hh (G) += dg ⊙ LN(z), acc_gc (H) += dy ⊙ LN(c), acc_bc (H) += dy,
+// accumulated in double (sums over every step and row).
+template <typename T>
+inline void ln_lstm_param_sums(const T* dg, const T* nz, const T* dy, const T* nc, int64_t H, double* acc_hh,
+                               double* acc_gc, double* acc_bc) {
+  for (int64_t j = 0; j < 4 * H; ++j) acc_hh[j] += double(dg[j]) * double(nz[j]);
+  for (int64_t j = 0; j < H; ++j) {
+    acc_gc[j] += double(dy[j]) * double(nc[j]);
+    acc_bc[j] += double(dy[j]);
   }
 }
 
@@ -1125,8 +1165,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dG = at::empty({L, N, G}, out.options());
   Tensor dZ = at::empty({L, N, G}, out.options());
-  Tensor dY = at::empty({L, N, H}, out.options());
   Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options()), dc = grad_cn.clone();
+  // the LN parameters' gradients, summed over steps and rows as the loop goes: one double accumulator
+  // (G + 2H) and one dy row (H) per thread, added up in thread order after the loop
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), P = G + 2 * H;
+  Tensor acc = at::zeros({threads, P}, out.options().dtype(at::kDouble));
+  Tensor dy_rows = at::empty({threads, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_lstm_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, G, false, w_hh);
@@ -1134,25 +1178,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
     const T *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *c_init = c0.data_ptr<T>();
     const T *nz = nzs.data_ptr<T>(), *nc = ncs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
     const T *ghh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
-    T *dg = dG.data_ptr<T>(), *dz = dZ.data_ptr<T>(), *dy = dY.data_ptr<T>();
+    T *dg = dG.data_ptr<T>(), *dz = dZ.data_ptr<T>(), *dy_all = dy_rows.data_ptr<T>();
+    double* acc_all = acc.data_ptr<double>();
     T *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>(), *dcp = dc.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
     for (int64_t t = L - 1; t >= 0; --t) {
       add_into(dh, go + t * N * H, N * H);
       const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
       const T *gt = gs + t * N * G, *nzt = nz + t * N * G, *nct = nc + t * N * H, *rst = rs + t * N * 2;
-      T *dgt = dg + t * N * G, *dzt = dz + t * N * G, *dyt = dy + t * N * H;
+      T *dgt = dg + t * N * G, *dzt = dz + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid >= 0 && tid < threads, "rnnkit_fused::ln_lstm_bwd: thread ", tid, " of ", threads);
+        double* a = acc_all + tid * P;
+        T* dy = dy_all + tid * H;
         for (int64_t n = b; n < e; ++n) {
-          if (check && t >= len[n]) {  // held: h and c pass through unchanged
+          if (check && t >= len[n]) {  // held: h and c pass through unchanged (and add nothing to the sums)
             zero_row(dgt + n * G, G);
             zero_row(dzt + n * G, G);
-            zero_row(dyt + n * H, H);
             copy_row(dn + n * H, dh + n * H, H);
           } else {
             ln_lstm_grad_row(gt + n * G, ghh, gc, bc, cp + n * H, nzt + n * G, nct + n * H, rst + 2 * n,
-                             dh + n * H, dcp + n * H, dgt + n * G, dzt + n * G, dyt + n * H, H);
+                             dh + n * H, dcp + n * H, dgt + n * G, dzt + n * G, dy, H);
+            ln_lstm_param_sums(dgt + n * G, nzt + n * G, dy, nct + n * H, H, a, a + G, a + G + H);
             zero_row(dn + n * H, H);
           }
         }
@@ -1163,11 +1212,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
   Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out));
-  // the LN gains and shift: sums over steps and rows (held steps add nothing: their saved LN values are zero)
-  const std::array<int64_t, 2> steps_rows{0, 1};
-  Tensor grad_g_hh = (dG * nzs).sum(steps_rows);
-  Tensor grad_g_c = (dY * ncs).sum(steps_rows);
-  Tensor grad_b_c = dY.sum(steps_rows);
+  // the LN gains and shift: the threads' sums, added in thread order
+  auto part = [&](int64_t from, int64_t n) { return acc.narrow(1, from, n).sum(0).to(out.scalar_type()); };
+  Tensor grad_g_hh = part(0, G), grad_g_c = part(G, H), grad_b_c = part(G + H, H);  // three separate tensors
   return {dG, grad_w_hh, grad_g_hh, grad_g_c, grad_b_c, dh_a, dc};
 }
 
@@ -1296,92 +1343,208 @@ std::tuple<Tensor, Tensor, Tensor> indrnn_bwd(const Tensor& grad_out_, const Ten
 }
 
 // ================================================================ single-step cells (inference)
+// One implementation on raw pointers (the *_cell_raw functions) serves both
+// entries: the torch.ops ops below (autograd-free, traced by torch.compile) and
+// the direct CPython entry `cell_step` at the end of this file, which skips the
+// dispatcher for plain inference steps.
 
-// gates (N, G) = b_ih + b_hh (either may be missing) + x W_ih^T + h W_hh^T
-Tensor cell_gates(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
-                  const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool recurrent,
-                  const char* op) {
-  TORCH_CHECK(x.dim() == 2 && h.dim() == 2 && x.size(0) == h.size(0), "rnnkit_fused::", op,
-              ": x must be (N, H_in) and h (N, H), got ", x.sizes(), " and ", h.sizes());
-  // with recurrent=false only the input part is computed (the GRU gates its recurrent part)
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "rnnkit_fused::", op,
-              ": float32 or float64 only, got ", x.scalar_type());
-  const int64_t N = x.size(0), I = x.size(1), Hh = h.size(1), G = w_ih.size(0);
-  check_same(x, w_ih, "w_ih", {G, I});
-  check_same(x, w_hh, "w_hh", {G, Hh});
-  Tensor gates = at::empty({N, G}, x.options());
-  const bool has_bi = b_ih.has_value() && b_ih->defined();
-  const bool has_bh = recurrent && b_hh.has_value() && b_hh->defined();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cell_gates", [&] {
-    using T = scalar_t;
-    T* g = gates.data_ptr<T>();
-    const T* bi = has_bi ? b_ih->data_ptr<T>() : nullptr;
-    const T* bh = has_bh ? b_hh->data_ptr<T>() : nullptr;
-    for (int64_t n = 0; n < N; ++n) {
-      T* row = g + n * G;
-      if (bi) copy_row(row, bi, G);
-      else zero_row(row, G);
-      if (bh) add_into(row, bh, G);
+// Matrix-vector products of one step at a tiny batch: y (G) = b1 + b2 + W1 a1 + W2 a2,
+// W row-major (G x K) as torch stores it (a2/W2 and the biases may be null).
+// Both products share each row's accumulators and the bias is added once at
+// the end: one pass over y instead of BLAS's two calls (whose per-call cost
+// dominates at this size). Rows go in blocks of R, each block's R
+// accumulators reduced together.
+template <typename T, int R>
+inline void gemv_block(int64_t g, const T* a1, int64_t K1, const T* W1, const T* a2, int64_t K2, const T* W2,
+                       T* sums) {
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size();
+  V acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V(T(0));
+  auto pass = [&](const T* a, int64_t K, const T* W) {
+    const T* w = W + g * K;
+    int64_t k = 0;
+    for (; k + VS <= K; k += VS) {
+      const V av = V::loadu(a + k);
+      for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(av, V::loadu(w + r * K + k), acc[r]);
     }
-    gemm_abt<T>(N, G, I, x.data_ptr<T>(), I, w_ih.data_ptr<T>(), I, T(1), g, G);
-    if (recurrent) gemm_abt<T>(N, G, Hh, h.data_ptr<T>(), Hh, w_hh.data_ptr<T>(), Hh, T(1), g, G);
-  });
-  return gates;
+    if (k < K) {
+      const V av = V::loadu(a + k, K - k);  // zero-filled past K
+      for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(av, V::loadu(w + r * K + k, K - k), acc[r]);
+    }
+  };
+  pass(a1, K1, W1);
+  if (a2) pass(a2, K2, W2);
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float> && R == 8) {
+    // the 8 horizontal sums at once: [sum acc0, ..., sum acc7]
+    const __m256 s01 = _mm256_hadd_ps(acc[0], acc[1]), s23 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 s45 = _mm256_hadd_ps(acc[4], acc[5]), s67 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                         _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+    return;
+  }
+#endif
+  for (int r = 0; r < R; ++r) sums[r] = at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, acc[r]);
 }
 
-std::tuple<Tensor, Tensor> lstm_cell(const Tensor& x_, const Tensor& h_, const Tensor& c_, const Tensor& w_ih,
-                                     const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-                                     const std::optional<Tensor>& b_hh) {
-  Tensor x = x_.contiguous(), h = h_.contiguous(), c = c_.contiguous();
-  Tensor gates = cell_gates(x, h, w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, true, "lstm_cell");
-  const int64_t N = x.size(0), H = gates.size(1) / 4;
+template <typename T>
+void small_gemv(int64_t G, const T* a1, int64_t K1, const T* W1, const T* a2, int64_t K2, const T* W2, const T* b1,
+                const T* b2, T* y) {
+  constexpr int R = 8;
+  T sums[R];
+  auto finish = [&](int64_t g, int64_t cnt) {
+    for (int64_t r = 0; r < cnt; ++r) y[g + r] = sums[r] + (b1 ? b1[g + r] : T(0)) + (b2 ? b2[g + r] : T(0));
+  };
+  int64_t g = 0;
+  for (; g + R <= G; g += R) {
+    gemv_block<T, R>(g, a1, K1, W1, a2, K2, W2, sums);
+    finish(g, R);
+  }
+  for (; g < G; ++g) {
+    gemv_block<T, 1>(g, a1, K1, W1, a2, K2, W2, sums);
+    finish(g, 1);
+  }
+}
+
+// g (N, G) = b_ih + b_hh (either may be null) + x W_ih^T (+ h W_hh^T unless h is null)
+template <typename T>
+void cell_gates_raw(int64_t N, int64_t G, int64_t I, int64_t Hh, const T* x, const T* h, const T* w_ih,
+                    const T* w_hh, const T* bi, const T* bh, T* g) {
+  if (N < kSmallRows) {
+    for (int64_t n = 0; n < N; ++n)
+      small_gemv<T>(G, x + n * I, I, w_ih, h ? h + n * Hh : nullptr, Hh, w_hh, bi, bh, g + n * G);
+    return;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    T* row = g + n * G;
+    if (bi) copy_row(row, bi, G);
+    else zero_row(row, G);
+    if (bh) add_into(row, bh, G);
+  }
+  gemm_abt<T>(N, G, I, x, I, w_ih, I, T(1), g, G);
+  if (h) gemm_abt<T>(N, G, Hh, h, Hh, w_hh, Hh, T(1), g, G);
+}
+
+// h (N, H), c (N, H) from x (N, I), h0, c0; h0 null means zeros (and c0 must then be zeros too or null)
+template <typename T>
+void lstm_cell_raw(int64_t N, int64_t I, int64_t H, const T* x, const T* h0, const T* c0, const T* w_ih,
+                   const T* w_hh, const T* bi, const T* bh, T* g, T* hn, T* cn) {
+  cell_gates_raw<T>(N, 4 * H, I, H, x, h0, w_ih, w_hh, bi, bh, g);
+  auto rows = [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) lstm_row(g + n * 4 * H, (const T*)nullptr, c0 + n * H, cn + n * H, hn + n * H, H);
+  };
+  if (N == 1) rows(0, 1);
+  else at::parallel_for(0, N, row_grain(4 * H), rows);
+}
+
+// scratch: gru_cell_scratch(N, H) elements; bh null means zeros
+inline int64_t gru_cell_scratch(int64_t N, int64_t H) { return 3 * N * 3 * H + N * H + 3 * H; }
+
+template <typename T>
+void gru_cell_raw(int64_t N, int64_t I, int64_t H, const T* x, const T* h0, const T* w_ih, const T* w_hh,
+                  const T* bi, const T* bh, T* scratch, T* out) {
+  const int64_t G = 3 * H;
+  T *xg = scratch, *hh = xg + N * G, *rz = hh + N * G, *hnp = rz + N * G, *zeros = hnp + N * H;
+  if (!bh) {
+    zero_row(zeros, G);
+    bh = zeros;
+  }
+  // the input part with b_ih; the recurrent part separately (r gates it)
+  cell_gates_raw<T>(N, G, I, H, x, (const T*)nullptr, w_ih, w_hh, bi, (const T*)nullptr, xg);
+  cell_gates_raw<T>(N, G, H, H, h0, (const T*)nullptr, w_hh, w_hh, (const T*)nullptr, (const T*)nullptr, hh);
+  auto rows = [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      gru_row(xg + n * G, hh + n * G, bh, h0 + n * H, rz + n * G, hnp + n * H, out + n * H, H);
+  };
+  if (N == 1) rows(0, 1);
+  else at::parallel_for(0, N, row_grain(G), rows);
+}
+
+template <typename T>
+void rnn_cell_raw(int64_t N, int64_t I, int64_t H, const T* x, const T* h0, const T* w_ih, const T* w_hh,
+                  const T* bi, const T* bh, int64_t act, T* out) {
+  cell_gates_raw<T>(N, H, I, H, x, h0, w_ih, w_hh, bi, bh, out);
+  for (int64_t n = 0; n < N; ++n) rnn_act_row(out + n * H, (const T*)nullptr, H, act);
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+void check_cell(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t G, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && h.dim() == 2 && x.size(0) == h.size(0), "rnnkit_fused::", op,
+              ": x must be (N, H_in) and h (N, H), got ", x.sizes(), " and ", h.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "rnnkit_fused::", op,
+              ": float32 or float64 only, got ", x.scalar_type());
+  const int64_t I = x.size(1), Hh = h.size(1);
+  check_same(x, h, "h", {x.size(0), Hh});
+  check_same(x, w_ih, "w_ih", {G, I});
+  check_same(x, w_hh, "w_hh", {G, Hh});
+  if (b_ih.has_value() && b_ih->defined()) check_same(x, *b_ih, "b_ih", {G});
+  if (b_hh.has_value() && b_hh->defined()) check_same(x, *b_hh, "b_hh", {G});
+}
+
+std::optional<Tensor> opt_contiguous(const std::optional<Tensor>& t) {
+  if (t.has_value() && t->defined()) return t->contiguous();
+  return std::nullopt;
+}
+
+std::tuple<Tensor, Tensor> lstm_cell(const Tensor& x_, const Tensor& h_, const Tensor& c_, const Tensor& w_ih_,
+                                     const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
+                                     const std::optional<Tensor>& b_hh_) {
+  Tensor x = x_.contiguous(), h = h_.contiguous(), c = c_.contiguous(), w_ih = w_ih_.contiguous(),
+         w_hh = w_hh_.contiguous();
+  auto b_ih = opt_contiguous(b_ih_), b_hh = opt_contiguous(b_hh_);
+  check_cell(x, h, w_ih, w_hh, b_ih, b_hh, w_ih.size(0), "lstm_cell");
+  const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
+  TORCH_CHECK(w_ih.size(0) == 4 * H, "rnnkit_fused::lstm_cell: w_ih must be (4H, H_in), got ", w_ih.sizes());
   check_same(x, c, "c", {N, H});
+  Tensor gates = at::empty({N, 4 * H}, x.options());
   Tensor h_new = at::empty({N, H}, x.options()), c_new = at::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell", [&] {
     using T = scalar_t;
-    T *g = gates.data_ptr<T>(), *hn = h_new.data_ptr<T>(), *cn = c_new.data_ptr<T>();
-    const T* cp = c.data_ptr<T>();
-    at::parallel_for(0, N, row_grain(4 * H), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) lstm_row(g + n * 4 * H, (const T*)nullptr, cp + n * H, cn + n * H, hn + n * H, H);
-    });
+    lstm_cell_raw<T>(N, I, H, x.data_ptr<T>(), h.data_ptr<T>(), c.data_ptr<T>(), w_ih.data_ptr<T>(),
+                     w_hh.data_ptr<T>(), opt_ptr<T>(b_ih), opt_ptr<T>(b_hh), gates.data_ptr<T>(),
+                     h_new.data_ptr<T>(), c_new.data_ptr<T>());
   });
   return {h_new, c_new};
 }
 
-Tensor gru_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih, const Tensor& w_hh_,
-                const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh_) {
-  Tensor x = x_.contiguous(), h = h_.contiguous(), w_hh = w_hh_.contiguous();
-  const int64_t N = x.size(0), H = h.size(1), G = 3 * H;
-  // the input part with b_ih; the recurrent part separately (r gates it)
-  Tensor xg = cell_gates(x, h, w_ih.contiguous(), w_hh, b_ih, std::nullopt, false, "gru_cell");
-  Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : at::zeros({G}, x.options());
-  Tensor hh = at::empty({N, G}, x.options()), rzn = at::empty({N, G}, x.options()), hn = at::empty({N, H}, x.options());
+Tensor gru_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
+                const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_) {
+  Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  auto b_ih = opt_contiguous(b_ih_), b_hh = opt_contiguous(b_hh_);
+  check_cell(x, h, w_ih, w_hh, b_ih, b_hh, w_ih.size(0), "gru_cell");
+  const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
+  TORCH_CHECK(w_ih.size(0) == 3 * H, "rnnkit_fused::gru_cell: w_ih must be (3H, H_in), got ", w_ih.sizes());
+  Tensor scratch = at::empty({gru_cell_scratch(N, H)}, x.options());
   Tensor h_new = at::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_cell", [&] {
     using T = scalar_t;
-    gemm_abt<T>(N, G, H, h.data_ptr<T>(), H, w_hh.data_ptr<T>(), H, T(0), hh.data_ptr<T>(), G);
-    const T *xgp = xg.data_ptr<T>(), *hhp = hh.data_ptr<T>(), *bh = b_hh.data_ptr<T>(), *hp = h.data_ptr<T>();
-    T *rz = rzn.data_ptr<T>(), *hnp = hn.data_ptr<T>(), *o = h_new.data_ptr<T>();
-    at::parallel_for(0, N, row_grain(G), [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n)
-        gru_row(xgp + n * G, hhp + n * G, bh, hp + n * H, rz + n * G, hnp + n * H, o + n * H, H);
-    });
+    gru_cell_raw<T>(N, I, H, x.data_ptr<T>(), h.data_ptr<T>(), w_ih.data_ptr<T>(), w_hh.data_ptr<T>(),
+                    opt_ptr<T>(b_ih), opt_ptr<T>(b_hh), scratch.data_ptr<T>(), h_new.data_ptr<T>());
   });
   return h_new;
 }
 
-Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih, const Tensor& w_hh,
-                const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t act) {
+Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
+                const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_, int64_t act) {
   TORCH_CHECK(act == 0 || act == 1, "rnnkit_fused::rnn_cell: act must be 0 (tanh) or 1 (relu), got ", act);
-  Tensor x = x_.contiguous(), h = h_.contiguous();
-  Tensor pre = cell_gates(x, h, w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, true, "rnn_cell");
-  const int64_t N = x.size(0), H = pre.size(1);
+  Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  auto b_ih = opt_contiguous(b_ih_), b_hh = opt_contiguous(b_hh_);
+  check_cell(x, h, w_ih, w_hh, b_ih, b_hh, h.size(1), "rnn_cell");
+  const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
+  Tensor out = at::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_cell", [&] {
     using T = scalar_t;
-    T* p = pre.data_ptr<T>();
-    for (int64_t n = 0; n < N; ++n) rnn_act_row(p + n * H, (const T*)nullptr, H, act);
+    rnn_cell_raw<T>(N, I, H, x.data_ptr<T>(), h.data_ptr<T>(), w_ih.data_ptr<T>(), w_hh.data_ptr<T>(),
+                    opt_ptr<T>(b_ih), opt_ptr<T>(b_hh), act, out.data_ptr<T>());
   });
-  return pre;
+  return out;
 }
 
 // Which instruction set the gate math was compiled for (reported by `rnnkit info`).
@@ -2448,3 +2611,241 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("conv_gru_fwd", &rnnkit_fused::conv_gru_fwd);
   m.impl("conv_gru_bwd", &rnnkit_fused::conv_gru_bwd);
 }
+
+// ================================================================ direct single-step entry (CPython)
+// `cell_step(kind, input, hx, params, input_size, hidden_size)`: one inference
+// step of a standard cell called straight from rnnkit.cells.CellBase.forward,
+// without the dispatcher (whose boxing costs several times the step itself at
+// batch 1). It runs only in the plain case and answers NotImplemented for
+// anything else, so the caller takes the full path (its friendly errors, the
+// torch.ops op, autograd):
+//   kind: 0 lstm, 1 gru, 2 rnn tanh, 3 rnn relu (None: not a fused cell)
+//   input (N, H_in) or (H_in,); hx None, a Tensor, or (h, c) for the LSTM,
+//   each (N, H) or (H,) as the input; params the module's _parameters dict
+//   (weight_ih, weight_hh, bias_ih, bias_hh; a bias may be None).
+// Plain means: exact Tensor/Parameter objects, one dtype (float32/float64),
+// CPU, strided, contiguous, no gradient needed, no dispatch key beyond
+// CPU/autograd/ADInplaceOrView (so no fake tensors, vmap, dispatch or
+// __torch_function__ modes, autocast), no profiler callbacks, and the backend
+// not disabled by RNNKIT_DISABLE_FUSED.
+#ifdef TORCH_EXTENSION_NAME
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdlib>
+#include <vector>
+
+namespace rnnkit_fused {
+namespace {
+
+PyObject *k_weight_ih, *k_weight_hh, *k_bias_ih, *k_bias_hh;
+
+bool fused_disabled() {
+  const char* v = std::getenv("RNNKIT_DISABLE_FUSED");
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
+// a plain tensor of this process's kind (see above); dtype/shape are checked by the caller
+bool plain(const Tensor& t, c10::DispatchKeySet excluded) {
+  static const c10::DispatchKeySet allowed = c10::DispatchKeySet(c10::DispatchKey::CPU) |
+                                             c10::DispatchKeySet(c10::DispatchKey::AutogradCPU) |
+                                             c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
+  // (operator- keeps backend bits: only the CPU one may remain)
+  return t.defined() && (t.key_set() - excluded - allowed).remove_backend(c10::BackendComponent::CPUBit).empty() &&
+         t.device().is_cpu() && t.layout() == at::kStrided && t.is_contiguous();
+}
+
+// the Tensor held by obj if it is an exact Tensor or Parameter, else null
+const Tensor* unpack(PyObject* obj) {
+  if (!obj || !THPVariable_CheckExact(obj)) return nullptr;
+  return &THPVariable_Unpack(obj);
+}
+
+template <typename T>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// A direct call's arguments, read and checked.
+struct DirectStep {
+  long kind = -1;
+  int64_t N = 0, I = 0, H = 0;
+  bool batched = true;
+  at::ScalarType dt = at::kFloat;
+  const Tensor *x = nullptr, *w_ih = nullptr, *w_hh = nullptr, *b_ih = nullptr, *b_hh = nullptr;
+  const Tensor* st[2] = {nullptr, nullptr};
+};
+
+// Reads cell_step's arguments into d: null if the step is plain, else why not
+// (a Python error may be set, then the reason is "error").
+const char* read_direct(PyObject* const* args, Py_ssize_t nargs, DirectStep& d) {
+  if (nargs != 6) return "expected 6 arguments (kind, input, hx, params, input_size, hidden_size)";
+  if (!PyLong_CheckExact(args[0])) return "kind is not an int (not a fused cell)";
+  if (!PyDict_Check(args[3])) return "params is not a dict";
+  if (!PyLong_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) return "input_size/hidden_size are not ints";
+  d.kind = PyLong_AsLong(args[0]);
+  const long in_size = PyLong_AsLong(args[4]), hid = PyLong_AsLong(args[5]);
+  if (PyErr_Occurred()) return "error";
+  if (d.kind < 0 || d.kind > 3) return "kind out of range";
+  if (in_size <= 0 || hid <= 0) return "input_size/hidden_size not positive";
+  const int gates = d.kind == 0 ? 4 : d.kind == 1 ? 3 : 1;
+  const int nstates = d.kind == 0 ? 2 : 1;
+
+  // the objects: exact Tensor/Parameter
+  d.x = unpack(args[1]);
+  if (!d.x) return "input is not a Tensor (or is a Tensor subclass)";
+  PyObject* pd = args[3];
+  PyObject *ow_ih = PyDict_GetItemWithError(pd, k_weight_ih), *ow_hh = PyDict_GetItemWithError(pd, k_weight_hh);
+  PyObject *ob_ih = PyDict_GetItemWithError(pd, k_bias_ih), *ob_hh = PyDict_GetItemWithError(pd, k_bias_hh);
+  if (PyErr_Occurred()) return "error";
+  d.w_ih = unpack(ow_ih), d.w_hh = unpack(ow_hh);
+  if (!d.w_ih || !d.w_hh) return "weight_ih/weight_hh missing or not Tensors";
+  if (ob_ih && ob_ih != Py_None && !(d.b_ih = unpack(ob_ih))) return "bias_ih is not a Tensor";
+  if (ob_hh && ob_hh != Py_None && !(d.b_hh = unpack(ob_hh))) return "bias_hh is not a Tensor";
+  PyObject* hx = args[2];
+  if (hx != Py_None) {
+    if (nstates == 2) {
+      if (!PyTuple_CheckExact(hx) && !PyList_CheckExact(hx)) return "hx is not a tuple or list";
+      if (PySequence_Fast_GET_SIZE(hx) != 2) return "hx does not hold 2 states";
+      d.st[0] = unpack(PySequence_Fast_GET_ITEM(hx, 0));
+      d.st[1] = unpack(PySequence_Fast_GET_ITEM(hx, 1));
+      if (!d.st[0] || !d.st[1]) return "a state is not a Tensor";
+    } else if (!(d.st[0] = unpack(hx))) {
+      return "hx is not a Tensor";
+    }
+  }
+
+  // the environment: nothing that the dispatcher would route elsewhere
+  if (fused_disabled()) return "disabled by RNNKIT_DISABLE_FUSED";
+  if (at::hasCallbacks()) return "RecordFunction callbacks (a profiler) are active";
+  if (at::impl::torch_function_mode_enabled()) return "a __torch_function__ mode is active";
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  static const c10::DispatchKeySet default_included =  // what every thread includes by default
+      c10::DispatchKeySet(c10::DispatchKey::BackendSelect) | c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
+  if (!(tls.included_ - default_included).empty())
+    return "dispatch keys are included by thread-local state (a mode or transform)";
+
+  // the tensors
+  const bool grad = at::GradMode::is_enabled();
+  d.dt = d.x->scalar_type();
+  if (d.dt != at::kFloat && d.dt != at::kDouble) return "dtype is not float32/float64";
+  const Tensor* all[7] = {d.x, d.w_ih, d.w_hh, d.b_ih, d.b_hh, d.st[0], d.st[1]};
+  for (const Tensor* t : all) {
+    if (!t) continue;
+    if (!plain(*t, tls.excluded_)) return "a tensor is not a plain contiguous CPU tensor";
+    if (t->scalar_type() != d.dt) return "the tensors' dtypes differ";
+    if (grad && t->requires_grad()) return "a gradient is needed";
+  }
+
+  // the shapes
+  const int64_t G = gates * hid;
+  d.I = in_size, d.H = hid;
+  d.batched = d.x->dim() == 2;
+  if (!d.batched && d.x->dim() != 1) return "input is not 1-D or 2-D";
+  d.N = d.batched ? d.x->size(0) : 1;
+  if (d.N < 1) return "empty batch";
+  if (d.x->size(-1) != d.I) return "input's last axis is not input_size";
+  if (d.w_ih->dim() != 2 || d.w_ih->size(0) != G || d.w_ih->size(1) != d.I) return "weight_ih's shape";
+  if (d.w_hh->dim() != 2 || d.w_hh->size(0) != G || d.w_hh->size(1) != d.H) return "weight_hh's shape";
+  if ((d.b_ih && (d.b_ih->dim() != 1 || d.b_ih->size(0) != G)) ||
+      (d.b_hh && (d.b_hh->dim() != 1 || d.b_hh->size(0) != G)))
+    return "a bias's shape";
+  for (int i = 0; i < nstates; ++i) {
+    const Tensor* s = d.st[i];
+    if (s && (d.batched ? (s->dim() != 2 || s->size(0) != d.N || s->size(1) != d.H)
+                        : (s->dim() != 1 || s->size(0) != d.H)))
+      return "a state's shape";
+  }
+  return nullptr;
+}
+
+PyObject* cell_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  DirectStep d;
+  if (const char* why = read_direct(args, nargs, d)) {
+    if (PyErr_Occurred()) return nullptr;
+    (void)why;
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const int64_t N = d.N, I = d.I, H = d.H, G = (d.kind == 0 ? 4 : d.kind == 1 ? 3 : 1) * H;
+  const at::TensorOptions opts = d.x->options();
+  const int64_t dims[2] = {N, H};  // (N, H), or (H,) unbatched
+  const c10::IntArrayRef shape = d.batched ? c10::IntArrayRef(dims, 2) : c10::IntArrayRef(dims + 1, 1);
+  Tensor h_new = at::empty(shape, opts), c_new;
+  if (d.kind == 0) c_new = at::empty(shape, opts);
+  AT_DISPATCH_FLOATING_TYPES(d.dt, "cell_step", [&] {
+    using T = scalar_t;
+    const T* xp = d.x->data_ptr<T>();
+    const T *wi = d.w_ih->data_ptr<T>(), *wh = d.w_hh->data_ptr<T>();
+    const T *bi = d.b_ih ? d.b_ih->data_ptr<T>() : nullptr, *bh = d.b_hh ? d.b_hh->data_ptr<T>() : nullptr;
+    const T* h0 = d.st[0] ? d.st[0]->data_ptr<T>() : nullptr;  // null: zeros (the product is skipped)
+    if (d.kind == 0) {
+      T* g = scratch<T>(N * G + (d.st[1] ? 0 : N * H));
+      const T* c0 = d.st[1] ? d.st[1]->data_ptr<T>() : nullptr;
+      if (!c0) {
+        zero_row(g + N * G, N * H);
+        c0 = g + N * G;
+      }
+      lstm_cell_raw<T>(N, I, H, xp, h0, c0, wi, wh, bi, bh, g, h_new.data_ptr<T>(), c_new.data_ptr<T>());
+    } else if (d.kind == 1) {
+      const int64_t S = gru_cell_scratch(N, H);
+      T* s = scratch<T>(S + (h0 ? 0 : N * H));
+      if (!h0) {  // gru_row reads h0 itself
+        zero_row(s + S, N * H);
+        h0 = s + S;
+      }
+      gru_cell_raw<T>(N, I, H, xp, h0, wi, wh, bi, bh, s, h_new.data_ptr<T>());
+    } else {
+      rnn_cell_raw<T>(N, I, H, xp, h0, wi, wh, bi, bh, d.kind - 2, h_new.data_ptr<T>());
+    }
+  });
+  if (d.kind != 0) return THPVariable_Wrap(std::move(h_new));
+  PyObject* out = PyTuple_New(2);
+  if (!out) return nullptr;
+  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(h_new)));
+  PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(c_new)));
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+// cell_step_reason(same arguments): None if cell_step would run the step, else why it answers NotImplemented.
+PyObject* cell_step_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  DirectStep d;
+  const char* why = read_direct(args, nargs, d);
+  if (PyErr_Occurred()) return nullptr;
+  if (!why) Py_RETURN_NONE;
+  return PyUnicode_FromString(why);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"cell_step", (PyCFunction)(void (*)(void))cell_step, METH_FASTCALL,
+     "cell_step(kind, input, hx, params, input_size, hidden_size): one plain inference step, or NotImplemented"},
+    {"cell_step_reason", (PyCFunction)(void (*)(void))cell_step_reason, METH_FASTCALL,
+     "cell_step_reason(same arguments): None if cell_step would run the step, else why not"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME),
+                          "rnnkit's fused kernels: the direct single-step entry (the ops are in torch.ops.rnnkit_fused)",
+                          -1, methods};
+
+}  // namespace
+}  // namespace rnnkit_fused
+
+#define RNNKIT_PYINIT2(name) PyInit_##name
+#define RNNKIT_PYINIT(name) RNNKIT_PYINIT2(name)
+PyMODINIT_FUNC RNNKIT_PYINIT(TORCH_EXTENSION_NAME)(void) {
+  using namespace rnnkit_fused;
+  k_weight_ih = PyUnicode_InternFromString("weight_ih");
+  k_weight_hh = PyUnicode_InternFromString("weight_hh");
+  k_bias_ih = PyUnicode_InternFromString("bias_ih");
+  k_bias_hh = PyUnicode_InternFromString("bias_hh");
+  if (!k_weight_ih || !k_weight_hh || !k_bias_ih || !k_bias_hh) return nullptr;
+  return PyModule_Create(&module_def);
+}
+#endif  // TORCH_EXTENSION_NAME
