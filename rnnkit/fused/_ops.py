@@ -171,6 +171,7 @@ def _setup_lstm(ctx, inputs, output):
     xp, w_hh, w_hr, h0, c0, lengths = inputs
     out, _, _, gates, cs, ms = output
     ctx.save_for_backward(w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms)
+    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
 
 
 def _backward_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
@@ -187,6 +188,7 @@ def _setup_peephole(ctx, inputs, output):
     xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths = inputs
     out, _, _, gates, cs = output
     ctx.save_for_backward(w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
+    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
 
 
 def _backward_peephole(ctx, grad_out, grad_hn, grad_cn, *_unused):
@@ -236,6 +238,7 @@ def _setup_gru(ctx, inputs, output):
     out, _, rzn, hn = output
     ctx.has_bias = b_hh is not None
     ctx.save_for_backward(w_hh, h0, lengths, out, rzn, hn)
+    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
 
 
 def _backward_gru(ctx, grad_out, grad_hn, *_unused):
@@ -250,6 +253,7 @@ def _setup_conv_lstm(ctx, inputs, output):
     xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths = inputs
     out, _, _, gates, cs = output
     ctx.save_for_backward(w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
+    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
 
 
 def _backward_conv_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
@@ -268,6 +272,7 @@ def _setup_conv_gru(ctx, inputs, output):
     out, _, rzn, hn = output
     ctx.has_bias = b_hh is not None
     ctx.save_for_backward(w_hh, h0, lengths, out, rzn, hn)
+    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
 
 
 def _backward_conv_gru(ctx, grad_out, grad_hn, *_unused):
