@@ -1177,32 +1177,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
 // b_n, so its n part cannot be folded into xp (the r, z parts could, but one (G,) input is simpler and
 // costs one add per element). LN(v) = (v - μ) / sqrt(σ² + eps), biased variance, as F.layer_norm.
 // The gate functions are psigmoid / ptanh (Sleef's 1-ulp exp and tanh) in float32 too, as the LN-LSTM.
-
-// mean and 1 / sqrt(var + eps) of v (n,) in one pass: the sums of v - K and (v - K)² for K = v[0], a
-// sample of the row, so the variance formula E[d²] - E[d]² does not cancel (|μ - K| is about σ).
-template <typename T>
-inline void ln_stats_shifted(const T* v, int64_t n, T eps, T& mean, T& rstd) {
-  constexpr int64_t VS = Vec<T>::size();
-  const T k = v[0];
-  const Vec<T> kv(k);
-  Vec<T> s(T(0)), q(T(0));
-  int64_t j = 0;
-  for (; j + VS <= n; j += VS) {
-    const Vec<T> d = Vec<T>::loadu(v + j) - kv;
-    s = s + d;
-    q = at::vec::fmadd(d, d, q);
-  }
-  T ss = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, s);
-  T qq = at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, q);
-  for (; j < n; ++j) {
-    const T d = v[j] - k;
-    ss += d, qq += d * d;
-  }
-  const T m = ss / T(n);
-  const T var = std::max(qq / T(n) - m * m, T(0));
-  mean = k + m;
-  rstd = T(1) / std::sqrt(var + eps);
-}
+// The LN statistics are the LN-LSTM's ln_stats (two passes: the mean, then the variance of the centred
+// values; the second pass reads a row already in L1). A one-pass version (sums of v - v[0] and (v - v[0])²)
+// was tried: its float32 gradients were further from the float64 oracle (max errors summed over 20 seeded
+// two-layer bidirectional cases: 1.19e-3, two passes 1.13e-3, the reference backend 1.11e-3).
 
 // One row of one step. g (G,) holds W_hh h_{t-1} on entry and (r, z, n) on exit; nz (G,) gets LN(W_hh h_{t-1}),
 // rs its 1 / sqrt(var + eps); h (H,) gets h_t.
@@ -1211,7 +1189,7 @@ inline void ln_gru_row(T* g, const T* x, const T* gain, const T* shift, const T*
                        int64_t H, T eps) {
   constexpr int64_t VS = Vec<T>::size();
   T mean, rstd;
-  ln_stats_shifted(g, 3 * H, eps, mean, rstd);
+  ln_stats(g, 3 * H, eps, mean, rstd);  // the LN-LSTM's two passes (see the note above)
   *rs = rstd;
   const Vec<T> mv(mean), rv(rstd);
   for (int64_t j = 0; j < H; j += VS) {
