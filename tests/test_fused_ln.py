@@ -369,3 +369,15 @@ def test_fused_gru_matches_hand_written_formula(bias):
     ref_out, ref_h = hand_ln_gru(x, h0[0], _params(layer))
     torch.testing.assert_close(out, ref_out, **TOL64)
     torch.testing.assert_close(h[0], ref_h, **TOL64)
+
+
+@needs_fused
+@pytest.mark.parametrize("hidden", [1, 2, 3], ids=["H1", "H2", "H3"])
+def test_fused_gru_narrow_rows_match_reference_backend(hidden):
+    """3H shorter than (or not a multiple of) a vector: the one-pass LN statistics' scalar tail
+    and lane merge, float64, with lengths (every gradient)."""
+    fused, ref = _pair(3, hidden, DT, rnnkit.LayerNormGRU)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 3, 3, generator=g, dtype=DT)
+    hx = (torch.randn(1, 3, hidden, generator=g, dtype=DT),)
+    _compare(fused, ref, x, hx, torch.tensor([5, 2, 0]), DT)
