@@ -111,6 +111,7 @@ def _fake_ln_gru_bwd(grad_out, grad_hn, w_hh, ln_w_hh, shift, h0, lengths, out, 
     return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), ln_w_hh.new_empty(ln_w_hh.shape), \
         shift.new_empty(shift.shape), h0.new_empty(h0.shape)
 
+
 def _fake_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return c.new_empty(c.shape), c.new_empty(c.shape)
 
@@ -234,6 +235,7 @@ def _backward_ln_gru(ctx, grad_out, grad_hn, *_unused):
     grad_hn = _zeros_if_none(grad_hn, h0)
     grads = _ops().ln_gru_bwd(grad_out, grad_hn, w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd)
     return (*grads, None, None)
+
 
 def register() -> None:
     """Attach fake and autograd implementations to the loaded C++ ops (once)."""

@@ -107,6 +107,7 @@ def scan_layernorm_gru(spec: CellSpec, p: Params, x: Tensor, state: State,
                                     _lengths(lengths), eps)
     return out, (h_n,)
 
+
 def scan_indrnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
     xp = _project(x, p["weight_ih"], _bias_sum(p))
     u = p["weight_hh"]

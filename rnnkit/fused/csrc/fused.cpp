@@ -1676,7 +1676,8 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("ln_gru_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor shift, Tensor h0, Tensor? lengths, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ln_gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor ln_w_hh, Tensor shift, Tensor h0,"
-        " Tensor? lengths, Tensor out, Tensor gates, Tensor nz, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        " Tensor? lengths, Tensor out, Tensor gates, Tensor nz, Tensor rstd)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
