@@ -1247,12 +1247,13 @@ inline void ln_gru_row(T* g, const T* x, const T* gain, const T* shift, const T*
   }
 }
 
-// The backward of one row of one step. dh: dL/dh_t. Writes dx (G,): dL/da (the gradient of xp), db (G,):
-// dL/db (for the LN gain and β), dz (G,): dL/d(W_hh h_{t-1}) (for dh_{t-1} and dW_hh), dnext (H,): the
-// direct part of dL/dh_{t-1} (dh ⊙ z; the caller adds dz W_hh).
+// The backward of one row of one step. dh: dL/dh_t. Writes dx (G,): dL/da (the gradient of xp), dz (G,):
+// dL/d(W_hh h_{t-1}) (for dh_{t-1} and dW_hh), dnext (H,): the direct part of dL/dh_{t-1} (dh ⊙ z; the
+// caller adds dz W_hh). Adds this step's dL/db ⊙ LN(z) to dg (G,) and dL/db to db (G,): the row's running
+// sums for the LN gain and β.
 template <typename T>
 inline void ln_gru_grad_row(const T* g, const T* nz, T rstd, const T* gain, const T* shift, const T* hp,
-                            const T* dh, T* dx, T* db, T* dz, T* dnext, int64_t H) {
+                            const T* dh, T* dx, T* dg, T* db, T* dz, T* dnext, int64_t H) {
   constexpr int64_t VS = Vec<T>::size();
   const Vec<T> one(T(1)), zero(T(0));
   Vec<T> s1(T(0)), s2(T(0));  // sums of dn = db γ and dn ⊙ LN(z), for the LN backward
@@ -1272,9 +1273,12 @@ inline void ln_gru_grad_row(const T* g, const T* nz, T rstd, const T* gain, cons
     dr_pre.store(dx + j, cnt);
     dz_pre.store(dx + H + j, cnt);
     dn_pre.store(dx + 2 * H + j, cnt);
-    dr_pre.store(db + j, cnt);
-    dz_pre.store(db + H + j, cnt);
-    dbn.store(db + 2 * H + j, cnt);
+    (Vec<T>::loadu(db + j, cnt) + dr_pre).store(db + j, cnt);
+    (Vec<T>::loadu(db + H + j, cnt) + dz_pre).store(db + H + j, cnt);
+    (Vec<T>::loadu(db + 2 * H + j, cnt) + dbn).store(db + 2 * H + j, cnt);
+    at::vec::fmadd(dr_pre, nr, Vec<T>::loadu(dg + j, cnt)).store(dg + j, cnt);
+    at::vec::fmadd(dz_pre, nzz, Vec<T>::loadu(dg + H + j, cnt)).store(dg + H + j, cnt);
+    at::vec::fmadd(dbn, nn, Vec<T>::loadu(dg + 2 * H + j, cnt)).store(dg + 2 * H + j, cnt);
     (d * z).store(dnext + j, cnt);
     Vec<T> a = dr_pre * gr, b = dz_pre * gz, c = dbn * gn;
     a.store(dz + j, cnt);
@@ -1372,8 +1376,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dX = at::empty({L, N, G}, out.options());
-  Tensor dB = at::empty({L, N, G}, out.options());
   Tensor dZ = at::empty({L, N, G}, out.options());
+  Tensor dG_rows = at::zeros({N, G}, out.options()), dB_rows = at::zeros({N, G}, out.options());
   Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_gru_bwd", [&] {
     using T = scalar_t;
@@ -1381,25 +1385,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
     const T *go = grad_out.data_ptr<T>(), *o = out.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     const T *gs = gates.data_ptr<T>(), *nz = nzs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
     const T *gain = g_hh.data_ptr<T>(), *sh = shift.data_ptr<T>();
-    T *dx = dX.data_ptr<T>(), *db = dB.data_ptr<T>(), *dz = dZ.data_ptr<T>();
+    T *dx = dX.data_ptr<T>(), *dz = dZ.data_ptr<T>(), *dgr = dG_rows.data_ptr<T>(), *dbr = dB_rows.data_ptr<T>();
     T *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
     for (int64_t t = L - 1; t >= 0; --t) {
       add_into(dh, go + t * N * H, N * H);
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
       const T *gt = gs + t * N * G, *nzt = nz + t * N * G, *rst = rs + t * N;
-      T *dxt = dx + t * N * G, *dbt = db + t * N * G, *dzt = dz + t * N * G;
+      T *dxt = dx + t * N * G, *dzt = dz + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
         for (int64_t n = b; n < e; ++n) {
           if (check && t >= len[n]) {  // held: h passes through unchanged
             zero_row(dxt + n * G, G);
-            zero_row(dbt + n * G, G);
             zero_row(dzt + n * G, G);
             copy_row(dn + n * H, dh + n * H, H);
           } else {
             ln_gru_grad_row(gt + n * G, nzt + n * G, rst[n], gain, sh, hp + n * H, dh + n * H, dxt + n * G,
-                            dbt + n * G, dzt + n * G, dn + n * H, H);
+                            dgr + n * G, dbr + n * G, dzt + n * G, dn + n * H, H);
           }
         }
       });
@@ -1409,11 +1412,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
   Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out));
-  // the LN gain and β: sums over steps and rows (held steps add nothing: their dB rows are zero)
-  const std::array<int64_t, 2> steps_rows{0, 1};
-  Tensor grad_g_hh = (dB * nzs).sum(steps_rows);
-  Tensor grad_shift = dB.sum(steps_rows);
-  return {dX, grad_w_hh, grad_g_hh, grad_shift, dh_a};
+  // the LN gain and β: each row summed its steps inside the loop (held steps add nothing), rows summed here
+  return {dX, grad_w_hh, dG_rows.sum(0), dB_rows.sum(0), dh_a};
 }
 
 // ================================================================ IndRNN
