@@ -39,6 +39,7 @@ CELLS = {  # name -> (rnnkit class, torch.nn class, kwargs, table key)
     # (the yardstick), not the same function; they get no entry in auto's table (key None)
     "peephole_lstm": (rnnkit.PeepholeLSTM, torch.nn.LSTM, {}, None),
     "layernorm_lstm": (rnnkit.LayerNormLSTM, torch.nn.LSTM, {}, None),
+    "layernorm_gru": (rnnkit.LayerNormGRU, torch.nn.GRU, {}, None),  # its yardstick: torch.nn.GRU of the same size
     "indrnn": (rnnkit.IndRNN, None, {}, None),  # relu; no torch.nn counterpart: fused vs reference only
     "indrnn_tanh": (rnnkit.IndRNN, None, {"nonlinearity": "tanh"}, None),
 }

@@ -44,16 +44,28 @@ def _perturbed_layernorm_lstm(h_in, hidden, **kw):
     return m
 
 
+def _perturbed_layernorm_gru(h_in, hidden, **kw):
+    """LayerNormGRU, the same way: eps 1e-3, LN gains and shifts off their init."""
+    m = rnnkit.LayerNormGRU(h_in, hidden, layer_norm_eps=1e-3, **kw)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5)
+    return m
+
+
 LAYERS = {
     "peephole_lstm": lambda h_in, hidden, **kw: rnnkit.PeepholeLSTM(h_in, hidden, **kw),
     "indrnn_relu": lambda h_in, hidden, **kw: rnnkit.IndRNN(h_in, hidden, **kw),
     "indrnn_tanh": lambda h_in, hidden, **kw: rnnkit.IndRNN(h_in, hidden, nonlinearity="tanh", **kw),
     "indrnn_tanh_clamped": _clamped_indrnn,
     "layernorm_lstm": _perturbed_layernorm_lstm,
+    "layernorm_gru": _perturbed_layernorm_gru,
 }
-# LayerNormLSTM's two-layer bidirectional case, with its own float32 gradient
-# criterion (two layer norms per step amplify rounding), is in test_fused_ln.py.
-LAYERS_AT_1E5 = [name for name in LAYERS if name != "layernorm_lstm"]
+# The LayerNorm layers' two-layer bidirectional case, with its own float32 gradient
+# criterion (layer norms amplify rounding), is in test_fused_ln.py.
+LAYERS_AT_1E5 = [name for name in LAYERS if name not in ("layernorm_lstm", "layernorm_gru")]
 
 
 def _pair(name, h_in, hidden, dtype, **kw):

@@ -76,13 +76,14 @@ def test_ln_lstm_formula(bias, eps):
 @pytest.mark.parametrize("bias", [True, False])
 def test_ln_gru_formula(bias):
     torch.manual_seed(0)
-    layer = randomize_(rnnkit.LayerNormGRU(3, 4, bias=bias, dtype=torch.float64))
+    layer = randomize_(rnnkit.LayerNormGRU(3, 4, bias=bias, dtype=torch.float64, backend="reference"))
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     h0 = torch.randn(1, 2, 4, dtype=torch.float64)
     out, h = layer(x, h0)
     ref_out, ref_h = hand_ln_gru(x, h0[0], _params(layer))
     torch.testing.assert_close(out, ref_out, **TOL64)
     torch.testing.assert_close(h[0], ref_h, **TOL64)
+    assert layer.last_backend == "reference"
 
 
 def test_bias_false_drops_gate_biases_and_ln_shifts():
@@ -153,9 +154,11 @@ def test_torch_backend_declines_and_auto_says_reference():
         rnnkit.LayerNormLSTM(3, 4, backend="torch")
     with pytest.raises(ValueError, match=r"backend='torch' cannot run this cell.*'layernorm_gru'"):
         rnnkit.LayerNormGRUCell(3, 4, backend="torch")
+    from rnnkit.backends import BACKENDS
+    auto = "fused" if BACKENDS["fused"].unavailable() is None else "reference"  # LayerNormGRU is fused; never torch
     gru = rnnkit.LayerNormGRU(3, 4)
     gru(torch.randn(2, 1, 3))
-    assert gru.last_backend == "reference" and gru.which_backend() == "reference"
+    assert gru.last_backend == auto and gru.which_backend() == auto
 
 
 @pytest.mark.parametrize("eps", [0, -1e-5, "small", True])

@@ -9,6 +9,7 @@ The C++ library (``csrc/fused.cpp``) defines the schemas and CPU kernels under
   Besides ``out (L, N, H_out)`` and the final state they return what the
   backward needs (gate activations, cell states), which the wrappers below drop.
 * ``rnn_bwd / lstm_bwd / gru_bwd / peephole_bwd / ln_lstm_bwd / indrnn_bwd``: backpropagation through time.
+* ``ln_gru_fwd / ln_gru_bwd``: the LayerNorm GRU, the same way.
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
@@ -107,6 +108,18 @@ def _fake_indrnn_fwd(xp, u, h0, lengths, act):
 
 def _fake_indrnn_bwd(grad_out, grad_hn, u, h0, lengths, out, act):
     return out.new_empty(out.shape), u.new_empty(u.shape), h0.new_empty(h0.shape)
+
+
+def _fake_ln_gru_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps):
+    L, N, G = xp.shape
+    H = w_hh.shape[1]
+    return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(L, N, G), xp.new_empty(L, N, G), \
+        xp.new_empty(L, N)
+
+
+def _fake_ln_gru_bwd(grad_out, grad_hn, w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd):
+    return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), ln_w_hh.new_empty(ln_w_hh.shape), \
+        shift.new_empty(shift.shape), h0.new_empty(h0.shape)
 
 
 def _fake_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
@@ -283,6 +296,21 @@ def _backward_conv_gru(ctx, grad_out, grad_hn, *_unused):
     return dxp, dw_hh, (db_hh if ctx.has_bias else None), dh0, None
 
 
+def _setup_ln_gru(ctx, inputs, output):
+    xp, w_hh, ln_w_hh, shift, h0, lengths, eps = inputs
+    out, _, gates, nz, rstd = output
+    ctx.save_for_backward(w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd)
+    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
+
+
+def _backward_ln_gru(ctx, grad_out, grad_hn, *_unused):
+    w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd = ctx.saved_tensors
+    grad_out = _zeros_if_none(grad_out, out)
+    grad_hn = _zeros_if_none(grad_hn, h0)
+    grads = _ops().ln_gru_bwd(grad_out, grad_hn, w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd)
+    return (*grads, None, None)
+
+
 def register() -> None:
     """Attach fake and autograd implementations to the loaded C++ ops (once)."""
     global _registered
@@ -307,6 +335,9 @@ def register() -> None:
         lib.register_fake(f"rnnkit_fused::{name}", fn)
     lib.register_autograd("rnnkit_fused::conv_lstm_fwd", _backward_conv_lstm, setup_context=_setup_conv_lstm)
     lib.register_autograd("rnnkit_fused::conv_gru_fwd", _backward_conv_gru, setup_context=_setup_conv_gru)
+    lib.register_fake("rnnkit_fused::ln_gru_fwd", _fake_ln_gru_fwd)
+    lib.register_fake("rnnkit_fused::ln_gru_bwd", _fake_ln_gru_bwd)
+    lib.register_autograd("rnnkit_fused::ln_gru_fwd", _backward_ln_gru, setup_context=_setup_ln_gru)
     _registered = True
 
 
@@ -380,4 +411,15 @@ def conv_gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tens
     ``b_hh`` goes with the recurrent convolution ``U * h_{t-1} + b_hh`` (its ``n``
     part is gated by ``r``)."""
     out, h_n, _, _ = _ops().conv_gru_fwd(xp, w_hh, b_hh, h0, lengths)
+    return out, h_n
+
+
+def ln_gru_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, shift: Tensor, h0: Tensor,
+                    lengths: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """``(out (L, N, H), h_n (N, H))`` of a LayerNorm GRU on ``xp = LN_ih(x W_ih^T) + b_ih``:
+    ``b = ln_w_hh * LN(h W_hh^T) + shift`` (``shift = ln_bias_hh + b_hh``, zeros without bias; it stays
+    inside because ``r`` gates its ``n`` part), gates ``r, z, n``: ``r = σ(xp_r + b_r)``,
+    ``z = σ(xp_z + b_z)``, ``n = tanh(xp_n + r b_n)``, ``h_t = (1 - z) n + z h_{t-1}``
+    (the LN without gain, ``eps`` inside the root)."""
+    out, h_n, *_ = _ops().ln_gru_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps)
     return out, h_n

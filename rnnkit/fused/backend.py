@@ -92,6 +92,22 @@ def scan_layernorm_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
     return out, (h_n, c_n)
 
 
+def scan_layernorm_gru(spec: CellSpec, p: Params, x: Tensor, state: State,
+                       lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    # the spec's own project (LN_ih(W_ih x) + b_ih over every step, ATen); b_hh and the LN_hh shift go in as
+    # one (3H,) shift (r multiplies its n part, so it cannot join xp); autograd covers the sum
+    eps = spec.project.keywords["eps"]
+    xp = spec.project(x, p)
+    shift = [p[name] for name in ("bias_hh", "ln_bias_hh") if p.get(name) is not None]
+    if shift:
+        shift = shift[0] if len(shift) == 1 else shift[0] + shift[1]
+    else:
+        shift = p["ln_weight_hh"].new_zeros(p["ln_weight_hh"].shape)
+    out, h_n = _ops.ln_gru_sequence(xp, p["weight_hh"], p["ln_weight_hh"], shift, state[0].contiguous(),
+                                    _lengths(lengths), eps)
+    return out, (h_n,)
+
+
 def scan_indrnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
     xp = _project(x, p["weight_ih"], _bias_sum(p))
     u = p["weight_hh"]
@@ -137,6 +153,7 @@ KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "indrnn_tanh": scan_indrnn,
     "conv_lstm": scan_conv_lstm,
     "conv_gru": scan_conv_gru,
+    "layernorm_gru": scan_layernorm_gru,
 }
 """Fused kernel families by :attr:`CellSpec.fusable`. A new family (LayerNorm
 LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""

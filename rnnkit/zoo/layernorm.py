@@ -76,7 +76,8 @@ def layernorm_lstm_spec(eps: float = 1e-5) -> CellSpec:
 @functools.lru_cache(maxsize=None)
 def layernorm_gru_spec(eps: float = 1e-5) -> CellSpec:
     return CellSpec("layernorm_gru", 3, ("h",), functools.partial(layernorm_project, eps=eps),
-                    functools.partial(layernorm_gru_step, eps=eps), extra={"recurrent_dropout": True})
+                    functools.partial(layernorm_gru_step, eps=eps), fusable="layernorm_gru",
+                    extra={"recurrent_dropout": True})
 
 
 # ----------------------------------------------------------------------------- parameters
