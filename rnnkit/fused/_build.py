@@ -99,7 +99,7 @@ def load(verbose: bool = False) -> Optional[str]:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         cached = any(build_dir.glob(f"{name}*.so")) if build_dir.exists() else False
         if not cached:
-            print(f"rnnkit: compiling the fused CPU kernels (once; 10-30 s; cached in {build_dir})...",
+            print(f"rnnkit: compiling the fused CPU kernels (once; 20-60 s; cached in {build_dir})...",
                   file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
