@@ -75,15 +75,24 @@ def scan_peephole_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
     return out, (h_n, c_n)
 
 
+def _ln_hh_shift(p: Params) -> Optional[Tensor]:
+    """``b_hh + ln_bias_hh`` of a LayerNorm layer (either may be absent), or None: the
+    part of the recurrent term that does not depend on ``h``."""
+    parts = [p[name] for name in ("bias_hh", "ln_bias_hh") if p.get(name) is not None]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
 def scan_layernorm_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
                         lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
     # the spec's own project (LN_ih(W_ih x) + b_ih over every step, ATen), then every other term that does not
     # depend on h (b_hh, the LN_hh shift) folded in; autograd covers them all
     eps = spec.project.keywords["eps"]
     xp = spec.project(x, p)
-    shift = [p[name] for name in ("bias_hh", "ln_bias_hh") if p.get(name) is not None]
-    if shift:
-        xp = xp + (shift[0] if len(shift) == 1 else shift[0] + shift[1])
+    shift = _ln_hh_shift(p)
+    if shift is not None:
+        xp = xp + shift
     ln_b_c = p.get("ln_bias_c")
     if ln_b_c is None:
         ln_b_c = p["ln_weight_c"].new_zeros(p["ln_weight_c"].shape)
@@ -98,10 +107,8 @@ def scan_layernorm_gru(spec: CellSpec, p: Params, x: Tensor, state: State,
     # one (3H,) shift (r multiplies its n part, so it cannot join xp); autograd covers the sum
     eps = spec.project.keywords["eps"]
     xp = spec.project(x, p)
-    shift = [p[name] for name in ("bias_hh", "ln_bias_hh") if p.get(name) is not None]
-    if shift:
-        shift = shift[0] if len(shift) == 1 else shift[0] + shift[1]
-    else:
+    shift = _ln_hh_shift(p)
+    if shift is None:
         shift = p["ln_weight_hh"].new_zeros(p["ln_weight_hh"].shape)
     out, h_n = _ops.ln_gru_sequence(xp, p["weight_hh"], p["ln_weight_hh"], shift, state[0].contiguous(),
                                     _lengths(lengths), eps)
