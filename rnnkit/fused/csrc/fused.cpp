@@ -13,8 +13,9 @@
 // exactly rnnkit.runner.reference_scan's semantics (the oracle).
 //
 // Inside the time loop: one BLAS call for the recurrent product (no ATen
-// dispatch, no allocation), then vectorized gate math over rows, in parallel
-// (at::parallel_for) when the batch is large enough to pay for it.
+// dispatch, no allocation), then vectorized gate math over rows, written as
+// at::parallel_for; built without -fopenmp, that runs serially (see lstm_rows
+// and docs/fused.md: only the LSTM splits its rows over threads).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
