@@ -38,3 +38,38 @@ def assert_close(a, b, dtype, what=""):
 
 TORCH_NN = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
 RNNKIT = {"LSTM": rnnkit.LSTM, "GRU": rnnkit.GRU, "RNN": rnnkit.RNN}
+
+
+def assert_compiled_matches_eager(f, x, wrt, dtype):
+    """``torch.compile(f, fullgraph=True)`` gives ``f``'s value and the gradients of
+    ``x`` and every tensor in ``wrt`` (the same ops, traced through their fake and
+    autograd registrations)."""
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = f(xe)
+    ge = torch.autograd.grad(ye, [xe, *wrt])
+    yc = compiled(xc)
+    gc = torch.autograd.grad(yc, [xc, *wrt])
+    assert_close(yc, ye, dtype, "compiled output")
+    for a, b in zip(gc, ge):
+        assert_close(a, b, dtype, "compiled grad")
+
+
+def assert_modules_match(fused, ref, x, dtype):
+    """``fused(x)`` and ``ref(x)`` (no initial state, no lengths) agree on the
+    output, the final states and the gradients of the input and every parameter,
+    and ``fused`` ran on the fused backend."""
+    results = []
+    for m in (fused, ref):
+        xi = x.clone().requires_grad_()
+        out, h_n = m(xi)
+        states = flatten_states(h_n)
+        grads = torch.autograd.grad(weighted_sum([out, *states]), [xi, *m.parameters()])
+        results.append((out, states, grads))
+    assert fused.last_backend == "fused"
+    (o1, s1, g1), (o2, s2, g2) = results
+    assert_close(o1, o2, dtype, "output")
+    for a, b in zip(s1, s2):
+        assert_close(a, b, dtype, "final state")
+    for a, b in zip(g1, g2):
+        assert_close(a, b, dtype, "grad")

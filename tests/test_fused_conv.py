@@ -18,7 +18,7 @@ import rnnkit
 from rnnkit.backends import BACKENDS
 from rnnkit.fused import _ops
 from rnnkit.zoo.conv import conv_gru_step, conv_lstm_step, conv_project
-from helpers import assert_close, flatten_states, weighted_sum
+from helpers import assert_close, assert_compiled_matches_eager, assert_modules_match, flatten_states, weighted_sum
 
 FUSED = BACKENDS["fused"]
 REASON = FUSED.unavailable()
@@ -155,20 +155,7 @@ def test_layer_without_lengths_batch_first_matches_reference_backend(name):
     """No lengths, no initial state, batch_first, one layer: float64."""
     fused, ref, spatial = _pair(name, DT, batch_first=True)
     x = torch.randn(2, 6, 2, *spatial, dtype=DT, generator=torch.Generator().manual_seed(3))
-    results = []
-    for m in (fused, ref):
-        xi = x.clone().requires_grad_()
-        out, h_n = m(xi)
-        states = flatten_states(h_n)
-        grads = torch.autograd.grad(weighted_sum([out, *states]), [xi, *m.parameters()])
-        results.append((out, states, grads))
-    assert fused.last_backend == "fused"
-    (o1, s1, g1), (o2, s2, g2) = results
-    assert_close(o1, o2, DT, "output")
-    for a, b in zip(s1, s2):
-        assert_close(a, b, DT, "final state")
-    for a, b in zip(g1, g2):
-        assert_close(a, b, DT, "grad")
+    assert_modules_match(fused, ref, x, DT)
 
 
 @needs_fused
@@ -338,15 +325,7 @@ def test_torch_compile_traces_the_ops(name):
     def f(x):
         out, state = fb.fused_scan(layer.cell_spec, p, x, s0, lengths)
         return (out * out).sum() + sum((s * s).sum() for s in state)
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ye = f(xe)
-    ge = torch.autograd.grad(ye, [xe, *leaves])
-    yc = compiled(xc)
-    gc = torch.autograd.grad(yc, [xc, *leaves])
-    assert_close(yc, ye, DT, "compiled output")
-    for a, b in zip(gc, ge):
-        assert_close(a, b, DT, "compiled grad")
+    assert_compiled_matches_eager(f, x, leaves, DT)
 
 
 @needs_fused

@@ -16,7 +16,7 @@ import torch
 import rnnkit
 from rnnkit.backends import BACKENDS
 from rnnkit.fused import _ops
-from helpers import assert_close, flatten_states, weighted_sum
+from helpers import assert_close, assert_compiled_matches_eager, flatten_states, weighted_sum
 
 FUSED = BACKENDS["fused"]
 REASON = FUSED.unavailable()
@@ -238,15 +238,7 @@ def test_torch_compile_traces_the_op(kind):
     def f(x):
         out, state = fb.fused_scan(layer.cell_spec, p, x, s0, lengths)
         return (out * out).sum() + sum(s.sum() for s in state)
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ye = f(xe)
-    ge = torch.autograd.grad(ye, [xe, *wrt])
-    yc = compiled(xc)
-    gc = torch.autograd.grad(yc, [xc, *wrt])
-    assert_close(yc, ye, DT, "compiled output")
-    for a, b in zip(gc, ge):
-        assert_close(a, b, DT, "compiled grad")
+    assert_compiled_matches_eager(f, x, wrt, DT)
 
 
 @needs_fused
