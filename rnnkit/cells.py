@@ -156,18 +156,24 @@ class CellBase(nn.Module):
         return new if len(new) > 1 else new[0]
 
     def _check_hx(self, hx, batch: int, batched: bool, sizes: List[int], ref: Tensor):
-        owner = _Owner(self)
+        wants = [(batch, size) if batched else (size,) for size in sizes]
+        legends = [f"(N={batch}, H={size})" if batched else f"(H={size},)" for size in sizes]
+        read = shape_str((batch, self.input_size) if batched else (self.input_size,))
+        return self._check_states(_Owner(self), hx, wants, legends, read, batched, ref)
+
+    def _check_states(self, owner, hx, wants, legends, input_desc: str, batched: bool, ref: Tensor):
+        """``hx`` split into this cell's states, each checked against its expected
+        shape (``wants``, spelled out by ``legends``), dtype and device; unbatched
+        states gain the batch axis. ``input_desc`` says how the input was read."""
         names = self.cell_spec.state_names
         states = split_states(owner, hx, names)
         out = []
-        for name, s, size in zip(names, states, sizes):
+        for name, s, want, legend in zip(names, states, wants, legends):
             if not isinstance(s, Tensor):
                 raise TypeError(f"{owner}: {name} must be a Tensor, got {type(s).__name__}")
-            want = (batch, size) if batched else (size,)
             if tuple(s.shape) != want:
-                legend = f"(N={batch}, H={size})" if batched else f"(H={size},)"
                 raise ValueError(f"{owner}: {name} has shape {shape_str(s.shape)} but expected {shape_str(want)} "
-                                 f"= {legend} for an input of shape {shape_str((batch, self.input_size) if batched else (self.input_size,))}")
+                                 f"= {legend} for an input of shape {input_desc}")
             check_dtype_device(self, name, s, ref)
             out.append(s if batched else s.unsqueeze(0))
         return tuple(out)

@@ -581,22 +581,12 @@ class _ConvCellBase(CellBase):
         return new if len(new) > 1 else new[0]
 
     def _check_conv_hx(self, hx, shape, batched: bool, read: str, input: Tensor, ref: Tensor):
-        owner = self._describe()
-        names = self.cell_spec.state_names
-        states = split_states(owner, hx, names)
         want = shape if batched else shape[1:]
-        legend = (("N",) if batched else ()) + ("hidden",) + _SPATIAL_SYMBOLS[self._nd]
-        out = []
-        for name, s in zip(names, states):
-            if not isinstance(s, Tensor):
-                raise TypeError(f"{owner}: {name} must be a Tensor, got {type(s).__name__}")
-            if tuple(s.shape) != want:
-                spelled = ", ".join(f"{sym}={n}" for sym, n in zip(legend, want))
-                raise ValueError(f"{owner}: {name} has shape {shape_str(s.shape)} but expected {shape_str(want)} = "
-                                 f"({spelled}) for an input of shape {shape_str(input.shape)} read as ({read})")
-            check_dtype_device(self, name, s, ref)
-            out.append(s if batched else s.unsqueeze(0))
-        return tuple(out)
+        symbols = (("N",) if batched else ()) + ("hidden",) + _SPATIAL_SYMBOLS[self._nd]
+        legend = "(" + ", ".join(f"{sym}={n}" for sym, n in zip(symbols, want)) + ")"
+        count = len(self.cell_spec.state_names)
+        return self._check_states(self._describe(), hx, [want] * count, [legend] * count,
+                                  f"{shape_str(input.shape)} read as ({read})", batched, ref)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, kernel_size={self.kernel_size}"
