@@ -15,7 +15,7 @@ from torch import Tensor, _VF, nn
 from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str, split_states
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
-from .fused import _ops as _fused_ops, cells as _fused_cells
+from .fused import _build as _fused_build, cells as _fused_cells
 from .fused.cells import cell_step as _fused_step, cell_unsupported as _fused_unsupported
 
 _VF_CELLS = {"RNN_TANH": _VF.rnn_tanh_cell, "RNN_RELU": _VF.rnn_relu_cell, "LSTM": _VF.lstm_cell, "GRU": _VF.gru_cell}
@@ -105,7 +105,7 @@ class CellBase(nn.Module):
         # unless all is plain (then the full path below validates, with its messages, and runs).
         direct = _fused_cells.direct_step
         if (direct is not None and self._is_standard and (self.backend == "auto" or self.backend == "fused")
-                and _fused_ops._registered and not _compiling()):
+                and _fused_build._state["loaded"] and not _compiling()):
             new = direct(_fused_cells.DIRECT_KIND.get(self.cell_spec.fusable), input, hx, self._parameters,
                          self.input_size, self.hidden_size)
             if new is not NotImplemented:

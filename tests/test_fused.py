@@ -358,7 +358,6 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
     reason = "building the C++ extension failed: fused.cpp:1:10: error: boom"
     monkeypatch.setitem(_build._state, "loaded", False)
     monkeypatch.setitem(_build._state, "reason", reason)
-    monkeypatch.setattr(_ops, "_registered", False)  # as in a process where the build failed
     monkeypatch.setattr(FUSED, "_warned", False)
     lstm = rnnkit.LSTM(3, 4)
     with pytest.warns(RuntimeWarning, match=r"fused backend is unavailable \(building the C\+\+ extension failed: "

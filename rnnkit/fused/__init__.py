@@ -6,9 +6,11 @@ See docs/fused.md.
 """
 
 from ..backends import register_backend
+from . import _ops
 from ._build import DISABLE_ENV, info, load
 from .backend import KERNELS, FusedBackend, fused_scan
 
+_ops.register()  # the ops' schemas, fake and autograd implementations; the C++ kernels load on first use
 BACKEND = register_backend(FusedBackend())
 
 __all__ = ["BACKEND", "DISABLE_ENV", "FusedBackend", "KERNELS", "fused_scan", "info", "load"]

@@ -84,8 +84,8 @@ def load(verbose: bool = False) -> Optional[str]:
             return None
         if _state["reason"] is not None:
             return _state["reason"]
-        if hasattr(torch.ops, "rnnkit_fused") and hasattr(torch.ops.rnnkit_fused, "lstm_fwd"):
-            _state["loaded"] = True  # already registered in this process (e.g. by another copy)
+        if torch._C._dispatch_has_kernel_for_dispatch_key("rnnkit_fused::lstm_fwd", "CPU"):
+            _state["loaded"] = True  # the kernels are already loaded in this process (e.g. by another copy)
             return None
         try:
             from torch.utils import cpp_extension

@@ -1,8 +1,9 @@
-"""The fused ops joined to PyTorch: fake (meta) implementations for
-``torch.compile`` and autograd formulas that call the hand-written backward ops.
+"""The fused ops joined to PyTorch: their schemas (defined on import), fake (meta)
+implementations for ``torch.compile``/``torch.export``, and autograd formulas that call
+the hand-written backward ops (and the reference twins for a differentiable backward).
 
-The C++ library (``csrc/fused.cpp``) defines the schemas and CPU kernels under
-``torch.ops.rnnkit_fused``:
+The ops live under ``torch.ops.rnnkit_fused``; the C++ library (``csrc/fused.cpp``),
+built and loaded on first use, adds their CPU kernels:
 
 * ``rnn_fwd / lstm_fwd / gru_fwd / peephole_fwd / ln_lstm_fwd / indrnn_fwd``: a whole sequence, one layer, one direction,
   on the input projection ``xp (L, N, G)`` computed beforehand in one GEMM.
@@ -14,7 +15,7 @@ The C++ library (``csrc/fused.cpp``) defines the schemas and CPU kernels under
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
 
-:func:`register` runs once after the library is loaded.
+:func:`register` runs once, when rnnkit is imported.
 """
 
 from __future__ import annotations
@@ -160,184 +161,278 @@ def _fake_conv_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn):
 
 
 # ------------------------------------------------------------------ autograd
+#
+# Each *_fwd op is differentiated through one autograd.Function (forward / setup_context /
+# backward, so torch.func's grad, vjp, jacrev and vmap can run it). setup_context saves every
+# input and output; the backward calls the op's hand-written C++ backward, except when the
+# backward must itself be differentiable (create_graph=True: second derivatives, torch.func):
+# then it differentiates the op's reference twin (rnnkit/fused/twins.py) on the saved inputs,
+# so higher derivatives are exact instead of silently zero.
+
 
 def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _setup_rnn(ctx, inputs, output):
+def _bwd_rnn(inputs, outputs, grads):
     xp, w_hh, h0, lengths, act = inputs
-    out, _ = output
-    ctx.act = act
-    ctx.save_for_backward(w_hh, h0, lengths, out)
-
-
-def _backward_rnn(ctx, grad_out, grad_hn):
-    w_hh, h0, lengths, out = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    dxp, dw, dh0 = _ops().rnn_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, ctx.act)
+    out = outputs[0]
+    dxp, dw, dh0 = _ops().rnn_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh, h0, lengths,
+                                  out, act)
     return dxp, dw, dh0, None, None
 
 
-def _setup_lstm(ctx, inputs, output):
+def _bwd_lstm(inputs, outputs, grads):
     xp, w_hh, w_hr, h0, c0, lengths = inputs
-    out, _, _, gates, cs, ms = output
-    ctx.save_for_backward(w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms)
-    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
-
-
-def _backward_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
-    w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    grad_cn = _zeros_if_none(grad_cn, c0)
-    dxp, dw_hh, dw_hr, dh0, dc0 = _ops().lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out,
-                                                  gates, cs, ms)
+    out, _, _, gates, cs, ms = outputs
+    dxp, dw_hh, dw_hr, dh0, dc0 = _ops().lstm_bwd(
+        _zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), _zeros_if_none(grads[2], c0), w_hh, w_hr, h0, c0,
+        lengths, out, gates, cs, ms)
     return dxp, dw_hh, (dw_hr if w_hr is not None else None), dh0, dc0, None
 
 
-def _setup_peephole(ctx, inputs, output):
+def _bwd_gru(inputs, outputs, grads):
+    xp, w_hh, b_hh, h0, lengths = inputs
+    out, _, rzn, hn = outputs
+    dxp, dw_hh, db_hh, dh0 = _ops().gru_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh, h0,
+                                            lengths, out, rzn, hn)
+    return dxp, dw_hh, (db_hh if b_hh is not None else None), dh0, None
+
+
+def _bwd_peephole(inputs, outputs, grads):
     xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths = inputs
-    out, _, _, gates, cs = output
-    ctx.save_for_backward(w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
-    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
+    out, _, _, gates, cs = outputs
+    grads = _ops().peephole_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0),
+                                _zeros_if_none(grads[2], c0), w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
+    return (*grads, None)
 
 
-def _backward_peephole(ctx, grad_out, grad_hn, grad_cn, *_unused):
-    w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    grad_cn = _zeros_if_none(grad_cn, c0)
-    dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0 = _ops().peephole_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf,
-                                                                    w_co, h0, c0, lengths, out, gates, cs)
-    return dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0, None
-
-
-def _setup_ln_lstm(ctx, inputs, output):
+def _bwd_ln_lstm(inputs, outputs, grads):
     xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps = inputs
-    out, _, _, gates, cs, nz, nc, rstd = output
-    ctx.save_for_backward(w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates, cs, nz, nc, rstd)
-    ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no L x N x 4H zero tensors for them
-
-
-def _backward_ln_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
-    w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates, cs, nz, nc, rstd = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    grad_cn = _zeros_if_none(grad_cn, c0)
-    grads = _ops().ln_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out,
+    out, _, _, gates, cs, nz, nc, rstd = outputs
+    grads = _ops().ln_lstm_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0),
+                               _zeros_if_none(grads[2], c0), w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out,
                                gates, cs, nz, nc, rstd)
     return (*grads, None, None)
 
 
-def _setup_indrnn(ctx, inputs, output):
+def _bwd_indrnn(inputs, outputs, grads):
     xp, u, h0, lengths, act = inputs
-    out, _ = output
-    ctx.act = act
-    ctx.save_for_backward(u, h0, lengths, out)
-
-
-def _backward_indrnn(ctx, grad_out, grad_hn):
-    u, h0, lengths, out = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    dxp, du, dh0 = _ops().indrnn_bwd(grad_out, grad_hn, u, h0, lengths, out, ctx.act)
+    out = outputs[0]
+    dxp, du, dh0 = _ops().indrnn_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), u, h0, lengths,
+                                     out, act)
     return dxp, du, dh0, None, None
 
 
-def _setup_gru(ctx, inputs, output):
-    xp, w_hh, b_hh, h0, lengths = inputs
-    out, _, rzn, hn = output
-    ctx.has_bias = b_hh is not None
-    ctx.save_for_backward(w_hh, h0, lengths, out, rzn, hn)
-    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
-
-
-def _backward_gru(ctx, grad_out, grad_hn, *_unused):
-    w_hh, h0, lengths, out, rzn, hn = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    dxp, dw_hh, db_hh, dh0 = _ops().gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn)
-    return dxp, dw_hh, (db_hh if ctx.has_bias else None), dh0, None
-
-
-def _setup_conv_lstm(ctx, inputs, output):
+def _bwd_conv_lstm(inputs, outputs, grads):
     xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths = inputs
-    out, _, _, gates, cs = output
-    ctx.save_for_backward(w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
-    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
-
-
-def _backward_conv_lstm(ctx, grad_out, grad_hn, grad_cn, *_unused):
-    w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    grad_cn = _zeros_if_none(grad_cn, c0)
-    dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0 = _ops().conv_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf,
-                                                                     w_co, h0, c0, lengths, out, gates, cs)
+    out, _, _, gates, cs = outputs
+    dxp, dw_hh, dw_ci, dw_cf, dw_co, dh0, dc0 = _ops().conv_lstm_bwd(
+        _zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), _zeros_if_none(grads[2], c0), w_hh, w_ci, w_cf,
+        w_co, h0, c0, lengths, out, gates, cs)
     peep = (dw_ci, dw_cf, dw_co) if w_ci is not None else (None, None, None)
     return dxp, dw_hh, *peep, dh0, dc0, None
 
 
-def _setup_conv_gru(ctx, inputs, output):
+def _bwd_conv_gru(inputs, outputs, grads):
     xp, w_hh, b_hh, h0, lengths = inputs
-    out, _, rzn, hn = output
-    ctx.has_bias = b_hh is not None
-    ctx.save_for_backward(w_hh, h0, lengths, out, rzn, hn)
-    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
+    out, _, rzn, hn = outputs
+    dxp, dw_hh, db_hh, dh0 = _ops().conv_gru_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh,
+                                                 h0, lengths, out, rzn, hn)
+    return dxp, dw_hh, (db_hh if b_hh is not None else None), dh0, None
 
 
-def _backward_conv_gru(ctx, grad_out, grad_hn, *_unused):
-    w_hh, h0, lengths, out, rzn, hn = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    dxp, dw_hh, db_hh, dh0 = _ops().conv_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn)
-    return dxp, dw_hh, (db_hh if ctx.has_bias else None), dh0, None
-
-
-def _setup_ln_gru(ctx, inputs, output):
+def _bwd_ln_gru(inputs, outputs, grads):
     xp, w_hh, ln_w_hh, shift, h0, lengths, eps = inputs
-    out, _, gates, nz, rstd = output
-    ctx.save_for_backward(w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd)
-    ctx.set_materialize_grads(False)  # its saved outputs get no gradient: no zero tensors for them
-
-
-def _backward_ln_gru(ctx, grad_out, grad_hn, *_unused):
-    w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd = ctx.saved_tensors
-    grad_out = _zeros_if_none(grad_out, out)
-    grad_hn = _zeros_if_none(grad_hn, h0)
-    grads = _ops().ln_gru_bwd(grad_out, grad_hn, w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd)
+    out, _, gates, nz, rstd = outputs
+    grads = _ops().ln_gru_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh, ln_w_hh, shift, h0,
+                              lengths, out, gates, nz, rstd)
     return (*grads, None, None)
 
 
+BACKWARDS = {
+    "rnn_fwd": _bwd_rnn, "lstm_fwd": _bwd_lstm, "gru_fwd": _bwd_gru, "peephole_fwd": _bwd_peephole,
+    "ln_lstm_fwd": _bwd_ln_lstm, "indrnn_fwd": _bwd_indrnn, "conv_lstm_fwd": _bwd_conv_lstm,
+    "conv_gru_fwd": _bwd_conv_gru, "ln_gru_fwd": _bwd_ln_gru,
+}
+"""Each ``*_fwd`` op's first-order backward: ``(inputs, outputs, grads of the outputs) -> grads of the inputs``."""
+
+
+def _setup(ctx, inputs, output) -> None:
+    tensors = [t if isinstance(t, Tensor) else None for t in (*inputs, *output)]
+    ctx.save_for_backward(*tensors)
+    ctx.plain = [None if isinstance(t, Tensor) else t for t in inputs]  # act, eps: not tensors
+    ctx.num_inputs = len(inputs)
+    ctx.set_materialize_grads(False)  # the saved extra outputs get no gradient: no zero tensors for them
+
+
+def _backward(name: str, ctx, grads):
+    saved = ctx.saved_tensors
+    inputs = tuple(t if p is None else p for t, p in zip(saved[:ctx.num_inputs], ctx.plain))
+    outputs = saved[ctx.num_inputs:]
+    if torch.is_grad_enabled():
+        return _twin_backward(name, ctx, inputs, grads)
+    return BACKWARDS[name](inputs, outputs, grads)
+
+
+def _twin_backward(name: str, ctx, inputs, grads):
+    """A differentiable backward (``create_graph=True``): the gradient of the op's reference
+    twin on the saved inputs, itself a graph that autograd can differentiate again."""
+    from .twins import TWINS
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
+    result = [None] * len(inputs)
+    with torch.enable_grad():
+        outs = TWINS[name](*inputs)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        if wanted and pairs:
+            found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                        create_graph=True, allow_unused=True)
+            for i, g in zip(wanted, found):
+                result[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(result)
+
+
+def _function(name: str):
+    """The autograd.Function of op ``name``."""
+
+    def forward(*args):
+        return getattr(_ops(), name)(*args)
+
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+
+    def backward(ctx, *grads):
+        return _backward(name, ctx, grads)
+
+    return type(f"Fused_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
+
+
+FUNCTIONS = {name: _function(name) for name in BACKWARDS}
+
+
+def apply(name: str, *args):
+    """Run op ``name`` (a ``*_fwd``), through its autograd.Function when a gradient is needed."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return FUNCTIONS[name].apply(*args)
+    return getattr(_ops(), name)(*args)
+
+
+def _registered_backward(name: str):
+    def backward(ctx, *grads):
+        return _backward(name, ctx, grads)
+    return backward
+
+
+# ------------------------------------------------------------------ schemas (on import) and the lazy kernel load
+
+SCHEMAS = {
+    "rnn_fwd": "rnn_fwd(Tensor xp, Tensor w_hh, Tensor h0, Tensor? lengths, int act) -> (Tensor, Tensor)",
+    "rnn_bwd": "rnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, "
+               "int act) -> (Tensor, Tensor, Tensor)",
+    "lstm_fwd": "lstm_fwd(Tensor xp, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0, Tensor? lengths) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "lstm_bwd": "lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_hr, Tensor h0, "
+                "Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor ms) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gru_fwd": "gru_fwd(Tensor xp, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths) "
+               "-> (Tensor, Tensor, Tensor, Tensor)",
+    "gru_bwd": "gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, "
+               "Tensor rzn, Tensor hn) -> (Tensor, Tensor, Tensor, Tensor)",
+    "lstm_cell": "lstm_cell(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) "
+                 "-> (Tensor, Tensor)",
+    "gru_cell": "gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor",
+    "rnn_cell": "rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, int act) "
+                "-> Tensor",
+    "peephole_fwd": "peephole_fwd(Tensor xp, Tensor w_hh, Tensor w_ci, Tensor w_cf, Tensor w_co, Tensor h0, "
+                    "Tensor c0, Tensor? lengths) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "peephole_bwd": "peephole_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor w_ci, "
+                    "Tensor w_cf, Tensor w_co, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, "
+                    "Tensor cs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "indrnn_fwd": "indrnn_fwd(Tensor xp, Tensor u, Tensor h0, Tensor? lengths, int act) -> (Tensor, Tensor)",
+    "indrnn_bwd": "indrnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor u, Tensor h0, Tensor? lengths, Tensor out, "
+                  "int act) -> (Tensor, Tensor, Tensor)",
+    "ln_lstm_fwd": "ln_lstm_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor ln_w_c, Tensor ln_b_c, Tensor h0, "
+                   "Tensor c0, Tensor? lengths, float eps) "
+                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "ln_lstm_bwd": "ln_lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor ln_w_hh, "
+                   "Tensor ln_w_c, Tensor ln_b_c, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, "
+                   "Tensor cs, Tensor nz, Tensor nc, Tensor rstd) "
+                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "conv_lstm_fwd": "conv_lstm_fwd(Tensor xp, Tensor w_hh, Tensor? w_ci, Tensor? w_cf, Tensor? w_co, Tensor h0, "
+                     "Tensor c0, Tensor? lengths) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "conv_lstm_bwd": "conv_lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_ci, "
+                     "Tensor? w_cf, Tensor? w_co, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, "
+                     "Tensor cs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "conv_gru_fwd": "conv_gru_fwd(Tensor xp, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths) "
+                    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "conv_gru_bwd": "conv_gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, "
+                    "Tensor out, Tensor rzn, Tensor hn) -> (Tensor, Tensor, Tensor, Tensor)",
+    "ln_gru_fwd": "ln_gru_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor shift, Tensor h0, Tensor? lengths, "
+                  "float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "ln_gru_bwd": "ln_gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor ln_w_hh, Tensor shift, "
+                  "Tensor h0, Tensor? lengths, Tensor out, Tensor gates, Tensor nz, Tensor rstd) "
+                  "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+"""Every tensor op's schema. They are defined when rnnkit is imported (so a ``torch.export`` or
+``torch.jit`` artifact that calls them loads in a fresh process after ``import rnnkit``); the C++
+library only adds CPU kernels, built and loaded on first use (``_build.load``)."""
+
+_LIB = None
+
+
+def _lazy_kernel(name: str):
+    """The op's fallback kernel until the C++ library is loaded: load it, then run the op again
+    (its CPU kernel now takes precedence). Only CPU tensors have a kernel."""
+
+    def run(*args):
+        from . import _build
+        for a in args:
+            if isinstance(a, Tensor) and a.device.type != "cpu":
+                raise RuntimeError(f"rnnkit_fused::{name}: the fused kernels run on the CPU, got a tensor on "
+                                   f"{a.device}")
+        reason = _build.load()
+        if reason is not None:
+            raise RuntimeError(f"rnnkit_fused::{name}: rnnkit's fused CPU kernels are not available: {reason}")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnkit_fused::{name}", "CPU"):
+            raise RuntimeError(f"rnnkit_fused::{name}: the loaded fused library has no CPU kernel for this op")
+        return getattr(_ops(), name).default(*args)
+
+    return run
+
+
+def define() -> None:
+    """Define every op's schema with its lazy kernel (once per process)."""
+    global _LIB
+    if _LIB is not None or hasattr(torch.ops.rnnkit_fused, "lstm_fwd"):
+        return  # done, or done by another copy of rnnkit in this process
+    lib = torch.library.Library("rnnkit_fused", "DEF")
+    for name, schema in SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, _lazy_kernel(name), "CompositeExplicitAutograd")
+    _LIB = lib
+
+
 def register() -> None:
-    """Attach fake and autograd implementations to the loaded C++ ops (once)."""
+    """Define the ops and attach their fake and autograd implementations (once, on import)."""
     global _registered
     if _registered:
         return
-    lib = torch.library
+    define()
     for name, fn in [("rnn_fwd", _fake_rnn_fwd), ("rnn_bwd", _fake_rnn_bwd), ("lstm_fwd", _fake_lstm_fwd),
                      ("lstm_bwd", _fake_lstm_bwd), ("gru_fwd", _fake_gru_fwd), ("gru_bwd", _fake_gru_bwd),
                      ("peephole_fwd", _fake_peephole_fwd), ("peephole_bwd", _fake_peephole_bwd),
                      ("ln_lstm_fwd", _fake_ln_lstm_fwd), ("ln_lstm_bwd", _fake_ln_lstm_bwd),
                      ("indrnn_fwd", _fake_indrnn_fwd), ("indrnn_bwd", _fake_indrnn_bwd),
-                     ("lstm_cell", _fake_lstm_cell), ("gru_cell", _fake_gru_cell), ("rnn_cell", _fake_rnn_cell)]:
-        lib.register_fake(f"rnnkit_fused::{name}", fn)
-    lib.register_autograd("rnnkit_fused::rnn_fwd", _backward_rnn, setup_context=_setup_rnn)
-    lib.register_autograd("rnnkit_fused::lstm_fwd", _backward_lstm, setup_context=_setup_lstm)
-    lib.register_autograd("rnnkit_fused::gru_fwd", _backward_gru, setup_context=_setup_gru)
-    lib.register_autograd("rnnkit_fused::peephole_fwd", _backward_peephole, setup_context=_setup_peephole)
-    lib.register_autograd("rnnkit_fused::ln_lstm_fwd", _backward_ln_lstm, setup_context=_setup_ln_lstm)
-    lib.register_autograd("rnnkit_fused::indrnn_fwd", _backward_indrnn, setup_context=_setup_indrnn)
-    for name, fn in [("conv_lstm_fwd", _fake_conv_lstm_fwd), ("conv_lstm_bwd", _fake_conv_lstm_bwd),
-                     ("conv_gru_fwd", _fake_conv_gru_fwd), ("conv_gru_bwd", _fake_conv_gru_bwd)]:
-        lib.register_fake(f"rnnkit_fused::{name}", fn)
-    lib.register_autograd("rnnkit_fused::conv_lstm_fwd", _backward_conv_lstm, setup_context=_setup_conv_lstm)
-    lib.register_autograd("rnnkit_fused::conv_gru_fwd", _backward_conv_gru, setup_context=_setup_conv_gru)
-    lib.register_fake("rnnkit_fused::ln_gru_fwd", _fake_ln_gru_fwd)
-    lib.register_fake("rnnkit_fused::ln_gru_bwd", _fake_ln_gru_bwd)
-    lib.register_autograd("rnnkit_fused::ln_gru_fwd", _backward_ln_gru, setup_context=_setup_ln_gru)
+                     ("lstm_cell", _fake_lstm_cell), ("gru_cell", _fake_gru_cell), ("rnn_cell", _fake_rnn_cell),
+                     ("conv_lstm_fwd", _fake_conv_lstm_fwd), ("conv_lstm_bwd", _fake_conv_lstm_bwd),
+                     ("conv_gru_fwd", _fake_conv_gru_fwd), ("conv_gru_bwd", _fake_conv_gru_bwd),
+                     ("ln_gru_fwd", _fake_ln_gru_fwd), ("ln_gru_bwd", _fake_ln_gru_bwd)]:
+        torch.library.register_fake(f"rnnkit_fused::{name}", fn, lib=_LIB)
+    for name in BACKWARDS:  # calling the op itself with a gradient (the layers go through FUNCTIONS)
+        torch.library.register_autograd(f"rnnkit_fused::{name}", _registered_backward(name), setup_context=_setup,
+                                        lib=_LIB)
     _registered = True
 
 
@@ -346,14 +441,14 @@ def register() -> None:
 def rnn_sequence(xp: Tensor, w_hh: Tensor, h0: Tensor, lengths: Optional[Tensor], act: int) -> Tuple[Tensor, Tensor]:
     """``(out (L, N, H), h_n (N, H))`` of an Elman RNN on the projected input
     ``xp = x W_ih^T + b_ih + b_hh``; ``act`` 0 is tanh, 1 is relu."""
-    return _ops().rnn_fwd(xp, w_hh, h0, lengths, act)
+    return apply("rnn_fwd", xp, w_hh, h0, lengths, act)
 
 
 def lstm_sequence(xp: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
                   lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """``(out (L, N, H_out), h_n (N, H_out), c_n (N, H))`` of an LSTM on
     ``xp = x W_ih^T + b_ih + b_hh``, gates ``i, f, g, o``."""
-    out, h_n, c_n, _, _, _ = _ops().lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths)
+    out, h_n, c_n, _, _, _ = apply("lstm_fwd", xp, w_hh, w_hr, h0, c0, lengths)
     return out, h_n, c_n
 
 
@@ -361,7 +456,7 @@ def gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
                  lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``(out (L, N, H), h_n (N, H))`` of a GRU on ``xp = x W_ih^T + b_ih``
     (``b_hh`` stays inside: its ``n`` part is gated by ``r``)."""
-    out, h_n, _, _ = _ops().gru_fwd(xp, w_hh, b_hh, h0, lengths)
+    out, h_n, _, _ = apply("gru_fwd", xp, w_hh, b_hh, h0, lengths)
     return out, h_n
 
 
@@ -370,7 +465,7 @@ def peephole_sequence(xp: Tensor, w_hh: Tensor, w_ci: Tensor, w_cf: Tensor, w_co
     """``(out (L, N, H), h_n (N, H), c_n (N, H))`` of a peephole LSTM on
     ``xp = x W_ih^T + b_ih + b_hh``, gates ``i, f, g, o``; ``i, f`` see ``c_{t-1}``
     through ``w_ci, w_cf``, ``o`` sees ``c_t`` through ``w_co`` (each ``(H,)``)."""
-    out, h_n, c_n, _, _ = _ops().peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
+    out, h_n, c_n, _, _ = apply("peephole_fwd", xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
     return out, h_n, c_n
 
 
@@ -380,7 +475,7 @@ def ln_lstm_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, ln_w_c: Tensor, 
     ``xp = LN_ih(x W_ih^T) + b_ih + b_hh + ln_bias_hh`` (every additive term that does
     not depend on ``h``): gates ``a = xp + ln_w_hh * LN(h W_hh^T)``, ``i, f, g, o``;
     ``h_t = o tanh(ln_w_c * LN(c_t) + ln_b_c)`` (each LN without gain, ``eps`` inside the root)."""
-    out, h_n, c_n, *_ = _ops().ln_lstm_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps)
+    out, h_n, c_n, *_ = apply("ln_lstm_fwd", xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps)
     return out, h_n, c_n
 
 
@@ -388,7 +483,7 @@ def indrnn_sequence(xp: Tensor, u: Tensor, h0: Tensor, lengths: Optional[Tensor]
     """``(out (L, N, H), h_n (N, H))`` of an IndRNN, ``h_t = act(xp_t + u * h_{t-1})``
     with ``xp = x W_ih^T + b_ih + b_hh`` and the per-unit ``u (H,)`` (already
     clamped by the caller where the layer bounds it); ``act`` 0 is tanh, 1 is relu."""
-    return _ops().indrnn_fwd(xp, u, h0, lengths, act)
+    return apply("indrnn_fwd", xp, u, h0, lengths, act)
 
 
 def conv_lstm_sequence(xp: Tensor, w_hh: Tensor, w_ci: Optional[Tensor], w_cf: Optional[Tensor],
@@ -400,7 +495,7 @@ def conv_lstm_sequence(xp: Tensor, w_hh: Tensor, w_ci: Optional[Tensor], w_cf: O
     (4 hidden, hidden, *kernel)`` ('same' padding as :func:`rnnkit.zoo.conv.conv_same`).
     Peepholes ``w_ci, w_cf, w_co`` are all None or all ``(hidden, *S)`` (the caller expands
     broadcast ones): ``i, f`` see ``c_{t-1}``, ``o`` sees ``c_t``, element-wise."""
-    out, h_n, c_n, _, _ = _ops().conv_lstm_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
+    out, h_n, c_n, _, _ = apply("conv_lstm_fwd", xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
     return out, h_n, c_n
 
 
@@ -410,7 +505,7 @@ def conv_gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tens
     convolution ``xp = W_ih * x + b_ih`` ``(L, N, 3 hidden, *S)``, gates ``r, z, n``;
     ``b_hh`` goes with the recurrent convolution ``U * h_{t-1} + b_hh`` (its ``n``
     part is gated by ``r``)."""
-    out, h_n, _, _ = _ops().conv_gru_fwd(xp, w_hh, b_hh, h0, lengths)
+    out, h_n, _, _ = apply("conv_gru_fwd", xp, w_hh, b_hh, h0, lengths)
     return out, h_n
 
 
@@ -421,5 +516,5 @@ def ln_gru_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, shift: Tensor, h0
     inside because ``r`` gates its ``n`` part), gates ``r, z, n``: ``r = σ(xp_r + b_r)``,
     ``z = σ(xp_z + b_z)``, ``n = tanh(xp_n + r b_n)``, ``h_t = (1 - z) n + z h_{t-1}``
     (the LN without gain, ``eps`` inside the root)."""
-    out, h_n, *_ = _ops().ln_gru_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps)
+    out, h_n, *_ = apply("ln_gru_fwd", xp, w_hh, ln_w_hh, shift, h0, lengths, eps)
     return out, h_n

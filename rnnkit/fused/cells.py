@@ -43,11 +43,10 @@ def _cell_ops() -> dict:
 def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
     """Why the fused step cannot run ``cell`` (on ``x``), or None if it can.
     Asked on every step, so the common case is a few attribute reads."""
-    if not _ops._registered or os.environ.get(_build.DISABLE_ENV):
+    if not _build._state["loaded"] or os.environ.get(_build.DISABLE_ENV):
         reason = _build.load()
         if reason is not None:
             return reason
-        _ops.register()
     global direct_step
     if direct_step is None and _build._state["module"] is not None:
         direct_step = getattr(_build._state["module"], "cell_step", None)

@@ -2831,51 +2831,13 @@ int64_t bf16_gemm() { return bf16_gemm_enabled() ? 1 : 0; }
 }  // namespace
 }  // namespace rnnkit_fused
 
-TORCH_LIBRARY(rnnkit_fused, m) {
-  m.def("rnn_fwd(Tensor xp, Tensor w_hh, Tensor h0, Tensor? lengths, int act) -> (Tensor, Tensor)");
-  m.def("rnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, int act)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("lstm_fwd(Tensor xp, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0, Tensor? lengths)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0,"
-        " Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor ms) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("gru_fwd(Tensor xp, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, Tensor rzn,"
-        " Tensor hn) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("lstm_cell(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
-        " -> (Tensor, Tensor)");
-  m.def("gru_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh) -> Tensor");
-  m.def("rnn_cell(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, int act) -> Tensor");
-  m.def("peephole_fwd(Tensor xp, Tensor w_hh, Tensor w_ci, Tensor w_cf, Tensor w_co, Tensor h0, Tensor c0,"
-        " Tensor? lengths) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("peephole_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor w_ci, Tensor w_cf,"
-        " Tensor w_co, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("indrnn_fwd(Tensor xp, Tensor u, Tensor h0, Tensor? lengths, int act) -> (Tensor, Tensor)");
-  m.def("indrnn_bwd(Tensor grad_out, Tensor grad_hn, Tensor u, Tensor h0, Tensor? lengths, Tensor out, int act)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("ln_lstm_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor ln_w_c, Tensor ln_b_c, Tensor h0, Tensor c0,"
-        " Tensor? lengths, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("ln_lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor ln_w_hh, Tensor ln_w_c,"
-        " Tensor ln_b_c, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor nz,"
-        " Tensor nc, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+// The tensor ops' schemas are defined in Python when rnnkit is imported (rnnkit/fused/_ops.py, SCHEMAS), so
+// saved torch.export / torch.jit artifacts that call them load before this library is built; this library adds
+// the CPU kernels (and the three info ops below).
+TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
   m.def("capability() -> str", &rnnkit_fused::capability);
   m.def("uses_blas() -> int", &rnnkit_fused::uses_blas);
-  m.def("conv_lstm_fwd(Tensor xp, Tensor w_hh, Tensor? w_ci, Tensor? w_cf, Tensor? w_co, Tensor h0, Tensor c0,"
-        " Tensor? lengths) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("conv_lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_ci, Tensor? w_cf,"
-        " Tensor? w_co, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("conv_gru_fwd(Tensor xp, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("conv_gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out,"
-        " Tensor rzn, Tensor hn) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bf16_gemm() -> int", &rnnkit_fused::bf16_gemm);
-  m.def("ln_gru_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor shift, Tensor h0, Tensor? lengths, float eps)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("ln_gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor ln_w_hh, Tensor shift, Tensor h0,"
-        " Tensor? lengths, Tensor out, Tensor gates, Tensor nz, Tensor rstd)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
