@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, _VF, nn
 
+from . import _autocast
 from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str, split_states
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
@@ -99,7 +100,16 @@ class CellBase(nn.Module):
     def _state_sizes(self) -> List[int]:
         return [self.hidden_size for _ in self.cell_spec.state_names]
 
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        """Under CPU autocast: ``"lower"`` (the autocast dtype) or ``"float32"``, as torch.nn's cells
+        (float32 for the zoo's cells on the CPU)."""
+        return _autocast.FLOAT32
+
     def forward(self, input: Tensor, hx=None):
+        if _autocast.enabled():
+            cast = _autocast.compute_dtype(self, input)
+            if cast is not None:
+                return _autocast.call(self, cast, input, hx)
         # The fast path: a plain inference step of a standard cell goes straight to the fused
         # extension's C++ entry, which checks everything itself and answers NotImplemented
         # unless all is plain (then the full path below validates, with its messages, and runs).
@@ -221,6 +231,9 @@ class RNNCell(CellBase):
         resolve_activation(nonlinearity, owner="RNNCell")
         super().__init__(rnn_spec(nonlinearity), input_size, hidden_size, bias, device, dtype, backend=backend)
         self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
+
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        return _autocast.LOWER  # as torch.nn.RNNCell: a composite op, its matrix products run in the lower dtype
 
 
 class LSTMCell(CellBase):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends as _backends
+from . import _autocast, backends as _backends
 from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
                       check_states, read_input, shape_str)
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
@@ -231,6 +231,11 @@ class RecurrentBase(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        """Under CPU autocast: run in the autocast dtype (``"lower"``) or in ``"float32"``
+        (see :mod:`rnnkit._autocast`: torch.nn's choice for its layers; float32 for the zoo on the CPU)."""
+        return _autocast.FLOAT32
+
     def which_backend(self, input: Optional[Tensor] = None, lengths=None) -> str:
         """The name of the backend this module runs (on ``input`` with ``lengths``, if given)."""
         if input is None:
@@ -270,6 +275,10 @@ class RecurrentBase(nn.Module):
         in a padded batch, with no packing; positions past a length are set to
         ``padding_value`` and the final state is the one after each sequence's
         last valid step."""
+        if _autocast.enabled():
+            cast = _autocast.compute_dtype(self, input)
+            if cast is not None:
+                return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
         ref = next(self.parameters())
         expected = self._state_shapes(reading.batch, reading.feature_shape)
@@ -439,6 +448,9 @@ class RNN(RecurrentBase):
                          proj_size, device, dtype, backend=backend)
         self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        return _autocast.LOWER  # as torch.nn.RNN: its op is composite, its matrix products run in the lower dtype
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.nonlinearity != "tanh":
@@ -500,6 +512,9 @@ class LSTM(RecurrentBase):
                          proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, zoneout_cell=zoneout_cell, weight_drop=weight_drop)
 
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        return _autocast.FLOAT32 if packed else _autocast.LOWER  # as torch.nn.LSTM (oneDNN; packed: ATen)
+
 
 class GRU(RecurrentBase):
     __doc__ = r"""Gated recurrent unit: ``torch.nn.GRU`` with rnnkit's backends and ``lengths``.
@@ -538,3 +553,6 @@ class GRU(RecurrentBase):
         super().__init__(GRU_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, weight_drop=weight_drop)
+
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        return _autocast.FLOAT32  # as torch.nn.GRU: its CPU op is not on autocast's lower-precision list

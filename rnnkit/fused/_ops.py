@@ -276,19 +276,26 @@ def _backward(name: str, ctx, grads):
 
 
 def _twin_backward(name: str, ctx, inputs, grads):
-    """A differentiable backward (``create_graph=True``): the gradient of the op's reference
-    twin on the saved inputs, itself a graph that autograd can differentiate again."""
+    """A differentiable backward (``create_graph=True``, and inside ``torch.func`` transforms):
+    the vector-Jacobian product of the op's reference twin on the saved inputs, taken with
+    ``torch.func.vjp`` so that both autograd and torch.func can differentiate it again."""
     from .twins import TWINS
     wanted = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
     result = [None] * len(inputs)
+    if not wanted:
+        return tuple(result)
+
+    def visible(*diff):
+        args = list(inputs)
+        for i, t in zip(wanted, diff):
+            args[i] = t
+        return TWINS[name](*args)
+
     with torch.enable_grad():
-        outs = TWINS[name](*inputs)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        if wanted and pairs:
-            found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                        create_graph=True, allow_unused=True)
-            for i, g in zip(wanted, found):
-                result[i] = g if g is not None else torch.zeros_like(inputs[i])
+        outs, pullback = torch.func.vjp(visible, *[inputs[i] for i in wanted])
+        found = pullback(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)))
+    for i, g in zip(wanted, found):
+        result[i] = g
     return tuple(result)
 
 

@@ -57,7 +57,7 @@ def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
     spec = cell.cell_spec
     if spec.fusable not in KERNELS or not getattr(cell, "_is_standard", False):
         return f"no fused kernel for the '{spec.name}' cell"
-    return tensor_unsupported(cell.weight_ih, x)
+    return tensor_unsupported(cell.weight_ih, x, bfloat16=True)  # bfloat16: the sequence op on one step
 
 
 def _needs_grad(tensors) -> bool:
@@ -69,14 +69,14 @@ def cell_step(cell, x: Tensor, state: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
     spec = cell.cell_spec
     p = cell._parameters
     w_ih, w_hh, b_ih, b_hh = p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh")
-    if not _needs_grad([x, *state, w_ih, w_hh, b_ih, b_hh]):
+    if x.dtype != torch.bfloat16 and not _needs_grad([x, *state, w_ih, w_hh, b_ih, b_hh]):
         ops = _cell_ops()
         if spec.fusable == "lstm":
             return tuple(ops["lstm"](x, state[0], state[1], w_ih, w_hh, b_ih, b_hh))
         if spec.fusable == "gru":
             return (ops["gru"](x, state[0], w_ih, w_hh, b_ih, b_hh),)
         return (ops["rnn"](x, state[0], w_ih, w_hh, b_ih, b_hh, _ops.ACT[spec.fusable]),)
-    # differentiable: the sequence op on one step
+    # differentiable (or bfloat16, which the step ops do not run): the sequence op on one step
     x1 = x.unsqueeze(0)
     if spec.fusable == "lstm":
         out, h, c = _ops.lstm_sequence(_project(x1, w_ih, _bias_sum(p)), w_hh, None, state[0].contiguous(),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .. import _autocast
 from .._checks import check_bool, check_dtype_device, shape_str, split_states
 from ..cells import CellBase
 from ..layers import RecurrentBase
@@ -541,6 +542,10 @@ class _ConvCellBase(CellBase):
                 f"kernel_size={self.kernel_size})")
 
     def forward(self, input: Tensor, hx=None):
+        if _autocast.enabled():
+            cast = _autocast.compute_dtype(self, input)
+            if cast is not None:
+                return _autocast.call(self, cast, input, hx)
         owner = self._describe()
         nd = self._nd
         syms = ("C",) + _SPATIAL_SYMBOLS[nd]
