@@ -47,7 +47,7 @@ class CellBase(nn.Module):
 
     def __init__(self, cell_spec: CellSpec, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the torch.nn cell's __init__ (RNNCell etc. derive from it too)
         owner = type(self).__name__
         self.cell_spec = cell_spec
         self.input_size = check_positive_int("input_size", input_size, owner=owner)
@@ -62,6 +62,7 @@ class CellBase(nn.Module):
         self.backend = backend
         self.last_backend: Optional[str] = None
         factory = {"device": device, "dtype": dtype}
+        self._param_names = tuple(name for name, _ in self._param_shapes())
         for name, shape in self._param_shapes():
             if shape is None:
                 self.register_parameter(name, None)
@@ -88,7 +89,15 @@ class CellBase(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     def _params(self) -> Dict[str, Optional[Tensor]]:
-        return dict(self._parameters)
+        """The parameters by name, as the module's attributes (so parametrizations such as
+        ``weight_norm`` and pruning, which replace a parameter by a computed tensor, apply)."""
+        return {name: getattr(self, name) for name in self._param_names}
+
+    def _plain_params(self) -> bool:
+        """Every parameter is a plain ``nn.Parameter`` in ``_parameters`` (no parametrization or
+        pruning): the direct C++ step reads them from there."""
+        params = self._parameters
+        return all(name in params for name in self._param_names)
 
     def _describe(self) -> str:
         return f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size})"
@@ -115,7 +124,7 @@ class CellBase(nn.Module):
         # unless all is plain (then the full path below validates, with its messages, and runs).
         direct = _fused_cells.direct_step
         if (direct is not None and self._is_standard and (self.backend == "auto" or self.backend == "fused")
-                and _fused_build._state["loaded"] and not _compiling()):
+                and _fused_build._state["loaded"] and not _compiling() and self._plain_params()):
             new = direct(_fused_cells.DIRECT_KIND.get(self.cell_spec.fusable), input, hx, self._parameters,
                          self.input_size, self.hidden_size)
             if new is not NotImplemented:
@@ -200,10 +209,10 @@ _compiling = torch.compiler.is_compiling
 
 def _any_requires_grad(cell: CellBase, x: Tensor, state) -> bool:
     return x.requires_grad or any(s.requires_grad for s in state) or any(
-        p.requires_grad for p in cell._parameters.values() if p is not None)
+        p.requires_grad for p in cell._params().values() if p is not None)
 
 
-class RNNCell(CellBase):
+class RNNCell(CellBase, nn.RNNCell):
     r"""An Elman RNN cell: ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)``, as ``torch.nn.RNNCell``.
 
     Args:
@@ -236,7 +245,7 @@ class RNNCell(CellBase):
         return _autocast.LOWER  # as torch.nn.RNNCell: a composite op, its matrix products run in the lower dtype
 
 
-class LSTMCell(CellBase):
+class LSTMCell(CellBase, nn.LSTMCell):
     r"""An LSTM cell, gates ``i, f, g, o``, as ``torch.nn.LSTMCell``.
 
     ``c' = σ(f) c + σ(i) tanh(g)``, ``h' = σ(o) tanh(c')``.
@@ -257,7 +266,7 @@ class LSTMCell(CellBase):
         super().__init__(LSTM_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)
 
 
-class GRUCell(CellBase):
+class GRUCell(CellBase, nn.GRUCell):
     r"""A GRU cell, gates ``r, z, n``, as ``torch.nn.GRUCell``.
 
     ``n = tanh(W_in x + b_in + r (W_hn h + b_hn))``, ``h' = (1 - z) n + z h``.

@@ -40,7 +40,7 @@ class RecurrentBase(nn.Module):
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
                  *, backend: str = "auto", recurrent_dropout: float = 0.0, zoneout: float = 0.0,
                  zoneout_cell: Optional[float] = None, weight_drop: float = 0.0) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn.RNNBase's __init__ (RNN, LSTM and GRU derive from it too)
         owner = type(self).__name__
         self.cell_spec = cell_spec
         self.input_size = check_positive_int("input_size", input_size, owner=owner)
@@ -141,6 +141,25 @@ class RecurrentBase(nn.Module):
     def flatten_parameters(self) -> None:
         """Accepted for drop-in compatibility with torch.nn; rnnkit keeps each
         parameter in its own tensor, so there is nothing to do."""
+
+    def _init_flat_weights(self) -> None:
+        """torch.nn.RNNBase's hook after ``.to()``/``_apply`` and unpickling: rnnkit reads its
+        weights by name at every forward (:attr:`_flat_weights`), so there is nothing to refresh."""
+
+    def _replicate_for_data_parallel(self):
+        return nn.Module._replicate_for_data_parallel(self)
+
+    def __setattr__(self, name, value) -> None:
+        nn.Module.__setattr__(self, name, value)  # torch.nn.RNNBase's also updates a flat weight list rnnkit has not
+
+    def _apply(self, fn, recurse=True):
+        return nn.Module._apply(self, fn, recurse)  # no flat-weight references to reset (torch.nn.RNNBase keeps some)
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        nn.Module.__setstate__(self, state)
 
     # ------------------------------------------------------------------ layout hooks
 
@@ -407,7 +426,7 @@ _REGULARIZERS_DOC = r"""
         (training) run on the reference backend; weight-drop also runs on ``torch``."""
 
 
-class RNN(RecurrentBase):
+class RNN(RecurrentBase, nn.RNN):
     __doc__ = r"""Elman RNN: ``torch.nn.RNN`` with rnnkit's backends and ``lengths``.
 
     .. math:: h_t = \tanh(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})
@@ -458,7 +477,7 @@ class RNN(RecurrentBase):
         return s
 
 
-class LSTM(RecurrentBase):
+class LSTM(RecurrentBase, nn.LSTM):
     __doc__ = r"""Long short-term memory: ``torch.nn.LSTM`` with rnnkit's backends and ``lengths``.
 
     .. math::
@@ -516,7 +535,7 @@ class LSTM(RecurrentBase):
         return _autocast.FLOAT32 if packed else _autocast.LOWER  # as torch.nn.LSTM (oneDNN; packed: ATen)
 
 
-class GRU(RecurrentBase):
+class GRU(RecurrentBase, nn.GRU):
     __doc__ = r"""Gated recurrent unit: ``torch.nn.GRU`` with rnnkit's backends and ``lengths``.
 
     .. math::

@@ -50,7 +50,7 @@ def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
     global direct_step
     if direct_step is None and _build._state["module"] is not None:
         direct_step = getattr(_build._state["module"], "cell_step", None)
-    ref = cell._parameters["weight_ih"]
+    ref = cell.weight_ih
     if (cell.cell_spec.fusable in KERNELS and cell._is_standard and ref.dtype in _FLOATS
             and ref.device.type == "cpu" and (x is None or (x.dtype in _FLOATS and x.device.type == "cpu"))):
         return None
@@ -67,7 +67,7 @@ def _needs_grad(tensors) -> bool:
 def cell_step(cell, x: Tensor, state: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
     """One step of ``cell`` on ``x (N, H_in)`` from ``state`` (each ``(N, H)``)."""
     spec = cell.cell_spec
-    p = cell._parameters
+    p = cell._params()
     w_ih, w_hh, b_ih, b_hh = p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh")
     if x.dtype != torch.bfloat16 and not _needs_grad([x, *state, w_ih, w_hh, b_ih, b_hh]):
         ops = _cell_ops()

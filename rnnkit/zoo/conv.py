@@ -533,7 +533,7 @@ class _ConvCellBase(CellBase):
             nn.init.uniform_(weight, -bound, bound)
 
     def _params(self) -> Dict[str, Optional[Tensor]]:
-        p = dict(self._parameters)
+        p = super()._params()
         p["conv"] = ConvGeometry(self.stride, self.dilation)
         return p
 
