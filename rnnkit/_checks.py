@@ -107,7 +107,7 @@ def read_input(module, x: Tensor, *, packed: bool = False) -> InputReading:
     syms = layout_symbols(batch_first, batched, fsyms)
     # the first feature axis holds the features (channels); any after it are spatial
     meanings = [_MEANING.get(s) or ("feature" if i == len(syms) - fnd else "spatial") for i, s in enumerate(syms)]
-    axes = [(s, int(n), m) for s, n, m in zip(syms, x.shape, meanings)]
+    axes = [(s, n, m) for s, n, m in zip(syms, x.shape, meanings)]  # no int(): export keeps the sizes symbolic
     sizes = dict((s, n) for s, n, _ in axes)
     feature_shape = tuple(int(n) for n in x.shape[x.dim() - fnd:])
     reading = InputReading(
@@ -255,7 +255,7 @@ def check_lengths(module, lengths, reading: InputReading, device: torch.device) 
             f"{owner}: lengths has {t.numel()} entries but the batch has N={reading.batch}; "
             f"the input of shape {shape_str(reading.shape)} was {reading.describe()}"
         )
-    if t.numel():
+    if t.numel() and not torch.compiler.is_compiling():  # the values are data: not checked while tracing
         lo, hi = int(t.min()), int(t.max())
         if lo < 0:
             raise ValueError(f"{owner}: lengths must be >= 0, got {lo}")

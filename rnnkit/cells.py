@@ -109,6 +109,10 @@ class CellBase(nn.Module):
     def _state_sizes(self) -> List[int]:
         return [self.hidden_size for _ in self.cell_spec.state_names]
 
+    def __prepare_scriptable__(self):
+        from .layers import _SCRIPT_MESSAGE
+        raise RuntimeError(_SCRIPT_MESSAGE.format(self._describe()))
+
     def _autocast_cpu_policy(self, packed: bool) -> str:
         """Under CPU autocast: ``"lower"`` (the autocast dtype) or ``"float32"``, as torch.nn's cells
         (float32 for the zoo's cells on the CPU)."""
@@ -124,7 +128,7 @@ class CellBase(nn.Module):
         # unless all is plain (then the full path below validates, with its messages, and runs).
         direct = _fused_cells.direct_step
         if (direct is not None and self._is_standard and (self.backend == "auto" or self.backend == "fused")
-                and _fused_build._state["loaded"] and not _compiling() and self._plain_params()):
+                and _fused_build._state["loaded"] and not _compiling() and not _tracing() and self._plain_params()):
             new = direct(_fused_cells.DIRECT_KIND.get(self.cell_spec.fusable), input, hx, self._parameters,
                          self.input_size, self.hidden_size)
             if new is not NotImplemented:
@@ -153,7 +157,8 @@ class CellBase(nn.Module):
             state = self._check_hx(hx, x.shape[0], batched, sizes, ref)
         op = self._torch_op() if self.backend != "reference" else None
         if self.backend in ("auto", "fused") and _fused_unsupported(self, x) is None and (
-                self.backend == "fused" or not torch.is_grad_enabled() or not _any_requires_grad(self, x, state)):
+                self.backend == "fused" or (not _tracing() and (
+                    not torch.is_grad_enabled() or not _any_requires_grad(self, x, state)))):
             # the fused step: one C++ op per inference step (auto uses it where no gradient is needed)
             if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than the step itself
                 self.last_backend = "fused"
@@ -205,6 +210,7 @@ class CellBase(nn.Module):
 
 
 _compiling = torch.compiler.is_compiling
+_tracing = torch._C._get_tracing_state
 
 
 def _any_requires_grad(cell: CellBase, x: Tensor, state) -> bool:

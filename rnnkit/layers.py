@@ -149,6 +149,9 @@ class RecurrentBase(nn.Module):
     def _replicate_for_data_parallel(self):
         return nn.Module._replicate_for_data_parallel(self)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_SCRIPT_MESSAGE.format(self._describe()))
+
     def __setattr__(self, name, value) -> None:
         nn.Module.__setattr__(self, name, value)  # torch.nn.RNNBase's also updates a flat weight list rnnkit has not
 
@@ -300,7 +303,9 @@ class RecurrentBase(nn.Module):
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
         ref = next(self.parameters())
-        expected = self._state_shapes(reading.batch, reading.feature_shape)
+        # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
+        batch = x.shape[1] if torch.jit.is_tracing() else reading.batch
+        expected = self._state_shapes(batch, reading.feature_shape)
         if hx is None:
             state0 = tuple(x.new_zeros(shape) for shape in expected)
         else:
@@ -348,6 +353,13 @@ class RecurrentBase(nn.Module):
         if self.last_backend is not None and self.backend == "auto":
             s += f" (last ran: {self.last_backend!r})"
         return s
+
+
+_SCRIPT_MESSAGE = (
+    "{}: torch.jit.script cannot compile rnnkit's layers and cells (TorchScript cannot read their Python "
+    "backends). Supported routes: torch.jit.trace(model, example_inputs) for a TorchScript artifact, "
+    "torch.export.export(model, args) (dynamic batch and length) or torch.compile(model); or script the torch.nn "
+    "equivalent, torch.jit.script(rnnkit.to_torch_nn(model)).")
 
 
 def _check_rate(owner: str, name: str, value, meaning: str) -> float:

@@ -60,7 +60,12 @@ def reference_scan(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: 
         return spec.sequence(xp, state, p, lengths)
     seq_len = x.shape[0]
     # steps before the shortest length need no masking: one sync, then none
-    masked_from = seq_len if lengths is None else (int(lengths.min()) if lengths.numel() else 0)
+    if lengths is None:
+        masked_from = seq_len
+    elif torch.compiler.is_compiling() or not lengths.numel():
+        masked_from = 0  # mask every step: the same result without reading the lengths' values
+    else:
+        masked_from = int(lengths.min())
     outputs = []
     for t in range(seq_len):
         new = spec.step(xp[t], state, p)

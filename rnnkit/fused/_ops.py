@@ -320,8 +320,10 @@ FUNCTIONS = {name: _function(name) for name in BACKWARDS}
 
 
 def apply(name: str, *args):
-    """Run op ``name`` (a ``*_fwd``), through its autograd.Function when a gradient is needed."""
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+    """Run op ``name`` (a ``*_fwd``), through its autograd.Function when a gradient is needed
+    (``torch.jit.trace`` records the op itself, whose registered autograd has the same formulas)."""
+    if (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+            and not torch._C._get_tracing_state()):
         return FUNCTIONS[name].apply(*args)
     return getattr(_ops(), name)(*args)
 

@@ -312,6 +312,10 @@ class FusedBackend(Backend):
                               "other backends. Set RNNKIT_DISABLE_FUSED=1 to silence this.", RuntimeWarning,
                               stacklevel=4)
             return list(default_order)
+        if torch.compiler.is_compiling():
+            # torch.compile and torch.export: the fused ops, opaque to the tracer, keep the batch size and
+            # the sequence length symbolic (torch's op unrolls the time loop), whatever the measured table says
+            return list(default_order)
         best = self.choice(module, x, lengths)
         if best is None or best not in default_order or best == default_order[0]:
             return list(default_order)

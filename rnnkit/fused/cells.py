@@ -69,7 +69,8 @@ def cell_step(cell, x: Tensor, state: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
     spec = cell.cell_spec
     p = cell._params()
     w_ih, w_hh, b_ih, b_hh = p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh")
-    if x.dtype != torch.bfloat16 and not _needs_grad([x, *state, w_ih, w_hh, b_ih, b_hh]):
+    if (x.dtype != torch.bfloat16 and not _needs_grad([x, *state, w_ih, w_hh, b_ih, b_hh])
+            and not torch._C._get_tracing_state()):  # traced: one graph whatever the grad mode
         ops = _cell_ops()
         if spec.fusable == "lstm":
             return tuple(ops["lstm"](x, state[0], state[1], w_ih, w_hh, b_ih, b_hh))
