@@ -224,10 +224,29 @@ def test_bf16_declined_where_no_bf16_kernel():
     with pytest.raises(ValueError, match=r"the fused kernels run float32, float64 and bfloat16, got parameters of "
                                          r"dtype torch.float16"):
         rnnkit.LSTM(3, 4, backend="fused", dtype=torch.float16)
-    # the single-step cells have no bf16 path: their fused step declines, with the reason
+    # the single-step cells run bf16 through the sequence op on one step (float16: declined, with the reason)
     cell = rnnkit.LSTMCell(3, 4, dtype=BF)
-    assert cell_unsupported(cell, torch.randn(2, 3, dtype=BF)) == \
-        "the fused kernels run float32 and float64, got parameters of dtype torch.bfloat16"
+    assert cell_unsupported(cell, torch.randn(2, 3, dtype=BF)) is None
+    assert cell_unsupported(rnnkit.LSTMCell(3, 4, dtype=torch.float16)) == \
+        "the fused kernels run float32, float64 and bfloat16, got parameters of dtype torch.float16"
+
+
+@needs_fused
+@pytest.mark.parametrize("kind", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_bf16_cells_step_like_the_bf16_sequence(kind):
+    """A bf16 fused cell step equals its layer's bf16 fused sequence op on one step, bit for bit."""
+    torch.manual_seed(0)
+    cell = getattr(rnnkit, kind)(3, 4, dtype=BF, backend="fused")
+    layer = getattr(rnnkit, kind[:-4])(3, 4, dtype=BF, backend="fused")
+    layer.load_state_dict({k + "_l0": v for k, v in cell.state_dict().items()})
+    x = torch.randn(2, 3, dtype=BF)
+    with torch.no_grad():
+        got = cell(x)
+        want = layer(x.unsqueeze(0))[1]
+    got = got[0] if isinstance(got, tuple) else got
+    want = want[0][0] if isinstance(want, tuple) else want[0]
+    assert cell.last_backend == "fused"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @needs_fused
