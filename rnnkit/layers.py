@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends as _backends
+from . import backends as _backends, saving as _saving
 from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
                       check_states, read_input, shape_str)
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
@@ -94,6 +94,21 @@ class RecurrentBase(nn.Module):
             if reason is not None:
                 raise ValueError(f"{self._describe()}: backend={self.backend!r} cannot run this configuration: "
                                  f"{reason}. Use backend='auto' to pick one that can.")
+
+    # ------------------------------------------------------------------ pickling
+
+    def _make_spec(self) -> Optional[CellSpec]:
+        """This layer's cell spec, built from its plain attributes: ``__init__`` uses
+        it, and so does unpickling, so ``torch.save(module)`` need not pickle the spec
+        (see :mod:`rnnkit.saving`). None here: a subclass that passes its own spec and
+        does not override this keeps the spec in its pickle."""
+        return None
+
+    def __getstate__(self):
+        return _saving.module_state(self)
+
+    def __setstate__(self, state) -> None:
+        _saving.restore_module(self, state)
 
     # ------------------------------------------------------------------ parameters
 
@@ -439,6 +454,11 @@ class RNN(RecurrentBase):
                          proj_size, device, dtype, backend=backend)
         self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
+    def _make_spec(self) -> CellSpec:
+        # __init__ calls rnn_spec itself: an nn.Module nonlinearity can only become
+        # self.nonlinearity after Module.__init__ (rnn_spec is cached: the same spec)
+        return rnn_spec(self.nonlinearity)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.nonlinearity != "tanh":
@@ -496,9 +516,12 @@ class LSTM(RecurrentBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0,
                  zoneout: float = 0.0, zoneout_cell: Optional[float] = None, weight_drop: float = 0.0) -> None:
-        super().__init__(LSTM_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, zoneout_cell=zoneout_cell, weight_drop=weight_drop)
+
+    def _make_spec(self) -> CellSpec:
+        return LSTM_SPEC
 
 
 class GRU(RecurrentBase):
@@ -535,6 +558,9 @@ class GRU(RecurrentBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0,
                  zoneout: float = 0.0, weight_drop: float = 0.0) -> None:
-        super().__init__(GRU_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, weight_drop=weight_drop)
+
+    def _make_spec(self) -> CellSpec:
+        return GRU_SPEC
