@@ -14,6 +14,7 @@ from .convert import to_torch_nn
 from .explain import Explanation, explain
 from .layers import GRU, LSTM, RNN, RecurrentBase
 from .registry import LAYERS, LayerEntry, get_layer, register_layer
+from .saving import safe_globals
 from .sequences import (lengths_to_mask, pack_padded_sequence, pack_sequence, pad_packed_sequence, pad_sequence,
                         unpad_sequence)
 from .spec import CellSpec
@@ -42,5 +43,6 @@ __all__ = [
     "ConvLSTMCell", "ConvLSTM1dCell", "ConvLSTM2dCell", "ConvLSTM3dCell",
     "ConvGRUCell", "ConvGRU1dCell", "ConvGRU2dCell", "ConvGRU3dCell",
     "MinGRU", "MinLSTM", "MinGRUCell", "MinLSTMCell",
-    "to_torch_nn", "BACKENDS", "describe_backends", "LAYERS", "LayerEntry", "get_layer", "register_layer", "__version__",
+    "to_torch_nn", "BACKENDS", "describe_backends", "LAYERS", "LayerEntry", "get_layer", "register_layer",
+    "safe_globals", "__version__",
 ]

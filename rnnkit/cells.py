@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, _VF, nn
 
-from . import _autocast
+from . import _autocast, saving as _saving
 from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str, split_states
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
@@ -74,6 +74,19 @@ class CellBase(nn.Module):
             if reason is not None:
                 raise ValueError(f"{owner}: backend='fused' cannot run this cell: {reason}. "
                                  "Use backend='auto' to pick one that can.")
+
+    def _make_spec(self) -> Optional[CellSpec]:
+        """This cell's spec, built from its plain attributes: ``__init__`` uses it, and
+        so does unpickling, so ``torch.save(cell)`` need not pickle the spec (see
+        :mod:`rnnkit.saving`). None here: a subclass that passes its own spec and does
+        not override this keeps the spec in its pickle."""
+        return None
+
+    def __getstate__(self):
+        return _saving.module_state(self)
+
+    def __setstate__(self, state) -> None:
+        _saving.restore_module(self, state)
 
     def _param_shapes(self) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
         gates = self.cell_spec.gates * self.hidden_size
@@ -250,6 +263,9 @@ class RNNCell(CellBase, nn.RNNCell):
     def _autocast_cpu_policy(self, packed: bool) -> str:
         return _autocast.LOWER  # as torch.nn.RNNCell: a composite op, its matrix products run in the lower dtype
 
+    def _make_spec(self) -> CellSpec:
+        return rnn_spec(self.nonlinearity)  # as __init__, which cannot set an nn.Module nonlinearity earlier
+
 
 class LSTMCell(CellBase, nn.LSTMCell):
     r"""An LSTM cell, gates ``i, f, g, o``, as ``torch.nn.LSTMCell``.
@@ -269,7 +285,10 @@ class LSTMCell(CellBase, nn.LSTMCell):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  *, backend: str = "auto") -> None:
-        super().__init__(LSTM_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, bias, device, dtype, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return LSTM_SPEC
 
 
 class GRUCell(CellBase, nn.GRUCell):
@@ -290,4 +309,7 @@ class GRUCell(CellBase, nn.GRUCell):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  *, backend: str = "auto") -> None:
-        super().__init__(GRU_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, bias, device, dtype, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return GRU_SPEC

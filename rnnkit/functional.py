@@ -20,6 +20,12 @@ from .spec import CellSpec, Params, State
 
 Activation = Union[str, Callable[[Tensor], Tensor]]
 
+
+def identity(x: Tensor) -> Tensor:
+    """The ``"identity"`` activation (a named function, so a spec using it pickles)."""
+    return x
+
+
 ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "relu": torch.relu,
@@ -30,7 +36,7 @@ ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "leaky_relu": F.leaky_relu,
     "softsign": F.softsign,
     "hardtanh": F.hardtanh,
-    "identity": lambda x: x,
+    "identity": identity,
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import _autocast, backends as _backends
+from . import _autocast, backends as _backends, saving as _saving
 from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
                       check_states, read_input, shape_str)
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
@@ -95,6 +95,21 @@ class RecurrentBase(nn.Module):
                 raise ValueError(f"{self._describe()}: backend={self.backend!r} cannot run this configuration: "
                                  f"{reason}. Use backend='auto' to pick one that can.")
 
+    # ------------------------------------------------------------------ pickling
+
+    def _make_spec(self) -> Optional[CellSpec]:
+        """This layer's cell spec, built from its plain attributes: ``__init__`` uses
+        it, and so does unpickling, so ``torch.save(module)`` need not pickle the spec
+        (see :mod:`rnnkit.saving`). None here: a subclass that passes its own spec and
+        does not override this keeps the spec in its pickle."""
+        return None
+
+    def __getstate__(self):
+        return _saving.module_state(self)
+
+    def __setstate__(self, state) -> None:
+        _saving.restore_module(self, state)
+
     # ------------------------------------------------------------------ parameters
 
     @property
@@ -157,12 +172,6 @@ class RecurrentBase(nn.Module):
 
     def _apply(self, fn, recurse=True):
         return nn.Module._apply(self, fn, recurse)  # no flat-weight references to reset (torch.nn.RNNBase keeps some)
-
-    def __getstate__(self):
-        return self.__dict__.copy()
-
-    def __setstate__(self, state):
-        nn.Module.__setstate__(self, state)
 
     # ------------------------------------------------------------------ layout hooks
 
@@ -482,6 +491,11 @@ class RNN(RecurrentBase, nn.RNN):
     def _autocast_cpu_policy(self, packed: bool) -> str:
         return _autocast.LOWER  # as torch.nn.RNN: its op is composite, its matrix products run in the lower dtype
 
+    def _make_spec(self) -> CellSpec:
+        # __init__ calls rnn_spec itself: an nn.Module nonlinearity can only become
+        # self.nonlinearity after Module.__init__ (rnn_spec is cached: the same spec)
+        return rnn_spec(self.nonlinearity)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.nonlinearity != "tanh":
@@ -539,12 +553,15 @@ class LSTM(RecurrentBase, nn.LSTM):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0,
                  zoneout: float = 0.0, zoneout_cell: Optional[float] = None, weight_drop: float = 0.0) -> None:
-        super().__init__(LSTM_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, zoneout_cell=zoneout_cell, weight_drop=weight_drop)
 
     def _autocast_cpu_policy(self, packed: bool) -> str:
         return _autocast.FLOAT32 if packed else _autocast.LOWER  # as torch.nn.LSTM (oneDNN; packed: ATen)
+
+    def _make_spec(self) -> CellSpec:
+        return LSTM_SPEC
 
 
 class GRU(RecurrentBase, nn.GRU):
@@ -581,9 +598,12 @@ class GRU(RecurrentBase, nn.GRU):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0,
                  zoneout: float = 0.0, weight_drop: float = 0.0) -> None:
-        super().__init__(GRU_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, weight_drop=weight_drop)
 
     def _autocast_cpu_policy(self, packed: bool) -> str:
         return _autocast.FLOAT32  # as torch.nn.GRU: its CPU op is not on autocast's lower-precision list
+
+    def _make_spec(self) -> CellSpec:
+        return GRU_SPEC

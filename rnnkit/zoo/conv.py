@@ -335,9 +335,12 @@ class _ConvLSTMBase(_ConvRecurrentBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, stride=1,
                  dilation=1, peephole: bool = False, device=None, dtype=None, *, peephole_shape=None,
                  backend: str = "auto") -> None:
-        super().__init__(CONV_LSTM_SPEC, input_size, hidden_size, kernel_size, num_layers, bias, batch_first,
+        super().__init__(self._make_spec(), input_size, hidden_size, kernel_size, num_layers, bias, batch_first,
                          dropout, bidirectional, stride, dilation, peephole, device, dtype,
                          peephole_shape=peephole_shape, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return CONV_LSTM_SPEC
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _convert_convlstm_pytorch_layers(self, state_dict, prefix)
@@ -348,8 +351,11 @@ class _ConvGRUBase(_ConvRecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, kernel_size, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, stride=1,
                  dilation=1, device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__(CONV_GRU_SPEC, input_size, hidden_size, kernel_size, num_layers, bias, batch_first,
+        super().__init__(self._make_spec(), input_size, hidden_size, kernel_size, num_layers, bias, batch_first,
                          dropout, bidirectional, stride, dilation, False, device, dtype, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return CONV_GRU_SPEC
 
 
 def _convert_convlstm_pytorch_layers(module, state_dict, prefix: str) -> None:
@@ -609,15 +615,21 @@ class _ConvLSTMCellBase(_ConvCellBase):
     def __init__(self, input_size: int, hidden_size: int, kernel_size, bias: bool = True, stride=1, dilation=1,
                  peephole: bool = False, device=None, dtype=None, *, peephole_shape=None,
                  backend: str = "auto") -> None:
-        super().__init__(CONV_LSTM_SPEC, input_size, hidden_size, kernel_size, bias, stride, dilation, peephole,
+        super().__init__(self._make_spec(), input_size, hidden_size, kernel_size, bias, stride, dilation, peephole,
                          device, dtype, peephole_shape=peephole_shape, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return CONV_LSTM_SPEC
 
 
 class _ConvGRUCellBase(_ConvCellBase):
     def __init__(self, input_size: int, hidden_size: int, kernel_size, bias: bool = True, stride=1, dilation=1,
                  device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__(CONV_GRU_SPEC, input_size, hidden_size, kernel_size, bias, stride, dilation, False,
+        super().__init__(self._make_spec(), input_size, hidden_size, kernel_size, bias, stride, dilation, False,
                          device, dtype, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return CONV_GRU_SPEC
 
 
 def _cell_doc(kind: str, nd: int, note: str = "") -> str:

@@ -121,6 +121,10 @@ class IndRNN(RecurrentBase):
                          bias, batch_first, dropout, bidirectional, 0, device, dtype, backend=backend)
         self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
+    def _make_spec(self) -> CellSpec:
+        # as __init__, which cannot set an nn.Module nonlinearity before Module.__init__ (cached: the same spec)
+        return indrnn_spec(self.nonlinearity, self.recurrent_max_abs)
+
     def _layer_param_shapes(self, layer_input: int) -> List[Tuple[str, Tuple[int, ...]]]:
         return [(n, s) for n, s in _shapes(self.hidden_size, layer_input, self.bias) if s is not None]
 
@@ -168,6 +172,9 @@ class IndRNNCell(CellBase):
         super().__init__(indrnn_spec(nonlinearity, self.recurrent_max_abs), input_size, hidden_size, bias, device,
                          dtype, backend=backend)
         self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
+
+    def _make_spec(self) -> CellSpec:
+        return indrnn_spec(self.nonlinearity, self.recurrent_max_abs)  # as __init__ (see IndRNN._make_spec)
 
     def _param_shapes(self) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
         return _shapes(self.hidden_size, self.input_size, self.bias)

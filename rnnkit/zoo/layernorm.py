@@ -115,6 +115,9 @@ class _LayerNormCellBase(CellBase):
     _is_standard = False
     _cell_norm = False
 
+    def _make_spec(self) -> CellSpec:
+        return (layernorm_lstm_spec if self._cell_norm else layernorm_gru_spec)(self.layer_norm_eps)
+
     def _param_shapes(self) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
         return _shapes(self.cell_spec.gates, self.hidden_size, self.input_size, self.bias, self._cell_norm)
 
@@ -129,6 +132,9 @@ class _LayerNormCellBase(CellBase):
 class _LayerNormLayerBase(RecurrentBase):
     _is_standard = False
     _cell_norm = False
+
+    def _make_spec(self) -> CellSpec:
+        return (layernorm_lstm_spec if self._cell_norm else layernorm_gru_spec)(self.layer_norm_eps)
 
     def _layer_param_shapes(self, layer_input: int) -> List[Tuple[str, Tuple[int, ...]]]:
         return [(n, s) for n, s in _shapes(self.cell_spec.gates, self.hidden_size, layer_input, self.bias,
@@ -196,7 +202,7 @@ class LayerNormLSTM(_LayerNormLayerBase):
                  dtype=None, *, layer_norm_eps: float = 1e-5, backend: str = "auto", recurrent_dropout: float = 0.0,
                  zoneout: float = 0.0, zoneout_cell: Optional[float] = None, weight_drop: float = 0.0) -> None:
         self.layer_norm_eps = _check_eps("LayerNormLSTM", layer_norm_eps)
-        super().__init__(layernorm_lstm_spec(self.layer_norm_eps), input_size, hidden_size, num_layers, bias,
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, 0, device, dtype, backend=backend,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout, zoneout_cell=zoneout_cell,
                          weight_drop=weight_drop)
@@ -245,7 +251,7 @@ class LayerNormGRU(_LayerNormLayerBase):
                  dtype=None, *, layer_norm_eps: float = 1e-5, backend: str = "auto", recurrent_dropout: float = 0.0,
                  zoneout: float = 0.0, weight_drop: float = 0.0) -> None:
         self.layer_norm_eps = _check_eps("LayerNormGRU", layer_norm_eps)
-        super().__init__(layernorm_gru_spec(self.layer_norm_eps), input_size, hidden_size, num_layers, bias,
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, 0, device, dtype, backend=backend,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout, weight_drop=weight_drop)
 
@@ -284,8 +290,7 @@ class LayerNormLSTMCell(_LayerNormCellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  *, layer_norm_eps: float = 1e-5, backend: str = "auto") -> None:
         self.layer_norm_eps = _check_eps("LayerNormLSTMCell", layer_norm_eps)
-        super().__init__(layernorm_lstm_spec(self.layer_norm_eps), input_size, hidden_size, bias, device, dtype,
-                         backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, bias, device, dtype, backend=backend)
 
 
 class LayerNormGRUCell(_LayerNormCellBase):
@@ -316,8 +321,7 @@ class LayerNormGRUCell(_LayerNormCellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  *, layer_norm_eps: float = 1e-5, backend: str = "auto") -> None:
         self.layer_norm_eps = _check_eps("LayerNormGRUCell", layer_norm_eps)
-        super().__init__(layernorm_gru_spec(self.layer_norm_eps), input_size, hidden_size, bias, device, dtype,
-                         backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, bias, device, dtype, backend=backend)
 
 
 register_layer(LayerEntry("layernorm_lstm", LayerNormLSTM, LayerNormLSTMCell))

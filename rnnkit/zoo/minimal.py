@@ -136,16 +136,20 @@ _STEP_ONLY = {spec.name: dataclasses.replace(spec, sequence=None) for spec in (M
 
 class _MinBase(RecurrentBase):
     _is_standard = False
+    _spec: CellSpec  # the cell's spec, with its parallel scan
 
-    def __init__(self, spec: CellSpec, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
                  dtype=None, *, parallel: bool = True, backend: str = "auto") -> None:
         if not isinstance(parallel, bool):
             raise TypeError(f"{type(self).__name__}: parallel must be a bool, got {parallel!r} of type "
                             f"{type(parallel).__name__}")
         self.parallel = parallel
-        super().__init__(spec if parallel else _STEP_ONLY[spec.name], input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, 0, device, dtype, backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return self._spec if self.parallel else _STEP_ONLY[self._spec.name]
 
     def _layer_param_shapes(self, layer_input: int) -> List[Tuple[str, Tuple[int, ...]]]:
         gates = self.cell_spec.gates * self.hidden_size
@@ -216,11 +220,13 @@ class MinGRU(_MinBase):
         (torch.Size([1000, 3, 20]), torch.Size([2, 3, 20]))
     """
 
+    _spec = MIN_GRU_SPEC
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
                  dtype=None, *, parallel: bool = True, backend: str = "auto") -> None:
-        super().__init__(MIN_GRU_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, parallel=parallel, backend=backend)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device,
+                         dtype, parallel=parallel, backend=backend)
 
 
 class MinLSTM(_MinBase):
@@ -253,11 +259,13 @@ class MinLSTM(_MinBase):
         (torch.Size([3, 1000, 40]), torch.Size([2, 3, 20]))
     """
 
+    _spec = MIN_LSTM_SPEC
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
                  dtype=None, *, parallel: bool = True, backend: str = "auto") -> None:
-        super().__init__(MIN_LSTM_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, parallel=parallel, backend=backend)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device,
+                         dtype, parallel=parallel, backend=backend)
 
 
 # ----------------------------------------------------------------------------- cells
@@ -265,6 +273,10 @@ class MinLSTM(_MinBase):
 
 class _MinCellBase(CellBase):
     _is_standard = False
+    _spec: CellSpec
+
+    def _make_spec(self) -> CellSpec:
+        return self._spec
 
     def _param_shapes(self):
         gates = self.cell_spec.gates * self.hidden_size
@@ -292,9 +304,11 @@ class MinGRUCell(_MinCellBase):
         ...     h = cell(x_t, h)
     """
 
+    _spec = MIN_GRU_SPEC
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  *, backend: str = "auto") -> None:
-        super().__init__(MIN_GRU_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, bias, device, dtype, backend=backend)
 
 
 class MinLSTMCell(_MinCellBase):
@@ -316,9 +330,11 @@ class MinLSTMCell(_MinCellBase):
         >>> h = cell(torch.randn(3, 10))
     """
 
+    _spec = MIN_LSTM_SPEC
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  *, backend: str = "auto") -> None:
-        super().__init__(MIN_LSTM_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, bias, device, dtype, backend=backend)
 
 
 register_layer(LayerEntry("mingru", MinGRU, MinGRUCell))

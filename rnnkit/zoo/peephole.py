@@ -100,9 +100,12 @@ class PeepholeLSTM(RecurrentBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
                  dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0, zoneout: float = 0.0,
                  zoneout_cell: Optional[float] = None, weight_drop: float = 0.0) -> None:
-        super().__init__(PEEPHOLE_LSTM_SPEC, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+        super().__init__(self._make_spec(), input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, zoneout_cell=zoneout_cell, weight_drop=weight_drop)
+
+    def _make_spec(self) -> CellSpec:
+        return PEEPHOLE_LSTM_SPEC
 
     def _layer_param_shapes(self, layer_input: int) -> List[Tuple[str, Tuple[int, ...]]]:
         return [(n, s) for n, s in _shapes(self.hidden_size, layer_input, self.bias) if s is not None]
@@ -139,7 +142,10 @@ class PeepholeLSTMCell(CellBase):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
                  *, backend: str = "auto") -> None:
-        super().__init__(PEEPHOLE_LSTM_SPEC, input_size, hidden_size, bias, device, dtype, backend=backend)
+        super().__init__(self._make_spec(), input_size, hidden_size, bias, device, dtype, backend=backend)
+
+    def _make_spec(self) -> CellSpec:
+        return PEEPHOLE_LSTM_SPEC
 
     def _param_shapes(self) -> List[Tuple[str, Optional[Tuple[int, ...]]]]:
         return _shapes(self.hidden_size, self.input_size, self.bias)
