@@ -7,13 +7,18 @@ fastest of ``--repeat`` calls of ``out.sum().backward()`` after the forward. The
 backward of the reference scan should be linear in T: the time per step (last
 column) should stay flat as T grows.
 
-Measured on the 2-core Intel Xeon KVM guest (torch 2.13.0+cpu, one thread,
-2026-12-01, the machine shared with other jobs, so a few percent of noise), fwd+bwd
-seconds at T = 2k / 5k / 10k / 20k:
+Measured 2026-12-01 on the 2-core AMD EPYC KVM guest (torch 2.13.0+cpu, one thread),
+while other jobs kept the machine busy (load average 5-8 on 2 cores: the absolute
+figures are inflated and noisy, the growth is the point). Seconds for fwd+bwd, one
+call each, before and after run back to back at each length:
 
-* before (``xp[t]`` per step: each select's backward fills a full (T, N, G) zero
-  tensor, O(T^2)): 0.20 / 0.73 / 2.13 / 7.57 s (0.10, 0.15, 0.21, 0.38 ms per step)
-* after (``xp.unbind(0)``: one backward node for all steps): see the numbers below.
+    T        2,000   5,000   10,000   20,000
+    before   2.89    20.5    94.0     not run (an earlier try passed 7.8 min and was stopped)
+    after    1.21    2.91    5.42     10.35     (0.60, 0.58, 0.54, 0.52 ms per step)
+
+Before: ``xp[t]`` per step, whose backward (SelectBackward) fills a zero tensor of
+``xp``'s full (T, N, G) size at every step, O(T^2) time and memory traffic. After:
+``xp.unbind(0)``, one backward node that stacks the T step gradients once.
 """
 
 from __future__ import annotations
