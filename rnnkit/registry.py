@@ -42,11 +42,13 @@ LAYERS: Dict[str, LayerEntry] = {}
 
 
 def register_layer(entry: LayerEntry) -> LayerEntry:
+    """Add a layer to :data:`LAYERS` (the tests, benchmarks, ``explain`` and the CLI walk it); returns ``entry``."""
     LAYERS[entry.name] = entry
     return entry
 
 
 def get_layer(name: str) -> LayerEntry:
+    """The registered layer called ``name`` (any case, ``-`` for ``_``); a ValueError lists the names."""
     key = name.lower().replace("-", "_")
     if key not in LAYERS:
         raise ValueError(f"unknown layer {name!r}; choose from {sorted(LAYERS)}")

@@ -67,8 +67,10 @@ def reference_scan(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: 
     else:
         masked_from = int(lengths.min())
     outputs = []
-    for t in range(seq_len):
-        new = spec.step(xp[t], state, p)
+    # one unbind (one backward node that stacks the step gradients) instead of xp[t] per step, whose
+    # backward each fills a zero tensor of xp's full size: O(L^2) time for L steps
+    for t, xp_t in enumerate(xp.unbind(0)):
+        new = spec.step(xp_t, state, p)
         if t >= masked_from:
             keep = _per_row(t < lengths, new[0])
             new = tuple(torch.where(keep, n, s) for n, s in zip(new, state))

@@ -4,11 +4,21 @@ The extension is compiled on first use with :func:`torch.utils.cpp_extension.loa
 (ninja, one translation unit) into torch's extension cache, so later imports only
 load the shared library. ``python -m rnnkit.fused build`` does the same ahead of
 time. ``RNNKIT_DISABLE_FUSED=1`` turns the backend off without trying to build.
+
+The extension's name (and so its folder in the cache) hashes the source, the
+compiler flags, the torch version, the Python environment (``sys.prefix``, the
+interpreter) and the source's path, so two checkouts or environments never share
+(and rebuild) one build. :func:`load` never raises: any failure (an unusable
+cache directory, no compiler, a failed build or load) becomes the reason it
+returns, which ``auto`` warns with once and ``backend="fused"`` raises with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -45,23 +55,78 @@ def compile_flags() -> list:
     return flags
 
 
+COMPILE_TIME = "about 1 min on 2 cores"  # measured from an empty cache; one translation unit, one core busy
+
+
 def extension_name() -> str:
-    """Named after the source, flags and torch version, so a change rebuilds."""
+    """Named after the source, flags, torch version, Python environment and the
+    source's path: a change rebuilds, and another checkout or environment (even
+    with the same torch) gets a build of its own."""
     h = hashlib.sha1()
     h.update(SOURCE.read_bytes())
-    h.update(" ".join(compile_flags()).encode())
-    h.update(torch.__version__.encode())
+    for part in (" ".join(compile_flags()), torch.__version__, sys.prefix, os.path.realpath(sys.executable),
+                 sys.version, os.path.realpath(SOURCE)):
+        h.update(b"\0" + part.encode(errors="replace"))
     return "rnnkit_fused_" + h.hexdigest()[:10]
 
 
+# the lines of a build log that name the real cause, best first; ninja's own summary
+# ("ninja: build stopped: subcommand failed.") and torch's prefix are never the cause
+_CAUSE_MARKERS = (" error:", "error:", "not found", "No such file", "cannot find", "Permission denied", "rror")
+_NOT_A_CAUSE = ("Error building extension", "ninja: build stopped", "FAILED:")
+
+
 def _first_error_line(text: str) -> str:
-    """The compiler's first ``error:`` line (else the first line naming an error)."""
-    for marker in (" error:", "error:", "rror"):
-        for line in text.splitlines():
-            if marker in line and not line.startswith("Error building extension"):
-                return line.strip()
+    """The build log's first line naming the real cause: the compiler's first ``error:``
+    line, else a line such as ``/bin/sh: 1: c++: not found``; else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+    for marker in _CAUSE_MARKERS:
+        for line in lines:
+            if marker in line and not line.startswith(_NOT_A_CAUSE):
+                return line
+    causes = [line for line in lines if not line.startswith(_NOT_A_CAUSE)]
+    return (causes or lines or ["unknown error"])[-1]
+
+
+class _DropNoRuntimeWarnings(logging.Filter):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..."
+    (and the ROCm twin) on CUDA builds of torch without a GPU; it says nothing about a
+    CPU extension and would split a progress bar, so it is dropped around the build."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("No CUDA runtime is found", "No ROCm runtime is found"))
+
+
+@contextlib.contextmanager
+def _quiet_cpp_extension_logs():
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropNoRuntimeWarnings()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _import_built(name: str, so: Path):
+    """Import a built extension module from its shared library (what cpp_extension.load
+    does after building), with no ninja run and no lock file in the cache."""
+    spec = importlib.util.spec_from_file_location(name, str(so))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {so}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _failure_text(e: BaseException) -> str:
+    text = str(e)
+    out = getattr(e, "output", None)
+    if isinstance(out, bytes):
+        text = out.decode(errors="replace") + "\n" + text
+    elif isinstance(out, str):
+        text = out + "\n" + text
+    return text
 
 
 def disabled() -> Optional[str]:
@@ -88,41 +153,64 @@ def load(verbose: bool = False) -> Optional[str]:
             _state["loaded"] = True  # the kernels are already loaded in this process (e.g. by another copy)
             return None
         try:
+            _state["reason"] = _build_and_load(verbose)
+        except Exception as e:  # never out of load(): every failure is the reason
+            _state["reason"] = f"loading the C++ extension failed: {type(e).__name__}: {_first_line(str(e))}"
+        if _state["reason"] is None:
+            _state["loaded"] = True
+        return _state["reason"]
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
+
+
+def _build_and_load(verbose: bool) -> Optional[str]:
+    """Locate the cache, load the cached build or compile one; None when loaded, else the reason."""
+    try:
+        with _quiet_cpp_extension_logs():
             from torch.utils import cpp_extension
-        except Exception as e:  # pragma: no cover - torch always ships it
-            _state["reason"] = f"torch.utils.cpp_extension cannot be imported: {e}"
-            return _state["reason"]
-        if not SOURCE.exists():
-            _state["reason"] = f"the C++ source {SOURCE} is missing from this installation"
-            return _state["reason"]
-        name = extension_name()
+    except Exception as e:  # pragma: no cover - torch always ships it
+        return f"torch.utils.cpp_extension cannot be imported: {e}"
+    if not SOURCE.exists():
+        return f"the C++ source {SOURCE} is missing from this installation"
+    name = extension_name()
+    try:
+        # creates <root>/<name> (mkdir -p): fails when the cache is read-only or a path in it is a file
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        cached = any(build_dir.glob(f"{name}*.so")) if build_dir.exists() else False
-        if not cached:
-            print(f"rnnkit: compiling the fused CPU kernels (once; 20-60 s; cached in {build_dir})...",
-                  file=sys.stderr, flush=True)
-        start = time.perf_counter()
+    except Exception as e:
+        error = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        return f"the torch extension cache is not usable: {error} (point TORCH_EXTENSIONS_DIR to a writable directory)"
+    so = build_dir / f"{name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
+    module = None
+    if so.is_file():  # a build of this exact name: load it as is
+        try:
+            module = _import_built(name, so)
+        except Exception:
+            module = None  # e.g. a half-written library: rebuild it below
+    compiled = module is None
+    start = time.perf_counter()
+    if compiled:
+        print(f"rnnkit: compiling the fused CPU kernels (once, {COMPILE_TIME}; cached in {build_dir})...",
+              file=sys.stderr, flush=True)
         try:
             # a Python module: loading it registers the torch.ops ops (TORCH_LIBRARY) and gives the
             # direct single-step entry (module.cell_step, see rnnkit/fused/cells.py)
-            module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(),
-                                        is_python_module=True, verbose=verbose)
+            with _quiet_cpp_extension_logs():
+                module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(),
+                                            build_directory=str(build_dir), is_python_module=True,
+                                            verbose=verbose)
         except Exception as e:
-            text = str(e)
-            out = getattr(e, "output", None)
-            if isinstance(out, bytes):
-                text = out.decode(errors="replace") + "\n" + text
-            elif isinstance(out, str):
-                text = out + "\n" + text
-            _state["reason"] = f"building the C++ extension failed: {_first_error_line(text)}"
-            return _state["reason"]
-        _state["seconds"] = time.perf_counter() - start
-        _state["path"] = getattr(module, "__file__", None)
-        _state["module"] = module
-        if not cached:
-            print(f"rnnkit: fused CPU kernels ready ({_state['seconds']:.0f} s)", file=sys.stderr, flush=True)
-        _state["loaded"] = True
-        return None
+            reason = f"building the C++ extension failed: {_first_error_line(_failure_text(e))}"
+            print(f"rnnkit: {reason}", file=sys.stderr, flush=True)
+            return reason
+    _state["seconds"] = time.perf_counter() - start
+    _state["path"] = getattr(module, "__file__", None)
+    _state["module"] = module
+    if compiled:
+        print(f"rnnkit: fused CPU kernels ready ({_state['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return None
 
 
 def module():

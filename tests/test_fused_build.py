@@ -1,0 +1,195 @@
+"""The fused extension's build and load, in fresh processes (the load state is per
+process): an unusable extension cache or a missing compiler never breaks the default
+backend. ``auto`` warns once with the reason and runs on torch.nn, ``rnnkit info``
+names the reason, ``backend="fused"`` raises with it. Also: the extension's name is
+per environment and checkout, the build log's real cause is reported, and torch's
+"No CUDA runtime" log line is dropped around the build."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from rnnkit.fused import _build
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+# a default LSTM twice, then a GRU: the outputs equal torch.nn's, one warning in all, then an explicit fused layer
+PROBE = r"""
+import json, warnings, torch, rnnkit
+torch.manual_seed(0)
+x = torch.randn(5, 2, 3)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lstm = rnnkit.LSTM(3, 4)
+    ref = torch.nn.LSTM(3, 4)
+    ref.load_state_dict(lstm.state_dict())
+    out, (h, c) = lstm(x)
+    out2, _ = lstm(x)
+    gru = rnnkit.GRU(3, 4)
+    gru(x)
+    r_out, (r_h, r_c) = ref(x)
+same = bool(torch.equal(out, r_out) and torch.equal(h, r_h) and torch.equal(c, r_c) and torch.equal(out2, r_out))
+try:
+    rnnkit.LSTM(3, 4, backend="fused")
+    raised = None
+except ValueError as e:
+    raised = str(e)
+print(json.dumps({"same": same, "backends": [lstm.last_backend, gru.last_backend], "raised": raised,
+                  "warnings": [(w.category.__name__, str(w.message)) for w in caught]}))
+"""
+
+
+def _env(cache, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in (_build.DISABLE_ENV, "CXX")}
+    env.update(PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               TORCH_EXTENSIONS_DIR=str(cache), **extra)
+    return env
+
+
+def _run(args, env, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def _probe(env) -> dict:
+    proc = _run(["-c", PROBE], env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_falls_back(result: dict, reason_part: str) -> None:
+    assert result["same"], "the default forward differs from torch.nn"
+    assert result["backends"] == ["torch", "torch"]
+    runtime = [msg for cat, msg in result["warnings"] if cat == "RuntimeWarning"]
+    assert len(runtime) == 1, result["warnings"]
+    assert "fused backend is unavailable" in runtime[0] and reason_part in runtime[0], runtime[0]
+    assert result["raised"] is not None and "backend='fused' cannot run this configuration" in result["raised"]
+    assert reason_part in result["raised"], result["raised"]
+
+
+def _read_only_dir(tmp_path) -> Path:
+    """A directory nobody here can create a folder in: a 0o555 folder, or, where the
+    tests run as root (which ignores the mode), /sys (read-only for root too)."""
+    ro = tmp_path / "read-only-cache"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for candidate in (ro, Path("/sys")):
+        try:
+            (candidate / "rnnkit-probe").mkdir()
+        except OSError:
+            return candidate
+        (candidate / "rnnkit-probe").rmdir()
+    pytest.skip("no read-only directory available (root without a read-only /sys)")
+
+
+def _unusable_cache(kind: str, tmp_path) -> Path:
+    if kind == "file":
+        path = tmp_path / "cache-is-a-file"
+        path.write_text("not a directory\n")
+        return path
+    return _read_only_dir(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["read-only", "file"])
+def test_unusable_cache_falls_back_with_one_warning(kind, tmp_path):
+    cache = _unusable_cache(kind, tmp_path)
+    try:
+        result = _probe(_env(cache))
+    finally:
+        if cache.parent == tmp_path and cache.is_dir():
+            cache.chmod(0o755)
+    _check_falls_back(result, "extension cache is not usable")
+    assert str(cache) in result["raised"] and "TORCH_EXTENSIONS_DIR" in result["raised"]
+
+
+@pytest.mark.parametrize("kind", ["read-only", "file"])
+def test_rnnkit_info_names_the_cache_problem(kind, tmp_path):
+    cache = _unusable_cache(kind, tmp_path)
+    try:
+        proc = _run(["-m", "rnnkit", "info"], _env(cache))
+    finally:
+        if cache.parent == tmp_path and cache.is_dir():
+            cache.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    fused = [line for line in proc.stdout.splitlines() if line.strip().startswith("fused ")]
+    assert len(fused) == 1, proc.stdout
+    assert "extension cache is not usable" in fused[0] and str(cache) in fused[0], fused[0]
+
+
+@pytest.mark.parametrize("cache_state", ["empty", "unloadable library"])
+def test_missing_compiler_reports_the_real_cause(cache_state, tmp_path):
+    """CXX names no compiler: the reason is the shell's `not found` line, not ninja's
+    "build stopped"; the compile message is printed because a compile was attempted,
+    also when the cache holds a file of the extension's name that does not load."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cxx = str(tmp_path / "no-such-compiler")
+    env = _env(cache, CXX=cxx)
+    if cache_state == "unloadable library":
+        name = _run(["-c", "from rnnkit.fused import _build; print(_build.extension_name())"], env).stdout.strip()
+        assert name.startswith("rnnkit_fused_")
+        folder = cache / name  # torch builds in <TORCH_EXTENSIONS_DIR>/<name>
+        folder.mkdir()
+        (folder / f"{name}.so").write_text("not a shared library\n")
+    proc = _run(["-c", PROBE], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "rnnkit: compiling the fused CPU kernels" in proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    _check_falls_back(result, f"{cxx}: not found")
+    assert "ninja: build stopped" not in result["raised"]
+
+
+def test_first_error_line_skips_ninjas_summary():
+    log = ("Error building extension 'rnnkit_fused_x': [1/2] /opt/cc -MMD -c fused.cpp -o fused.o\n"
+           "FAILED: fused.o\n/opt/cc -MMD -c fused.cpp -o fused.o\n/bin/sh: 1: /opt/cc: not found\n"
+           "ninja: build stopped: subcommand failed.\n")
+    assert _build._first_error_line(log) == "/bin/sh: 1: /opt/cc: not found"
+    assert _build._first_error_line("x.cpp:1:10: fatal error: y.h: No such file or directory\n") == \
+        "x.cpp:1:10: fatal error: y.h: No such file or directory"
+    assert _build._first_error_line("ninja: build stopped: subcommand failed.\n") == \
+        "ninja: build stopped: subcommand failed."
+
+
+def test_extension_name_is_per_environment_and_checkout(monkeypatch, tmp_path):
+    name = _build.extension_name()
+    assert name.startswith("rnnkit_fused_") and name.isidentifier()
+    assert _build.extension_name() == name  # stable
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-another-env")
+    assert _build.extension_name() != name
+    monkeypatch.undo()
+    copy = tmp_path / "other-checkout" / "fused.cpp"
+    copy.parent.mkdir()
+    copy.write_bytes(_build.SOURCE.read_bytes())
+    monkeypatch.setattr(_build, "SOURCE", copy)
+    assert _build.extension_name() != name
+
+
+def test_no_cuda_runtime_log_is_dropped_around_the_build(caplog):
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        with _build._quiet_cpp_extension_logs():
+            logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+            logger.warning("something else")
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else", "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'"]
+
+
+def test_load_never_raises(monkeypatch):
+    """Whatever fails inside the build (here: computing the name), load() returns a reason."""
+    monkeypatch.delenv(_build.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(_build, "_state", {"loaded": False, "reason": None, "seconds": None, "path": None,
+                                           "module": None})
+    monkeypatch.setattr(_build, "_build_and_load", lambda verbose: 1 / 0)
+    # as in a process where the ops are not registered yet (only _build's own name for torch is replaced)
+    monkeypatch.setattr(_build, "torch", types.SimpleNamespace(ops=types.SimpleNamespace()))
+    reason = _build.load()
+    assert reason is not None and "ZeroDivisionError" in reason
