@@ -189,7 +189,8 @@ def test_load_never_raises(monkeypatch):
     monkeypatch.setattr(_build, "_state", {"loaded": False, "reason": None, "seconds": None, "path": None,
                                            "module": None})
     monkeypatch.setattr(_build, "_build_and_load", lambda verbose: 1 / 0)
-    # as in a process where the ops are not registered yet (only _build's own name for torch is replaced)
-    monkeypatch.setattr(_build, "torch", types.SimpleNamespace(ops=types.SimpleNamespace()))
+    # as in a process where the kernels are not loaded yet (only _build's own name for torch is replaced)
+    no_kernel = types.SimpleNamespace(_dispatch_has_kernel_for_dispatch_key=lambda op, key: False)
+    monkeypatch.setattr(_build, "torch", types.SimpleNamespace(ops=types.SimpleNamespace(), _C=no_kernel))
     reason = _build.load()
     assert reason is not None and "ZeroDivisionError" in reason
