@@ -287,8 +287,8 @@ def test_repr(name, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_factory_kwargs(name, backend):
-    """``dtype=`` and ``device=`` reach every parameter, as do a ``torch.device`` context
-    and ``to_empty``; the module then runs in that dtype."""
+    """``dtype=`` and ``device=`` reach every parameter, as do a ``torch.device`` context,
+    ``to_empty`` and ``to`` (also with swap_tensors); the module then runs in that dtype."""
     sample = samples(name, requires_grad=False)[0]
     args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
     if backend_reason(name, backend, args, kwargs) is not None:
@@ -310,6 +310,14 @@ def test_factory_kwargs(name, backend):
     args32 = [a.float() if isinstance(a, torch.Tensor) else tuple(t.float() for t in a)
               for a in sample.forward_input.args]
     assert all(o.dtype == torch.float32 for o in flat(single(*args32)))
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # test_modules' test_to, swap_tensors=True
+    try:  # (a module whose outputs are alive cannot swap, in torch.nn as here: the graph holds the weights)
+        swapped = cls(*args, **kwargs, backend=backend).to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert all(p.dtype == torch.float64 for p in swapped.parameters())
+    assert all(o.dtype == torch.float64 for o in flat(swapped(*sample.forward_input.args)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

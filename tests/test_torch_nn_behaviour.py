@@ -507,3 +507,48 @@ def test_grad_and_gradgrad(name, backend_):
     inputs = (x, *states, *params)
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------- tracing and autocast
+
+
+_FUSED_CELL_TRACE = pytest.mark.xfail(
+    reason="tracing: a fused/auto cell's plain inference step goes straight to the C++ entry (fused/cells.py "
+           "direct_step), which torch.jit.trace cannot see: the trace differs between invocations (and would "
+           "replay constants)", strict=False)
+
+
+@pytest.mark.parametrize("name,backend_", [(n, b) for n in ("GRU", "LSTMCell") for b in ("reference", "torch")] +
+                         [("GRU", "fused"), ("GRU", "auto"), pytest.param("LSTMCell", "fused", marks=_FUSED_CELL_TRACE),
+                          pytest.param("LSTMCell", "auto", marks=_FUSED_CELL_TRACE)])
+def test_jit_trace(name, backend_):
+    """torch.jit.trace of a layer or a cell replays the module on a new input."""
+    m = make(name, 3, 4, backend=backend_)
+    shape = (2, 3) if name.endswith("Cell") else (5, 2, 3)
+    traced = torch.jit.trace(m, (torch.randn(shape),))
+    x = torch.randn(shape)
+    for a, b in zip(traced(x), m(x)):
+        torch.testing.assert_close(a, b)
+
+
+_FUSED_AUTOCAST = pytest.mark.xfail(
+    reason="autocast: under torch.autocast('cpu', bfloat16) the fused kernels get bfloat16 inputs with float32 "
+           "weights and raise ('rnnkit_fused: w_hh has dtype Float, expected BFloat16'); torch.nn runs",
+    strict=False)
+
+
+@pytest.mark.parametrize("backend_", ["reference", "torch", pytest.param("fused", marks=_FUSED_AUTOCAST),
+                                      pytest.param("auto", marks=_FUSED_AUTOCAST)])
+@pytest.mark.parametrize("name", ["RNN", "GRU"])
+def test_cpu_autocast(name, backend_):
+    """Under CPU autocast (bfloat16) a float32 module runs as torch.nn's does (torch.nn
+    skips its dtype check under autocast). The LSTM is left out: torch.nn's own LSTM
+    fails in oneDNN on some CPUs under bfloat16 autocast."""
+    m = make(name, 3, 4, backend=backend_)
+    ref = getattr(nn, name)(3, 4)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = m(x)[0], ref(x)[0]
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=0)
