@@ -11,6 +11,7 @@ from .backends import BACKENDS, describe_backends
 from . import fused as _fused  # registers the 'fused' backend (the C++ build waits for first use)
 from .cells import GRUCell, LSTMCell, RNNCell
 from .convert import to_torch_nn
+from .errors import RNNDeviceError, RNNInputError, RNNShapeError, RNNTypeError
 from .explain import Explanation, explain
 from .layers import GRU, LSTM, RNN, RecurrentBase
 from .registry import LAYERS, LayerEntry, get_layer, register_layer
@@ -43,6 +44,7 @@ __all__ = [
     "ConvLSTMCell", "ConvLSTM1dCell", "ConvLSTM2dCell", "ConvLSTM3dCell",
     "ConvGRUCell", "ConvGRU1dCell", "ConvGRU2dCell", "ConvGRU3dCell",
     "MinGRU", "MinLSTM", "MinGRUCell", "MinLSTMCell",
+    "RNNInputError", "RNNShapeError", "RNNDeviceError", "RNNTypeError",
     "to_torch_nn", "BACKENDS", "describe_backends", "LAYERS", "LayerEntry", "get_layer", "register_layer",
     "safe_globals", "__version__",
 ]

@@ -71,7 +71,7 @@ class TorchBackend(Backend):
         hx = state0 if len(state0) > 1 else state0[0]
         args = (module._flat_weights, module.bias, module.num_layers, module.dropout,
                 module.training, module.num_directions == 2)
-        if lengths is None:
+        if lengths is None or x.shape[1] == 0:  # an empty batch has nothing to pack
             result = fn(x, hx, *args, False)
             return result[0], tuple(result[1:])
         # torch packs instead of taking lengths; it rejects empty sequences, so

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor, _VF, nn
 
 from . import _autocast, saving as _saving
-from ._checks import check_bool, check_dtype_device, check_positive_int, shape_str, split_states
+from ._checks import (cell_state_words, check_bool, check_cell_sizes, check_dtype_device, check_positive_int,
+                      shape_str, split_states)
+from .errors import RNNShapeError, RNNTypeError, torch_words
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
 from .fused import _build as _fused_build, cells as _fused_cells
@@ -50,9 +52,13 @@ class CellBase(nn.Module):
         nn.Module.__init__(self)  # not the torch.nn cell's __init__ (RNNCell etc. derive from it too)
         owner = type(self).__name__
         self.cell_spec = cell_spec
-        self.input_size = check_positive_int("input_size", input_size, owner=owner)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size, owner=owner)
-        self.bias = check_bool("bias", bias, owner=owner)
+        if self._is_standard:  # as torch.nn's cells: any size >= 0, and bias counts by its truth value
+            self.input_size, self.hidden_size = check_cell_sizes(owner, input_size, hidden_size, cell_spec.gates)
+            self.bias = bias
+        else:
+            self.input_size = check_positive_int("input_size", input_size, owner=owner)
+            self.hidden_size = check_positive_int("hidden_size", hidden_size, owner=owner)
+            self.bias = check_bool("bias", bias, owner=owner)
         if backend not in ("auto", "reference", "torch", "fused"):
             raise ValueError(f"{owner}: backend must be one of ['auto', 'reference', 'torch', 'fused'] for a cell, "
                              f"got {backend!r}")
@@ -97,7 +103,7 @@ class CellBase(nn.Module):
 
     def reset_parameters(self) -> None:
         """Every parameter ~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)), as torch.nn."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
 
@@ -150,17 +156,20 @@ class CellBase(nn.Module):
                 return new
         owner = _Owner(self)  # formatted only if an error message needs it
         if not isinstance(input, Tensor):
-            raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
+            raise RNNTypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
-            raise ValueError(f"{owner}: input must be 2-D (N, H_in) or 1-D (H_in,) unbatched, "
-                             f"got {input.dim()}-D input of shape {shape_str(input.shape)}")
+            raise RNNShapeError(torch_words(
+                f"{type(self).__name__}: Expected input to be 1D or 2D, got {input.dim()}D instead",
+                f"{owner}: input must be 2-D (N, H_in) or 1-D (H_in,) unbatched, "
+                f"got {input.dim()}-D input of shape {shape_str(input.shape)}"))
         batched = input.dim() == 2
         if input.shape[-1] != self.input_size:
             read = f"(N={input.shape[0]}, H_in={input.shape[1]})" if batched else f"(H_in={input.shape[0]},)"
-            raise ValueError(f"{owner}: input of shape {shape_str(input.shape)} was read as {read}; its feature "
-                             f"axis (the last) must equal input_size={self.input_size}")
+            raise RNNShapeError(torch_words(
+                f"input has inconsistent input_size: got {input.shape[-1]} expected {self.input_size}",
+                f"{owner}: input of shape {shape_str(input.shape)} was read as {read}; its feature "
+                f"axis (the last) must equal input_size={self.input_size}"))
         ref = self.weight_ih
-        check_dtype_device(self, "input", input, ref)
         x = input if batched else input.unsqueeze(0)
         names = self.cell_spec.state_names
         sizes = self._state_sizes()
@@ -168,6 +177,7 @@ class CellBase(nn.Module):
             state = tuple(x.new_zeros(x.shape[0], size) for size in sizes)
         else:
             state = self._check_hx(hx, x.shape[0], batched, sizes, ref)
+        check_dtype_device(self, "input", input, ref)  # after the shapes, as torch.nn
         op = self._torch_op() if self.backend != "reference" else None
         if self.backend in ("auto", "fused") and _fused_unsupported(self, x) is None and (
                 self.backend == "fused" or (not _tracing() and (
@@ -203,17 +213,22 @@ class CellBase(nn.Module):
         shape (``wants``, spelled out by ``legends``), dtype and device; unbatched
         states gain the batch axis. ``input_desc`` says how the input was read."""
         names = self.cell_spec.state_names
-        states = split_states(owner, hx, names)
-        out = []
-        for name, s, want, legend in zip(names, states, wants, legends):
+        states = split_states(owner, hx, names, torch_op="lstm_cell" if self.cell_spec.name == "lstm" else None)
+        for name, s in zip(names, states):
             if not isinstance(s, Tensor):
-                raise TypeError(f"{owner}: {name} must be a Tensor, got {type(s).__name__}")
+                raise RNNTypeError(f"{owner}: {name} must be a Tensor, got {type(s).__name__}")
+        # (N, H) states, as torch.nn's cells: torch.nn's words, and its order (every rank, then every shape)
+        flat = all(len(want) == (2 if batched else 1) for want in wants)
+        order = ([i for i, s in enumerate(states) if s.dim() not in (1, 2)] if flat else []) + list(range(len(names)))
+        for i in order:
+            name, s, want, legend = names[i], states[i], wants[i], legends[i]
             if tuple(s.shape) != want:
-                raise ValueError(f"{owner}: {name} has shape {shape_str(s.shape)} but expected {shape_str(want)} "
-                                 f"= {legend} for an input of shape {input_desc}")
+                words = cell_state_words(type(self).__name__, i, len(names), s, want, batched) if flat else None
+                raise RNNShapeError(torch_words(words, f"{owner}: {name} has shape {shape_str(s.shape)} but expected "
+                                                f"{shape_str(want)} = {legend} for an input of shape {input_desc}"))
+        for name, s in zip(names, states):
             check_dtype_device(self, name, s, ref)
-            out.append(s if batched else s.unsqueeze(0))
-        return tuple(out)
+        return tuple(s if batched else s.unsqueeze(0) for s in states)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

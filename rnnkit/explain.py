@@ -34,12 +34,14 @@ class Explanation:
     total_parameters: int = 0
     error: Optional[str] = None
     fix: Optional[str] = None
+    error_type: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "module": self.module, "ok": self.ok, "input_shape": list(self.input_shape), "reading": self.reading,
             "outputs": self.outputs, "notes": self.notes, "parameters": self.parameters,
             "total_parameters": self.total_parameters, "error": self.error, "fix": self.fix,
+            "error_type": self.error_type,
         }
 
     def __str__(self) -> str:
@@ -105,8 +107,10 @@ def explain(module, input: ShapeLike, hx=None) -> Explanation:
 
     Returns:
         An :class:`Explanation`; ``print()`` it for a table, ``.to_dict()`` for data.
-        When the input does not fit, ``.ok`` is False and ``.error`` holds the same
-        message the layer would raise, ``.fix`` what to change.
+        When the input does not fit, ``.ok`` is False, ``.error`` holds the same
+        message the layer would raise (up to its fix), ``.error_type`` the name of
+        the exception class it would raise (e.g. ``'RNNShapeError'``, see
+        :mod:`rnnkit.errors`) and ``.fix`` what to change.
 
     Example::
 
@@ -124,6 +128,7 @@ def explain(module, input: ShapeLike, hx=None) -> Explanation:
             check_states(module, _state_probe(hx), reading, expected, ref=None)
     except (ValueError, TypeError) as exc:
         result.ok = False
+        result.error_type = type(exc).__name__
         result.error, result.fix = _split_fix(str(exc))
         if result.fix is None:
             result.fix = _generic_fix(module, packed)

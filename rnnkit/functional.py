@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import RNNInputError
 from .spec import CellSpec, Params, State
 
 Activation = Union[str, Callable[[Tensor], Tensor]]
@@ -46,8 +47,12 @@ def resolve_activation(nonlinearity: Activation, owner: str = "rnnkit") -> Calla
         return nonlinearity
     if isinstance(nonlinearity, str) and nonlinearity in ACTIVATIONS:
         return ACTIVATIONS[nonlinearity]
-    raise ValueError(
-        f"{owner}: nonlinearity must be one of {sorted(ACTIVATIONS)} or a callable, got {nonlinearity!r}"
+    # torch.nn's words first (its RNNCell's differ: it raises them, a RuntimeError, when it runs);
+    # rnnkit takes more than torch.nn's 'tanh' and 'relu', and refuses an unknown one when built
+    words = (f"Unknown nonlinearity: {nonlinearity}." if owner.endswith("Cell")
+             else f"Unknown nonlinearity '{nonlinearity}'.")
+    raise RNNInputError(
+        f"{words} {owner}: nonlinearity must be one of {sorted(ACTIVATIONS)} or a callable, got {nonlinearity!r}"
     )
 
 

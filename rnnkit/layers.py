@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _autocast, backends as _backends, saving as _saving
 from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
-                      check_states, read_input, shape_str)
+                      check_size, check_states, read_input, shape_str)
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .runner import RegularizerRates, drop_connect, mask_padding
 from .spec import CellSpec
@@ -43,23 +43,25 @@ class RecurrentBase(nn.Module):
         nn.Module.__init__(self)  # not torch.nn.RNNBase's __init__ (RNN, LSTM and GRU derive from it too)
         owner = type(self).__name__
         self.cell_spec = cell_spec
-        self.input_size = check_positive_int("input_size", input_size, owner=owner)
-        self.hidden_size = check_positive_int("hidden_size", hidden_size, owner=owner)
+        self.input_size = check_size("input_size", input_size, owner=owner)
+        self.hidden_size = check_size("hidden_size", hidden_size, owner=owner)
         self.num_layers = check_positive_int("num_layers", num_layers, owner=owner)
         self.bias = check_bool("bias", bias, owner=owner)
         self.batch_first = check_bool("batch_first", batch_first, owner=owner)
         self.dropout = check_probability("dropout", dropout, owner=owner)
         self.bidirectional = check_bool("bidirectional", bidirectional, owner=owner)
+        if proj_size != 0 and cell_spec.name != "lstm":
+            raise ValueError(f"proj_size argument is only supported for LSTM, not RNN or GRU. {owner}: proj_size is "
+                             f"only supported by LSTM (got proj_size={proj_size!r})")
         if isinstance(proj_size, bool) or not isinstance(proj_size, int):
             raise TypeError(f"{owner}: proj_size must be an int, got {proj_size!r}")
-        if proj_size != 0 and cell_spec.name != "lstm":
-            raise ValueError(f"{owner}: proj_size is only supported by LSTM (got proj_size={proj_size})")
         if proj_size < 0:
-            raise ValueError(f"{owner}: proj_size must be >= 0 (0 disables the projection), got {proj_size}")
+            raise ValueError(f"proj_size should be a positive integer or zero to disable projections. {owner}: "
+                             f"proj_size must be >= 0 (0 disables the projection), got {proj_size}")
         if proj_size >= hidden_size:
             raise ValueError(
-                f"{owner}: proj_size must be smaller than hidden_size, got proj_size={proj_size} "
-                f"and hidden_size={hidden_size}"
+                f"proj_size has to be smaller than hidden_size. {owner}: proj_size must be smaller than hidden_size, "
+                f"got proj_size={proj_size} and hidden_size={hidden_size}"
             )
         self.proj_size = proj_size
         if self.dropout > 0 and self.num_layers == 1:

@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import _autocast
 from .._checks import check_bool, check_dtype_device, shape_str, split_states
+from ..errors import RNNShapeError, RNNTypeError
 from ..cells import CellBase
 from ..layers import RecurrentBase
 from ..registry import LayerEntry, register_layer
@@ -556,26 +557,26 @@ class _ConvCellBase(CellBase):
         nd = self._nd
         syms = ("C",) + _SPATIAL_SYMBOLS[nd]
         if not isinstance(input, Tensor):
-            raise TypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
+            raise RNNTypeError(f"{owner}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (nd + 1, nd + 2):
-            raise ValueError(f"{owner}: input must be {nd + 2}-D (N, {', '.join(syms)}) or {nd + 1}-D "
-                             f"({', '.join(syms)}) unbatched, got {input.dim()}-D input of shape "
-                             f"{shape_str(input.shape)}")
+            raise RNNShapeError(f"{owner}: input must be {nd + 2}-D (N, {', '.join(syms)}) or {nd + 1}-D "
+                                f"({', '.join(syms)}) unbatched, got {input.dim()}-D input of shape "
+                                f"{shape_str(input.shape)}")
         batched = input.dim() == nd + 2
         x = input if batched else input.unsqueeze(0)
         read = ", ".join(f"{s}={n}" for s, n in zip((("N",) if batched else ()) + syms, input.shape))
         spatial = tuple(x.shape[2:])
         if x.shape[1] != self.input_size:
-            raise ValueError(f"{owner}: input of shape {shape_str(input.shape)} was read as ({read}); its channel "
-                             f"axis C must equal input_size={self.input_size}")
+            raise RNNShapeError(f"{owner}: input of shape {shape_str(input.shape)} was read as ({read}); its channel "
+                                f"axis C must equal input_size={self.input_size}")
         if any(s == 0 for s in spatial):
-            raise ValueError(f"{owner}: input of shape {shape_str(input.shape)} was read as ({read}); "
-                             f"its spatial size {shape_str(spatial)} has an empty axis")
+            raise RNNShapeError(f"{owner}: input of shape {shape_str(input.shape)} was read as ({read}); "
+                                f"its spatial size {shape_str(spatial)} has an empty axis")
         out_spatial = _state_spatial(spatial, self.stride)
         if self.peephole_shape is not None and out_spatial != self.peephole_shape:
-            raise ValueError(f"{owner}: input of shape {shape_str(input.shape)} was read as ({read}); the state's "
-                             f"spatial size would be {shape_str(out_spatial)} but the per-position peepholes were "
-                             f"built for peephole_shape={self.peephole_shape}")
+            raise RNNShapeError(f"{owner}: input of shape {shape_str(input.shape)} was read as ({read}); the state's "
+                                f"spatial size would be {shape_str(out_spatial)} but the per-position peepholes were "
+                                f"built for peephole_shape={self.peephole_shape}")
         ref = self.weight_ih
         check_dtype_device(self, "input", input, ref)
         names = self.cell_spec.state_names
