@@ -190,6 +190,49 @@ void gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, con
 // Gate activations. float64 uses Sleef's 1-ulp exp/tanh (parity to 1e-10);
 // float32 uses at::vec's exp_u20 (about 20 ulp, a few times faster), which
 // keeps float32 within 1e-6 of torch.nn: the tests' tolerance is 1e-5.
+//
+// NaN and Inf propagate as in torch.nn: at::vec's AVX2 exp_u20 clamps its
+// argument with _mm256_min_ps(x, hi) / _mm256_max_ps(x, lo), which return the
+// bound when x is NaN (they return their second operand on NaN), so exp_u20(NaN)
+// was +inf, sigmoid(NaN) 0 and tanh(NaN) -1. exp_u20_nan is the same function
+// with the clamp's operands swapped, so a NaN passes through: checked over all
+// 2^32 float inputs, bit-identical to exp_u20 for every non-NaN input (Inf
+// included: exp(+inf) = inf, exp(-inf) = 0), NaN for every NaN input. No extra
+// instruction. Other builds (no AVX2, or AVX-512) keep at::vec's exp_u20 and put
+// the NaN back with a blend.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+inline Vec<float> exp_u20_nan(const Vec<float>& x) {
+  // at::vec::Vectorized<float>::exp_u20 (vec256_float.h), min/max operands swapped
+  const __m256 c1 = _mm256_set1_ps(0.999999701f), c2 = _mm256_set1_ps(0.499991506f);
+  const __m256 c3 = _mm256_set1_ps(0.166676521f), c4 = _mm256_set1_ps(0.0418978221f);
+  const __m256 c5 = _mm256_set1_ps(0.00828929059f);
+  const __m256 log2e = _mm256_castsi256_ps(_mm256_set1_epi32(0x3fb8aa3b));
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f), zero = _mm256_set1_ps(0.f);
+  const __m256 two = _mm256_set1_ps(2.f);
+  const __m256 ln2 = _mm256_castsi256_ps(_mm256_set1_epi32(0x3f317218));
+  const __m256 lo = _mm256_castsi256_ps(_mm256_set1_epi32(0xc2aeac50));  // ln(FLT_MIN)
+  const __m256 hi = _mm256_castsi256_ps(_mm256_set1_epi32(0x42b17218));  // ln(FLT_MAX)
+  const __m256i bias = _mm256_set1_epi32(0x7f);
+  const __m256 v = x;
+  const __m256 tiny = _mm256_cmp_ps(v, lo, _CMP_LT_OS);
+  __m256 src = _mm256_min_ps(hi, v);  // NaN (the second operand) wins
+  src = _mm256_max_ps(lo, src);
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(src, log2e, half));
+  const __m256 r = _mm256_fnmadd_ps(fx, ln2, src);
+  __m256 p = _mm256_fmadd_ps(r, c5, c4);
+  p = _mm256_fmadd_ps(r, p, c3);
+  p = _mm256_fmadd_ps(r, p, c2);
+  p = _mm256_fmadd_ps(r, p, c1);
+  p = _mm256_fmadd_ps(r, p, one);
+  const __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_sub_ps(fx, one)), bias);
+  __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(n, 23));
+  pow2 = _mm256_blendv_ps(pow2, zero, tiny);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2), two);
+}
+#else
+inline Vec<float> exp_u20_nan(const Vec<float>& x) { return Vec<float>::blendv(x.exp_u20(), x, x.isnan()); }
+#endif
+
 template <typename T>
 inline Vec<T> vsigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
@@ -198,7 +241,7 @@ inline Vec<T> vsigmoid(const Vec<T>& x) {
 template <>
 inline Vec<float> vsigmoid(const Vec<float>& x) {
   const Vec<float> one(1.f);
-  return one / (one + x.neg().exp_u20());
+  return one / (one + exp_u20_nan(x.neg()));
 }
 template <typename T>
 inline Vec<T> vtanh(const Vec<T>& x) { return x.tanh(); }
@@ -206,7 +249,15 @@ template <>
 inline Vec<float> vtanh(const Vec<float>& x) {
   // tanh(x) = 2 / (1 + exp(-2x)) - 1; saturates correctly at +-inf of exp
   const Vec<float> one(1.f), two(2.f);
-  return two / (one + (x * Vec<float>(-2.f)).exp_u20()) - one;
+  return two / (one + exp_u20_nan(x * Vec<float>(-2.f))) - one;
+}
+
+// relu's gradient as autograd computes it (threshold_backward: 0 where h <= 0, else d),
+// so a NaN h passes d on instead of zeroing it
+template <typename T>
+inline Vec<T> relu_grad(const Vec<T>& d, const Vec<T>& h) {
+  const Vec<T> zero(T(0));
+  return Vec<T>::blendv(d, zero, h <= zero);
 }
 
 // Rows per parallel chunk: parallelise only when a chunk holds enough work
@@ -247,6 +298,11 @@ void check_seq(const Tensor& xp, const char* op, int64_t G) {
   TORCH_CHECK(xp.size(2) == G, "rnnkit_fused::", op, ": xp's last axis must be G = ", G, ", got ", xp.size(2));
   TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, "rnnkit_fused::", op,
               ": float32 or float64 only, got ", xp.scalar_type());
+}
+
+// a tensor an op reads its sizes from: `dim`-D (checked before any size is read)
+void check_dim(const Tensor& t, int64_t dim, const char* op, const char* what) {
+  TORCH_CHECK(t.dim() == dim, "rnnkit_fused::", op, ": ", what, " must be ", dim, "-D, got ", t.sizes());
 }
 
 void check_same(const Tensor& ref, const Tensor& t, const char* what, at::IntArrayRef shape) {
@@ -294,11 +350,41 @@ struct Recurrent {
   }
 };
 
-// h_{t-1} for every t: (L, N, H_out), the rows the recurrent weight gradient reads.
-Tensor previous_states(const Tensor& h0, const Tensor& out) {
+// s with every (t, n) where row n is held (t >= lengths[n]) zeroed, in place when `fresh` (s is a
+// contiguous tensor of this op's own), else in a copy; s itself without lengths or held steps.
+// The parameter sums of a backward (sum over t, n of a gate gradient times a state) must not see
+// held steps at all: their gate gradients are zero, but zero times a non-finite held state (a NaN
+// h0 of a zero-length row, a state that went NaN before the row ended) is NaN, and a row past its
+// length must add nothing, as it adds nothing to the reference backend's (per-row) result.
+Tensor zero_held(const Tensor& s, const int64_t* len, bool fresh) {
+  if (!len || s.dim() < 2 || s.numel() == 0) return s;
+  const int64_t L = s.size(0), N = s.size(1);
+  bool any = false;
+  for (int64_t n = 0; n < N && !any; ++n) any = len[n] < L;
+  if (!any) return s;
+  Tensor r = fresh && s.is_contiguous() ? s : s.clone(at::MemoryFormat::Contiguous);
+  const int64_t row = r.numel() / (L * N) * r.element_size();
+  char* base = static_cast<char*>(r.data_ptr());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t t = std::max<int64_t>(len[n], 0); t < L; ++t) std::memset(base + (t * N + n) * row, 0, row);
+  return r;
+}
+
+// h_{t-1} for every t: (L, N, H_out), the rows the recurrent weight gradient reads; zero at held
+// steps (see zero_held).
+Tensor previous_states(const Tensor& h0, const Tensor& out, const int64_t* len) {
   const int64_t L = out.size(0);
   if (L == 0) return out;
-  return at::cat({h0.unsqueeze(0), out.narrow(0, 0, L - 1)}, 0);
+  return zero_held(at::cat({h0.unsqueeze(0), out.narrow(0, 0, L - 1)}, 0), len, true);
+}
+
+// A held row's state gradient passes through unchanged (dn = dh). The step's recurrent product
+// dn += dG W runs over every row, and a held row's zero dG times a non-finite weight is NaN, so the
+// held rows are written again after the product.
+template <typename T>
+inline void pass_held_rows(const int64_t* len, int64_t t, int64_t N, int64_t H, const T* dh, T* dn) {
+  for (int64_t n = 0; n < N; ++n)
+    if (t >= len[n]) copy_row(dn + n * H, dh + n * H, H);
 }
 
 // grad_w (G, K) = sum_t dG_t^T X_t, one GEMM over all steps
@@ -331,17 +417,18 @@ inline void rnn_act_row(T* h, const T* x, int64_t H, int64_t act) {
 template <typename T>
 inline void rnn_grad_row(const T* dh, const T* h, T* dpre, int64_t H, int64_t act) {
   constexpr int64_t VS = Vec<T>::size();
-  const Vec<T> one(T(1)), zero(T(0));
+  const Vec<T> one(T(1));
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t cnt = std::min(VS, H - j);
     Vec<T> d = Vec<T>::loadu(dh + j, cnt), y = Vec<T>::loadu(h + j, cnt);
-    Vec<T> r = act == 0 ? d * (one - y * y) : Vec<T>::blendv(zero, d, y > zero);
+    Vec<T> r = act == 0 ? d * (one - y * y) : relu_grad(d, y);
     r.store(dpre + j, cnt);
   }
 }
 
 std::tuple<Tensor, Tensor> rnn_fwd(const Tensor& xp_, const Tensor& w_hh_, const Tensor& h0_,
                                    const std::optional<Tensor>& lengths, int64_t act) {
+  check_dim(w_hh_, 2, "rnn_fwd", "w_hh");
   const int64_t H = w_hh_.size(1);
   check_seq(xp_, "rnn_fwd", H);
   TORCH_CHECK(act == 0 || act == 1, "rnnkit_fused::rnn_fwd: act must be 0 (tanh) or 1 (relu), got ", act);
@@ -379,11 +466,15 @@ std::tuple<Tensor, Tensor> rnn_fwd(const Tensor& xp_, const Tensor& w_hh_, const
 std::tuple<Tensor, Tensor, Tensor> rnn_bwd(const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& w_hh_,
                                            const Tensor& h0_, const std::optional<Tensor>& lengths,
                                            const Tensor& out_, int64_t act) {
+  TORCH_CHECK(act == 0 || act == 1, "rnnkit_fused::rnn_bwd: act must be 0 (tanh) or 1 (relu), got ", act);
+  check_dim(out_, 3, "rnn_bwd", "out");
   const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2);
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), w_hh = w_hh_.contiguous(),
          h0 = h0_.contiguous(), out = out_.contiguous();
   check_same(out, grad_out, "grad_out", out.sizes());
   check_same(out, grad_hn, "grad_h_n", {N, H});
+  check_same(out, w_hh, "w_hh", {H, H});
+  check_same(out, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dxp = at::empty({L, N, H}, out.options());
@@ -411,11 +502,12 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd(const Tensor& grad_out_, const Tensor
         }
       });
       rec(dxt, H, T(1), dn, H);
+      if (check) pass_held_rows(len, t, N, H, dh, dn);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w = weight_grad(dxp, previous_states(h0, out));
+  Tensor grad_w = weight_grad(dxp, previous_states(h0, out, len));
   return {dxp, grad_w, dh_a};
 }
 
@@ -503,6 +595,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
   const bool proj = w_hr_.has_value() && w_hr_->defined();
   Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
   Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(xp, w_hh, "w_hh", {G, P});
   if (proj) check_same(xp, w_hr, "w_hr", {P, H});
   else TORCH_CHECK(P == H, "rnnkit_fused::lstm_fwd: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
   check_same(xp, h0, "h0", {N, P});
@@ -559,6 +652,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
     const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths,
     const Tensor& out_, const Tensor& gates_, const Tensor& cs_, const Tensor& ms_) {
+  check_dim(out_, 3, "lstm_bwd", "out");
+  check_dim(cs_, 3, "lstm_bwd", "cs");
   const int64_t L = out_.size(0), N = out_.size(1), P = out_.size(2), H = cs_.size(2), G = 4 * H;
   const bool proj = w_hr_.has_value() && w_hr_->defined();
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
@@ -569,6 +664,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   check_same(out, grad_hn, "grad_h_n", {N, P});
   check_same(out, grad_cn, "grad_c_n", {N, H});
   check_same(out, gates, "gates", {L, N, G});
+  check_same(out, cs, "cs", {L, N, H});
+  check_same(out, w_hh, "w_hh", {G, P});
+  if (proj) {
+    check_same(out, w_hr, "w_hr", {P, H});
+    check_same(out, ms, "ms", {L, N, H});
+  } else {
+    TORCH_CHECK(P == H, "rnnkit_fused::lstm_bwd: without w_hr, out must be (L, N, H) as cs, got ", out.sizes(),
+                " and ", cs.sizes());
+  }
+  check_same(out, h0, "h0", {N, P});
+  check_same(out, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dG = at::empty({L, N, G}, out.options());
@@ -610,11 +716,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
         }
       });
       rec(dgt, G, T(1), dn, P);
+      if (check) pass_held_rows(len, t, N, P, dh, dn);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out));
+  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
   Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : at::empty({0}, out.options());
   return {dG, grad_w_hh, grad_w_hr, dh_a, dc};
 }
@@ -670,6 +777,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd(const Tensor& xp_, const Tens
   check_seq(xp_, "gru_fwd", G);
   const int64_t L = xp_.size(0), N = xp_.size(1);
   Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
+  check_same(xp, w_hh, "w_hh", {G, H});
   Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : at::zeros({G}, xp.options());
   check_same(xp, b_hh, "b_hh", {G});
   check_same(xp, h0, "h0", {N, H});
@@ -710,12 +818,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd(const Tensor& grad_out_, cons
                                                    const Tensor& w_hh_, const Tensor& h0_,
                                                    const std::optional<Tensor>& lengths, const Tensor& out_,
                                                    const Tensor& rzn_, const Tensor& hns_) {
+  check_dim(out_, 3, "gru_bwd", "out");
   const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 3 * H;
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor h0 = h0_.contiguous(), out = out_.contiguous(), rzn = rzn_.contiguous(), hns = hns_.contiguous();
   check_same(out, grad_out, "grad_out", out.sizes());
   check_same(out, grad_hn, "grad_h_n", {N, H});
   check_same(out, rzn, "rzn", {L, N, G});
+  check_same(out, hns, "hn", {L, N, H});
+  check_same(out, w_hh, "w_hh", {G, H});
+  check_same(out, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dxp = at::empty({L, N, G}, out.options());
@@ -746,11 +858,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd(const Tensor& grad_out_, cons
         }
       });
       rec(dht, G, T(1), dn, H);
+      if (check) pass_held_rows(len, t, N, H, dh, dn);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out));
+  Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out, len));
   Tensor grad_b_hh = dhh.sum(at::IntArrayRef{0, 1});
   return {dxp, grad_w_hh, grad_b_hh, dh_a};
 }
@@ -866,6 +979,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
     const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
     const Tensor& w_ci_, const Tensor& w_cf_, const Tensor& w_co_, const Tensor& h0_, const Tensor& c0_,
     const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_) {
+  check_dim(out_, 3, "peephole_bwd", "out");
   const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 4 * H;
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
   Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
@@ -880,6 +994,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
   check_same(out, w_ci, "w_ci", {H});
   check_same(out, w_cf, "w_cf", {H});
   check_same(out, w_co, "w_co", {H});
+  check_same(out, h0, "h0", {N, H});
+  check_same(out, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dG = at::empty({L, N, G}, out.options());
@@ -911,18 +1027,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
         }
       });
       rec(dgt, G, T(1), dn, H);
+      if (check) pass_held_rows(len, t, N, H, dh, dn);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out));
+  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
   // the peepholes: sum over steps and rows of the gate gradient times the cell state it saw
   // (held steps have zero gate gradients, so they add nothing)
-  Tensor c_prev = previous_states(c0, cs);
+  Tensor c_prev = previous_states(c0, cs, len);
   const std::array<int64_t, 2> steps_rows{0, 1};  // owned: an IntArrayRef of a braced list would dangle
   Tensor grad_ci = (dG.narrow(2, 0, H) * c_prev).sum(steps_rows);
   Tensor grad_cf = (dG.narrow(2, H, H) * c_prev).sum(steps_rows);
-  Tensor grad_co = (dG.narrow(2, 3 * H, H) * cs).sum(steps_rows);
+  Tensor grad_co = (dG.narrow(2, 3 * H, H) * zero_held(cs, len, false)).sum(steps_rows);
   return {dG, grad_w_hh, grad_ci, grad_cf, grad_co, dh_a, dc};
 }
 
@@ -1179,6 +1296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
     const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_, const Tensor& h0_, const Tensor& c0_,
     const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_,
     const Tensor& nzs_, const Tensor& ncs_, const Tensor& rstd_) {
+  check_dim(out_, 3, "ln_lstm_bwd", "out");
   const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 4 * H;
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
   Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
@@ -1197,6 +1315,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
   check_same(out, g_hh, "ln_weight_hh", {G});
   check_same(out, g_c, "ln_weight_c", {H});
   check_same(out, b_c, "ln_bias_c", {H});
+  check_same(out, h0, "h0", {N, H});
+  check_same(out, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dG = at::empty({L, N, G}, out.options());
@@ -1243,11 +1363,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
         }
       });
       rec(dzt, G, T(1), dn, H);
+      if (check) pass_held_rows(len, t, N, H, dh, dn);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out));
+  Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out, len));
   // the LN gains and shift: the threads' sums, added in thread order
   auto part = [&](int64_t from, int64_t n) { return acc.narrow(1, from, n).sum(0).to(out.scalar_type()); };
   Tensor grad_g_hh = part(0, G), grad_g_c = part(G, H), grad_b_c = part(G + H, H);  // three separate tensors
@@ -1492,11 +1613,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
         }
       });
       rec(dzt, G, T(1), dn, H);
+      if (check) pass_held_rows(len, t, N, H, dh, dn);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out));
+  Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out, len));
   // the LN gain and β: each row summed its steps inside the loop (held steps add nothing), rows summed here
   return {dX, grad_w_hh, dG_rows.sum(0), dB_rows.sum(0), dh_a};
 }
@@ -1517,8 +1639,8 @@ inline Vec<T> ind_act(const Vec<T>& v, int64_t act) {
 // dL/d(pre-activation) from dL/dh and h = act(pre)
 template <typename T>
 inline Vec<T> ind_act_grad(const Vec<T>& d, const Vec<T>& h, int64_t act) {
-  const Vec<T> one(T(1)), zero(T(0));
-  return act == 0 ? d * (one - h * h) : Vec<T>::blendv(zero, d, h > zero);
+  const Vec<T> one(T(1));
+  return act == 0 ? d * (one - h * h) : relu_grad(d, h);
 }
 
 inline int64_t row_length(const int64_t* len, int64_t n, int64_t L) {
@@ -1757,6 +1879,13 @@ const T* opt_ptr(const std::optional<Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
 }
 
+// a cell op's x, h and w_ih: 2-D, read before G is taken from them
+void check_cell_dims(const Tensor& x, const Tensor& h, const Tensor& w_ih, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && h.dim() == 2 && x.size(0) == h.size(0), "rnnkit_fused::", op,
+              ": x must be (N, H_in) and h (N, H), got ", x.sizes(), " and ", h.sizes());
+  TORCH_CHECK(w_ih.dim() == 2, "rnnkit_fused::", op, ": w_ih must be (G, H_in), got ", w_ih.sizes());
+}
+
 void check_cell(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
                 const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t G, const char* op) {
   TORCH_CHECK(x.dim() == 2 && h.dim() == 2 && x.size(0) == h.size(0), "rnnkit_fused::", op,
@@ -1782,6 +1911,7 @@ std::tuple<Tensor, Tensor> lstm_cell(const Tensor& x_, const Tensor& h_, const T
   Tensor x = x_.contiguous(), h = h_.contiguous(), c = c_.contiguous(), w_ih = w_ih_.contiguous(),
          w_hh = w_hh_.contiguous();
   auto b_ih = opt_contiguous(b_ih_), b_hh = opt_contiguous(b_hh_);
+  check_cell_dims(x, h, w_ih, "lstm_cell");
   check_cell(x, h, w_ih, w_hh, b_ih, b_hh, w_ih.size(0), "lstm_cell");
   const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
   TORCH_CHECK(w_ih.size(0) == 4 * H, "rnnkit_fused::lstm_cell: w_ih must be (4H, H_in), got ", w_ih.sizes());
@@ -1801,6 +1931,7 @@ Tensor gru_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const T
                 const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_) {
   Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   auto b_ih = opt_contiguous(b_ih_), b_hh = opt_contiguous(b_hh_);
+  check_cell_dims(x, h, w_ih, "gru_cell");
   check_cell(x, h, w_ih, w_hh, b_ih, b_hh, w_ih.size(0), "gru_cell");
   const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
   TORCH_CHECK(w_ih.size(0) == 3 * H, "rnnkit_fused::gru_cell: w_ih must be (3H, H_in), got ", w_ih.sizes());
@@ -1819,6 +1950,7 @@ Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const T
   TORCH_CHECK(act == 0 || act == 1, "rnnkit_fused::rnn_cell: act must be 0 (tanh) or 1 (relu), got ", act);
   Tensor x = x_.contiguous(), h = h_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   auto b_ih = opt_contiguous(b_ih_), b_hh = opt_contiguous(b_hh_);
+  check_cell_dims(x, h, w_ih, "rnn_cell");
   check_cell(x, h, w_ih, w_hh, b_ih, b_hh, h.size(1), "rnn_cell");
   const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
   Tensor out = at::empty({N, H}, x.options());
@@ -2197,20 +2329,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
         }
       });
       add_grad(dn, same.grad_input(dG[t], same.symmetric ? hp_t : like, w_hh));
+      if (check) pass_held_rows(len, t, N, HP, (const T*)dhp, dnp);
       std::swap(dh, dn);
     }
   });
   Tensor grad_w = std::get<0>(same.grad_weight(dG.reshape(conv_shape({L * N, G}, gates, 3)),
-                                               previous_states(h0, out).reshape(conv_shape({L * N, hid}, gates, 3)),
+                                               previous_states(h0, out, len).reshape(conv_shape({L * N, hid}, gates, 3)),
                                                w_hh, false));
   Tensor grad_ci = gates.new_empty({0}), grad_cf = gates.new_empty({0}), grad_co = gates.new_empty({0});
   if (w_ci.defined()) {
     // sum over steps and rows of the gate gradient times the cell state it saw (held steps add zero)
-    const Tensor c_prev = previous_states(c0, cs);
+    const Tensor c_prev = previous_states(c0, cs, len);
     const std::array<int64_t, 2> steps_rows{0, 1};
     grad_ci = (dG.narrow(2, 0, hid) * c_prev).sum(steps_rows);
     grad_cf = (dG.narrow(2, hid, hid) * c_prev).sum(steps_rows);
-    grad_co = (dG.narrow(2, 3 * hid, hid) * cs).sum(steps_rows);
+    grad_co = (dG.narrow(2, 3 * hid, hid) * zero_held(cs, len, false)).sum(steps_rows);
   }
   return {dG, grad_w, grad_ci, grad_cf, grad_co, dh, dc};
 }
@@ -2313,11 +2446,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_bwd(const Tensor& grad_out_,
         }
       });
       add_grad(dn, same.grad_input(dhh[t], same.symmetric ? hp_t : like, w_hh));
+      if (check) pass_held_rows(len, t, N, HP, (const T*)dhp, dnp);
       std::swap(dh, dn);
     }
   });
   auto [grad_w, grad_b] = same.grad_weight(dhh.reshape(conv_shape({L * N, G}, rzn, 3)),
-                                           previous_states(h0, out).reshape(conv_shape({L * N, hid}, rzn, 3)), w_hh,
+                                           previous_states(h0, out, len).reshape(conv_shape({L * N, hid}, rzn, 3)), w_hh,
                                            true);
   return {dxp, grad_w, grad_b, dh};
 }
@@ -2424,6 +2558,7 @@ struct RecurrentBF16 {
 
 std::tuple<Tensor, Tensor> rnn_fwd_bf16(const Tensor& xp_, const Tensor& w_hh_, const Tensor& h0_,
                                         const std::optional<Tensor>& lengths, int64_t act) {
+  check_dim(w_hh_, 2, "rnn_fwd", "w_hh");
   const int64_t H = w_hh_.size(1);
   check_seq_bf16(xp_, "rnn_fwd", H);
   TORCH_CHECK(act == 0 || act == 1, "rnnkit_fused::rnn_fwd: act must be 0 (tanh) or 1 (relu), got ", act);
@@ -2504,10 +2639,11 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd_bf16(const Tensor& grad_out_, const T
       }
     });
     rec(dxt, H, 1.f, dn, H);
+    if (check) pass_held_rows(len, t, N, H, (const float*)dh, dn);
     std::swap(dh, dn);
   }
   if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
-  Tensor grad_w = weight_grad(dxp, previous_states(h0, out));
+  Tensor grad_w = weight_grad(dxp, previous_states(h0, out, len));
   return {dxp, grad_w, dh_a.to(at::kBFloat16)};
 }
 
@@ -2603,6 +2739,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_bf16(
   if (proj) {
     check_same(out, w_hr, "w_hr", {P, H});
     check_same(out, ms, "ms", {L, N, H});
+  } else {
+    TORCH_CHECK(P == H, "rnnkit_fused::lstm_bwd: without w_hr, out must be (L, N, H) as cs, got ", out.sizes(),
+                " and ", cs.sizes());
   }
   check_same(out, h0, "h0", {N, P});
   check_same(out, c0, "c0", {N, H});
@@ -2651,10 +2790,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_bf16(
       }
     });
     rec(dgt, G, 1.f, dn, P);
+    if (check) pass_held_rows(len, t, N, P, (const float*)dh, dn);
     std::swap(dh, dn);
   }
   if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
-  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out));
+  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
   Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : at::empty({0}, out.options());
   return {dG, grad_w_hh, grad_w_hr, dh_a.to(at::kBFloat16), dc.to(at::kBFloat16)};
 }
@@ -2770,10 +2910,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_bf16(const Tensor& grad_out_,
       }
     });
     rec(dht, G, 1.f, dn, H);
+    if (check) pass_held_rows(len, t, N, H, (const float*)dh, dn);
     std::swap(dh, dn);
   }
   if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
-  Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out));
+  Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out, len));
   Tensor grad_b_hh = at::sum(dhh, at::IntArrayRef{0, 1}, false, at::kFloat).to(at::kBFloat16);
   return {dxp, grad_w_hh, grad_b_hh, dh_a.to(at::kBFloat16)};
 }
