@@ -300,6 +300,11 @@ def run(task: str = "digits", cells: Optional[Sequence[str]] = None, backend: st
             make_net(cell, 2, 4, 1, backend, every_step=False)
     except (ValueError, TypeError) as err:
         raise DemoArgumentError(str(err)) from err
+    if backend in ("auto", "fused"):
+        # build (or load) the fused kernels now, with their own message, so that a first-use compile is
+        # neither counted as training time nor shown as a progress bar's stalled first step
+        from .fused import load as _load_fused
+        _load_fused()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
