@@ -336,6 +336,24 @@ def test_where_measuring_is_not_possible():
                     "a TorchFunctionMode or TorchDispatchMode is active", "saved-tensor hooks are active"]
 
 
+def test_class_keys_read_the_table_as_auto_does():
+    fastest = fb.load_table()["fastest"]
+    for klass in cal.every_class(dtypes=("float32", "float64", "bfloat16")):
+        torch.manual_seed(0)
+        ctor = {"rnn_tanh": lambda: rnnkit.RNN(4, 8), "rnn_relu": lambda: rnnkit.RNN(4, 8, nonlinearity="relu"),
+                "lstm": lambda: rnnkit.LSTM(4, 8), "lstm_proj": lambda: rnnkit.LSTM(4, 8, proj_size=2),
+                "gru": lambda: rnnkit.GRU(4, 8)}[klass.family]
+        module = ctor().to(cal.DTYPES[klass.dtype])
+        batch, _, hidden = cal.SIZES[klass.size]
+        module.hidden_size = hidden  # only the size class reads it here
+        x = torch.zeros(2, batch, 4, dtype=cal.DTYPES[klass.dtype])
+        lengths = torch.full((batch,), 2) if klass.lengths else None
+        module.requires_grad_(klass.grad)
+        assert cal.module_class(module, x, lengths) == klass
+        assert cal.ClassKey.parse(str(klass)) == klass
+        assert klass.table_prior(fastest) == FUSED.table_choice(module, x, lengths), klass
+
+
 def test_measure_mode_reads_the_environment(monkeypatch):
     for value, mode in [("1", "on"), ("", "on"), ("0", "off"), ("off", "off"), ("cached", "cached")]:
         monkeypatch.setenv(cal.MEASURE_ENV, value)

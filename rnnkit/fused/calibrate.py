@@ -14,7 +14,7 @@ forward+backward (grad enabled) or forward only, and the size class S, M or L
 of ``(batch, hidden_size)`` (:func:`rnnkit.fused.backend.size_class`). Its
 synthetic problem is one layer, one direction, at the class's benchmark size
 (:data:`rnnkit.bench.SIZES`) over a short sequence (:data:`SEQ_LEN`): a warm-up
-call of each backend, one timed call, then 3 to 7 interleaved repetitions
+call of each backend, then 3 to 7 interleaved repetitions
 (``rnnkit.bench.time_row``), the median of each; the whole class within about
 :data:`BUDGET_S` seconds on an idle machine.
 
@@ -105,10 +105,14 @@ class ClassKey(NamedTuple):
             return None
         return cls(parts[0], parts[1], parts[2] == "lengths", parts[3] == "fwd+bwd", parts[4])
 
-    def table_key(self) -> str:
-        """This class's row in the shipped table (float64 shares float32's row)."""
+    def table_prior(self, fastest: Dict[str, dict]) -> Optional[str]:
+        """The shipped table's choice for this class (``fastest``: the table's ``"fastest"`` map), read as
+        :meth:`rnnkit.fused.backend.FusedBackend.table_choice` reads it: float64 shares float32's row,
+        ``lengths`` reads the ``_lengths`` row where there is one."""
         key = self.family + ("_bfloat16" if self.dtype == "bfloat16" else "")
-        return key + ("_lengths" if self.lengths else "")
+        if self.lengths and f"{key}_lengths" in fastest:
+            key = f"{key}_lengths"
+        return fastest.get(key, {}).get(self.size)
 
 
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
@@ -130,7 +134,7 @@ def module_class(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Opti
         return None
     params = [p for p in module._parameters.values() if p is not None] or list(module.parameters())  # the fast way
     dtype = _DTYPE_NAMES.get(params[0].dtype) if params else "float32"
-    if dtype is None:
+    if dtype is None or (params and params[0].device.type != "cpu"):  # the fused kernels run on the CPU
         return None
     batch = x.shape[1] if x is not None and x.dim() >= 2 else 1
     grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
@@ -275,6 +279,13 @@ def race(fns: Dict[str, Callable[[], object]], repeats: int, once: Dict[str, flo
     return _bench.time_row(fns, repeats, 0.0, once)[1]
 
 
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 @contextmanager
 def _measuring():
     _local.measuring = True
@@ -328,8 +339,8 @@ def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int]
     with _measuring(), torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False), \
             torch.inference_mode(False), torch.set_grad_enabled(klass.grad):
         fns = _synthetic(klass, seq_len)
-        for fn in fns.values():
-            fn()  # warm up: allocations, oneDNN primitives, the fused kernels' first call
+        # the warm-up call (allocations, oneDNN primitives, the kernels' first call), timed: a cold call,
+        # an overestimate, which only sets how many rounds fit the budget
         once = {name: _bench._time_calls(fn, 1) for name, fn in fns.items()}
         if repeats is None:
             left = budget_s - (time.perf_counter() - start)
@@ -345,7 +356,7 @@ def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int]
     return {"best": best, "how": how, "fused_ms": fused * 1e3, "torch_ms": torch_ * 1e3,
             "torch_over_fused": ratio, "seq_len": seq_len, "repeats": repeats,
             "batch": SIZES[klass.size][0], "input_size": SIZES[klass.size][1], "hidden_size": SIZES[klass.size][2],
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start, "load_average": _load_average(),
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -472,7 +483,8 @@ EPILOG = """classes:
   mode    train: forward+backward (grad enabled); infer: forward only (no_grad / inference_mode)
   input   dense, or lengths (variable lengths: torch packs, fused takes lengths)
   Each class: one layer, one direction, T = 32 (S), 16 (M), 8 (L) steps, a warm-up call, then the
-  median of 3 to 7 interleaved calls of each backend.
+  median of 3 to 7 interleaved calls of each backend. On a busy machine the figures are noisy:
+  calibrate when it is quiet.
 
 columns:
   torch/fused  torch's time / fused time (above 1: fused is faster)
@@ -573,6 +585,12 @@ def _run(args, backend) -> int:
     print(f"rnnkit calibrate: fused vs torch on this machine, {len(classes)} classes; one layer per class, median "
           "of interleaved calls; torch/fused above 1: fused is faster", flush=True)
     print(f"machine: {key['cpu']}, {key['threads']} threads, torch {key['torch']}, {key['extension']}", flush=True)
+    load = _load_average()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is not None and load > 0.5 * cores:
+        print(f"warning: the machine is busy (load average {load:.1f} on {cores} cores): other processes share the "
+              "cores, so these figures are noisy and some choices may be wrong; rerun on a quieter machine "
+              "(rnnkit calibrate overwrites them)", flush=True)
     if measure_mode() != "on":
         print(f"note: {MEASURE_ENV}={os.environ.get(MEASURE_ENV)}: "
               + ("auto uses the shipped table and ignores this cache while it is set" if measure_mode() == "off"
@@ -583,7 +601,7 @@ def _run(args, backend) -> int:
     start = time.perf_counter()
     rows, entries = [], {}
     for klass in classes:
-        prior = fastest.get(klass.table_key(), {}).get(klass.size)
+        prior = klass.table_prior(fastest)
         entry = cal.measure(klass, prior=prior, persist=False, repeats=repeats)
         entries[klass] = entry
         rows.append({"class": str(klass), "table": prior, **entry})
