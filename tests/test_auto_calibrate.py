@@ -293,6 +293,17 @@ def test_no_measurement_under_torch_compile_and_identical_results(measuring, mon
         assert torch.equal(a, b)
 
 
+def test_no_measurement_inside_torch_func_transforms(measuring, monkeypatch):
+    race = fake(monkeypatch)  # any measurement fails the test
+    lstm, gru, x = small_lstm_and_gru()
+    params = dict(lstm.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(lstm, p, (x,))[0].sum())(params)
+    assert set(grads) == set(params) and lstm.last_backend == "fused"  # the table's choice
+    out = torch.func.vmap(lambda xi: lstm(xi)[0], in_dims=1, out_dims=1)(torch.randn(5, 2, 1, 32))
+    assert out.shape == (5, 2, 1, 64)
+    assert race.calls == [] and FUSED.calibrator().entries() == {}
+
+
 def test_measuring_never_changes_results_or_the_rng(measuring, monkeypatch):
     """A measured forward gives bit for bit what the chosen backend gives, dropout masks included."""
     race = fake(monkeypatch, FUSED_FASTER)
