@@ -61,6 +61,7 @@ def measuring(monkeypatch, tmp_path):
     # tiny synthetic problems: the fake timer decides, the real warm-up calls only need to run
     monkeypatch.setattr(cal, "SIZES", {"S": (1, 4, 8), "M": (2, 4, 8), "L": (3, 4, 8)})
     monkeypatch.setattr(cal, "SEQ_LEN", {"S": 3, "M": 3, "L": 3})
+    monkeypatch.setattr(cal, "MAX_WARMUP_S", 60.0)  # however busy the machine, these are measured
     return tmp_path / "cache"
 
 
@@ -136,6 +137,22 @@ def test_a_tie_keeps_the_prior(measuring, monkeypatch):
     lstm, gru, x = small_lstm_and_gru()
     assert lstm.which_backend(x) == "fused" and gru.which_backend(x) == "torch"  # the table's, within 3%
     assert {e["how"] for e in FUSED.calibrator().entries().values()} == {"tie"}
+
+
+def test_a_class_too_slow_to_warm_up_is_left_to_the_table(measuring, monkeypatch):
+    """On first use, a class whose warm-up calls alone exceed MAX_WARMUP_S is not timed further:
+    the table decides for this process, nothing is written, and it is not tried again."""
+    monkeypatch.setattr(cal, "MAX_WARMUP_S", 0.0)
+    race = fake(monkeypatch)  # no rounds
+    lstm, gru, x = small_lstm_and_gru()
+    lstm(x), gru(x), lstm(x)
+    assert lstm.last_backend == "fused" and gru.last_backend == "torch" and race.calls == []
+    assert [e["how"] for e in FUSED.calibrator().entries().values()] == ["cut short", "cut short"]
+    assert FUSED.calibrator().measured == 2 and not cal.cache_path().exists()
+    assert "measuring lstm|float32|dense|fwd+bwd|S was cut short" in FUSED.explain_choice(lstm, x)[1]
+    # rnnkit calibrate has no such limit
+    monkeypatch.setattr(cal, "race", FakeRace(TORCH_FASTER))
+    assert cal.measure(cal.ClassKey("lstm", "float32", False, True, "S"))["best"] == "torch"
 
 
 def test_a_failed_measurement_warns_once_and_uses_the_table(measuring, monkeypatch):

@@ -322,7 +322,8 @@ class FusedBackend(Backend):
                         calibrate.why_not_measure(x) is None and self.unsupported(module, x) is None and \
                         _torch_runs(module, x):
                     try:
-                        entry = cal.measure(klass, prior=self.table_choice(module, x, lengths))
+                        entry = cal.measure(klass, prior=self.table_choice(module, x, lengths),
+                                            max_warmup_s=calibrate.MAX_WARMUP_S)
                     except Exception as err:  # measuring must never break a forward: the table decides
                         if not self._warned_measure:
                             self._warned_measure = True
@@ -340,6 +341,10 @@ class FusedBackend(Backend):
         and the context permits; see :mod:`rnnkit.fused.calibrate`), else the shipped table's
         choice, else None (the default order: fused first)."""
         best, klass, entry = self._decide(module, x, lengths, measure)
+        if entry is not None and entry.get("how") == "cut short":
+            return best, (f"{'shipped table (auto_table.json)' if self.table_choice(module, x, lengths) else 'default'}"
+                          f": measuring {klass} was cut short (its warm-up calls took "
+                          f"{entry['fused_ms'] + entry['torch_ms']:.0f} ms), for this process")
         if entry is not None:
             from . import calibrate
             cal = self.calibrator()

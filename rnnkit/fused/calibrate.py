@@ -75,6 +75,10 @@ fixed cost) dominates, short enough that a class takes well under 100 ms."""
 BUDGET_S = 0.08
 """Seconds one class may take (warm-up included) before the repetitions are cut to the minimum."""
 MIN_REPEATS, MAX_REPEATS = 3, 7
+MAX_WARMUP_S = 0.5
+"""On first use, a class whose warm-up calls alone take longer (a very busy or very slow machine) is
+not measured: the prior decides for this process (nothing is written), so a forward never waits
+seconds for a calibration. ``rnnkit calibrate`` has no such limit."""
 TIE = 0.03
 """Within 3% the measurement cannot tell the two apart: the prior (the shipped table, else fused) stays."""
 
@@ -327,10 +331,13 @@ def _synthetic(klass: ClassKey, seq_len: int):
 
 
 def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int] = None,
-            repeats: Optional[int] = None, budget_s: float = BUDGET_S) -> dict:
+            repeats: Optional[int] = None, budget_s: float = BUDGET_S,
+            max_warmup_s: Optional[float] = None) -> dict:
     """Time fused vs torch on the synthetic problem of ``klass`` and return the entry auto keeps:
     ``best``, the median ms of each, ``torch_over_fused`` (above 1: fused faster), the settings.
-    ``prior`` (the shipped table's choice) stays the answer when the two are within :data:`TIE`.
+    ``prior`` (the shipped table's choice) stays the answer when the two are within :data:`TIE`,
+    and when the warm-up calls take longer than ``max_warmup_s`` (then ``how`` is ``"cut short"``
+    and no rounds run).
 
     Runs with the RNG state saved and restored, autocast off and grad on or off as the class says;
     it does not touch any tensor but its own."""
@@ -342,6 +349,9 @@ def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int]
         # the warm-up call (allocations, oneDNN primitives, the kernels' first call), timed: a cold call,
         # an overestimate, which only sets how many rounds fit the budget
         once = {name: _bench._time_calls(fn, 1) for name, fn in fns.items()}
+        if max_warmup_s is not None and sum(once.values()) > max_warmup_s:
+            return _entry(klass, prior if prior in ("fused", "torch") else "fused", "cut short", once, seq_len, 0,
+                          start)
         if repeats is None:
             left = budget_s - (time.perf_counter() - start)
             repeats = int(left / max(sum(once.values()), 1e-9))
@@ -353,8 +363,14 @@ def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int]
         best, how = (prior if prior in ("fused", "torch") else "fused"), "tie"
     else:
         best, how = ("fused" if ratio > 1 else "torch"), "faster"
+    return _entry(klass, best, how, medians, seq_len, repeats, start)
+
+
+def _entry(klass: ClassKey, best: str, how: str, times: Dict[str, float], seq_len: int, repeats: int,
+           start: float) -> dict:
+    fused, torch_ = times["fused"], times["torch"]
     return {"best": best, "how": how, "fused_ms": fused * 1e3, "torch_ms": torch_ * 1e3,
-            "torch_over_fused": ratio, "seq_len": seq_len, "repeats": repeats,
+            "torch_over_fused": torch_ / fused if fused > 0 else float("inf"), "seq_len": seq_len, "repeats": repeats,
             "batch": SIZES[klass.size][0], "input_size": SIZES[klass.size][1], "hidden_size": SIZES[klass.size][2],
             "seconds": time.perf_counter() - start, "load_average": _load_average(),
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -424,7 +440,7 @@ class Calibrator:
             entry = measure(klass, prior, **kw)
             self.measured += 1
             self.seconds += entry["seconds"]
-            self.record(klass, entry, persist)
+            self.record(klass, entry, persist and entry["how"] != "cut short")  # cut short: this process only
         return entry
 
     def from_cache(self) -> bool:
@@ -584,7 +600,8 @@ def _run(args, backend) -> int:
     fastest = backend.table().get("fastest", {})
     print(f"rnnkit calibrate: fused vs torch on this machine, {len(classes)} classes; one layer per class, median "
           "of interleaved calls; torch/fused above 1: fused is faster", flush=True)
-    print(f"machine: {key['cpu']}, {key['threads']} threads, torch {key['torch']}, {key['extension']}", flush=True)
+    print(f"machine: {key['cpu']}, {key['threads']} thread{'s' if key['threads'] != 1 else ''}, torch {key['torch']}, "
+          f"{key['extension']}", flush=True)
     load = _load_average()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if load is not None and load > 0.5 * cores:
