@@ -167,6 +167,12 @@ def test_a_failed_measurement_warns_once_and_uses_the_table(measuring, monkeypat
     assert lstm.last_backend == "fused"
     gru(x)
     assert gru.last_backend == "torch"
+    calls = []
+    monkeypatch.setattr(cal, "race", lambda *a: calls.append(a))
+    lstm(x), gru(x)  # not tried again in this process, and never written
+    assert calls == [] and not cal.cache_path().exists()
+    assert FUSED.explain_choice(lstm, x)[1] == ("shipped table (auto_table.json): measuring lstm|float32|dense|"
+                                                "fwd+bwd|S failed (RuntimeError: no timer here), for this process")
 
 
 # ----------------------------------------------------------------------------- the cache file
@@ -408,7 +414,8 @@ def test_rnnkit_calibrate_quick_writes_the_cache(measuring, capsys, tmp_path):
     header = next(i for i, line in enumerate(lines) if line.startswith("family"))
     assert lines[header].split()[-3:] == ["torch/fused", "auto", "table"]
     rows = [line.split() for line in lines[header + 1:header + 3]]
-    assert [r[:5] for r in rows] == [["gru", "float32", "dense", "fwd+bwd", "S"], ["gru", "float32", "dense", "fwd", "S"]]
+    assert [r[:5] for r in rows] == [["gru", "float32", "dense", "fwd+bwd", "S"],
+                                     ["gru", "float32", "dense", "fwd", "S"]]
     assert all(r[-2] in ("fused", "torch") and r[-1] == "torch" for r in rows)  # table column: TABLE's gru S
     path = cal.cache_path()
     assert f"cache: {path}" in out

@@ -321,15 +321,17 @@ class FusedBackend(Backend):
                 if entry is None and measure and mode == "on" and \
                         calibrate.why_not_measure(x) is None and self.unsupported(module, x) is None and \
                         _torch_runs(module, x):
+                    prior = self.table_choice(module, x, lengths)
                     try:
-                        entry = cal.measure(klass, prior=self.table_choice(module, x, lengths),
-                                            max_warmup_s=calibrate.MAX_WARMUP_S)
+                        entry = cal.measure(klass, prior=prior, max_warmup_s=calibrate.MAX_WARMUP_S)
                     except Exception as err:  # measuring must never break a forward: the table decides
                         if not self._warned_measure:
                             self._warned_measure = True
                             warnings.warn(f"rnnkit: backend='auto' could not measure fused vs torch for {klass} "
                                           f"({type(err).__name__}: {err}); using the shipped table",
                                           RuntimeWarning, stacklevel=6)
+                        entry = {"best": prior or "fused", "how": "failed", "error": f"{type(err).__name__}: {err}"}
+                        cal.record(klass, entry, persist=False)  # not tried again in this process
                 if entry is not None:
                     return entry["best"], klass, entry
         return self.table_choice(module, x, lengths), None, None
@@ -341,9 +343,11 @@ class FusedBackend(Backend):
         and the context permits; see :mod:`rnnkit.fused.calibrate`), else the shipped table's
         choice, else None (the default order: fused first)."""
         best, klass, entry = self._decide(module, x, lengths, measure)
-        if entry is not None and entry.get("how") == "cut short":
-            return best, (f"{'shipped table (auto_table.json)' if self.table_choice(module, x, lengths) else 'default'}"
-                          f": measuring {klass} was cut short (its warm-up calls took "
+        if entry is not None and entry.get("how") in ("cut short", "failed"):
+            source = "shipped table (auto_table.json)" if self.table_choice(module, x, lengths) else "default order"
+            if entry["how"] == "failed":
+                return best, f"{source}: measuring {klass} failed ({entry['error']}), for this process"
+            return best, (f"{source}: measuring {klass} was cut short (its warm-up calls took "
                           f"{entry['fused_ms'] + entry['torch_ms']:.0f} ms), for this process")
         if entry is not None:
             from . import calibrate

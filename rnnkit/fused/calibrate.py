@@ -80,6 +80,8 @@ MAX_WARMUP_S = 0.5
 not measured: the prior decides for this process (nothing is written), so a forward never waits
 seconds for a calibration. ``rnnkit calibrate`` has no such limit."""
 TIE = 0.03
+UNMEASURED = ("cut short", "failed")
+"""Entries kept in memory only (the prior decided): never written to the cache file."""
 """Within 3% the measurement cannot tell the two apart: the prior (the shipped table, else fused) stays."""
 
 _local = threading.local()
@@ -429,7 +431,7 @@ class Calibrator:
         path = cache_path(key)
         try:
             entries = self.entries() if entries is None else entries
-            write_cache(path, key, {str(k): v for k, v in entries.items()})
+            write_cache(path, key, {str(k): v for k, v in entries.items() if v.get("how") not in UNMEASURED})
         except (OSError, TypeError, ValueError) as err:
             self.persist_error = f"{path}: {type(err).__name__}: {err}"
             return None
@@ -440,7 +442,7 @@ class Calibrator:
             entry = measure(klass, prior, **kw)
             self.measured += 1
             self.seconds += entry["seconds"]
-            self.record(klass, entry, persist and entry["how"] != "cut short")  # cut short: this process only
+            self.record(klass, entry, persist and entry["how"] not in UNMEASURED)  # cut short: this process only
         return entry
 
     def from_cache(self) -> bool:
@@ -468,7 +470,8 @@ def describe(backend) -> List[str]:
     if mode == "off":
         return [f"auto     {shipped}: {MEASURE_ENV}=0 turns measuring off"]
     cal = backend.calibrator()
-    entries = cal.entries()
+    entries = {k: e for k, e in cal.entries().items() if e.get("how") not in UNMEASURED}
+    skipped = len(cal.entries()) - len(entries)
     path = cache_path()
     lines = []
     if entries:
@@ -481,6 +484,9 @@ def describe(backend) -> List[str]:
                      "`rnnkit calibrate` measures them all now")
     else:
         lines.append(f"         {MEASURE_ENV}=cached: unmeasured classes use the shipped table")
+    if skipped:
+        lines.append(f"         {skipped} classes left to the shipped table in this process (measuring was cut "
+                     "short on a busy machine, or failed)")
     if cal.persist_error is not None:
         lines.append(f"         cache not writable, measurements kept in memory: {cal.persist_error}")
     return lines
