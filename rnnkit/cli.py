@@ -1,4 +1,4 @@
-"""The rnnkit command line: ``rnnkit demo | explain | bench | info``.
+"""The rnnkit command line: ``rnnkit demo | explain | bench | calibrate | info``.
 
 ``python -m rnnkit`` is the same program. Exit codes: 0 ok, 2 usage error
 (a one-line message on stderr), 1 failure.
@@ -20,20 +20,23 @@ import torch
 import rnnkit
 from . import bench as _bench
 from . import demo as _demo
+from .fused import calibrate as _calibrate
 from .backends import BACKEND_CHOICES
 from .registry import LAYERS
 
 EPILOG = """commands:
-  demo     train a classic model on real data (digits, sine, adding) and plot how it did
-  explain  the shapes a layer reads and returns, with what each axis means
-  bench    time forward+backward of every backend side by side, print ratios
-  info     versions, device, threads, and which backends are ready
+  demo       train a classic model on real data (digits, sine, adding) and plot how it did
+  explain    the shapes a layer reads and returns, with what each axis means
+  bench      time forward+backward of every backend side by side, print ratios
+  calibrate  measure fused vs torch for every class auto chooses between, write this machine's cache
+  info       versions, device, threads, which backends are ready, where auto's choices come from
 
 examples:
   rnnkit demo                              # LSTM on handwritten digits, < 1 minute
   rnnkit demo --task adding                # RNN vs GRU vs LSTM on the adding problem
   rnnkit explain lstm --input-size 50 --hidden-size 100 --num-layers 2 --seq-len 10 --batch 3
   rnnkit bench --cell gru --size S
+  rnnkit calibrate --family lstm --size L
   rnnkit info
 
 Run `rnnkit COMMAND --help` for every option of a command."""
@@ -166,9 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _bench.add_arguments(b)
 
-    sub.add_parser("info", help="versions, device, threads, and which backends are ready",
+    c = sub.add_parser(
+        "calibrate", help="measure fused vs torch for every class auto chooses between, write this machine's cache",
+        description=textwrap.fill(_calibrate.DESCRIPTION, 90), epilog=_calibrate.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _calibrate.add_arguments(c)
+
+    sub.add_parser("info", help="versions, device, threads, which backends are ready, where auto's choices come from",
                    description="Print rnnkit, torch and Python versions, the CPU (and CUDA device if any), "
-                               "torch's thread count, the registered layers and each backend: ready or why not.")
+                               "torch's thread count, the registered layers, each backend (ready or why not) "
+                               "and where backend='auto' takes its choices from (measured on this machine, "
+                               "with the cache file, or the shipped table).")
     return parser
 
 
@@ -235,6 +246,13 @@ def cmd_bench(args) -> int:
         raise UsageError(str(err)) from err
 
 
+def cmd_calibrate(args) -> int:
+    try:
+        return _calibrate.run_from_args(args)
+    except _calibrate.CalibrateArgumentError as err:
+        raise UsageError(str(err)) from err
+
+
 def info_lines() -> List[str]:
     lines = [f"rnnkit   {rnnkit.__version__}  ({os.path.dirname(rnnkit.__file__)})",
              f"torch    {torch.__version__}",
@@ -252,6 +270,9 @@ def info_lines() -> List[str]:
     lines.append("backends")
     for name, status in rnnkit.describe_backends().items():
         lines.append(f"  {name:<10} {status}")
+    fused = rnnkit.BACKENDS.get("fused")
+    if fused is not None and hasattr(fused, "calibrator"):
+        lines += _calibrate.describe(fused)
     return lines
 
 
@@ -260,7 +281,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "explain": cmd_explain, "bench": cmd_bench, "info": cmd_info}
+COMMANDS = {"demo": cmd_demo, "explain": cmd_explain, "bench": cmd_bench, "calibrate": cmd_calibrate,
+            "info": cmd_info}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

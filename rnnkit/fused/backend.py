@@ -230,7 +230,8 @@ class FusedBackend(Backend):
     ``unavailable()`` builds the extension on first call (cached) and returns
     why it cannot run (disabled, no compiler, the compiler's first error line).
     ``unsupported(module, x)`` declines other cells, devices and dtypes.
-    ``auto_order`` puts torch first where ``auto_table.json`` measured it faster.
+    ``auto_order`` puts torch first where it measured faster: on this machine
+    (:mod:`rnnkit.fused.calibrate`), else in the shipped ``auto_table.json``.
 
     Examples::
 
@@ -246,7 +247,9 @@ class FusedBackend(Backend):
 
     def __init__(self) -> None:
         self._warned = False
+        self._warned_measure = False
         self._table: Optional[dict] = None
+        self._calibrator = None
 
     # -- availability
     def unavailable(self) -> Optional[str]:
@@ -285,8 +288,15 @@ class FusedBackend(Backend):
             self._table = load_table()
         return self._table
 
-    def choice(self, module, x: Optional[Tensor], lengths: Optional[Tensor] = None) -> Optional[str]:
-        """The measured fastest backend for this configuration, or None if unmeasured.
+    def calibrator(self):
+        """What ``auto`` measured on this machine (:class:`rnnkit.fused.calibrate.Calibrator`)."""
+        if self._calibrator is None:
+            from . import calibrate
+            self._calibrator = calibrate.Calibrator()
+        return self._calibrator
+
+    def table_choice(self, module, x: Optional[Tensor], lengths: Optional[Tensor] = None) -> Optional[str]:
+        """The shipped table's fastest backend for this configuration, or None if unmeasured.
         With ``lengths``, the table's ``<cell>_lengths`` row is used where it was
         measured (torch then has to pack, which changes the answer)."""
         key = table_key(module)
@@ -298,12 +308,69 @@ class FusedBackend(Backend):
         batch = x.shape[1] if x is not None and x.dim() >= 2 else 1
         return entries[key].get(size_class(batch, module.hidden_size))
 
+    def _decide(self, module, x: Optional[Tensor], lengths: Optional[Tensor], measure: bool = True):
+        """``(choice, klass, entry)``: ``entry`` is the measurement of ``klass`` on this machine
+        (None: the choice is the shipped table's, or None for the default order)."""
+        from . import calibrate
+        mode = calibrate.measure_mode()
+        if mode != "off":
+            klass = calibrate.module_class(module, x, lengths)
+            if klass is not None:
+                cal = self.calibrator()
+                entry = cal.lookup(klass)
+                if entry is None and measure and mode == "on" and \
+                        calibrate.why_not_measure(x) is None and self.unsupported(module, x) is None and \
+                        _torch_runs(module, x):
+                    prior = self.table_choice(module, x, lengths)
+                    try:
+                        entry = cal.measure(klass, prior=prior, max_warmup_s=calibrate.MAX_WARMUP_S)
+                    except Exception as err:  # measuring must never break a forward: the table decides
+                        if not self._warned_measure:
+                            self._warned_measure = True
+                            warnings.warn(f"rnnkit: backend='auto' could not measure fused vs torch for {klass} "
+                                          f"({type(err).__name__}: {err}); using the shipped table",
+                                          RuntimeWarning, stacklevel=6)
+                        entry = {"best": prior or "fused", "how": "failed", "error": f"{type(err).__name__}: {err}"}
+                        cal.record(klass, entry, persist=False)  # not tried again in this process
+                if entry is not None:
+                    return entry["best"], klass, entry
+        return self.table_choice(module, x, lengths), None, None
+
+    def explain_choice(self, module, x: Optional[Tensor], lengths: Optional[Tensor] = None,
+                       measure: bool = True) -> Tuple[Optional[str], str]:
+        """``(choice, where it came from)``: the backend measured fastest on this machine for the
+        configuration's class (measuring it now, the first time, when ``RNNKIT_AUTO_MEASURE`` allows
+        and the context permits; see :mod:`rnnkit.fused.calibrate`), else the shipped table's
+        choice, else None (the default order: fused first)."""
+        best, klass, entry = self._decide(module, x, lengths, measure)
+        if entry is not None and entry.get("how") in ("cut short", "failed"):
+            source = "shipped table (auto_table.json)" if self.table_choice(module, x, lengths) else "default order"
+            if entry["how"] == "failed":
+                return best, f"{source}: measuring {klass} failed ({entry['error']}), for this process"
+            return best, (f"{source}: measuring {klass} was cut short (its warm-up calls took "
+                          f"{entry['fused_ms'] + entry['torch_ms']:.0f} ms), for this process")
+        if entry is not None:
+            from . import calibrate
+            cal = self.calibrator()
+            where = "in memory: the cache is not writable" if cal.persist_error is not None else \
+                f"cache file {calibrate.cache_path()}"
+            return best, (f"measured on this machine ({klass}: torch/fused "
+                          f"{entry.get('torch_over_fused', float('nan')):.2f}; {where})")
+        if best is None:
+            return None, "not measured: the default order"
+        return best, "shipped table (auto_table.json)"
+
+    def choice(self, module, x: Optional[Tensor], lengths: Optional[Tensor] = None) -> Optional[str]:
+        """The fastest backend for this configuration: measured on this machine, else the
+        shipped table's, else None (see :meth:`explain_choice`)."""
+        return self._decide(module, x, lengths)[0]
+
     def auto_order(self, module, x: Optional[Tensor], default_order: List[str],
                    lengths: Optional[Tensor] = None) -> List[str]:
-        """``auto``'s order: the measured table first. Where the table says torch.nn
-        is faster, torch goes first; unmeasured configurations keep ``default_order``.
-        When the extension cannot be built, warn once and keep the order (the
-        dispatcher then skips 'fused')."""
+        """``auto``'s order: the measured choice first. Where torch.nn measured faster
+        (on this machine, else in the shipped table), torch goes first; unmeasured
+        configurations keep ``default_order``. When the extension cannot be built,
+        warn once and keep the order (the dispatcher then skips 'fused')."""
         reason = self.unavailable()
         if reason is not None:
             if not self._warned and _build.disabled() is None:
@@ -314,9 +381,16 @@ class FusedBackend(Backend):
             return list(default_order)
         if torch.compiler.is_compiling():
             # torch.compile and torch.export: the fused ops, opaque to the tracer, keep the batch size and
-            # the sequence length symbolic (torch's op unrolls the time loop), whatever the measured table says
+            # the sequence length symbolic (torch's op unrolls the time loop), whatever was measured
             return list(default_order)
         best = self.choice(module, x, lengths)
         if best is None or best not in default_order or best == default_order[0]:
             return list(default_order)
         return [best] + [name for name in default_order if name != best]
+
+
+def _torch_runs(module, x: Optional[Tensor]) -> bool:
+    from ..backends import BACKENDS
+    torch_backend = BACKENDS.get("torch")
+    return torch_backend is not None and torch_backend.unavailable() is None and \
+        torch_backend.unsupported(module, x) is None

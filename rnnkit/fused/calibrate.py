@@ -1,0 +1,659 @@
+"""``auto`` measures where it runs: fused vs torch, timed on this machine.
+
+The first time ``backend="auto"`` meets a configuration class that both the
+``fused`` and the ``torch`` backend can run, and that it has no measurement of
+on this machine, it times the two side by side on a small synthetic problem of
+that class and remembers the winner: in memory, and in a small JSON file per
+machine (see :func:`cache_path`). The shipped ``auto_table.json`` (measured
+once, on the machine rnnkit was developed on) is the prior: used where
+measuring is off or not possible.
+
+A *class* is: the kernel family (``rnn_tanh``, ``rnn_relu``, ``lstm``,
+``lstm_proj``, ``gru``), the parameters' dtype, dense input or ``lengths``,
+forward+backward (grad enabled) or forward only, and the size class S, M or L
+of ``(batch, hidden_size)`` (:func:`rnnkit.fused.backend.size_class`). Its
+synthetic problem is one layer, one direction, at the class's benchmark size
+(:data:`rnnkit.bench.SIZES`) over a short sequence (:data:`SEQ_LEN`): a warm-up
+call of each backend, then 3 to 7 interleaved repetitions
+(``rnnkit.bench.time_row``), the median of each; the whole class within about
+:data:`BUDGET_S` seconds on an idle machine.
+
+Measuring never changes results: it runs on its own modules and tensors, with
+the global RNG state saved and restored (``torch.random.fork_rng``), autocast
+off, grad on (forward+backward) or off (forward only) as the class says. It
+does not run (the table is used) under ``torch.compile``/``torch.export``
+tracing, ``torch.jit`` tracing, ``torch.func`` transforms, a
+``TorchFunctionMode``/``TorchDispatchMode`` (``FlopCounterMode``, a ``torch.device``
+context...), saved-tensor hooks, the autograd profiler, or on a tensor subclass.
+
+Environment:
+
+* ``RNNKIT_AUTO_MEASURE``: ``1`` (default) measure new classes; ``cached``: use
+  the cache file but never measure (unknown classes: the table); ``0``: the
+  shipped table only (no measuring, the cache is neither read nor written).
+* ``RNNKIT_CACHE_DIR``: the cache folder (default ``$XDG_CACHE_HOME/rnnkit`` or
+  ``~/.cache/rnnkit``). A folder that cannot be written only turns persistence
+  off (measurements stay in memory); a corrupt file is ignored.
+
+``rnnkit calibrate`` measures every class now and writes the cache.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import bench as _bench
+from . import _build
+
+MEASURE_ENV = "RNNKIT_AUTO_MEASURE"
+CACHE_ENV = "RNNKIT_CACHE_DIR"
+FORMAT = 1  # the cache file's layout; another number is ignored
+
+FAMILIES = ("rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru")
+"""The kernel families torch's op also runs: the only ones where auto has a choice to measure."""
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+SIZES = _bench.SIZES  # size class -> (batch, input_size, hidden_size): the benchmark's sizes
+SEQ_LEN = {"S": 32, "M": 16, "L": 8}
+"""Steps of the synthetic problem per size class: long enough that the time loop (not the call's
+fixed cost) dominates, short enough that a class takes well under 100 ms."""
+BUDGET_S = 0.08
+"""Seconds one class may take (warm-up included) before the repetitions are cut to the minimum."""
+MIN_REPEATS, MAX_REPEATS = 3, 7
+MAX_WARMUP_S = 0.5
+"""On first use, a class whose warm-up calls alone take longer (a very busy or very slow machine) is
+not measured: the prior decides for this process (nothing is written), so a forward never waits
+seconds for a calibration. ``rnnkit calibrate`` has no such limit."""
+TIE = 0.03
+UNMEASURED = ("cut short", "failed")
+"""Entries kept in memory only (the prior decided): never written to the cache file."""
+"""Within 3% the measurement cannot tell the two apart: the prior (the shipped table, else fused) stays."""
+
+_local = threading.local()
+
+
+# ----------------------------------------------------------------------------- the class of a configuration
+
+
+class ClassKey(NamedTuple):
+    """One configuration class auto measures."""
+
+    family: str  # rnn_tanh, rnn_relu, lstm, lstm_proj, gru
+    dtype: str  # float32, float64, bfloat16
+    lengths: bool  # variable lengths (torch then packs) or dense input
+    grad: bool  # forward+backward (grad enabled) or forward only
+    size: str  # S, M, L
+
+    def __str__(self) -> str:
+        return "|".join((self.family, self.dtype, "lengths" if self.lengths else "dense",
+                         "fwd+bwd" if self.grad else "fwd", self.size))
+
+    @classmethod
+    def parse(cls, text: str) -> Optional["ClassKey"]:
+        parts = text.split("|")
+        if len(parts) != 5 or parts[0] not in FAMILIES or parts[1] not in DTYPES or \
+                parts[2] not in ("lengths", "dense") or parts[3] not in ("fwd+bwd", "fwd") or parts[4] not in SIZES:
+            return None
+        return cls(parts[0], parts[1], parts[2] == "lengths", parts[3] == "fwd+bwd", parts[4])
+
+    def table_prior(self, fastest: Dict[str, dict]) -> Optional[str]:
+        """The shipped table's choice for this class (``fastest``: the table's ``"fastest"`` map), read as
+        :meth:`rnnkit.fused.backend.FusedBackend.table_choice` reads it: float64 shares float32's row,
+        ``lengths`` reads the ``_lengths`` row where there is one."""
+        key = self.family + ("_bfloat16" if self.dtype == "bfloat16" else "")
+        if self.lengths and f"{key}_lengths" in fastest:
+            key = f"{key}_lengths"
+        return fastest.get(key, {}).get(self.size)
+
+
+_DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+
+@lru_cache(maxsize=1024)
+def _size_class(batch: int, hidden: int) -> str:
+    from .backend import size_class
+    return size_class(batch, hidden)
+
+
+def module_class(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[ClassKey]:
+    """The class of ``module`` run on ``x`` (with ``lengths``), or None where torch's op has no such cell."""
+    spec = module.cell_spec
+    if spec.fusable is None or spec.extra.get("torch_mode") is None or not getattr(module, "_is_standard", False):
+        return None
+    family = spec.fusable + ("_proj" if getattr(module, "proj_size", 0) else "")
+    if family not in FAMILIES:
+        return None
+    params = [p for p in module._parameters.values() if p is not None] or list(module.parameters())  # the fast way
+    dtype = _DTYPE_NAMES.get(params[0].dtype) if params else "float32"
+    if dtype is None or (params and params[0].device.type != "cpu"):  # the fused kernels run on the CPU
+        return None
+    batch = x.shape[1] if x is not None and x.dim() >= 2 else 1
+    grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
+        (x is not None and x.requires_grad) or any(p.requires_grad for p in params))
+    return ClassKey(family, dtype, lengths is not None, grad, _size_class(batch, module.hidden_size))
+
+
+def every_class(families: Iterable[str] = FAMILIES, dtypes: Iterable[str] = ("float32", "bfloat16"),
+                lengths: Iterable[bool] = (False, True), grads: Iterable[bool] = (True, False),
+                sizes: Iterable[str] = tuple(SIZES)) -> List[ClassKey]:
+    """The classes ``rnnkit calibrate`` measures (by default float32 and bfloat16, both input kinds and modes)."""
+    return [ClassKey(f, d, ln, g, s) for f in families for d in dtypes for ln in lengths for g in grads
+            for s in sizes]
+
+
+# ----------------------------------------------------------------------------- when to measure
+
+
+def measure_mode() -> str:
+    """``"on"``, ``"cached"`` (use the cache, never measure) or ``"off"`` (the shipped table only),
+    from ``RNNKIT_AUTO_MEASURE``."""
+    value = os.environ.get(MEASURE_ENV, "1").strip().lower()
+    if value in ("0", "off", "false", "no", "table"):
+        return "off"
+    if value in ("cached", "cache"):
+        return "cached"
+    return "on"
+
+
+def why_not_measure(x: Optional[Tensor] = None) -> Optional[str]:
+    """Why measuring is not possible here (the table is used then), or None."""
+    if getattr(_local, "measuring", False):
+        return "already measuring"
+    if torch.compiler.is_compiling():
+        return "torch.compile / torch.export is tracing"
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return "torch.jit is tracing"
+    if x is not None and type(x) not in (Tensor, torch.nn.Parameter):
+        return f"the input is a tensor subclass ({type(x).__name__})"
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None or (
+                x is not None and torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            return "inside a torch.func transform"
+    except AttributeError:  # pragma: no cover - older torch
+        pass
+    try:
+        if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+            return "a TorchFunctionMode or TorchDispatchMode is active"
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return "saved-tensor hooks are active"
+        if torch.autograd.profiler._is_profiler_enabled:
+            return "the autograd profiler is running"
+    except AttributeError:  # pragma: no cover - older torch
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------- the machine key and the cache file
+
+
+@lru_cache(maxsize=1)
+def _static_key() -> Tuple[Tuple[str, str], ...]:
+    """The part of the machine key that does not change in a process."""
+    flags = " ".join(sorted(_build._cpu_flags()))
+    try:
+        extension = _build.extension_name()
+    except OSError:
+        extension = "unknown"
+    return (("cpu", _bench.cpu_name()), ("cpu_flags", hashlib.sha1(flags.encode()).hexdigest()[:12]),
+            ("machine", platform.machine()), ("torch", torch.__version__), ("extension", extension))
+
+
+def machine_key() -> Dict[str, object]:
+    """What a measurement holds for: CPU model and flags, torch's thread count, torch version, the
+    fused extension's name (its source, compile flags and torch version)."""
+    return {**dict(_static_key()), "threads": torch.get_num_threads()}
+
+
+def key_id(key: Dict[str, object]) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """``$RNNKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rnnkit"
+
+
+def cache_path(key: Optional[Dict[str, object]] = None) -> Path:
+    """This machine's cache file: one per machine key (``auto-<hash of the key>.json``)."""
+    key = machine_key() if key is None else key
+    return cache_dir() / f"auto-{key_id(key)}.json"
+
+
+def read_cache(path: Path, key: Dict[str, object]) -> Dict[str, dict]:
+    """The entries of the cache file at ``path`` if it is well formed and holds ``key``, else ``{}``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key:
+        return {}
+    entries = data.get("choices")
+    if not isinstance(entries, dict):
+        return {}
+    return {k: v for k, v in entries.items() if ClassKey.parse(k) is not None and isinstance(v, dict)
+            and v.get("best") in ("fused", "torch")}
+
+
+def write_cache(path: Path, key: Dict[str, object], entries: Dict[str, dict]) -> None:
+    """Merge ``entries`` into the file (another process may have added some) and replace it
+    atomically. Raises OSError when it cannot."""
+    merged = {**read_cache(path, key), **entries}
+    data = {"format": FORMAT, "key": key,
+            "note": "rnnkit backend='auto': fused vs torch measured on this machine (rnnkit/fused/calibrate.py); "
+                    "delete this file or run `rnnkit calibrate` to measure again",
+            "choices": dict(sorted(merged.items()))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".auto-", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------- measuring one class
+
+
+def race(fns: Dict[str, Callable[[], object]], repeats: int, once: Dict[str, float]) -> Dict[str, float]:
+    """Median seconds per call of each fn over ``repeats`` interleaved rounds (``rnnkit.bench.time_row``:
+    the order rotates each round, so a burst of load hits every contestant alike). The tests replace
+    this function to dictate the numbers."""
+    return _bench.time_row(fns, repeats, 0.0, once)[1]
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+@contextmanager
+def _measuring():
+    _local.measuring = True
+    try:
+        yield
+    finally:
+        _local.measuring = False
+
+
+def _synthetic(klass: ClassKey, seq_len: int):
+    """``{backend: call}``: one layer of the class on each backend, same weights, same input."""
+    from ..layers import GRU, LSTM, RNN
+    batch, h_in, hidden = SIZES[klass.size]
+    cls, kw = {"rnn_tanh": (RNN, {"nonlinearity": "tanh"}), "rnn_relu": (RNN, {"nonlinearity": "relu"}),
+               "lstm": (LSTM, {}), "lstm_proj": (LSTM, {"proj_size": hidden // 2}), "gru": (GRU, {})}[klass.family]
+    dtype = DTYPES[klass.dtype]
+    gen = torch.Generator().manual_seed(0)
+    mods = {name: cls(h_in, hidden, backend=name, dtype=dtype, **kw) for name in ("fused", "torch")}
+    with torch.no_grad():
+        for p, q in zip(mods["fused"].parameters(), mods["torch"].parameters()):
+            p.copy_(torch.rand(p.shape, generator=gen) * 0.2 - 0.1)
+            q.copy_(p)
+    x = (torch.rand(seq_len, batch, h_in, generator=gen) * 2 - 1).to(dtype)
+    lengths = None
+    if klass.lengths:
+        lengths = torch.randint(max(1, seq_len // 2), seq_len + 1, (batch,), generator=gen)
+        lengths[0] = seq_len
+
+    def make(module):
+        if klass.grad:
+            def call():
+                module.zero_grad(set_to_none=True)
+                module(x, lengths=lengths)[0].float().sum().backward()
+        else:
+            def call():
+                module(x, lengths=lengths)
+        return call
+    return {name: make(m) for name, m in mods.items()}
+
+
+def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int] = None,
+            repeats: Optional[int] = None, budget_s: float = BUDGET_S,
+            max_warmup_s: Optional[float] = None) -> dict:
+    """Time fused vs torch on the synthetic problem of ``klass`` and return the entry auto keeps:
+    ``best``, the median ms of each, ``torch_over_fused`` (above 1: fused faster), the settings.
+    ``prior`` (the shipped table's choice) stays the answer when the two are within :data:`TIE`,
+    and when the warm-up calls take longer than ``max_warmup_s`` (then ``how`` is ``"cut short"``
+    and no rounds run).
+
+    Runs with the RNG state saved and restored, autocast off and grad on or off as the class says;
+    it does not touch any tensor but its own."""
+    start = time.perf_counter()
+    seq_len = seq_len or SEQ_LEN[klass.size]
+    with _measuring(), torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False), \
+            torch.inference_mode(False), torch.set_grad_enabled(klass.grad):
+        fns = _synthetic(klass, seq_len)
+        # the warm-up call (allocations, oneDNN primitives, the kernels' first call), timed: a cold call,
+        # an overestimate, which only sets how many rounds fit the budget
+        once = {name: _bench._time_calls(fn, 1) for name, fn in fns.items()}
+        if max_warmup_s is not None and sum(once.values()) > max_warmup_s:
+            return _entry(klass, prior if prior in ("fused", "torch") else "fused", "cut short", once, seq_len, 0,
+                          start)
+        if repeats is None:
+            left = budget_s - (time.perf_counter() - start)
+            repeats = int(left / max(sum(once.values()), 1e-9))
+        repeats = max(MIN_REPEATS, min(MAX_REPEATS, repeats))
+        medians = race(fns, repeats, once)
+    fused, torch_ = medians["fused"], medians["torch"]
+    ratio = torch_ / fused if fused > 0 else float("inf")
+    if abs(math.log(max(ratio, 1e-12))) < math.log1p(TIE):
+        best, how = (prior if prior in ("fused", "torch") else "fused"), "tie"
+    else:
+        best, how = ("fused" if ratio > 1 else "torch"), "faster"
+    return _entry(klass, best, how, medians, seq_len, repeats, start)
+
+
+def _entry(klass: ClassKey, best: str, how: str, times: Dict[str, float], seq_len: int, repeats: int,
+           start: float) -> dict:
+    fused, torch_ = times["fused"], times["torch"]
+    return {"best": best, "how": how, "fused_ms": fused * 1e3, "torch_ms": torch_ * 1e3,
+            "torch_over_fused": torch_ / fused if fused > 0 else float("inf"), "seq_len": seq_len, "repeats": repeats,
+            "batch": SIZES[klass.size][0], "input_size": SIZES[klass.size][1], "hidden_size": SIZES[klass.size][2],
+            "seconds": time.perf_counter() - start, "load_average": _load_average(),
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+# ----------------------------------------------------------------------------- what auto remembers
+
+
+class Calibrator:
+    """The measurements of one process: per machine key (the thread count can change), the
+    entries read from the cache file on first use plus those measured since. Each new
+    measurement is written to the file at once; when that fails, persistence is off for
+    this process (``persist_error`` says why) and nothing is raised."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._memory: Dict[tuple, Dict[ClassKey, dict]] = {}
+        self._sources: Dict[tuple, str] = {}  # bucket -> "cache" when entries were read from a file
+        self.persist_error: Optional[str] = None
+        self.measured: int = 0  # classes measured by this process
+        self.seconds: float = 0.0  # time spent measuring
+
+    def _bucket(self) -> Tuple[tuple, int]:
+        return _static_key(), torch.get_num_threads()
+
+    def entries(self) -> Dict[ClassKey, dict]:
+        """The entries for this machine key (read from the cache file the first time)."""
+        bucket = self._bucket()
+        entries = self._memory.get(bucket)
+        if entries is None:
+            with self._lock:
+                entries = self._memory.get(bucket)
+                if entries is None:
+                    key = machine_key()
+                    entries = {ClassKey.parse(k): v for k, v in read_cache(cache_path(key), key).items()}
+                    if entries:
+                        self._sources[bucket] = "cache"
+                    self._memory[bucket] = entries
+        return entries
+
+    def lookup(self, klass: ClassKey) -> Optional[dict]:
+        return self.entries().get(klass)
+
+    def record(self, klass: ClassKey, entry: dict, persist: bool = True) -> None:
+        with self._lock:
+            self.entries()[klass] = entry
+            if persist:
+                self.save({klass: entry})
+
+    def save(self, entries: Optional[Dict[ClassKey, dict]] = None) -> Optional[Path]:
+        """Write ``entries`` (default: all of this machine key's) to the cache file; returns its path,
+        or None when persistence is off."""
+        if self.persist_error is not None:
+            return None
+        key = machine_key()
+        path = cache_path(key)
+        try:
+            entries = self.entries() if entries is None else entries
+            write_cache(path, key, {str(k): v for k, v in entries.items() if v.get("how") not in UNMEASURED})
+        except (OSError, TypeError, ValueError) as err:
+            self.persist_error = f"{path}: {type(err).__name__}: {err}"
+            return None
+        return path
+
+    def measure(self, klass: ClassKey, prior: Optional[str] = None, persist: bool = True, **kw) -> dict:
+        with self._lock:
+            entry = measure(klass, prior, **kw)
+            self.measured += 1
+            self.seconds += entry["seconds"]
+            self.record(klass, entry, persist and entry["how"] not in UNMEASURED)  # cut short: this process only
+        return entry
+
+    def from_cache(self) -> bool:
+        """Whether this machine key's entries came (in part) from a cache file."""
+        self.entries()
+        return self._sources.get(self._bucket()) == "cache"
+
+    def forget(self) -> None:
+        """Drop what this process holds (the next lookup reads the file again)."""
+        with self._lock:
+            self._memory.clear()
+            self._sources.clear()
+            self.persist_error = None
+
+
+def describe(backend) -> List[str]:
+    """Where auto's choices come from, for ``rnnkit info``."""
+    table = backend.table().get("machine", {})
+    shipped = f"shipped table (auto_table.json, measured on {table.get('cpu', 'the developers machine')}" \
+        f", {table.get('threads', '?')} threads)"
+    reason = backend.unavailable()
+    if reason is not None:
+        return [f"auto     the fused backend is unavailable: torch, then reference ({reason})"]
+    mode = measure_mode()
+    if mode == "off":
+        return [f"auto     {shipped}: {MEASURE_ENV}=0 turns measuring off"]
+    cal = backend.calibrator()
+    entries = {k: e for k, e in cal.entries().items() if e.get("how") not in UNMEASURED}
+    skipped = len(cal.entries()) - len(entries)
+    path = cache_path()
+    lines = []
+    if entries:
+        where = f"cache file {path}" if cal.persist_error is None else "in memory only: the cache is not writable"
+        lines.append(f"auto     measured on this machine ({where}): {len(entries)} configuration classes")
+    else:
+        lines.append(f"auto     {shipped}: nothing measured on this machine yet (cache file {path})")
+    if mode == "on":
+        lines.append("         new classes are measured on first use (about 10-100 ms each); "
+                     "`rnnkit calibrate` measures them all now")
+    else:
+        lines.append(f"         {MEASURE_ENV}=cached: unmeasured classes use the shipped table")
+    if skipped:
+        lines.append(f"         {skipped} classes left to the shipped table in this process (measuring was cut "
+                     "short on a busy machine, or failed)")
+    if cal.persist_error is not None:
+        lines.append(f"         cache not writable, measurements kept in memory: {cal.persist_error}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- rnnkit calibrate
+
+DESCRIPTION = ("Measure now, on this machine, whether rnnkit's fused kernels or PyTorch's own RNN op is faster "
+               "for every configuration class backend='auto' chooses between (cell family x dtype x dense or "
+               "lengths input x forward+backward or forward only x size class), print the ratios and write them "
+               "to this machine's cache file, which auto then reads instead of measuring on first use.")
+EPILOG = """classes:
+  family  rnn_tanh, rnn_relu, lstm, lstm_proj (proj_size = hidden/2), gru: the cells torch's op also runs
+  size    S (batch 1, H_in 32, H 64), M (16, 64, 128), L (64, 256, 256); a layer belongs to the size
+          nearest its (batch, hidden_size) on a log scale
+  mode    train: forward+backward (grad enabled); infer: forward only (no_grad / inference_mode)
+  input   dense, or lengths (variable lengths: torch packs, fused takes lengths)
+  Each class: one layer, one direction, T = 32 (S), 16 (M), 8 (L) steps, a warm-up call, then the
+  median of 3 to 7 interleaved calls of each backend. On a busy machine the figures are noisy:
+  calibrate when it is quiet.
+
+columns:
+  torch/fused  torch's time / fused time (above 1: fused is faster)
+  auto         what auto runs for this class from now on on this machine
+  table        what the shipped table (measured on the developers' machine) says
+
+environment:
+  RNNKIT_CACHE_DIR     the cache folder (default ~/.cache/rnnkit)
+  RNNKIT_AUTO_MEASURE  1 (default): measure unknown classes on first use; cached: read the cache,
+                       never measure; 0: the shipped table only (the cache is ignored)
+
+examples:
+  rnnkit calibrate                          # every class, float32 and bfloat16 (about a minute)
+  rnnkit calibrate --family lstm --size L   # the large LSTMs only
+  rnnkit calibrate --threads 8              # the choices for 8 torch threads (the cache is per thread count)
+  rnnkit calibrate --clear                  # forget this machine's measurements"""
+
+
+class CalibrateError(RuntimeError):
+    """The calibration cannot run (the command line exits with code 1)."""
+
+
+class CalibrateArgumentError(ValueError):
+    """An option that cannot work (the command line exits with code 2)."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--family", action="append", choices=FAMILIES, metavar="FAMILY",
+                        help=f"cell family to measure (repeatable; default: all of {', '.join(FAMILIES)})")
+    parser.add_argument("--size", action="append", choices=list(SIZES), help="size class S, M or L (repeatable; "
+                        "default: all)")
+    parser.add_argument("--dtype", action="append", choices=list(DTYPES),
+                        help="parameter dtype (repeatable; default: float32 and bfloat16)")
+    parser.add_argument("--mode", action="append", choices=("train", "infer"),
+                        help="train: forward+backward, infer: forward only (repeatable; default: both)")
+    parser.add_argument("--input", action="append", choices=("dense", "lengths"),
+                        help="dense input or variable lengths (repeatable; default: both)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads to measure with; the cache is per thread count "
+                             f"(default: torch's current setting, {torch.get_num_threads()})")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help=f"interleaved calls per backend and class (default: {MIN_REPEATS} to {MAX_REPEATS}, "
+                             f"as many as fit in about {BUDGET_S * 1e3:.0f} ms)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run for tests: size S, float32, dense, train only (unless given), "
+                             f"{MIN_REPEATS} repeats")
+    parser.add_argument("--no-write", action="store_true", help="print the ratios, leave the cache file alone")
+    parser.add_argument("--clear", action="store_true",
+                        help="delete this machine's cache file (for the current thread count) and exit")
+    parser.add_argument("--json", metavar="PATH", help="also write every figure here")
+
+
+def _fmt_row(cells: List[str]) -> str:
+    widths = (10, 9, 8, 8, 5, 4, 5, 5, 4, 9, 9, 12, 6, 6)
+    return "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+
+def run_from_args(args) -> int:
+    from ..backends import BACKENDS
+    backend = BACKENDS["fused"]
+    if args.threads is not None and args.threads < 1:
+        raise CalibrateArgumentError(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        raise CalibrateArgumentError(f"--repeats must be >= 1, got {args.repeats}")
+    before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, backend)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args, backend) -> int:
+    key = machine_key()
+    path = cache_path(key)
+    if args.clear:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            print(f"no cache file for this machine and {key['threads']} threads: {path}")
+            return 0
+        backend.calibrator().forget()
+        print(f"removed {path}: auto measures again on first use")
+        return 0
+    reason = backend.unavailable()
+    if reason is not None:
+        raise CalibrateError(f"the fused backend is unavailable ({reason}): auto runs torch, nothing to measure")
+    quick = args.quick
+    classes = every_class(families=args.family or FAMILIES,
+                          dtypes=args.dtype or (("float32",) if quick else ("float32", "bfloat16")),
+                          lengths=[v == "lengths" for v in (args.input or (("dense",) if quick else
+                                                                           ("dense", "lengths")))],
+                          grads=[v == "train" for v in (args.mode or (("train",) if quick else ("train", "infer")))],
+                          sizes=args.size or (("S",) if quick else tuple(SIZES)))
+    repeats = args.repeats or (MIN_REPEATS if quick else None)
+    fastest = backend.table().get("fastest", {})
+    print(f"rnnkit calibrate: fused vs torch on this machine, {len(classes)} classes; one layer per class, median "
+          "of interleaved calls; torch/fused above 1: fused is faster", flush=True)
+    print(f"machine: {key['cpu']}, {key['threads']} thread{'s' if key['threads'] != 1 else ''}, torch {key['torch']}, "
+          f"{key['extension']}", flush=True)
+    load = _load_average()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is not None and load > 0.5 * cores:
+        print(f"warning: the machine is busy (load average {load:.1f} on {cores} cores): other processes share the "
+              "cores, so these figures are noisy and some choices may be wrong; rerun on a quieter machine "
+              "(rnnkit calibrate overwrites them)", flush=True)
+    if measure_mode() != "on":
+        print(f"note: {MEASURE_ENV}={os.environ.get(MEASURE_ENV)}: "
+              + ("auto uses the shipped table and ignores this cache while it is set" if measure_mode() == "off"
+                 else "auto reads this cache but measures nothing new"), flush=True)
+    print(_fmt_row(["family", "dtype", "input", "mode", "size", "N", "H_in", "H", "T", "fused ms", "torch ms",
+                    "torch/fused", "auto", "table"]), flush=True)
+    cal = backend.calibrator()
+    start = time.perf_counter()
+    rows, entries = [], {}
+    for klass in classes:
+        prior = klass.table_prior(fastest)
+        entry = cal.measure(klass, prior=prior, persist=False, repeats=repeats)
+        entries[klass] = entry
+        rows.append({"class": str(klass), "table": prior, **entry})
+        print(_fmt_row([klass.family, klass.dtype, "lengths" if klass.lengths else "dense",
+                        "fwd+bwd" if klass.grad else "fwd", klass.size, str(entry["batch"]),
+                        str(entry["input_size"]), str(entry["hidden_size"]), str(entry["seq_len"]),
+                        f"{entry['fused_ms']:.3f}", f"{entry['torch_ms']:.3f}",
+                        f"{entry['torch_over_fused']:.2f}" + (" (tie)" if entry["how"] == "tie" else ""),
+                        entry["best"], prior or "-"]), flush=True)
+    seconds = time.perf_counter() - start
+    code = 0
+    written = None
+    if not args.no_write:
+        written = cal.save(entries)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine_key": key, "cache": str(written) if written else None, "seconds": seconds,
+                       "rows": rows}, f, indent=1)
+    differ = sum(1 for r in rows if r["table"] is not None and r["table"] != r["best"])
+    print(f"{len(rows)} classes in {seconds:.1f} s ({seconds / max(len(rows), 1) * 1e3:.0f} ms each on average); "
+          f"{differ} differ from the shipped table")
+    if args.no_write:
+        print("cache: not written (--no-write)")
+    elif written is not None:
+        print(f"cache: {written} (auto reads it in every process with this machine key)")
+    else:
+        print(f"rnnkit calibrate: failed: cannot write the cache: {cal.persist_error}", file=sys.stderr)
+        code = 1
+    if args.json:
+        print(f"json: {args.json}")
+    return code

@@ -1,0 +1,465 @@
+"""backend='auto' measures fused vs torch where it runs (rnnkit/fused/calibrate.py).
+
+The timing function (``calibrate.race``) is replaced by a fake that returns chosen
+numbers, so the tests dictate which backend "measured" faster and check that auto
+follows the measurement (not the shipped table), remembers it in memory and in the
+cache file, keys that file per machine, survives an unwritable or corrupt cache, stays
+off when asked (RNNKIT_AUTO_MEASURE=0) and under torch.compile, and never changes
+results or the RNG state. The real timing runs only on the tiny `rnnkit calibrate --quick`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit import cli
+from rnnkit.backends import BACKENDS
+from rnnkit.fused import backend as fb
+from rnnkit.fused import calibrate as cal
+
+FUSED = BACKENDS["fused"]
+REASON = FUSED.unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the shipped-table stand-in: lstm S -> fused, gru S -> torch
+TABLE = {"machine": {"cpu": "the developers' CPU", "threads": 2},
+         "fastest": {"lstm": {"S": "fused", "M": "fused"}, "gru": {"S": "torch"}}}
+FUSED_FASTER = {"fused": 1e-3, "torch": 2e-3}
+TORCH_FASTER = {"fused": 2e-3, "torch": 1e-3}
+
+
+class FakeRace:
+    """Stands in for calibrate.race: returns the next queued numbers and records each call."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.calls = []
+
+    def __call__(self, fns, repeats, once):
+        assert set(fns) == {"fused", "torch"} and repeats >= 1 and set(once) == set(fns)
+        self.calls.append({"grad": torch.is_grad_enabled(), "repeats": repeats})
+        if not self.answers:
+            raise AssertionError("measured more often than expected")
+        return self.answers.pop(0)
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """Measuring on, a private cache folder, a fresh calibrator and a known shipped table."""
+    monkeypatch.setenv(cal.MEASURE_ENV, "1")
+    monkeypatch.setenv(cal.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(FUSED, "_calibrator", None)
+    monkeypatch.setattr(FUSED, "_table", TABLE)
+    # tiny synthetic problems: the fake timer decides, the real warm-up calls only need to run
+    monkeypatch.setattr(cal, "SIZES", {"S": (1, 4, 8), "M": (2, 4, 8), "L": (3, 4, 8)})
+    monkeypatch.setattr(cal, "SEQ_LEN", {"S": 3, "M": 3, "L": 3})
+    monkeypatch.setattr(cal, "MAX_WARMUP_S", 60.0)  # however busy the machine, these are measured
+    return tmp_path / "cache"
+
+
+def fake(monkeypatch, *answers) -> FakeRace:
+    race = FakeRace(*answers)
+    monkeypatch.setattr(cal, "race", race)
+    return race
+
+
+def small_lstm_and_gru():
+    torch.manual_seed(0)
+    return rnnkit.LSTM(32, 64), rnnkit.GRU(32, 64), torch.randn(5, 1, 32)  # size class S
+
+
+# ----------------------------------------------------------------------------- auto follows the measurement
+
+
+def test_auto_follows_the_measurement_not_the_table_both_ways(measuring, monkeypatch):
+    lstm, gru, x = small_lstm_and_gru()
+    assert FUSED.table_choice(lstm, x) == "fused" and FUSED.table_choice(gru, x) == "torch"
+    race = fake(monkeypatch, TORCH_FASTER, FUSED_FASTER)
+    lstm(x)
+    assert lstm.last_backend == "torch"  # the table said fused
+    gru(x)
+    assert gru.last_backend == "fused"  # the table said torch
+    assert len(race.calls) == 2 and all(c["grad"] for c in race.calls)  # forward+backward, grad enabled
+    # remembered: no second measurement, which_backend agrees
+    lstm(x), gru(x)
+    assert lstm.which_backend(x) == "torch" and gru.which_backend(x) == "fused"
+    assert len(race.calls) == 2
+    best, why = FUSED.explain_choice(lstm, x)
+    assert best == "torch" and why.startswith("measured on this machine (lstm|float32|dense|fwd+bwd|S")
+    assert str(cal.cache_path()) in why
+
+
+def test_each_class_is_measured_once(measuring, monkeypatch):
+    """dtype, lengths, grad mode and size class are parts of the class; the batch within a class is not."""
+    race = fake(monkeypatch, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER)
+    torch.manual_seed(0)
+    lstm = rnnkit.LSTM(32, 64)
+    lstm(torch.randn(5, 1, 32))  # lstm float32 dense fwd+bwd S: torch
+    lstm(torch.randn(5, 2, 32))  # same class (batch 2 is still S)
+    assert len(race.calls) == 1 and lstm.last_backend == "torch"
+    with torch.no_grad():  # forward only: its own class, measured without grad
+        lstm(torch.randn(5, 1, 32))
+    assert len(race.calls) == 2 and not race.calls[1]["grad"] and lstm.last_backend == "fused"
+    with torch.inference_mode():  # the same forward-only class
+        lstm(torch.randn(5, 1, 32))
+    assert len(race.calls) == 2 and lstm.last_backend == "fused"
+    lstm(torch.randn(5, 1, 32), lengths=torch.tensor([3]))  # lengths: another class
+    assert len(race.calls) == 3 and lstm.last_backend == "torch"
+    rnnkit.LSTM(32, 64, dtype=torch.float64)(torch.randn(5, 1, 32, dtype=torch.float64))  # float64
+    assert len(race.calls) == 4
+    rnnkit.LSTM(64, 128)(torch.randn(5, 16, 64))  # size class M
+    assert len(race.calls) == 5
+    assert {str(k) for k in FUSED.calibrator().entries()} == {
+        "lstm|float32|dense|fwd+bwd|S", "lstm|float32|dense|fwd|S", "lstm|float32|lengths|fwd+bwd|S",
+        "lstm|float64|dense|fwd+bwd|S", "lstm|float32|dense|fwd+bwd|M"}
+
+
+def test_no_measurement_where_torch_cannot_run(measuring, monkeypatch):
+    race = fake(monkeypatch)  # any measurement fails the test
+    x = torch.randn(5, 1, 3)
+    rnnkit.PeepholeLSTM(3, 4)(x)  # zoo cell: torch has no op, nothing to choose
+    rnnkit.RNN(3, 4, nonlinearity="gelu")(x)  # not a torch.nn function
+    lstm = rnnkit.LSTM(3, 4, dtype=torch.float16)
+    lstm(x.half())  # fused declines float16
+    assert race.calls == [] and FUSED.calibrator().entries() == {}
+
+
+def test_a_tie_keeps_the_prior(measuring, monkeypatch):
+    fake(monkeypatch, {"fused": 1.00e-3, "torch": 0.99e-3}, {"fused": 0.99e-3, "torch": 1.00e-3})
+    lstm, gru, x = small_lstm_and_gru()
+    assert lstm.which_backend(x) == "fused" and gru.which_backend(x) == "torch"  # the table's, within 3%
+    assert {e["how"] for e in FUSED.calibrator().entries().values()} == {"tie"}
+
+
+def test_a_class_too_slow_to_warm_up_is_left_to_the_table(measuring, monkeypatch):
+    """On first use, a class whose warm-up calls alone exceed MAX_WARMUP_S is not timed further:
+    the table decides for this process, nothing is written, and it is not tried again."""
+    monkeypatch.setattr(cal, "MAX_WARMUP_S", 0.0)
+    race = fake(monkeypatch)  # no rounds
+    lstm, gru, x = small_lstm_and_gru()
+    lstm(x), gru(x), lstm(x)
+    assert lstm.last_backend == "fused" and gru.last_backend == "torch" and race.calls == []
+    assert [e["how"] for e in FUSED.calibrator().entries().values()] == ["cut short", "cut short"]
+    assert FUSED.calibrator().measured == 2 and not cal.cache_path().exists()
+    assert "measuring lstm|float32|dense|fwd+bwd|S was cut short" in FUSED.explain_choice(lstm, x)[1]
+    # rnnkit calibrate has no such limit
+    monkeypatch.setattr(cal, "race", FakeRace(TORCH_FASTER))
+    assert cal.measure(cal.ClassKey("lstm", "float32", False, True, "S"))["best"] == "torch"
+
+
+def test_a_failed_measurement_warns_once_and_uses_the_table(measuring, monkeypatch):
+    def broken(fns, repeats, once):
+        raise RuntimeError("no timer here")
+    monkeypatch.setattr(cal, "race", broken)
+    monkeypatch.setattr(FUSED, "_warned_measure", False)
+    lstm, gru, x = small_lstm_and_gru()
+    with pytest.warns(RuntimeWarning, match=r"could not measure fused vs torch for lstm\|float32\|dense\|fwd\+bwd\|S "
+                                            r"\(RuntimeError: no timer here\); using the shipped table"):
+        lstm(x)
+    assert lstm.last_backend == "fused"
+    gru(x)
+    assert gru.last_backend == "torch"
+    calls = []
+    monkeypatch.setattr(cal, "race", lambda *a: calls.append(a))
+    lstm(x), gru(x)  # not tried again in this process, and never written
+    assert calls == [] and not cal.cache_path().exists()
+    assert FUSED.explain_choice(lstm, x)[1] == ("shipped table (auto_table.json): measuring lstm|float32|dense|"
+                                                "fwd+bwd|S failed (RuntimeError: no timer here), for this process")
+
+
+# ----------------------------------------------------------------------------- the cache file
+
+
+def test_the_cache_file_is_written_and_read_by_a_new_backend(measuring, monkeypatch):
+    fake(monkeypatch, TORCH_FASTER)
+    lstm, _, x = small_lstm_and_gru()
+    lstm(x)
+    path = cal.cache_path()
+    assert path.parent == measuring and path.name.startswith("auto-") and path.suffix == ".json"
+    data = json.loads(path.read_text())
+    assert data["format"] == cal.FORMAT and data["key"] == cal.machine_key()
+    assert set(data["key"]) == {"cpu", "cpu_flags", "machine", "threads", "torch", "extension"}
+    assert data["key"]["threads"] == torch.get_num_threads() and data["key"]["torch"] == torch.__version__
+    entry = data["choices"]["lstm|float32|dense|fwd+bwd|S"]
+    assert entry["best"] == "torch" and entry["torch_over_fused"] == pytest.approx(0.5)
+
+    fresh = fb.FusedBackend()  # a new process, in effect: reads the file, measures nothing
+    fresh._table = TABLE
+    race = fake(monkeypatch)
+    assert fresh.choice(lstm, x) == "torch" and race.calls == []
+    assert fresh.explain_choice(lstm, x)[1].startswith("measured on this machine")
+
+
+def test_the_cache_is_keyed_per_machine(measuring, monkeypatch):
+    fake(monkeypatch, TORCH_FASTER)
+    lstm, _, x = small_lstm_and_gru()
+    lstm(x)
+    key = cal.machine_key()
+    assert cal.cache_path({**key, "threads": key["threads"] + 1}) != cal.cache_path(key)
+    assert cal.cache_path({**key, "cpu": "another CPU"}) != cal.cache_path(key)
+    # another machine (CPU model and flags, torch, extension): its own file; ours is not read
+    other = tuple((k, "another CPU" if k == "cpu" else v) for k, v in cal._static_key())
+    monkeypatch.setattr(cal, "_static_key", lambda: other)
+    monkeypatch.setenv(cal.MEASURE_ENV, "cached")  # read the cache, never measure
+    fresh = fb.FusedBackend()
+    fresh._table = TABLE
+    assert fresh.explain_choice(lstm, x) == ("fused", "shipped table (auto_table.json)")
+    # a file at our name that holds another key (copied from another machine) is ignored too
+    ours = json.loads(cal.cache_path(key).read_text())
+    cal.cache_path().write_text(json.dumps({**ours, "key": key}))
+    fresh = fb.FusedBackend()
+    fresh._table = TABLE
+    assert fresh.choice(lstm, x) == "fused"
+
+
+@pytest.mark.parametrize("junk", ["{not json", "[]", json.dumps({"format": 99, "choices": {}}), "\x00\xff"])
+def test_a_corrupt_cache_is_ignored(measuring, monkeypatch, junk):
+    path = cal.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(junk)
+    race = fake(monkeypatch, TORCH_FASTER)
+    lstm, _, x = small_lstm_and_gru()
+    lstm(x)  # no exception; measured anew
+    assert lstm.last_backend == "torch" and len(race.calls) == 1
+    assert json.loads(path.read_text())["choices"]["lstm|float32|dense|fwd+bwd|S"]["best"] == "torch"  # replaced
+
+
+def test_bad_entries_of_a_cache_are_ignored(measuring, monkeypatch):
+    key = cal.machine_key()
+    path = cal.cache_path(key)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": cal.FORMAT, "key": key, "choices": {
+        "lstm|float32|dense|fwd+bwd|S": {"best": "banana"}, "nonsense": {"best": "torch"},
+        "gru|float32|dense|fwd+bwd|S": {"best": "fused"}}}))
+    race = fake(monkeypatch, TORCH_FASTER)
+    lstm, gru, x = small_lstm_and_gru()
+    assert gru.which_backend(x) == "fused" and race.calls == []  # the good entry is used (table: torch)
+    assert lstm.which_backend(x) == "torch" and len(race.calls) == 1  # the bad one is measured again
+
+
+def test_an_unwritable_cache_only_turns_persistence_off(measuring, monkeypatch, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(cal.CACHE_ENV, str(blocker / "cache"))  # a folder under a file: cannot be made
+    race = fake(monkeypatch, TORCH_FASTER, FUSED_FASTER)
+    lstm, gru, x = small_lstm_and_gru()
+    lstm(x)
+    gru(x)
+    assert lstm.last_backend == "torch" and gru.last_backend == "fused" and len(race.calls) == 2
+    calibrator = FUSED.calibrator()
+    assert calibrator.persist_error is not None and str(blocker) in calibrator.persist_error
+    assert "in memory" in FUSED.explain_choice(lstm, x)[1]
+    assert cli.main(["info"]) == 0
+    assert "cache not writable" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- off, cached, compile, tools
+
+
+def test_measure_off_uses_the_shipped_table(measuring, monkeypatch):
+    fake(monkeypatch, TORCH_FASTER)
+    lstm, gru, x = small_lstm_and_gru()
+    lstm(x)  # measured: torch, and written to the cache
+    assert lstm.last_backend == "torch"
+    monkeypatch.setenv(cal.MEASURE_ENV, "0")
+    race = fake(monkeypatch)
+    for backend in (FUSED, fb.FusedBackend()):  # neither memory nor the file is consulted
+        backend._table = TABLE
+        assert backend.explain_choice(lstm, x) == ("fused", "shipped table (auto_table.json)")
+        assert backend.choice(gru, x) == "torch"
+    lstm(x)
+    assert lstm.last_backend == "fused" and race.calls == []
+
+
+def test_cached_mode_reads_the_cache_and_measures_nothing(measuring, monkeypatch):
+    fake(monkeypatch, TORCH_FASTER)
+    lstm, gru, x = small_lstm_and_gru()
+    lstm(x)
+    monkeypatch.setenv(cal.MEASURE_ENV, "cached")
+    race = fake(monkeypatch)
+    fresh = fb.FusedBackend()
+    fresh._table = TABLE
+    assert fresh.choice(lstm, x) == "torch"  # from the cache
+    assert fresh.choice(gru, x) == "torch"  # unmeasured: the table's
+    assert race.calls == []
+
+
+def test_no_measurement_under_torch_compile_and_identical_results(measuring, monkeypatch):
+    race = fake(monkeypatch)  # any measurement fails the test
+
+    def run(measure: str):
+        monkeypatch.setenv(cal.MEASURE_ENV, measure)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        gru = rnnkit.GRU(4, 8, num_layers=2)
+        x = torch.randn(6, 3, 4, requires_grad=True)
+        compiled = torch.compile(gru, backend="eager")
+        with torch._dynamo.config.patch(allow_rnn=True):
+            out, h = compiled(x)
+        (out.sum() + h.sum()).backward()
+        return out, h, x.grad, gru.weight_hh_l0.grad, torch.random.get_rng_state()
+
+    try:
+        measured, table = run("1"), run("0")
+    finally:
+        torch._dynamo.reset()
+    assert race.calls == [] and FUSED.calibrator().entries() == {}
+    for a, b in zip(measured, table):
+        assert torch.equal(a, b)
+
+
+def test_no_measurement_inside_torch_func_transforms(measuring, monkeypatch):
+    race = fake(monkeypatch)  # any measurement fails the test
+    lstm, gru, x = small_lstm_and_gru()
+    params = dict(lstm.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(lstm, p, (x,))[0].sum())(params)
+    assert set(grads) == set(params) and lstm.last_backend == "fused"  # the table's choice
+    out = torch.func.vmap(lambda xi: lstm(xi)[0], in_dims=1, out_dims=1)(torch.randn(5, 2, 1, 32))
+    assert out.shape == (5, 2, 1, 64)
+    assert race.calls == [] and FUSED.calibrator().entries() == {}
+
+
+def test_measuring_never_changes_results_or_the_rng(measuring, monkeypatch):
+    """A measured forward gives bit for bit what the chosen backend gives, dropout masks included."""
+    race = fake(monkeypatch, FUSED_FASTER)
+
+    def run(backend):
+        torch.manual_seed(1)
+        lstm = rnnkit.LSTM(32, 64, num_layers=2, dropout=0.5, backend=backend)  # dropout draws from the RNG
+        x = torch.randn(7, 1, 32, requires_grad=True)
+        out, (h, c) = lstm(x)
+        out.sum().backward()
+        return out, h, c, x.grad, lstm.weight_ih_l1.grad, torch.randn(3)
+
+    measured = run("auto")
+    assert len(race.calls) == 1  # measured inside that forward
+    for a, b in zip(measured, run("fused")):
+        assert torch.equal(a, b)
+
+
+def test_a_calibration_leaves_the_rng_and_grad_mode_alone():
+    torch.manual_seed(3)
+    state = torch.random.get_rng_state()
+    with torch.no_grad():
+        entry = cal.measure(cal.ClassKey("gru", "float32", True, True, "S"), seq_len=3, repeats=1)
+        assert not torch.is_grad_enabled()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert entry["best"] in ("fused", "torch") and entry["fused_ms"] > 0 and entry["torch_ms"] > 0
+    assert entry["repeats"] == cal.MIN_REPEATS and entry["seq_len"] == 3
+
+
+def test_where_measuring_is_not_possible():
+    assert cal.why_not_measure(torch.randn(2)) is None
+    seen = []
+    torch.vmap(lambda t: seen.append(cal.why_not_measure(t)) or t)(torch.randn(2, 3))
+    torch.jit.trace(lambda t: seen.append(cal.why_not_measure(t)) or t * 2, torch.randn(2), check_trace=False)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False):
+        seen.append(cal.why_not_measure(torch.randn(2)))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        seen.append(cal.why_not_measure(torch.randn(2)))
+    assert seen == ["inside a torch.func transform", "torch.jit is tracing",
+                    "a TorchFunctionMode or TorchDispatchMode is active", "saved-tensor hooks are active"]
+
+
+def test_class_keys_read_the_table_as_auto_does():
+    fastest = fb.load_table()["fastest"]
+    for klass in cal.every_class(dtypes=("float32", "float64", "bfloat16")):
+        torch.manual_seed(0)
+        ctor = {"rnn_tanh": lambda: rnnkit.RNN(4, 8), "rnn_relu": lambda: rnnkit.RNN(4, 8, nonlinearity="relu"),
+                "lstm": lambda: rnnkit.LSTM(4, 8), "lstm_proj": lambda: rnnkit.LSTM(4, 8, proj_size=2),
+                "gru": lambda: rnnkit.GRU(4, 8)}[klass.family]
+        module = ctor().to(cal.DTYPES[klass.dtype])
+        batch, _, hidden = cal.SIZES[klass.size]
+        module.hidden_size = hidden  # only the size class reads it here
+        x = torch.zeros(2, batch, 4, dtype=cal.DTYPES[klass.dtype])
+        lengths = torch.full((batch,), 2) if klass.lengths else None
+        module.requires_grad_(klass.grad)
+        assert cal.module_class(module, x, lengths) == klass
+        assert cal.ClassKey.parse(str(klass)) == klass
+        assert klass.table_prior(fastest) == FUSED.table_choice(module, x, lengths), klass
+
+
+def test_measure_mode_reads_the_environment(monkeypatch):
+    for value, mode in [("1", "on"), ("", "on"), ("0", "off"), ("off", "off"), ("cached", "cached")]:
+        monkeypatch.setenv(cal.MEASURE_ENV, value)
+        assert cal.measure_mode() == mode
+    monkeypatch.delenv(cal.MEASURE_ENV)
+    assert cal.measure_mode() == "on"
+    monkeypatch.setenv(cal.CACHE_ENV, "/some/where")
+    assert str(cal.cache_dir()) == "/some/where"
+    monkeypatch.delenv(cal.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert str(cal.cache_dir()) == "/xdg/rnnkit"
+
+
+# ----------------------------------------------------------------------------- rnnkit calibrate and info
+
+
+def test_rnnkit_calibrate_quick_writes_the_cache(measuring, capsys, tmp_path):
+    report = tmp_path / "cal.json"
+    code = cli.main(["calibrate", "--quick", "--family", "gru", "--mode", "train", "--mode", "infer",
+                     "--json", str(report)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("family"))
+    assert lines[header].split()[-3:] == ["torch/fused", "auto", "table"]
+    rows = [line.split() for line in lines[header + 1:header + 3]]
+    assert [r[:5] for r in rows] == [["gru", "float32", "dense", "fwd+bwd", "S"],
+                                     ["gru", "float32", "dense", "fwd", "S"]]
+    assert all(r[-2] in ("fused", "torch") and r[-1] == "torch" for r in rows)  # table column: TABLE's gru S
+    path = cal.cache_path()
+    assert f"cache: {path}" in out
+    choices = json.loads(path.read_text())["choices"]
+    assert set(choices) == {"gru|float32|dense|fwd+bwd|S", "gru|float32|dense|fwd|S"}
+    assert json.loads(report.read_text())["rows"][0]["class"] == "gru|float32|dense|fwd+bwd|S"
+    gru = rnnkit.GRU(32, 64)
+    assert gru.which_backend(torch.randn(5, 1, 32)) == choices["gru|float32|dense|fwd+bwd|S"]["best"]
+
+    assert cli.main(["info"]) == 0
+    assert f"measured on this machine (cache file {path}): 2 configuration classes" in capsys.readouterr().out
+    assert cli.main(["calibrate", "--clear"]) == 0
+    assert "removed" in capsys.readouterr().out and not path.exists()
+
+
+def test_rnnkit_calibrate_no_write_and_errors(measuring, capsys, monkeypatch):
+    assert cli.main(["calibrate", "--quick", "--family", "rnn_relu", "--no-write"]) == 0
+    assert "cache: not written (--no-write)" in capsys.readouterr().out and not cal.cache_path().exists()
+    code = cli.main(["calibrate", "--threads", "0"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.strip() == \
+        "rnnkit calibrate: error: --threads must be >= 1, got 0 (see rnnkit calibrate --help)"
+    code = cli.main(["calibrate", "--family", "indrnn"])
+    assert code == 2 and "invalid choice: 'indrnn'" in capsys.readouterr().err
+    monkeypatch.setenv("RNNKIT_DISABLE_FUSED", "1")
+    code = cli.main(["calibrate", "--quick"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "rnnkit calibrate: failed: CalibrateError: the fused backend is unavailable" in err
+
+
+def test_info_says_where_the_choices_come_from(measuring, monkeypatch, capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"nothing measured on this machine yet (cache file {cal.cache_path()})" in out
+    assert "new classes are measured on first use" in out
+    monkeypatch.setenv(cal.MEASURE_ENV, "0")
+    assert cli.main(["info"]) == 0
+    assert "auto     shipped table (auto_table.json, measured on the developers' CPU, 2 threads): " \
+           "RNNKIT_AUTO_MEASURE=0 turns measuring off" in capsys.readouterr().out
+
+
+def test_python_dash_m_rnnkit_calibrate_help():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "rnnkit", "calibrate", "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "usage: rnnkit calibrate" in res.stdout and "RNNKIT_AUTO_MEASURE" in res.stdout
