@@ -172,15 +172,29 @@ def test_extension_name_is_per_environment_and_checkout(monkeypatch, tmp_path):
     assert _build.extension_name() != name
 
 
-def test_no_cuda_runtime_log_is_dropped_around_the_build(caplog):
+def test_no_cuda_runtime_log_is_dropped_around_the_build(monkeypatch):
+    # A handler on the logger itself: torch's own logging setup (torch._logging, e.g. after
+    # torch.compile ran in the same process) stops propagation at the "torch" logger, so
+    # pytest's caplog (on the root logger) would see nothing whatever the filter does.
     logger = logging.getLogger("torch.utils.cpp_extension")
-    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    logger.addHandler(handler)
+    try:
         with _build._quiet_cpp_extension_logs():
             logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
             logger.warning("something else")
         logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["something else", "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'"]
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["something else", "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'"]
 
 
 def test_load_never_raises(monkeypatch):
