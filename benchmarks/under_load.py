@@ -110,14 +110,44 @@ def calibrate(fns: dict, sample_s: float) -> dict:
     return out
 
 
-def measure(fns: dict, inner: dict, samples: int) -> dict:
-    """Median seconds per call of each fn; samples interleaved across the fns."""
+def measure(fns: dict, inner: dict, samples: int, budget_s: float) -> dict:
+    """Median seconds per call of each fn; samples interleaved across the fns. Stops early
+    (after at least 5 rounds) once ``budget_s`` is spent: a loaded round can take seconds."""
     got = {k: [] for k in fns}
+    start = time.perf_counter()
     for i in range(samples):
         order = list(fns) if i % 2 == 0 else list(reversed(list(fns)))
         for k in order:
             got[k].append(sample(fns[k], inner[k]))
+        if i + 1 >= 5 and time.perf_counter() - start > budget_s:
+            break
     return {k: statistics.median(v) for k, v in got.items()}
+
+
+def cpu_snapshot():
+    """(wall, busy jiffies and all jiffies of the whole machine, this process's CPU seconds,
+    its waited children's CPU seconds); the machine's part is None off Linux."""
+    busy = total = None
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        total, busy = sum(v[:8]), sum(v[:8]) - v[3] - v[4]
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), busy, total, t.user + t.system, t.children_user + t.children_system
+
+
+def cores_used(a, b) -> dict:
+    """Cores kept busy between two snapshots: the whole machine, this process, the busy
+    processes it started (children), and everything else (other users of the machine)."""
+    wall = max(b[0] - a[0], 1e-9)
+    own, kids = (b[3] - a[3]) / wall, (b[4] - a[4]) / wall
+    out = {"this_process": own, "busy_processes": kids}
+    if a[1] is not None and b[1] is not None and b[2] > a[2]:
+        machine = (b[1] - a[1]) / (b[2] - a[2]) * (os.cpu_count() or 1)
+        out.update(machine=machine, others=max(0.0, machine - own - kids))
+    return out
 
 
 def loadavg() -> float:
@@ -127,7 +157,8 @@ def loadavg() -> float:
         return float("nan")
 
 
-def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_busy_s: float) -> dict:
+def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_busy_s: float,
+        budget_s: float = 60.0) -> dict:
     torch.set_num_threads(threads)
     setups = {}
     for name in configs:
@@ -143,15 +174,17 @@ def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_bu
     for phase, k in phases:
         load_before = loadavg()
         procs = start_busy(k, max_busy_s) if k else []
+        snap = cpu_snapshot()
         try:
             for name, fns in setups.items():
-                t = measure(fns, inner[name], samples)
+                t = measure(fns, inner[name], samples, budget_s)
                 result["rows"].setdefault(name, {})[phase] = {"fused_ms": t["fused"] * 1e3,
                                                               "torch_ms": t["torch.nn"] * 1e3}
                 print(f"  {phase:6s} {name:7s} fused {t['fused'] * 1e3:9.3f} ms  torch.nn {t['torch.nn'] * 1e3:9.3f} ms",
                       file=sys.stderr, flush=True)
         finally:
             stop_busy(procs)
+        result[f"cores_{phase}"] = cores_used(snap, cpu_snapshot())
         result[f"loadavg_{phase}"] = (load_before, loadavg())
     return result
 
@@ -175,6 +208,11 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append("load average (1 min) before/after: idle %.2f/%.2f, loaded %.2f/%.2f"
                  % (*result["loadavg_idle"], *result["loadavg_loaded"]))
+    for phase in ("idle", "loaded"):
+        c = result.get(f"cores_{phase}", {})
+        if "machine" in c:
+            lines.append(f"{phase} phase: cores busy {c['machine']:.2f} (this process {c['this_process']:.2f}, "
+                         f"its busy processes {c['busy_processes']:.2f}, other processes {c['others']:.2f})")
     return "\n".join(lines)
 
 
@@ -185,14 +223,16 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=15, help="samples per backend and phase (median)")
     ap.add_argument("--sample-ms", type=float, default=20.0, help="length of one sample at idle, ms")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)")
-    ap.add_argument("--max-busy-s", type=float, default=600.0, help="the busy processes stop by themselves after this")
+    ap.add_argument("--max-busy-s", type=float, default=900.0, help="the busy processes stop by themselves after this")
+    ap.add_argument("--budget-s", type=float, default=60.0,
+                    help="per configuration and phase: stop sampling after this (at least 5 samples)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
-    result = run(configs, args.busy, args.samples, args.sample_ms, args.threads, args.max_busy_s)
+    result = run(configs, args.busy, args.samples, args.sample_ms, args.threads, args.max_busy_s, args.budget_s)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

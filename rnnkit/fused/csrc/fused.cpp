@@ -111,44 +111,50 @@ inline void packed_compute(int m, int n, int k, const double* a, int lda, const 
 // few microseconds; on a busy one (more runnable threads than cores) the join waits until the
 // OS runs the team's descheduled thread again, a scheduler time slice (milliseconds). The
 // kernels used to pay that at every step: torch turns MKL's dynamic threading off, so MKL runs
-// every GEMM, however small, on all of torch's threads (two regions per sgemm call, one per
-// packed compute), and the LSTM's gate pass was split from 1536 units on whatever the thread
-// count. So each parallel piece now decides by its own work whether it may use more than one
-// thread; below these sizes it runs on the calling thread and opens no region at all.
+// every GEMM, however small, on all of torch's threads (one or two regions per call), and a
+// weight gradient of 10k multiply-adds opened regions too. So each parallel piece decides by
+// its own work whether it may use more than one thread; below these sizes it runs on the
+// calling thread and opens no region at all (tests/test_fused_threads.py counts them).
 //
-// Measured on the 2-core machine of docs/fused.md ("Under load"), torch 2.13 with MKL 2024.2,
-// 2 torch threads, at moments when other processes used under 0.05 cores ("idle"), 1 vs 2
-// threads interleaved; with 3 busy processes ("loaded") every 2-thread region cost 1 to 8 ms:
-//  * kSerialGemmMacs, for one GEMM call (a step's recurrent product through MKL's packed GEMM,
-//    the weight gradient over all steps, a cell's products at batch >= 4), in multiply-adds
-//    rows * cols * k. Packed per-step GEMM, idle, 1 thread / 2 threads: 49k MACs (4x192x64)
-//    0.53 (2 threads twice as slow), 393k (8x384x128) 0.28, 786k (16x384x128) 0.28,
-//    1.05M (16x512x128) 0.86 and 1.13 for its backward shape (16x128x512), 2.1M 1.21,
-//    4.2M 1.27, 16.8M 1.36. Whole layers, forward+backward, idle, per-step GEMMs on 1 thread
-//    vs 2: GRU N=4 H=64 0.74 to 0.92 (faster), GRU N=8/16 H=128 (393k, 786k) 0.92 to 0.95,
-//    LSTM N=16 H=128 (1.05M) 1.11, LSTM N=24 H=128 (1.57M) 1.10 (slower); loaded, LSTM N=16
-//    H=128 0.77. The weight-gradient shape (G x L*N) x (L*N x K), idle: 10k MACs 0.59,
-//    2.5M 1.24, 26M 1.69, 105M 1.91. So below 2^20 (1 Mi) multiply-adds one thread.
+// Measured on the 2-core machine of docs/fused.md ("Under load": AMD EPYC KVM guest, torch
+// 2.13, MKL 2024.2, 2 torch threads), forward+backward of whole layers, the old and the new
+// threading interleaved in one process (a temporary switch), medians of 15 to 21 samples, at
+// moments when other processes used under 0.05 cores ("idle"); "loaded" = 3 busy processes,
+// where one region cost 0.2 ms (back to back, every step) to 5 ms (alone, after the loop).
+// Ratios are time with the piece on one thread / on two:
+//  * kSerialStepMacs: a GEMM inside the time loop (each step's recurrent product, MKL's packed
+//    GEMM; a cell step's products at batch >= 4), rows * cols * k multiply-adds. Idle: GRU
+//    N=8 H=32 (25k MACs per step) 0.70 and 0.95, GRU N=4 H=64 (49k) 0.87 to 1.02, LSTM N=4
+//    H=64 (66k) 0.76 to 1.03, GRU N=8 H=64 (98k) 0.96 and 1.06: even; GRU N=16 H=64 (197k)
+//    1.01 to 1.06, RNN N=16 H=128 (262k) 1.02 to 1.11, RNN N=32 H=128 (524k)
+//    1.02 to 1.10, GRU N=16 H=128 (786k) 1.06 to 1.26, LSTM N=16 H=128 (1 Mi) 1.11: two
+//    threads pay. Loaded, LSTM N=16 H=128: 0.77 (0.52 with the row split off too). Below 2^17
+//    one thread.
+//  * kSerialOnceMacs: a GEMM run once per op call (a weight gradient over all L * N rows;
+//    the conv kernels' weight-gradient convolution). Idle, (G x L*N) x (L*N x K) alone: 10k
+//    MACs 0.59, 2.5M 1.24 (13 us saved), 6.5M 1.67 (90 us), 26M 1.69; in the layer, GRU N=16
+//    H=64 T=50 (9.8M) 1.08 on one thread. Loaded, GRU N=4 H=64 T=50 (its input projection on
+//    one thread as well): its 2.5M weight gradient on two threads made a call 18 ms, on one
+//    7 ms. Below 2^22 one thread.
 //  * kLstmSplitUnitsPerThread, lstm_rows: the LSTM gate pass is split only into parts of at
-//    least this many cell units (N * H / threads). Idle, split vs not (per-step GEMMs as
-//    above): N*H = 2048 (1024 per thread) 4.6% faster, 3072 7%, 4096 3 to 7%, 16384 6%;
-//    loaded the split cost 1.5 to 2 times at every one of those sizes. Kept at 768 per
-//    thread (the measured 1536 units on 2 threads; below it the split lost 2 to 37%), so
-//    idle speed holds; what changed is that the team is sized by the work (a 16-thread
-//    machine no longer splits 2048 units 16 ways).
-//  * kSerialConvMacs, for one step's recurrent convolution of the conv kernels
-//    (N * G * hid * kernel volume * positions): oneDNN's convolution, idle, 1 / 2 threads:
-//    37k MACs 0.80, 147k 0.86, 295k 0.98, 590k 1.16, 4.7M 1.10, 9.4M 1.37, 151M 1.42.
-//    Below 2^18 one thread (loaded: 7 to 10 times faster on one thread at every size tried,
-//    but from 590k on two threads are clearly faster when the machine is idle).
-//  * kSerialElems, for the ATen element-wise passes after the time loop (the cat of the
-//    previous states, the bias and peephole gradient sums): idle, 1 / 2 threads, sum over
-//    (L, N): 38k elements 0.85, 154k 1.29; cat 0.82 and 1.21. ATen itself parallelizes from
-//    32768 elements; below 2^16 one thread.
-constexpr int64_t kSerialGemmMacs = int64_t(1) << 20;
+//    least this many cell units (N * H / threads). Idle, split vs not: N*H = 2048 (1024 per
+//    thread) 4.6% faster, 3072 7%, 4096 3 to 7%, 16384 6%; loaded the split cost 1.5 to 2
+//    times at each of those sizes. Kept at 768 per thread (the 1536 units measured before on
+//    2 threads; below it the split lost 2 to 37%) so idle speed holds; what changed is that
+//    the team is sized by the work (many threads no longer split 2048 units many ways).
+//  * kSerialConvMacs: one step's recurrent convolution of the conv kernels (N * G * hid *
+//    kernel volume * positions; oneDNN). Idle, 1 / 2 threads: 37k MACs 0.80, 147k 0.86,
+//    295k 0.98, 590k 1.16, 4.7M 1.10, 151M 1.42; with other processes using 1.3 to 1.8 cores,
+//    one thread was 2 to 10 times faster at every size. Below 2^18 one thread.
+//  * kSerialElems: the ATen element-wise passes after the time loop (the cat of the previous
+//    states, the bias and peephole gradient sums), once per call. Idle, 1 / 2 threads, sum
+//    over (L, N): 38k elements 0.85 (-2 us), 154k 1.29 (5 us saved), 819k 1.37 (16 us); cat
+//    0.82, 1.21 (6 us), 1.84 (60 us). Below 2^20 one thread.
+constexpr int64_t kSerialStepMacs = int64_t(1) << 17;
+constexpr int64_t kSerialOnceMacs = int64_t(1) << 22;
 constexpr int64_t kLstmSplitUnitsPerThread = 768;
 constexpr int64_t kSerialConvMacs = int64_t(1) << 18;
-constexpr int64_t kSerialElems = int64_t(1) << 16;
+constexpr int64_t kSerialElems = int64_t(1) << 20;
 
 // While alive, the calling thread's MKL calls (and with `omp`, its OpenMP regions: ATen's
 // at::parallel_for in libtorch and oneDNN, e.g. inside at::convolution) run on one thread;
@@ -189,8 +195,11 @@ class OneThread {
   int mkl_prev_ = 0, omp_prev_ = 1;
 };
 
-// A GEMM of rows x cols x k multiply-adds runs on one thread below kSerialGemmMacs.
-inline bool serial_gemm(int64_t rows, int64_t cols, int64_t k) { return rows * cols * k < kSerialGemmMacs; }
+// A GEMM of rows x cols x k multiply-adds in the time loop (or a cell step) runs on one thread below
+// kSerialStepMacs.
+inline bool serial_gemm(int64_t rows, int64_t cols, int64_t k) { return rows * cols * k < kSerialStepMacs; }
+// A GEMM run once per op call (a weight gradient over all steps) runs on one thread below kSerialOnceMacs.
+inline bool serial_once(int64_t macs) { return macs < kSerialOnceMacs; }
 // An ATen element-wise pass over `elems` elements runs on one thread below kSerialElems.
 inline bool serial_elems(int64_t elems) { return elems < kSerialElems; }
 
@@ -494,7 +503,7 @@ inline void pass_held_rows(const int64_t* len, int64_t t, int64_t N, int64_t H, 
 // grad_w (G, K) = sum_t dG_t^T X_t, one GEMM over all steps
 Tensor weight_grad(const Tensor& dG, const Tensor& X) {
   const int64_t G = dG.size(2), K = X.size(2);
-  const OneThread one(serial_gemm(G, K, dG.numel() / std::max<int64_t>(G, 1)), true);  // bf16: oneDNN, OpenMP
+  const OneThread one(serial_once(K * dG.numel()), true);  // (G x L*N) x (L*N x K); bf16: oneDNN, OpenMP
   return dG.reshape({-1, G}).t().mm(X.reshape({-1, K}));
 }
 
@@ -2149,7 +2158,7 @@ struct ConvSame {
   std::tuple<Tensor, Tensor> grad_weight(const Tensor& g, const Tensor& input, const Tensor& w, bool bias) const {
     if (g.size(0) == 0) return {at::zeros_like(w), at::zeros({w.size(0)}, w.options())};
     // one convolution_backward over all L * N steps: g (L * N, G, *S), w (G, hid, *k)
-    const OneThread one(serial_conv(g.numel() / std::max<int64_t>(w.size(0), 1) * w.numel()), true);
+    const OneThread one(serial_once(g.numel() / std::max<int64_t>(w.size(0), 1) * w.numel()), true);
     std::vector<int64_t> bias_sizes{w.size(0)};
     auto r = at::convolution_backward(g, padded(input), w, bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
                                       ones, symmetric ? before : zeros, ones, false, zeros, 1, {false, true, bias});
