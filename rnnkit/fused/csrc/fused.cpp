@@ -156,9 +156,9 @@ constexpr int64_t kLstmSplitUnitsPerThread = 768;
 constexpr int64_t kSerialConvMacs = int64_t(1) << 18;
 constexpr int64_t kSerialElems = int64_t(1) << 20;
 
-// While alive, the calling thread's MKL calls (and with `omp`, its OpenMP regions: ATen's
-// at::parallel_for in libtorch and oneDNN, e.g. inside at::convolution) run on one thread;
-// the previous settings come back at the end of the scope (also on an exception).
+// While alive, the calling thread's MKL calls and its OpenMP regions (ATen's at::parallel_for
+// in libtorch, oneDNN inside at::convolution or a bf16 at::mm, a BLAS built on OpenMP) run on
+// one thread; the previous settings come back at the end of the scope (also on an exception).
 // Both settings are per thread, so other threads (another op running concurrently, torch's
 // autograd or inter-op threads) are not affected:
 //  * MKL_Set_Num_Threads_Local (mkl_set_num_threads_local) is MKL's thread-local count, which
@@ -171,13 +171,13 @@ constexpr int64_t kSerialElems = int64_t(1) << 20;
 // ATen parallel call inside the scope. Nothing to do when torch already runs on one thread.
 class OneThread {
  public:
-  explicit OneThread(bool serial, bool omp = false) {
+  explicit OneThread(bool serial) {
     if (!serial || at::get_num_threads() < 2) return;
     if (MKL_Set_Num_Threads_Local) {
       mkl_prev_ = MKL_Set_Num_Threads_Local(1);
       mkl_ = true;
     }
-    if (omp && omp_set_num_threads && omp_get_max_threads) {
+    if (omp_set_num_threads && omp_get_max_threads) {
       omp_prev_ = omp_get_max_threads();
       omp_set_num_threads(1);
       omp_ = true;
@@ -487,7 +487,7 @@ Tensor zero_held(const Tensor& s, const int64_t* len, bool fresh) {
 Tensor previous_states(const Tensor& h0, const Tensor& out, const int64_t* len) {
   const int64_t L = out.size(0);
   if (L == 0) return out;
-  const OneThread one(serial_elems(out.numel()), true);
+  const OneThread one(serial_elems(out.numel()));
   return zero_held(at::cat({h0.unsqueeze(0), out.narrow(0, 0, L - 1)}, 0), len, true);
 }
 
@@ -503,7 +503,7 @@ inline void pass_held_rows(const int64_t* len, int64_t t, int64_t N, int64_t H, 
 // grad_w (G, K) = sum_t dG_t^T X_t, one GEMM over all steps
 Tensor weight_grad(const Tensor& dG, const Tensor& X) {
   const int64_t G = dG.size(2), K = X.size(2);
-  const OneThread one(serial_once(K * dG.numel()), true);  // (G x L*N) x (L*N x K); bf16: oneDNN, OpenMP
+  const OneThread one(serial_once(K * dG.numel()));  // (G x L*N) x (L*N x K) multiply-adds
   return dG.reshape({-1, G}).t().mm(X.reshape({-1, K}));
 }
 
@@ -982,7 +982,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd(const Tensor& grad_out_, cons
   Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out, len));
   Tensor grad_b_hh;
   {
-    const OneThread one(serial_elems(dhh.numel()), true);
+    const OneThread one(serial_elems(dhh.numel()));
     grad_b_hh = dhh.sum(at::IntArrayRef{0, 1});
   }
   return {dxp, grad_w_hh, grad_b_hh, dh_a};
@@ -1157,7 +1157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
   // (held steps have zero gate gradients, so they add nothing)
   Tensor c_prev = previous_states(c0, cs, len);
   const std::array<int64_t, 2> steps_rows{0, 1};  // owned: an IntArrayRef of a braced list would dangle
-  const OneThread one(serial_elems(cs.numel()), true);
+  const OneThread one(serial_elems(cs.numel()));
   Tensor grad_ci = (dG.narrow(2, 0, H) * c_prev).sum(steps_rows);
   Tensor grad_cf = (dG.narrow(2, H, H) * c_prev).sum(steps_rows);
   Tensor grad_co = (dG.narrow(2, 3 * H, H) * zero_held(cs, len, false)).sum(steps_rows);
@@ -2158,7 +2158,7 @@ struct ConvSame {
   std::tuple<Tensor, Tensor> grad_weight(const Tensor& g, const Tensor& input, const Tensor& w, bool bias) const {
     if (g.size(0) == 0) return {at::zeros_like(w), at::zeros({w.size(0)}, w.options())};
     // one convolution_backward over all L * N steps: g (L * N, G, *S), w (G, hid, *k)
-    const OneThread one(serial_once(g.numel() / std::max<int64_t>(w.size(0), 1) * w.numel()), true);
+    const OneThread one(serial_once(g.numel() / std::max<int64_t>(w.size(0), 1) * w.numel()));
     std::vector<int64_t> bias_sizes{w.size(0)};
     auto r = at::convolution_backward(g, padded(input), w, bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
                                       ones, symmetric ? before : zeros, ones, false, zeros, 1, {false, true, bias});
@@ -2365,9 +2365,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_fwd(
   Tensor cs = at::empty(out.sizes(), xp.options());
   Tensor gates = at::empty(xp.sizes(), xp.options());
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
-  const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)), true);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv_lstm_fwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     const T *wci = w_ci.defined() ? w_ci.data_ptr<T>() : nullptr, *wcf = w_cf.defined() ? w_cf.data_ptr<T>() : nullptr,
             *wco = w_co.defined() ? w_co.data_ptr<T>() : nullptr;
     for (int64_t t = 0; t < L; ++t) {
@@ -2432,9 +2432,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
   Tensor dh = grad_hn.clone(), dn = at::empty(state_shape, gates.options()), dc = grad_cn.clone();
   const Tensor like = same.symmetric ? Tensor() : at::zeros_like(same.padded(h0));
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
-  const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)), true);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "conv_lstm_bwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     const T *wci = w_ci.defined() ? w_ci.data_ptr<T>() : nullptr, *wcf = w_cf.defined() ? w_cf.data_ptr<T>() : nullptr,
             *wco = w_co.defined() ? w_co.data_ptr<T>() : nullptr;
     for (int64_t t = L - 1; t >= 0; --t) {
@@ -2470,7 +2470,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
     // sum over steps and rows of the gate gradient times the cell state it saw (held steps add zero)
     const Tensor c_prev = previous_states(c0, cs, len);
     const std::array<int64_t, 2> steps_rows{0, 1};
-    const OneThread one(serial_elems(cs.numel()), true);
+    const OneThread one(serial_elems(cs.numel()));
     grad_ci = (dG.narrow(2, 0, hid) * c_prev).sum(steps_rows);
     grad_cf = (dG.narrow(2, hid, hid) * c_prev).sum(steps_rows);
     grad_co = (dG.narrow(2, 3 * hid, hid) * zero_held(cs, len, false)).sum(steps_rows);
@@ -2499,9 +2499,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_fwd(const Tensor& xp_, const
   Tensor rzn = at::empty(xp.sizes(), xp.options());
   Tensor hns = at::empty(out.sizes(), xp.options());
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
-  const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)), true);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv_gru_fwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     for (int64_t t = 0; t < L; ++t) {
       const Tensor hp_t = t == 0 ? h0 : out[t - 1];
       if (t >= max_len) {
@@ -2553,9 +2553,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_bwd(const Tensor& grad_out_,
   Tensor dh = grad_hn.clone(), dn = at::empty(state_shape, rzn.options());
   const Tensor like = same.symmetric ? Tensor() : at::zeros_like(same.padded(h0));
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
-  const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)), true);
   AT_DISPATCH_FLOATING_TYPES(rzn.scalar_type(), "conv_gru_bwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     for (int64_t t = L - 1; t >= 0; --t) {
       add_into(dh.data_ptr<T>(), grad_out[t].data_ptr<T>(), N * HP);
       if (t >= max_len) {  // every row held: dh passes through
@@ -3050,7 +3050,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_bf16(const Tensor& grad_out_,
   Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out, len));
   Tensor grad_b_hh;
   {
-    const OneThread one(serial_elems(dhh.numel()), true);
+    const OneThread one(serial_elems(dhh.numel()));
     grad_b_hh = at::sum(dhh, at::IntArrayRef{0, 1}, false, at::kFloat).to(at::kBFloat16);
   }
   return {dxp, grad_w_hh, grad_b_hh, dh_a.to(at::kBFloat16)};
