@@ -180,8 +180,8 @@ def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_bu
                 t = measure(fns, inner[name], samples, budget_s)
                 result["rows"].setdefault(name, {})[phase] = {"fused_ms": t["fused"] * 1e3,
                                                               "torch_ms": t["torch.nn"] * 1e3}
-                print(f"  {phase:6s} {name:7s} fused {t['fused'] * 1e3:9.3f} ms  torch.nn {t['torch.nn'] * 1e3:9.3f} ms",
-                      file=sys.stderr, flush=True)
+                print(f"  {phase:6s} {name:7s} fused {t['fused'] * 1e3:9.3f} ms  "
+                      f"torch.nn {t['torch.nn'] * 1e3:9.3f} ms", file=sys.stderr, flush=True)
         finally:
             stop_busy(procs)
         result[f"cores_{phase}"] = cores_used(snap, cpu_snapshot())
@@ -193,7 +193,8 @@ def format_table(result: dict) -> str:
     lines = [f"threads {result['threads']}, busy processes {result['busy']}, {result['cpus']} cpus, "
              f"median of {result['samples']} samples; ratio = torch.nn / fused",
              "",
-             "| config | idle fused ms | idle torch.nn ms | idle ratio | loaded fused ms | loaded torch.nn ms | loaded ratio |",
+             "| config | idle fused ms | idle torch.nn ms | idle ratio "
+             "| loaded fused ms | loaded torch.nn ms | loaded ratio |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in result["rows"].items():
         family, batch, hidden, length = CONFIGS[name]

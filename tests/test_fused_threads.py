@@ -38,8 +38,9 @@ REASON = BACKENDS["fused"].unavailable()
 needs_fused = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
 
 # (batch, hidden, steps): small = every piece on one thread (batch < 4: the few-rows kernel, no
-# MKL call); medium = per-step GEMMs of 0.8 to 1 Mi multiply-adds (the LSTM's on MKL's threads)
-# and 2048 LSTM units per step (row split on with 2 threads); large = above every threshold.
+# MKL call); medium = per-step GEMMs of 262k to 1 Mi multiply-adds (on MKL's threads, above
+# kSerialStepMacs) and 2048 LSTM units per step (row split on with 2 threads); large = above
+# every threshold, the weight gradients included.
 SIZES = {"small": (2, 16, 7), "medium": (16, 128, 6), "large": (64, 256, 3)}
 OPS = ["rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru"]
 
