@@ -53,6 +53,13 @@ void cblas_dgemm_compute(int, int, int, int, int, int, const double*, int, const
 void GOMP_parallel(void (*)(void*), void*, unsigned, unsigned) __attribute__((weak));
 int omp_get_thread_num() __attribute__((weak));
 int omp_get_num_threads() __attribute__((weak));
+// Threading by work (see OneThread): MKL's per-thread thread count, what mkl_service.h calls
+// mkl_set_num_threads_local (a macro for this C entry; the lowercase symbol that libtorch also
+// exports is the Fortran interface and takes a pointer). Returns the previous per-thread value,
+// 0 meaning "none: MKL's global setting". And libgomp's per-thread nthreads-var ICV.
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+void omp_set_num_threads(int) __attribute__((weak));
+int omp_get_max_threads() __attribute__((weak));
 }
 
 namespace rnnkit_fused {
@@ -97,6 +104,104 @@ inline void packed_compute(int m, int n, int k, const double* a, int lda, const 
                            int ldc) {
   cblas_dgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, bp, n, beta, c, ldc);
 }
+
+// ---------------------------------------------------------------- threading by work
+//
+// Every multi-threaded parallel region costs a fork and a join. On an idle machine that is a
+// few microseconds; on a busy one (more runnable threads than cores) the join waits until the
+// OS runs the team's descheduled thread again, a scheduler time slice (milliseconds). The
+// kernels used to pay that at every step: torch turns MKL's dynamic threading off, so MKL runs
+// every GEMM, however small, on all of torch's threads (one or two regions per call), and a
+// weight gradient of 10k multiply-adds opened regions too. So each parallel piece decides by
+// its own work whether it may use more than one thread; below these sizes it runs on the
+// calling thread and opens no region at all (tests/test_fused_threads.py counts them).
+//
+// Measured on the 2-core machine of docs/fused.md ("Under load": AMD EPYC KVM guest, torch
+// 2.13, MKL 2024.2, 2 torch threads), forward+backward of whole layers, the old and the new
+// threading interleaved in one process (a temporary switch), medians of 15 to 21 samples, at
+// moments when other processes used under 0.05 cores ("idle"); "loaded" = 3 busy processes,
+// where one region cost 0.2 ms (back to back, every step) to 5 ms (alone, after the loop).
+// Ratios are time with the piece on one thread / on two:
+//  * kSerialStepMacs: a GEMM inside the time loop (each step's recurrent product, MKL's packed
+//    GEMM; a cell step's products at batch >= 4), rows * cols * k multiply-adds. Idle: GRU
+//    N=8 H=32 (25k MACs per step) 0.70 and 0.95, GRU N=4 H=64 (49k) 0.87 to 1.02, LSTM N=4
+//    H=64 (66k) 0.76 to 1.03, GRU N=8 H=64 (98k) 0.96 and 1.06: even; GRU N=16 H=64 (197k)
+//    1.01 to 1.06, RNN N=16 H=128 (262k) 1.02 to 1.11, RNN N=32 H=128 (524k)
+//    1.02 to 1.10, GRU N=16 H=128 (786k) 1.06 to 1.26, LSTM N=16 H=128 (1 Mi) 1.11: two
+//    threads pay. Loaded, LSTM N=16 H=128: 0.77 (0.52 with the row split off too). Below 2^17
+//    one thread.
+//  * kSerialOnceMacs: a GEMM run once per op call (a weight gradient over all L * N rows;
+//    the conv kernels' weight-gradient convolution). Idle, (G x L*N) x (L*N x K) alone: 10k
+//    MACs 0.59, 2.5M 1.24 (13 us saved), 6.5M 1.67 (90 us), 26M 1.69; in the layer, GRU N=16
+//    H=64 T=50 (9.8M) 1.08 on one thread. Loaded, GRU N=4 H=64 T=50 (its input projection on
+//    one thread as well): its 2.5M weight gradient on two threads made a call 18 ms, on one
+//    7 ms. Below 2^22 one thread.
+//  * kLstmSplitUnitsPerThread, lstm_rows: the LSTM gate pass is split only into parts of at
+//    least this many cell units (N * H / threads). Idle, split vs not: N*H = 2048 (1024 per
+//    thread) 4.6% faster, 3072 7%, 4096 3 to 7%, 16384 6%; loaded the split cost 1.5 to 2
+//    times at each of those sizes. Kept at 768 per thread (the 1536 units measured before on
+//    2 threads; below it the split lost 2 to 37%) so idle speed holds; what changed is that
+//    the team is sized by the work (many threads no longer split 2048 units many ways).
+//  * kSerialConvMacs: one step's recurrent convolution of the conv kernels (N * G * hid *
+//    kernel volume * positions; oneDNN). Idle, 1 / 2 threads: 37k MACs 0.80, 147k 0.86,
+//    295k 0.98, 590k 1.16, 4.7M 1.10, 151M 1.42; with other processes using 1.3 to 1.8 cores,
+//    one thread was 2 to 10 times faster at every size. Below 2^18 one thread.
+//  * kSerialElems: the ATen element-wise passes after the time loop (the cat of the previous
+//    states, the bias and peephole gradient sums), once per call. Idle, 1 / 2 threads, sum
+//    over (L, N): 38k elements 0.85 (-2 us), 154k 1.29 (5 us saved), 819k 1.37 (16 us); cat
+//    0.82, 1.21 (6 us), 1.84 (60 us). Below 2^20 one thread.
+constexpr int64_t kSerialStepMacs = int64_t(1) << 17;
+constexpr int64_t kSerialOnceMacs = int64_t(1) << 22;
+constexpr int64_t kLstmSplitUnitsPerThread = 768;
+constexpr int64_t kSerialConvMacs = int64_t(1) << 18;
+constexpr int64_t kSerialElems = int64_t(1) << 20;
+
+// While alive, the calling thread's MKL calls and its OpenMP regions (ATen's at::parallel_for
+// in libtorch, oneDNN inside at::convolution or a bf16 at::mm, a BLAS built on OpenMP) run on
+// one thread; the previous settings come back at the end of the scope (also on an exception).
+// Both settings are per thread, so other threads (another op running concurrently, torch's
+// autograd or inter-op threads) are not affected:
+//  * MKL_Set_Num_Threads_Local (mkl_set_num_threads_local) is MKL's thread-local count, which
+//    overrides its global one on this thread only; torch.set_num_threads sets it the same way.
+//  * omp_set_num_threads sets the nthreads-var ICV, which OpenMP keeps per task (libgomp: the
+//    calling thread's implicit task), so it too is thread-local; torch.set_num_threads calls it
+//    in the same way, and at::get_num_threads() reads it back (omp_get_max_threads()).
+// at::get_num_threads() is called first: on a thread torch has not seen yet it initializes the
+// thread's counts from torch's setting, which would otherwise overwrite ours on the first
+// ATen parallel call inside the scope. Nothing to do when torch already runs on one thread.
+class OneThread {
+ public:
+  explicit OneThread(bool serial) {
+    if (!serial || at::get_num_threads() < 2) return;
+    if (MKL_Set_Num_Threads_Local) {
+      mkl_prev_ = MKL_Set_Num_Threads_Local(1);
+      mkl_ = true;
+    }
+    if (omp_set_num_threads && omp_get_max_threads) {
+      omp_prev_ = omp_get_max_threads();
+      omp_set_num_threads(1);
+      omp_ = true;
+    }
+  }
+  ~OneThread() {
+    if (omp_) omp_set_num_threads(omp_prev_);
+    if (mkl_) MKL_Set_Num_Threads_Local(mkl_prev_);
+  }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+
+ private:
+  bool mkl_ = false, omp_ = false;
+  int mkl_prev_ = 0, omp_prev_ = 1;
+};
+
+// A GEMM of rows x cols x k multiply-adds in the time loop (or a cell step) runs on one thread below
+// kSerialStepMacs.
+inline bool serial_gemm(int64_t rows, int64_t cols, int64_t k) { return rows * cols * k < kSerialStepMacs; }
+// A GEMM run once per op call (a weight gradient over all steps) runs on one thread below kSerialOnceMacs.
+inline bool serial_once(int64_t macs) { return macs < kSerialOnceMacs; }
+// An ATen element-wise pass over `elems` elements runs on one thread below kSerialElems.
+inline bool serial_elems(int64_t elems) { return elems < kSerialElems; }
 
 template <typename T>
 Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
@@ -152,6 +257,7 @@ void gemm_abt(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, co
       for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = beta == T(0) ? T(0) : beta * C[r * ldc + j];
     return;
   }
+  const OneThread one(serial_gemm(rows, cols, k));
   if (have_blas(C)) {
     // row-major C = A B^T  <=>  column-major C^T = B A^T
     blas('T', 'N', (int)cols, (int)rows, (int)k, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
@@ -176,6 +282,7 @@ void gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, con
       for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = beta == T(0) ? T(0) : beta * C[r * ldc + j];
     return;
   }
+  const OneThread one(serial_gemm(rows, cols, k));
   if (have_blas(C)) {
     blas('N', 'N', (int)cols, (int)rows, (int)k, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
   } else {
@@ -322,9 +429,10 @@ struct Recurrent {
   Tensor keep;      // the laid-out copy
   const T* small = nullptr;   // (k x cols) for the few-rows kernel
   const T* packed = nullptr;  // MKL packed B
+  bool serial;                // one step's product is too small for more than one thread
 
   Recurrent(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w)
-      : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<T>()) {
+      : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<T>()), serial(serial_gemm(rows_, cols_, k_)) {
     if (rows == 0 || cols == 0 || k == 0) return;
     if (rows < kSmallRows) {
       if (trans) {
@@ -336,6 +444,7 @@ struct Recurrent {
     } else if (have_packed((T*)nullptr)) {
       const size_t bytes = pack_size((T*)nullptr, (int)rows, (int)cols, (int)k);
       keep = at::empty({(int64_t)(bytes / sizeof(T) + 1)}, w.options());
+      const OneThread one(serial);
       pack(trans ? kTrans : kNoTrans, (int)rows, (int)cols, (int)k, B, (int)(trans ? k : cols), keep.data_ptr<T>());
       packed = keep.data_ptr<T>();
     }
@@ -344,7 +453,10 @@ struct Recurrent {
   void operator()(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
     if (rows == 0 || cols == 0) return;
     if (small && k > 0) small_gemm_ab(rows, cols, k, A, lda, small, cols, beta, C, ldc);
-    else if (packed) packed_compute((int)rows, (int)cols, (int)k, A, (int)lda, packed, beta, C, (int)ldc);
+    else if (packed) {
+      const OneThread one(serial);
+      packed_compute((int)rows, (int)cols, (int)k, A, (int)lda, packed, beta, C, (int)ldc);
+    }
     else if (trans) gemm_abt(rows, cols, k, A, lda, B, k, beta, C, ldc);
     else gemm_ab(rows, cols, k, A, lda, B, cols, beta, C, ldc);
   }
@@ -375,6 +487,7 @@ Tensor zero_held(const Tensor& s, const int64_t* len, bool fresh) {
 Tensor previous_states(const Tensor& h0, const Tensor& out, const int64_t* len) {
   const int64_t L = out.size(0);
   if (L == 0) return out;
+  const OneThread one(serial_elems(out.numel()));
   return zero_held(at::cat({h0.unsqueeze(0), out.narrow(0, 0, L - 1)}, 0), len, true);
 }
 
@@ -390,6 +503,7 @@ inline void pass_held_rows(const int64_t* len, int64_t t, int64_t N, int64_t H, 
 // grad_w (G, K) = sum_t dG_t^T X_t, one GEMM over all steps
 Tensor weight_grad(const Tensor& dG, const Tensor& X) {
   const int64_t G = dG.size(2), K = X.size(2);
+  const OneThread one(serial_once(K * dG.numel()));  // (G x L*N) x (L*N x K) multiply-adds
   return dG.reshape({-1, G}).t().mm(X.reshape({-1, K}));
 }
 
@@ -516,15 +630,17 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd(const Tensor& grad_out_, const Tensor
 // OpenMP path compiles to a serial loop here: the gate math of every step ran on
 // one thread. lstm_rows runs fn(begin, end) over the rows [0, N) (H cell units
 // each) split across a region of torch's own OpenMP pool (libgomp, which
-// libtorch_cpu links), called directly. Serial below kLstmSplitUnits units per
-// step (measured on 2 cores, T=100, fwd+bwd: the split loses 2-37% at N*H <= 1024,
-// gains 3-7% at 1536-2048 and more at N=64, H=256), for one thread, inside
-// another region, or without those symbols.
-constexpr int64_t kLstmSplitUnits = 1536;
+// libtorch_cpu links), called directly, with as many threads as get at least
+// kLstmSplitUnitsPerThread units and a row each, at most torch's thread count
+// (measured on 2 cores, T=100, fwd+bwd: the split loses 2-37% at N*H <= 1024,
+// gains 3-7% at 1536-4096 and 6% at N=64, H=256; see "threading by work").
+// Serial for one thread, inside another region, or without those symbols.
 template <typename F>
 void lstm_rows(int64_t N, int64_t H, const F& fn) {
-  if (N < 2 || N * H < kLstmSplitUnits || !GOMP_parallel || !omp_get_thread_num || !omp_get_num_threads ||
-      at::get_num_threads() < 2 || at::in_parallel_region()) {
+  const int64_t nt = N < 2 || !GOMP_parallel || !omp_get_thread_num || !omp_get_num_threads || at::in_parallel_region()
+                         ? 1
+                         : std::min<int64_t>({at::get_num_threads(), N, N * H / kLstmSplitUnitsPerThread});
+  if (nt < 2) {
     fn(0, N);
     return;
   }
@@ -539,7 +655,7 @@ void lstm_rows(int64_t N, int64_t H, const F& fn) {
         const int64_t chunk = (c->N + nt - 1) / nt, b = tid * chunk;
         if (b < c->N) (*c->fn)(b, std::min(c->N, b + chunk));
       },
-      &ctx, 0, 0);
+      &ctx, (unsigned)nt, 0);
 }
 
 // ================================================================ LSTM
@@ -864,7 +980,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd(const Tensor& grad_out_, cons
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
   Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out, len));
-  Tensor grad_b_hh = dhh.sum(at::IntArrayRef{0, 1});
+  Tensor grad_b_hh;
+  {
+    const OneThread one(serial_elems(dhh.numel()));
+    grad_b_hh = dhh.sum(at::IntArrayRef{0, 1});
+  }
   return {dxp, grad_w_hh, grad_b_hh, dh_a};
 }
 
@@ -1037,6 +1157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
   // (held steps have zero gate gradients, so they add nothing)
   Tensor c_prev = previous_states(c0, cs, len);
   const std::array<int64_t, 2> steps_rows{0, 1};  // owned: an IntArrayRef of a braced list would dangle
+  const OneThread one(serial_elems(cs.numel()));
   Tensor grad_ci = (dG.narrow(2, 0, H) * c_prev).sum(steps_rows);
   Tensor grad_cf = (dG.narrow(2, H, H) * c_prev).sum(steps_rows);
   Tensor grad_co = (dG.narrow(2, 3 * H, H) * zero_held(cs, len, false)).sum(steps_rows);
@@ -1991,6 +2112,10 @@ int64_t uses_blas() { return (sgemm_ != nullptr && dgemm_ != nullptr) ? 1 : 0; }
 // after the loop. Lengths as everywhere: row n is live for t < lengths[n]; steps
 // where every row is held skip the convolution.
 
+// The multiply-adds of one step's recurrent convolution: N rows, each (G x hid x kernel) per output position.
+inline int64_t conv_step_macs(int64_t N, const Tensor& w_hh, int64_t P) { return N * w_hh.numel() * P; }
+inline bool serial_conv(int64_t macs) { return macs < kSerialConvMacs; }
+
 struct ConvSame {
   int64_t nd;
   std::vector<int64_t> before, flat_pad, ones, zeros;
@@ -2032,6 +2157,8 @@ struct ConvSame {
   // (grad w, grad b) of sum over B of g * (U * input + b); input unpadded (B, hidden, *S).
   std::tuple<Tensor, Tensor> grad_weight(const Tensor& g, const Tensor& input, const Tensor& w, bool bias) const {
     if (g.size(0) == 0) return {at::zeros_like(w), at::zeros({w.size(0)}, w.options())};
+    // one convolution_backward over all L * N steps: g (L * N, G, *S), w (G, hid, *k)
+    const OneThread one(serial_once(g.numel() / std::max<int64_t>(w.size(0), 1) * w.numel()));
     std::vector<int64_t> bias_sizes{w.size(0)};
     auto r = at::convolution_backward(g, padded(input), w, bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
                                       ones, symmetric ? before : zeros, ones, false, zeros, 1, {false, true, bias});
@@ -2240,6 +2367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_fwd(
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv_lstm_fwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     const T *wci = w_ci.defined() ? w_ci.data_ptr<T>() : nullptr, *wcf = w_cf.defined() ? w_cf.data_ptr<T>() : nullptr,
             *wco = w_co.defined() ? w_co.data_ptr<T>() : nullptr;
     for (int64_t t = 0; t < L; ++t) {
@@ -2306,6 +2434,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "conv_lstm_bwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     const T *wci = w_ci.defined() ? w_ci.data_ptr<T>() : nullptr, *wcf = w_cf.defined() ? w_cf.data_ptr<T>() : nullptr,
             *wco = w_co.defined() ? w_co.data_ptr<T>() : nullptr;
     for (int64_t t = L - 1; t >= 0; --t) {
@@ -2341,6 +2470,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
     // sum over steps and rows of the gate gradient times the cell state it saw (held steps add zero)
     const Tensor c_prev = previous_states(c0, cs, len);
     const std::array<int64_t, 2> steps_rows{0, 1};
+    const OneThread one(serial_elems(cs.numel()));
     grad_ci = (dG.narrow(2, 0, hid) * c_prev).sum(steps_rows);
     grad_cf = (dG.narrow(2, hid, hid) * c_prev).sum(steps_rows);
     grad_co = (dG.narrow(2, 3 * hid, hid) * zero_held(cs, len, false)).sum(steps_rows);
@@ -2371,6 +2501,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_fwd(const Tensor& xp_, const
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv_gru_fwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     for (int64_t t = 0; t < L; ++t) {
       const Tensor hp_t = t == 0 ? h0 : out[t - 1];
       if (t >= max_len) {
@@ -2424,6 +2555,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_bwd(const Tensor& grad_out_,
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(rzn.scalar_type(), "conv_gru_bwd", [&] {
     using T = scalar_t;
+    const OneThread one_step(serial_conv(conv_step_macs(N, w_hh, P)));  // the time loop's convolutions
     for (int64_t t = L - 1; t >= 0; --t) {
       add_into(dh.data_ptr<T>(), grad_out[t].data_ptr<T>(), N * HP);
       if (t >= max_len) {  // every row held: dh passes through
@@ -2544,6 +2676,7 @@ struct RecurrentBF16 {
   void operator()(const BF* A, int64_t lda, float beta, float* C, int64_t ldc) const {
     if (rows == 0 || cols == 0) return;
     if (bf16) {
+      const OneThread one(serial_gemm(rows, cols, k));
       cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, trans ? kTrans : kNoTrans, (int)rows, (int)cols, (int)k, 1.f, A,
                              (int)lda, B, (int)(trans ? k : cols), beta, C, (int)ldc);
       return;
@@ -2915,7 +3048,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_bf16(const Tensor& grad_out_,
   }
   if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
   Tensor grad_w_hh = weight_grad(dhh, previous_states(h0, out, len));
-  Tensor grad_b_hh = at::sum(dhh, at::IntArrayRef{0, 1}, false, at::kFloat).to(at::kBFloat16);
+  Tensor grad_b_hh;
+  {
+    const OneThread one(serial_elems(dhh.numel()));
+    grad_b_hh = at::sum(dhh, at::IntArrayRef{0, 1}, false, at::kFloat).to(at::kBFloat16);
+  }
   return {dxp, grad_w_hh, grad_b_hh, dh_a.to(at::kBFloat16)};
 }
 
