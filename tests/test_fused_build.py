@@ -16,6 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
+from torch.utils import cpp_extension
 
 from rnnkit.fused import _build
 
@@ -165,11 +166,110 @@ def test_extension_name_is_per_environment_and_checkout(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "prefix", sys.prefix + "-another-env")
     assert _build.extension_name() != name
     monkeypatch.undo()
-    copy = tmp_path / "other-checkout" / "fused.cpp"
-    copy.parent.mkdir()
-    copy.write_bytes(_build.SOURCE.read_bytes())
-    monkeypatch.setattr(_build, "SOURCE", copy)
+    copy = tmp_path / "other-checkout" / "csrc"
+    copy.mkdir(parents=True)
+    for path in _build.inputs():
+        (copy / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(_build, "CSRC", copy)
     assert _build.extension_name() != name
+
+
+def test_extension_name_does_not_hash_the_sources_the_calibration_key_does(monkeypatch, tmp_path):
+    """An edit keeps the name (ninja rebuilds in place, incrementally) but changes source_hash,
+    which keys auto's calibration cache, so a kernel change is measured afresh."""
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for path in _build.inputs():
+        (copy / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(_build, "CSRC", copy)
+    name, digest = _build.extension_name(), _build.source_hash()
+    (copy / "gru.cpp").write_text((copy / "gru.cpp").read_text() + "// an edit\n")
+    assert _build.extension_name() == name
+    assert _build.source_hash() != digest
+
+
+def test_the_source_list_is_the_csrc_folder():
+    """Every .cpp in csrc/ is compiled and every header is watched (a file missing from the lists
+    would be silently left out of the build or of the rebuild check)."""
+    on_disk = sorted(p.name for p in _build.CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+    assert sorted(_build.SOURCE_FILES + _build.HEADER_FILES) == on_disk
+    assert len(_build.SOURCE_FILES) >= 10 and "fused.cpp" not in on_disk  # one file per family, not one TU
+
+
+def test_stale_inputs_names_what_changed_after_the_build(monkeypatch, tmp_path):
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for path in _build.inputs():
+        (copy / path.name).write_bytes(path.read_bytes())
+        os.utime(copy / path.name, (1_000_000, 1_000_000))
+    monkeypatch.setattr(_build, "CSRC", copy)
+    library = tmp_path / "lib.so"
+    library.write_text("")
+    os.utime(library, (2_000_000, 2_000_000))
+    assert _build.stale_inputs(library) == []
+    os.utime(copy / "lstm.cpp", (3_000_000, 3_000_000))
+    os.utime(copy / "gates.h", (3_000_000, 3_000_000))
+    assert _build.stale_inputs(library) == ["lstm.cpp", "gates.h"]
+
+
+# a tiny extension in the layout of csrc/ (two sources and a header, no torch headers: it compiles in
+# well under a second), built through _build's own path into a fresh cache
+TINY = {
+    "a.cpp": '#include "shared.h"\nint rnnkit_tiny_a() { return SHARED + 1; }\n',
+    "b.cpp": ('#include <Python.h>\n#include "shared.h"\nint rnnkit_tiny_a();\n'
+              "static PyModuleDef def_ = {PyModuleDef_HEAD_INIT, \"tiny\", nullptr, -1, nullptr};\n"
+              "#define INIT2(n) PyInit_##n\n#define INIT(n) INIT2(n)\n"
+              "PyMODINIT_FUNC INIT(TORCH_EXTENSION_NAME)(void) {\n"
+              "  PyObject* m = PyModule_Create(&def_);\n"
+              "  if (m) PyModule_AddIntConstant(m, \"value\", rnnkit_tiny_a() + SHARED);\n  return m;\n}\n"),
+    "shared.h": "#pragma once\n#define SHARED 20\n",
+}
+
+
+def _objects_built(build_dir: Path) -> list:
+    """The objects ninja compiled, in order, from its log (one line per command run, appended)."""
+    log = (build_dir / ".ninja_log").read_text().splitlines()
+    return [line.split("\t")[3] for line in log if not line.startswith("#") and line.split("\t")[3].endswith(".o")]
+
+
+def test_the_build_is_incremental_and_always_announced(monkeypatch, tmp_path, capsys):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name, text in TINY.items():
+        (src / name).write_text(text)
+        os.utime(src / name, (1_000_000, 1_000_000))
+    monkeypatch.setattr(_build, "CSRC", src)
+    monkeypatch.setattr(_build, "SOURCE_FILES", ("a.cpp", "b.cpp"))
+    monkeypatch.setattr(_build, "HEADER_FILES", ("shared.h",))
+    monkeypatch.setattr(_build, "compile_flags", lambda: ["-O0"])
+    monkeypatch.setattr(_build, "_state", dict(_build._state))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CXX", raising=False)
+
+    def build():
+        # a fresh process in effect: torch's in-process record of built extensions would skip the rebuild
+        monkeypatch.setattr(cpp_extension.JIT_EXTENSION_VERSIONER, "entries", {})
+        assert _build._build_and_load(verbose=False) is None
+        return capsys.readouterr().err, _build._state["module"]
+
+    err, module = build()  # cold: both objects
+    assert "rnnkit: compiling the fused CPU kernels (once" in err and "ready (" in err
+    assert module.value == 41
+    build_dir = Path(_build._state["path"]).parent
+    assert sorted(_objects_built(build_dir)) == ["a.o", "b.o"]
+
+    err, _ = build()  # up to date: loaded, nothing compiled, nothing printed
+    assert err == "" and len(_objects_built(build_dir)) == 2
+
+    os.utime(src / "a.cpp")  # one source edited: announced with its name, only its object recompiles
+    err, _ = build()
+    assert "rnnkit: compiling the fused CPU kernels (a.cpp changed since the cached build" in err
+    assert _objects_built(build_dir)[2:] == ["a.o"]
+
+    os.utime(src / "shared.h")  # a header: every object that includes it
+    err, _ = build()
+    assert "shared.h changed" in err
+    assert sorted(_objects_built(build_dir)[3:]) == ["a.o", "b.o"]
 
 
 def test_no_cuda_runtime_log_is_dropped_around_the_build(monkeypatch):

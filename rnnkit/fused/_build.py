@@ -1,14 +1,18 @@
-"""Building and loading the C++ extension (``csrc/fused.cpp``).
+"""Building and loading the C++ extension (``csrc/``: one ``.cpp`` per cell family, shared headers).
 
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load`
-(ninja, one translation unit) into torch's extension cache, so later imports only
-load the shared library. ``python -m rnnkit.fused build`` does the same ahead of
-time. ``RNNKIT_DISABLE_FUSED=1`` turns the backend off without trying to build.
+(ninja: one object per source file, compiled in parallel) into torch's extension
+cache, so later imports only load the shared library. ``python -m rnnkit.fused
+build`` does the same ahead of time. ``RNNKIT_DISABLE_FUSED=1`` turns the backend
+off without trying to build.
 
-The extension's name (and so its folder in the cache) hashes the source, the
-compiler flags, the torch version, the Python environment (``sys.prefix``, the
-interpreter) and the source's path, so two checkouts or environments never share
-(and rebuild) one build. :func:`load` never raises: any failure (an unusable
+The extension's name (and so its folder in the cache) hashes the compiler flags,
+the torch version, the Python environment (``sys.prefix``, the interpreter) and
+the path of the source folder, so two checkouts or environments never share (and
+rebuild) one build. The sources' contents are not in the name: when a source or
+header is newer than the cached library, ninja rebuilds in the same folder, and
+recompiles only the objects whose inputs changed (its dependency files list every
+header an object includes). :func:`load` never raises: any failure (an unusable
 cache directory, no compiler, a failed build or load) becomes the reason it
 returns, which ``auto`` warns with once and ``backend="fused"`` raises with.
 """
@@ -28,7 +32,14 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "fused.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# one translation unit per cell family (the stems of the op names) plus the op registration; the
+# shared headers are common.h (BLAS, threading by work, GEMM helpers, SIMD activations, checks),
+# gates.h (the gate math several families share) and ops.h (the ops register.cpp registers).
+# Listed longest compile first, so ninja starts those first on a machine with few cores.
+SOURCE_FILES = ("conv.cpp", "lstm.cpp", "cell.cpp", "gru.cpp", "ln_lstm.cpp", "ln_gru.cpp", "rnn.cpp",
+                "peephole.cpp", "indrnn.cpp", "register.cpp")
+HEADER_FILES = ("common.h", "gates.h", "ops.h")
 DISABLE_ENV = "RNNKIT_DISABLE_FUSED"
 
 _lock = threading.Lock()
@@ -55,19 +66,45 @@ def compile_flags() -> list:
     return flags
 
 
-COMPILE_TIME = "about 1 min on 2 cores"  # measured from an empty cache; one translation unit, one core busy
+COMPILE_TIME = "about 1 min on 2 cores"  # measured from an empty cache (docs/fused.md, "Building")
+
+
+def sources() -> list:
+    """The C++ sources ninja compiles, one object each."""
+    return [CSRC / name for name in SOURCE_FILES]
+
+
+def inputs() -> list:
+    """Every file the build reads from ``csrc/``: the sources and the headers."""
+    return sources() + [CSRC / name for name in HEADER_FILES]
 
 
 def extension_name() -> str:
-    """Named after the source, flags, torch version, Python environment and the
-    source's path: a change rebuilds, and another checkout or environment (even
-    with the same torch) gets a build of its own."""
+    """Named after the flags, torch version, Python environment and the source folder's
+    path: another checkout or environment (even with the same torch) gets a build of its
+    own, and a torch upgrade or other flags a new one. Not after the sources' contents:
+    an edit rebuilds in place, incrementally (see :func:`stale_inputs`)."""
     h = hashlib.sha1()
-    h.update(SOURCE.read_bytes())
     for part in (" ".join(compile_flags()), torch.__version__, sys.prefix, os.path.realpath(sys.executable),
-                 sys.version, os.path.realpath(SOURCE)):
+                 sys.version, os.path.realpath(CSRC)):
         h.update(b"\0" + part.encode(errors="replace"))
     return "rnnkit_fused_" + h.hexdigest()[:10]
+
+
+def source_hash() -> str:
+    """A hash of every source and header (names and contents): what the kernels are. The
+    ``auto`` calibration cache keys on it, so a kernel change measures afresh."""
+    h = hashlib.sha1()
+    for path in inputs():
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def stale_inputs(library: Path) -> list:
+    """The sources and headers modified after ``library`` was built (their names): a
+    rebuild is due. ninja then recompiles only the objects that depend on them."""
+    built = library.stat().st_mtime
+    return [path.name for path in inputs() if path.stat().st_mtime > built]
 
 
 # the lines of a build log that name the real cause, best first; ninja's own summary
@@ -173,8 +210,9 @@ def _build_and_load(verbose: bool) -> Optional[str]:
             from torch.utils import cpp_extension
     except Exception as e:  # pragma: no cover - torch always ships it
         return f"torch.utils.cpp_extension cannot be imported: {e}"
-    if not SOURCE.exists():
-        return f"the C++ source {SOURCE} is missing from this installation"
+    missing = [str(path) for path in inputs() if not path.is_file()]
+    if missing:
+        return f"the C++ source {missing[0]} is missing from this installation"
     name = extension_name()
     try:
         # creates <root>/<name> (mkdir -p): fails when the cache is read-only or a path in it is a file
@@ -184,7 +222,8 @@ def _build_and_load(verbose: bool) -> Optional[str]:
         return f"the torch extension cache is not usable: {error} (point TORCH_EXTENSIONS_DIR to a writable directory)"
     so = build_dir / f"{name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
     module = None
-    if so.is_file():  # a build of this exact name: load it as is
+    changed = stale_inputs(so) if so.is_file() else []
+    if so.is_file() and not changed:  # a build of this name, newer than every source: load it as is
         try:
             module = _import_built(name, so)
         except Exception:
@@ -192,15 +231,19 @@ def _build_and_load(verbose: bool) -> Optional[str]:
     compiled = module is None
     start = time.perf_counter()
     if compiled:
-        print(f"rnnkit: compiling the fused CPU kernels (once, {COMPILE_TIME}; cached in {build_dir})...",
+        if changed:
+            what = f"{', '.join(changed)} changed since the cached build; only what depends on it recompiles"
+        else:
+            what = f"once, {COMPILE_TIME}"
+        print(f"rnnkit: compiling the fused CPU kernels ({what}; cached in {build_dir})...",
               file=sys.stderr, flush=True)
         try:
             # a Python module: loading it registers the torch.ops ops (TORCH_LIBRARY) and gives the
             # direct single-step entry (module.cell_step, see rnnkit/fused/cells.py)
             with _quiet_cpp_extension_logs():
-                module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=compile_flags(),
-                                            build_directory=str(build_dir), is_python_module=True,
-                                            verbose=verbose)
+                module = cpp_extension.load(name=name, sources=[str(path) for path in sources()],
+                                            extra_cflags=compile_flags(), build_directory=str(build_dir),
+                                            is_python_module=True, verbose=verbose)
         except Exception as e:
             reason = f"building the C++ extension failed: {_first_error_line(_failure_text(e))}"
             print(f"rnnkit: {reason}", file=sys.stderr, flush=True)
@@ -222,7 +265,7 @@ def module():
 def info() -> dict:
     """What is known about the extension in this process."""
     reason = load()
-    out = {"ready": reason is None, "reason": reason, "source": str(SOURCE), "flags": compile_flags()}
+    out = {"ready": reason is None, "reason": reason, "source": str(CSRC), "flags": compile_flags()}
     if reason is None:
         out["capability"] = torch.ops.rnnkit_fused.capability()
         out["blas"] = bool(torch.ops.rnnkit_fused.uses_blas())

@@ -206,7 +206,8 @@ def _static_key() -> Tuple[Tuple[str, str], ...]:
     """The part of the machine key that does not change in a process."""
     flags = " ".join(sorted(_build._cpu_flags()))
     try:
-        extension = _build.extension_name()
+        # the build's name (flags, torch, environment) and what the kernels are (the sources' hash)
+        extension = f"{_build.extension_name()}+{_build.source_hash()}"
     except OSError:
         extension = "unknown"
     return (("cpu", _bench.cpu_name()), ("cpu_flags", hashlib.sha1(flags.encode()).hexdigest()[:12]),
@@ -215,7 +216,7 @@ def _static_key() -> Tuple[Tuple[str, str], ...]:
 
 def machine_key() -> Dict[str, object]:
     """What a measurement holds for: CPU model and flags, torch's thread count, torch version, the
-    fused extension's name (its source, compile flags and torch version)."""
+    fused extension's name (compile flags, torch version, environment) and a hash of its sources."""
     return {**dict(_static_key()), "threads": torch.get_num_threads()}
 
 

@@ -1,0 +1,616 @@
+// rnnkit's fused CPU kernels: the shared header. Every kernel file (one per cell family, see
+// _build.py's SOURCES) includes it: the BLAS entry points, threading by work (OneThread and its
+// thresholds), the GEMM helpers and the recurrent product (Recurrent), the SIMD gate activations,
+// shape checks, the helpers around the time loop, and the bfloat16 conversions.
+//
+// The kernels: whole-sequence RNN (tanh/relu), LSTM (with and without a projection), GRU, peephole
+// LSTM, LayerNorm LSTM and GRU, IndRNN (tanh/relu), ConvLSTM/ConvGRU, forward and hand-written
+// backward (BPTT), plus inference single-step cells. One file per family, compiled in parallel by
+// ninja; an edit to one file rebuilds that object only (an edit to a header rebuilds its includers).
+//
+// Layout (shape legend as in rnnkit/spec.py): time-major, contiguous.
+//   xp     (L, N, G)  input projection of every step, done by the caller in one
+//                     GEMM (W_ih x + b_ih, plus b_hh for RNN/LSTM)
+//   w_hh   (G, H_out) recurrent weights, row-major as torch.nn stores them
+//   out    (L, N, H_out)  h_t for every t
+// Lengths: row n is live for t < lengths[n]; past it the state is held, so
+// out[t, n] = h at step lengths[n]-1 and the final state is that state. This is
+// exactly rnnkit.runner.reference_scan's semantics (the oracle).
+//
+// Inside the time loop: one BLAS call for the recurrent product (no ATen
+// dispatch, no allocation), then vectorized gate math over rows, written as
+// at::parallel_for; built without -fopenmp, that runs serially (see lstm_rows
+// and docs/fused.md: only the LSTM splits its rows over threads).
+
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <tuple>
+
+extern "C" {
+// Fortran BLAS as exported by libtorch_cpu (MKL or OpenBLAS). Weak: if this
+// libtorch does not export them, the kernels fall back to at::mm on views.
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's packed GEMM: the recurrent weights are packed once per sequence and
+// every step's product reuses them (plain sgemm re-packs them on every call).
+// Weak too: with another BLAS the kernels use plain gemm.
+size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*) __attribute__((weak));
+void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int, float, float*, int)
+    __attribute__((weak));
+size_t cblas_dgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_dgemm_pack(int, int, int, int, int, int, double, const double*, int, double*) __attribute__((weak));
+void cblas_dgemm_compute(int, int, int, int, int, int, const double*, int, const double*, int, double, double*, int)
+    __attribute__((weak));
+// libgomp (torch's OpenMP runtime): the LSTM's per-step row split (see lstm_rows)
+void GOMP_parallel(void (*)(void*), void*, unsigned, unsigned) __attribute__((weak));
+int omp_get_thread_num() __attribute__((weak));
+int omp_get_num_threads() __attribute__((weak));
+// Threading by work (see OneThread): MKL's per-thread thread count, what mkl_service.h calls
+// mkl_set_num_threads_local (a macro for this C entry; the lowercase symbol that libtorch also
+// exports is the Fortran interface and takes a pointer). Returns the previous per-thread value,
+// 0 meaning "none: MKL's global setting". And libgomp's per-thread nthreads-var ICV.
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+void omp_set_num_threads(int) __attribute__((weak));
+int omp_get_max_threads() __attribute__((weak));
+// MKL: C (f32) = alpha op(A) op(B) + beta C, A and B bf16 (the bfloat16 kernels). Weak like the BLAS above.
+void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const c10::BFloat16*, int, const c10::BFloat16*, int,
+                            float, float*, int) __attribute__((weak));
+}
+
+namespace rnnkit_fused {
+
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// ---------------------------------------------------------------- BLAS
+
+inline void blas(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                 int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                 int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline bool have_blas(float*) { return sgemm_ != nullptr; }
+inline bool have_blas(double*) { return dgemm_ != nullptr; }
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+inline bool have_packed(float*) {
+  return cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
+}
+inline bool have_packed(double*) {
+  return cblas_dgemm_pack_get_size && cblas_dgemm_pack && cblas_dgemm_compute;
+}
+inline size_t pack_size(float*, int m, int n, int k) { return cblas_sgemm_pack_get_size(kBMatrix, m, n, k); }
+inline size_t pack_size(double*, int m, int n, int k) { return cblas_dgemm_pack_get_size(kBMatrix, m, n, k); }
+inline void pack(int trans, int m, int n, int k, const float* b, int ldb, float* dst) {
+  cblas_sgemm_pack(kRowMajor, kBMatrix, trans, m, n, k, 1.f, b, ldb, dst);
+}
+inline void pack(int trans, int m, int n, int k, const double* b, int ldb, double* dst) {
+  cblas_dgemm_pack(kRowMajor, kBMatrix, trans, m, n, k, 1.0, b, ldb, dst);
+}
+inline void packed_compute(int m, int n, int k, const float* a, int lda, const float* bp, float beta, float* c, int ldc) {
+  cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, bp, n, beta, c, ldc);
+}
+inline void packed_compute(int m, int n, int k, const double* a, int lda, const double* bp, double beta, double* c,
+                           int ldc) {
+  cblas_dgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, bp, n, beta, c, ldc);
+}
+
+// ---------------------------------------------------------------- threading by work
+//
+// Every multi-threaded parallel region costs a fork and a join. On an idle machine that is a
+// few microseconds; on a busy one (more runnable threads than cores) the join waits until the
+// OS runs the team's descheduled thread again, a scheduler time slice (milliseconds). The
+// kernels used to pay that at every step: torch turns MKL's dynamic threading off, so MKL runs
+// every GEMM, however small, on all of torch's threads (one or two regions per call), and a
+// weight gradient of 10k multiply-adds opened regions too. So each parallel piece decides by
+// its own work whether it may use more than one thread; below these sizes it runs on the
+// calling thread and opens no region at all (tests/test_fused_threads.py counts them).
+//
+// Measured on the 2-core machine of docs/fused.md ("Under load": AMD EPYC KVM guest, torch
+// 2.13, MKL 2024.2, 2 torch threads), forward+backward of whole layers, the old and the new
+// threading interleaved in one process (a temporary switch), medians of 15 to 21 samples, at
+// moments when other processes used under 0.05 cores ("idle"); "loaded" = 3 busy processes,
+// where one region cost 0.2 ms (back to back, every step) to 5 ms (alone, after the loop).
+// Ratios are time with the piece on one thread / on two:
+//  * kSerialStepMacs: a GEMM inside the time loop (each step's recurrent product, MKL's packed
+//    GEMM; a cell step's products at batch >= 4), rows * cols * k multiply-adds. Idle: GRU
+//    N=8 H=32 (25k MACs per step) 0.70 and 0.95, GRU N=4 H=64 (49k) 0.87 to 1.02, LSTM N=4
+//    H=64 (66k) 0.76 to 1.03, GRU N=8 H=64 (98k) 0.96 and 1.06: even; GRU N=16 H=64 (197k)
+//    1.01 to 1.06, RNN N=16 H=128 (262k) 1.02 to 1.11, RNN N=32 H=128 (524k)
+//    1.02 to 1.10, GRU N=16 H=128 (786k) 1.06 to 1.26, LSTM N=16 H=128 (1 Mi) 1.11: two
+//    threads pay. Loaded, LSTM N=16 H=128: 0.77 (0.52 with the row split off too). Below 2^17
+//    one thread.
+//  * kSerialOnceMacs: a GEMM run once per op call (a weight gradient over all L * N rows;
+//    the conv kernels' weight-gradient convolution). Idle, (G x L*N) x (L*N x K) alone: 10k
+//    MACs 0.59, 2.5M 1.24 (13 us saved), 6.5M 1.67 (90 us), 26M 1.69; in the layer, GRU N=16
+//    H=64 T=50 (9.8M) 1.08 on one thread. Loaded, GRU N=4 H=64 T=50 (its input projection on
+//    one thread as well): its 2.5M weight gradient on two threads made a call 18 ms, on one
+//    7 ms. Below 2^22 one thread.
+//  * kLstmSplitUnitsPerThread, lstm_rows: the LSTM gate pass is split only into parts of at
+//    least this many cell units (N * H / threads). Idle, split vs not: N*H = 2048 (1024 per
+//    thread) 4.6% faster, 3072 7%, 4096 3 to 7%, 16384 6%; loaded the split cost 1.5 to 2
+//    times at each of those sizes. Kept at 768 per thread (the 1536 units measured before on
+//    2 threads; below it the split lost 2 to 37%) so idle speed holds; what changed is that
+//    the team is sized by the work (many threads no longer split 2048 units many ways).
+//  * kSerialConvMacs: one step's recurrent convolution of the conv kernels (N * G * hid *
+//    kernel volume * positions; oneDNN). Idle, 1 / 2 threads: 37k MACs 0.80, 147k 0.86,
+//    295k 0.98, 590k 1.16, 4.7M 1.10, 151M 1.42; with other processes using 1.3 to 1.8 cores,
+//    one thread was 2 to 10 times faster at every size. Below 2^18 one thread.
+//  * kSerialElems: the ATen element-wise passes after the time loop (the cat of the previous
+//    states, the bias and peephole gradient sums), once per call. Idle, 1 / 2 threads, sum
+//    over (L, N): 38k elements 0.85 (-2 us), 154k 1.29 (5 us saved), 819k 1.37 (16 us); cat
+//    0.82, 1.21 (6 us), 1.84 (60 us). Below 2^20 one thread.
+constexpr int64_t kSerialStepMacs = int64_t(1) << 17;
+constexpr int64_t kSerialOnceMacs = int64_t(1) << 22;
+constexpr int64_t kLstmSplitUnitsPerThread = 768;
+constexpr int64_t kSerialConvMacs = int64_t(1) << 18;
+constexpr int64_t kSerialElems = int64_t(1) << 20;
+
+// While alive, the calling thread's MKL calls and its OpenMP regions (ATen's at::parallel_for
+// in libtorch, oneDNN inside at::convolution or a bf16 at::mm, a BLAS built on OpenMP) run on
+// one thread; the previous settings come back at the end of the scope (also on an exception).
+// Both settings are per thread, so other threads (another op running concurrently, torch's
+// autograd or inter-op threads) are not affected:
+//  * MKL_Set_Num_Threads_Local (mkl_set_num_threads_local) is MKL's thread-local count, which
+//    overrides its global one on this thread only; torch.set_num_threads sets it the same way.
+//  * omp_set_num_threads sets the nthreads-var ICV, which OpenMP keeps per task (libgomp: the
+//    calling thread's implicit task), so it too is thread-local; torch.set_num_threads calls it
+//    in the same way, and at::get_num_threads() reads it back (omp_get_max_threads()).
+// at::get_num_threads() is called first: on a thread torch has not seen yet it initializes the
+// thread's counts from torch's setting, which would otherwise overwrite ours on the first
+// ATen parallel call inside the scope. Nothing to do when torch already runs on one thread.
+class OneThread {
+ public:
+  explicit OneThread(bool serial) {
+    if (!serial || at::get_num_threads() < 2) return;
+    if (MKL_Set_Num_Threads_Local) {
+      mkl_prev_ = MKL_Set_Num_Threads_Local(1);
+      mkl_ = true;
+    }
+    if (omp_set_num_threads && omp_get_max_threads) {
+      omp_prev_ = omp_get_max_threads();
+      omp_set_num_threads(1);
+      omp_ = true;
+    }
+  }
+  ~OneThread() {
+    if (omp_) omp_set_num_threads(omp_prev_);
+    if (mkl_) MKL_Set_Num_Threads_Local(mkl_prev_);
+  }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+
+ private:
+  bool mkl_ = false, omp_ = false;
+  int mkl_prev_ = 0, omp_prev_ = 1;
+};
+
+// A GEMM of rows x cols x k multiply-adds in the time loop (or a cell step) runs on one thread below
+// kSerialStepMacs.
+inline bool serial_gemm(int64_t rows, int64_t cols, int64_t k) { return rows * cols * k < kSerialStepMacs; }
+// A GEMM run once per op call (a weight gradient over all steps) runs on one thread below kSerialOnceMacs.
+inline bool serial_once(int64_t macs) { return macs < kSerialOnceMacs; }
+// An ATen element-wise pass over `elems` elements runs on one thread below kSerialElems.
+inline bool serial_elems(int64_t elems) { return elems < kSerialElems; }
+
+template <typename T>
+Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Few rows (a batch of 1 to 3): a register-blocked kernel beats BLAS, whose
+// call and packing overhead dominates a matrix-vector product of this size.
+constexpr int64_t kSmallRows = 4;
+
+// C (rows x cols) = beta * C + A (rows x k) * B, B is (k x cols) row-major; beta 0 or 1.
+template <typename T>
+void small_gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T beta,
+                   T* C, int64_t ldc) {
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* a = A + r * lda;
+    T* c = C + r * ldc;
+    int64_t j = 0;
+    for (; j + 4 * VS <= cols; j += 4 * VS) {
+      V c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
+      if (beta != T(0)) {
+        c0 = V::loadu(c + j), c1 = V::loadu(c + j + VS), c2 = V::loadu(c + j + 2 * VS), c3 = V::loadu(c + j + 3 * VS);
+      }
+      const T* b = B + j;
+      for (int64_t kk = 0; kk < k; ++kk, b += ldb) {
+        const V av(a[kk]);
+        c0 = at::vec::fmadd(av, V::loadu(b), c0);
+        c1 = at::vec::fmadd(av, V::loadu(b + VS), c1);
+        c2 = at::vec::fmadd(av, V::loadu(b + 2 * VS), c2);
+        c3 = at::vec::fmadd(av, V::loadu(b + 3 * VS), c3);
+      }
+      c0.store(c + j), c1.store(c + j + VS), c2.store(c + j + 2 * VS), c3.store(c + j + 3 * VS);
+    }
+    for (; j < cols; j += VS) {
+      const int64_t cnt = std::min(VS, cols - j);
+      V c0 = beta != T(0) ? V::loadu(c + j, cnt) : V(T(0));
+      const T* b = B + j;
+      for (int64_t kk = 0; kk < k; ++kk, b += ldb) c0 = at::vec::fmadd(V(a[kk]), V::loadu(b, cnt), c0);
+      c0.store(c + j, cnt);
+    }
+  }
+}
+
+// C (rows x cols) = beta * C + A (rows x k) * B^T, B is (cols x k); all row-major.
+template <typename T>
+void gemm_abt(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+              int64_t ldc) {
+  if (rows == 0 || cols == 0) return;
+  if (k == 0) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = beta == T(0) ? T(0) : beta * C[r * ldc + j];
+    return;
+  }
+  const OneThread one(serial_gemm(rows, cols, k));
+  if (have_blas(C)) {
+    // row-major C = A B^T  <=>  column-major C^T = B A^T
+    blas('T', 'N', (int)cols, (int)rows, (int)k, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
+  } else {
+    Tensor c = view_of(C, rows, cols, ldc);
+    if (beta == T(0)) at::mm_out(c, view_of(A, rows, k, lda), view_of(B, cols, k, ldb).t());
+    else c.addmm_(view_of(A, rows, k, lda), view_of(B, cols, k, ldb).t(), beta, 1);
+  }
+}
+
+// C (rows x cols) = beta * C + A (rows x k) * B, B is (k x cols); all row-major.
+template <typename T>
+void gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+             int64_t ldc) {
+  if (rows == 0 || cols == 0) return;
+  if (rows < kSmallRows && k > 0 && (beta == T(0) || beta == T(1))) {
+    small_gemm_ab(rows, cols, k, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  if (k == 0) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = beta == T(0) ? T(0) : beta * C[r * ldc + j];
+    return;
+  }
+  const OneThread one(serial_gemm(rows, cols, k));
+  if (have_blas(C)) {
+    blas('N', 'N', (int)cols, (int)rows, (int)k, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
+  } else {
+    Tensor c = view_of(C, rows, cols, ldc);
+    if (beta == T(0)) at::mm_out(c, view_of(A, rows, k, lda), view_of(B, k, cols, ldb));
+    else c.addmm_(view_of(A, rows, k, lda), view_of(B, k, cols, ldb), beta, 1);
+  }
+}
+
+// ---------------------------------------------------------------- helpers
+
+// Gate activations. float64 uses Sleef's 1-ulp exp/tanh (parity to 1e-10);
+// float32 uses at::vec's exp_u20 (about 20 ulp, a few times faster), which
+// keeps float32 within 1e-6 of torch.nn: the tests' tolerance is 1e-5.
+//
+// NaN and Inf propagate as in torch.nn: at::vec's AVX2 exp_u20 clamps its
+// argument with _mm256_min_ps(x, hi) / _mm256_max_ps(x, lo), which return the
+// bound when x is NaN (they return their second operand on NaN), so exp_u20(NaN)
+// was +inf, sigmoid(NaN) 0 and tanh(NaN) -1. exp_u20_nan is the same function
+// with the clamp's operands swapped, so a NaN passes through: checked over all
+// 2^32 float inputs, bit-identical to exp_u20 for every non-NaN input (Inf
+// included: exp(+inf) = inf, exp(-inf) = 0), NaN for every NaN input. No extra
+// instruction. Other builds (no AVX2, or AVX-512) keep at::vec's exp_u20 and put
+// the NaN back with a blend.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+inline Vec<float> exp_u20_nan(const Vec<float>& x) {
+  // at::vec::Vectorized<float>::exp_u20 (vec256_float.h), min/max operands swapped
+  const __m256 c1 = _mm256_set1_ps(0.999999701f), c2 = _mm256_set1_ps(0.499991506f);
+  const __m256 c3 = _mm256_set1_ps(0.166676521f), c4 = _mm256_set1_ps(0.0418978221f);
+  const __m256 c5 = _mm256_set1_ps(0.00828929059f);
+  const __m256 log2e = _mm256_castsi256_ps(_mm256_set1_epi32(0x3fb8aa3b));
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f), zero = _mm256_set1_ps(0.f);
+  const __m256 two = _mm256_set1_ps(2.f);
+  const __m256 ln2 = _mm256_castsi256_ps(_mm256_set1_epi32(0x3f317218));
+  const __m256 lo = _mm256_castsi256_ps(_mm256_set1_epi32(0xc2aeac50));  // ln(FLT_MIN)
+  const __m256 hi = _mm256_castsi256_ps(_mm256_set1_epi32(0x42b17218));  // ln(FLT_MAX)
+  const __m256i bias = _mm256_set1_epi32(0x7f);
+  const __m256 v = x;
+  const __m256 tiny = _mm256_cmp_ps(v, lo, _CMP_LT_OS);
+  __m256 src = _mm256_min_ps(hi, v);  // NaN (the second operand) wins
+  src = _mm256_max_ps(lo, src);
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(src, log2e, half));
+  const __m256 r = _mm256_fnmadd_ps(fx, ln2, src);
+  __m256 p = _mm256_fmadd_ps(r, c5, c4);
+  p = _mm256_fmadd_ps(r, p, c3);
+  p = _mm256_fmadd_ps(r, p, c2);
+  p = _mm256_fmadd_ps(r, p, c1);
+  p = _mm256_fmadd_ps(r, p, one);
+  const __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_sub_ps(fx, one)), bias);
+  __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(n, 23));
+  pow2 = _mm256_blendv_ps(pow2, zero, tiny);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2), two);
+}
+#else
+inline Vec<float> exp_u20_nan(const Vec<float>& x) { return Vec<float>::blendv(x.exp_u20(), x, x.isnan()); }
+#endif
+
+template <typename T>
+inline Vec<T> vsigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+template <>
+inline Vec<float> vsigmoid(const Vec<float>& x) {
+  const Vec<float> one(1.f);
+  return one / (one + exp_u20_nan(x.neg()));
+}
+template <typename T>
+inline Vec<T> vtanh(const Vec<T>& x) { return x.tanh(); }
+template <>
+inline Vec<float> vtanh(const Vec<float>& x) {
+  // tanh(x) = 2 / (1 + exp(-2x)) - 1; saturates correctly at +-inf of exp
+  const Vec<float> one(1.f), two(2.f);
+  return two / (one + exp_u20_nan(x * Vec<float>(-2.f))) - one;
+}
+
+// relu's gradient as autograd computes it (threshold_backward: 0 where h <= 0, else d),
+// so a NaN h passes d on instead of zeroing it
+template <typename T>
+inline Vec<T> relu_grad(const Vec<T>& d, const Vec<T>& h) {
+  const Vec<T> zero(T(0));
+  return Vec<T>::blendv(d, zero, h <= zero);
+}
+
+// Rows per parallel chunk: parallelise only when a chunk holds enough work
+// (about 16k elements) to pay for waking the thread pool.
+inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(per_row, 1)); }
+
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t n) { std::memcpy(dst, src, sizeof(T) * n); }
+
+template <typename T>
+inline void zero_row(T* dst, int64_t n) { std::memset(dst, 0, sizeof(T) * n); }
+
+template <typename T>
+void add_into(T* dst, const T* src, int64_t n) {
+  constexpr int64_t VS = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + VS <= n; j += VS) (Vec<T>::loadu(dst + j) + Vec<T>::loadu(src + j)).store(dst + j);
+  for (; j < n; ++j) dst[j] += src[j];
+}
+
+inline int64_t min_length(const int64_t* len, int64_t N, int64_t L) {
+  if (!len) return L;
+  int64_t m = L;
+  for (int64_t n = 0; n < N; ++n) m = std::min(m, len[n]);
+  return std::max<int64_t>(m, 0);
+}
+
+inline const int64_t* lengths_ptr(const std::optional<Tensor>& lengths, int64_t N, Tensor& keep) {
+  if (!lengths.has_value() || !lengths->defined()) return nullptr;
+  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == N, "rnnkit_fused: lengths must be (N,) = (", N,
+              ",), got ", lengths->sizes());
+  keep = lengths->to(at::kCPU, at::kLong).contiguous();
+  return keep.data_ptr<int64_t>();
+}
+
+inline void check_seq(const Tensor& xp, const char* op, int64_t G) {
+  TORCH_CHECK(xp.dim() == 3, "rnnkit_fused::", op, ": xp must be (L, N, G), got ", xp.sizes());
+  TORCH_CHECK(xp.size(2) == G, "rnnkit_fused::", op, ": xp's last axis must be G = ", G, ", got ", xp.size(2));
+  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble, "rnnkit_fused::", op,
+              ": float32 or float64 only, got ", xp.scalar_type());
+}
+
+// a tensor an op reads its sizes from: `dim`-D (checked before any size is read)
+inline void check_dim(const Tensor& t, int64_t dim, const char* op, const char* what) {
+  TORCH_CHECK(t.dim() == dim, "rnnkit_fused::", op, ": ", what, " must be ", dim, "-D, got ", t.sizes());
+}
+
+inline void check_same(const Tensor& ref, const Tensor& t, const char* what, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rnnkit_fused: ", what, " has dtype ", t.scalar_type(),
+              ", expected ", ref.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "rnnkit_fused: ", what, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+// The recurrent product of one step, C (rows x cols) = beta C + A (rows x k) op(B),
+// with B (a weight) laid out once before the time loop: transposed for the
+// few-rows kernel, packed for MKL, or left as is for plain BLAS.
+template <typename T>
+struct Recurrent {
+  int64_t rows, cols, k;
+  bool trans;  // op(B) = B^T, B is (cols x k); else op(B) = B, B is (k x cols)
+  const T* B;
+  Tensor keep;      // the laid-out copy
+  const T* small = nullptr;   // (k x cols) for the few-rows kernel
+  const T* packed = nullptr;  // MKL packed B
+  bool serial;                // one step's product is too small for more than one thread
+
+  Recurrent(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w)
+      : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<T>()), serial(serial_gemm(rows_, cols_, k_)) {
+    if (rows == 0 || cols == 0 || k == 0) return;
+    if (rows < kSmallRows) {
+      if (trans) {
+        keep = w.t().contiguous();
+        small = keep.data_ptr<T>();
+      } else {
+        small = B;
+      }
+    } else if (have_packed((T*)nullptr)) {
+      const size_t bytes = pack_size((T*)nullptr, (int)rows, (int)cols, (int)k);
+      keep = at::empty({(int64_t)(bytes / sizeof(T) + 1)}, w.options());
+      const OneThread one(serial);
+      pack(trans ? kTrans : kNoTrans, (int)rows, (int)cols, (int)k, B, (int)(trans ? k : cols), keep.data_ptr<T>());
+      packed = keep.data_ptr<T>();
+    }
+  }
+
+  void operator()(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+    if (rows == 0 || cols == 0) return;
+    if (small && k > 0) small_gemm_ab(rows, cols, k, A, lda, small, cols, beta, C, ldc);
+    else if (packed) {
+      const OneThread one(serial);
+      packed_compute((int)rows, (int)cols, (int)k, A, (int)lda, packed, beta, C, (int)ldc);
+    }
+    else if (trans) gemm_abt(rows, cols, k, A, lda, B, k, beta, C, ldc);
+    else gemm_ab(rows, cols, k, A, lda, B, cols, beta, C, ldc);
+  }
+};
+
+// s with every (t, n) where row n is held (t >= lengths[n]) zeroed, in place when `fresh` (s is a
+// contiguous tensor of this op's own), else in a copy; s itself without lengths or held steps.
+// The parameter sums of a backward (sum over t, n of a gate gradient times a state) must not see
+// held steps at all: their gate gradients are zero, but zero times a non-finite held state (a NaN
+// h0 of a zero-length row, a state that went NaN before the row ended) is NaN, and a row past its
+// length must add nothing, as it adds nothing to the reference backend's (per-row) result.
+inline Tensor zero_held(const Tensor& s, const int64_t* len, bool fresh) {
+  if (!len || s.dim() < 2 || s.numel() == 0) return s;
+  const int64_t L = s.size(0), N = s.size(1);
+  bool any = false;
+  for (int64_t n = 0; n < N && !any; ++n) any = len[n] < L;
+  if (!any) return s;
+  Tensor r = fresh && s.is_contiguous() ? s : s.clone(at::MemoryFormat::Contiguous);
+  const int64_t row = r.numel() / (L * N) * r.element_size();
+  char* base = static_cast<char*>(r.data_ptr());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t t = std::max<int64_t>(len[n], 0); t < L; ++t) std::memset(base + (t * N + n) * row, 0, row);
+  return r;
+}
+
+// h_{t-1} for every t: (L, N, H_out), the rows the recurrent weight gradient reads; zero at held
+// steps (see zero_held).
+inline Tensor previous_states(const Tensor& h0, const Tensor& out, const int64_t* len) {
+  const int64_t L = out.size(0);
+  if (L == 0) return out;
+  const OneThread one(serial_elems(out.numel()));
+  return zero_held(at::cat({h0.unsqueeze(0), out.narrow(0, 0, L - 1)}, 0), len, true);
+}
+
+// A held row's state gradient passes through unchanged (dn = dh). The step's recurrent product
+// dn += dG W runs over every row, and a held row's zero dG times a non-finite weight is NaN, so the
+// held rows are written again after the product.
+template <typename T>
+inline void pass_held_rows(const int64_t* len, int64_t t, int64_t N, int64_t H, const T* dh, T* dn) {
+  for (int64_t n = 0; n < N; ++n)
+    if (t >= len[n]) copy_row(dn + n * H, dh + n * H, H);
+}
+
+// grad_w (G, K) = sum_t dG_t^T X_t, one GEMM over all steps
+inline Tensor weight_grad(const Tensor& dG, const Tensor& X) {
+  const int64_t G = dG.size(2), K = X.size(2);
+  const OneThread one(serial_once(K * dG.numel()));  // (G x L*N) x (L*N x K) multiply-adds
+  return dG.reshape({-1, G}).t().mm(X.reshape({-1, K}));
+}
+
+// ================================================================ bfloat16
+//
+// bf16 at the op boundary (xp, the weights, the states, out, and the gradients of
+// all of them), float32 inside:
+//   * the recurrent product is bf16 x bf16 -> float32: MKL's cblas_gemm_bf16bf16f32
+//     (AMX / avx512_bf16 where the CPU has them); with fewer than kSmallRows rows,
+//     without that symbol, or with RNNKIT_FUSED_BF16_GEMM=0, a float32 product on a
+//     float32 copy of the weight made once per sequence (a product of two bf16
+//     values is exact in float32, so the two differ only in summation order);
+//   * the gate math is the float32 row functions of gates.h, on rows converted from bf16;
+//   * the LSTM cell state and the saved gate activations (the backward's inputs)
+//     stay float32 from step to step; h is rounded to bf16 once per step (it is the
+//     output and the next step's GEMM operand);
+//   * backward: float32 gate gradients and state gradients, rounded to bf16 for the
+//     recurrent GEMM and for the weight gradients (one ATen bf16 GEMM over all steps).
+// The float32 / float64 kernels are untouched: each family's *_entry function (rnn.cpp, lstm.cpp,
+// gru.cpp) sends bf16 to its *_bf16 kernel and everything else to the float32/float64 one.
+
+
+using BF = c10::BFloat16;
+
+inline bool bf16_gemm_enabled() {
+  if (!cblas_gemm_bf16bf16f32) return false;
+  const char* e = std::getenv("RNNKIT_FUSED_BF16_GEMM");
+  return !(e && e[0] == '0');
+}
+
+inline void to_float(const BF* src, float* dst, int64_t n) {
+  constexpr int64_t VS = Vec<BF>::size(), VF = Vec<float>::size();
+  int64_t j = 0;
+  for (; j + VS <= n; j += VS) {
+    auto v = at::vec::convert_to_float<BF>(Vec<BF>::loadu(src + j));
+    std::get<0>(v).store(dst + j);
+    std::get<1>(v).store(dst + j + VF);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+inline void to_bf16(const float* src, BF* dst, int64_t n) { at::vec::convert(src, dst, n); }
+
+inline at::TensorOptions f32_like(const Tensor& t) { return t.options().dtype(at::kFloat); }
+
+inline void check_seq_bf16(const Tensor& xp, const char* op, int64_t G) {
+  TORCH_CHECK(xp.dim() == 3, "rnnkit_fused::", op, ": xp must be (L, N, G), got ", xp.sizes());
+  TORCH_CHECK(xp.size(2) == G, "rnnkit_fused::", op, ": xp's last axis must be G = ", G, ", got ", xp.size(2));
+}
+
+inline void check_f32(const Tensor& t, const char* what, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "rnnkit_fused: ", what, " has dtype ", t.scalar_type(),
+              ", expected Float (the bfloat16 kernels save it in float32)");
+  TORCH_CHECK(t.sizes() == shape, "rnnkit_fused: ", what, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+// Recurrent<T>'s bf16 counterpart: C (rows x cols, float32) = beta C + A (rows x k, bf16) op(B), B bf16.
+struct RecurrentBF16 {
+  int64_t rows, cols, k;
+  bool trans;
+  const BF* B;
+  bool bf16 = false;  // MKL's bf16 GEMM on A and B as they are
+  Tensor wf, abuf;    // otherwise: B in float32 (laid out by Recurrent<float>) and A converted per call
+  std::unique_ptr<Recurrent<float>> f32;
+
+  RecurrentBF16(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w)
+      : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<BF>()) {
+    if (rows == 0 || cols == 0) return;
+    if (k > 0 && rows >= kSmallRows && bf16_gemm_enabled()) {
+      bf16 = true;
+      return;
+    }
+    wf = w.to(at::kFloat);
+    f32 = std::make_unique<Recurrent<float>>(rows, cols, k, trans, wf);
+    abuf = at::empty({rows, std::max<int64_t>(k, 1)}, f32_like(w));
+  }
+
+  void operator()(const BF* A, int64_t lda, float beta, float* C, int64_t ldc) const {
+    if (rows == 0 || cols == 0) return;
+    if (bf16) {
+      const OneThread one(serial_gemm(rows, cols, k));
+      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, trans ? kTrans : kNoTrans, (int)rows, (int)cols, (int)k, 1.f, A,
+                             (int)lda, B, (int)(trans ? k : cols), beta, C, (int)ldc);
+      return;
+    }
+    float* a = abuf.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) to_float(A + r * lda, a + r * k, k);
+    (*f32)(a, k, beta, C, ldc);
+  }
+};
+
+}  // namespace rnnkit_fused

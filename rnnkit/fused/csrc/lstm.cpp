@@ -1,0 +1,358 @@
+// rnnkit's fused CPU kernels: LSTM (with and without a projection), whole sequence, forward and
+// backward; float32, float64 and bfloat16 (lstm_fwd_entry / lstm_bwd_entry pick by dtype).
+
+#include "common.h"
+#include "gates.h"
+#include "ops.h"
+
+namespace rnnkit_fused::lstm {
+
+// ================================================================ LSTM row split
+// This extension is built without -fopenmp, so at::parallel_for's header-inline
+// OpenMP path compiles to a serial loop here: the gate math of every step ran on
+// one thread. lstm_rows runs fn(begin, end) over the rows [0, N) (H cell units
+// each) split across a region of torch's own OpenMP pool (libgomp, which
+// libtorch_cpu links), called directly, with as many threads as get at least
+// kLstmSplitUnitsPerThread units and a row each, at most torch's thread count
+// (measured on 2 cores, T=100, fwd+bwd: the split loses 2-37% at N*H <= 1024,
+// gains 3-7% at 1536-4096 and 6% at N=64, H=256; see "threading by work").
+// Serial for one thread, inside another region, or without those symbols.
+template <typename F>
+void lstm_rows(int64_t N, int64_t H, const F& fn) {
+  const int64_t nt = N < 2 || !GOMP_parallel || !omp_get_thread_num || !omp_get_num_threads || at::in_parallel_region()
+                         ? 1
+                         : std::min<int64_t>({at::get_num_threads(), N, N * H / kLstmSplitUnitsPerThread});
+  if (nt < 2) {
+    fn(0, N);
+    return;
+  }
+  struct Ctx {
+    const F* fn;
+    int64_t N;
+  } ctx{&fn, N};
+  GOMP_parallel(
+      [](void* p) {
+        const Ctx* c = static_cast<const Ctx*>(p);
+        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t chunk = (c->N + nt - 1) / nt, b = tid * chunk;
+        if (b < c->N) (*c->fn)(b, std::min(c->N, b + chunk));
+      },
+      &ctx, (unsigned)nt, 0);
+}
+
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& xp_, const Tensor& w_hh_,
+                                                                    const std::optional<Tensor>& w_hr_,
+                                                                    const Tensor& h0_, const Tensor& c0_,
+                                                                    const std::optional<Tensor>& lengths) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) % 4 == 0, "rnnkit_fused::lstm_fwd: w_hh must be (4H, H_out), got ",
+              w_hh_.sizes());
+  const int64_t H = w_hh_.size(0) / 4, P = w_hh_.size(1), G = 4 * H;
+  check_seq(xp_, "lstm_fwd", G);
+  const int64_t L = xp_.size(0), N = xp_.size(1);
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(xp, w_hh, "w_hh", {G, P});
+  if (proj) check_same(xp, w_hr, "w_hr", {P, H});
+  else TORCH_CHECK(P == H, "rnnkit_fused::lstm_fwd: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
+  check_same(xp, h0, "h0", {N, P});
+  check_same(xp, c0, "c0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = at::empty({L, N, P}, xp.options());
+  Tensor gates = at::empty({L, N, G}, xp.options());
+  Tensor cs = at::empty({L, N, H}, xp.options());
+  Tensor ms = proj ? at::empty({L, N, H}, xp.options()) : at::empty({0}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "lstm_fwd", [&] {
+    using T = scalar_t;
+    const Recurrent<T> rec(N, G, P, true, w_hh);
+    const Recurrent<T> rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
+    const T* x = xp.data_ptr<T>();
+    const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>();
+    T *o = out.data_ptr<T>(), *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *m = proj ? ms.data_ptr<T>() : nullptr;
+    const int64_t min_len = min_length(len, N, L);
+    for (int64_t t = 0; t < L; ++t) {
+      const T* hp = t == 0 ? h_init : o + (t - 1) * N * P;
+      const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+      T* gt = gs + t * N * G;
+      T* ct = c + t * N * H;
+      T* ot = o + t * N * P;
+      T* mt = proj ? m + t * N * H : ot;
+      rec(hp, P, T(0), gt, G);
+      const T* xt = x + t * N * G;
+      const bool check = len && t >= min_len;
+      lstm_rows(N, H, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          if (check && t >= len[n]) {
+            copy_row(ct + n * H, cp + n * H, H);
+            if (proj) zero_row(mt + n * H, H);
+            else copy_row(ot + n * H, hp + n * H, H);
+          } else {
+            lstm_row(gt + n * G, xt + n * G, cp + n * H, ct + n * H, mt + n * H, H);
+          }
+        }
+      });
+      if (proj) {
+        rec_r(mt, H, T(0), ot, P);
+        if (check)
+          for (int64_t n = 0; n < N; ++n)
+            if (t >= len[n]) copy_row(ot + n * P, hp + n * P, P);
+      }
+    }
+  });
+  Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
+  Tensor c_n = L > 0 ? cs[L - 1].clone() : c0.clone();
+  return {out, h_n, c_n, gates, cs, ms};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths,
+    const Tensor& out_, const Tensor& gates_, const Tensor& cs_, const Tensor& ms_) {
+  check_dim(out_, 3, "lstm_bwd", "out");
+  check_dim(cs_, 3, "lstm_bwd", "cs");
+  const int64_t L = out_.size(0), N = out_.size(1), P = out_.size(2), H = cs_.size(2), G = 4 * H;
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
+  Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
+  Tensor gates = gates_.contiguous(), cs = cs_.contiguous(), ms = ms_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(out, grad_out, "grad_out", out.sizes());
+  check_same(out, grad_hn, "grad_h_n", {N, P});
+  check_same(out, grad_cn, "grad_c_n", {N, H});
+  check_same(out, gates, "gates", {L, N, G});
+  check_same(out, cs, "cs", {L, N, H});
+  check_same(out, w_hh, "w_hh", {G, P});
+  if (proj) {
+    check_same(out, w_hr, "w_hr", {P, H});
+    check_same(out, ms, "ms", {L, N, H});
+  } else {
+    TORCH_CHECK(P == H, "rnnkit_fused::lstm_bwd: without w_hr, out must be (L, N, H) as cs, got ", out.sizes(),
+                " and ", cs.sizes());
+  }
+  check_same(out, h0, "h0", {N, P});
+  check_same(out, c0, "c0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor dG = at::empty({L, N, G}, out.options());
+  Tensor dHall = proj ? at::empty({L, N, P}, out.options()) : Tensor();
+  Tensor dm_buf = proj ? at::empty({N, H}, out.options()) : Tensor();
+  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, P}, out.options()), dc = grad_cn.clone();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lstm_bwd", [&] {
+    using T = scalar_t;
+    const Recurrent<T> rec(N, P, G, false, w_hh);
+    const Recurrent<T> rec_r(proj ? N : 0, H, P, false, proj ? w_hr : w_hh);
+    const T* go = grad_out.data_ptr<T>();
+    const T *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *c_init = c0.data_ptr<T>();
+    T *dg = dG.data_ptr<T>(), *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    T *dm = proj ? dm_buf.data_ptr<T>() : nullptr, *dha = proj ? dHall.data_ptr<T>() : nullptr;
+    const int64_t min_len = min_length(len, N, L);
+    for (int64_t t = L - 1; t >= 0; --t) {
+      add_into(dh, go + t * N * P, N * P);
+      const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+      const T* gt = gs + t * N * G;
+      const T* ct = c + t * N * H;
+      T* dgt = dg + t * N * G;
+      const T* dmt = dh;
+      if (proj) {
+        rec_r(dh, P, T(0), dm, H);
+        copy_row(dha + t * N * P, dh, N * P);
+        dmt = dm;
+      }
+      const bool check = len && t >= min_len;
+      lstm_rows(N, H, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          if (check && t >= len[n]) {
+            zero_row(dgt + n * G, G);
+            copy_row(dn + n * P, dh + n * P, P);
+            if (proj) zero_row(dha + (t * N + n) * P, P);
+          } else {
+            lstm_grad_row(gt + n * G, cp + n * H, ct + n * H, dmt + n * H, dcp + n * H, dgt + n * G, H);
+            zero_row(dn + n * P, P);
+          }
+        }
+      });
+      rec(dgt, G, T(1), dn, P);
+      if (check) pass_held_rows(len, t, N, P, dh, dn);
+      std::swap(dh, dn);
+    }
+    if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
+  });
+  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
+  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : at::empty({0}, out.options());
+  return {dG, grad_w_hh, grad_w_hr, dh_a, dc};
+}
+
+// ---------------------------------------------------------------- LSTM, bf16
+// gates (L, N, 4H) and cs (L, N, H) are float32; ms (L, N, H) (with w_hr) is bf16.
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_bf16(const Tensor& xp_, const Tensor& w_hh_,
+                                                                         const std::optional<Tensor>& w_hr_,
+                                                                         const Tensor& h0_, const Tensor& c0_,
+                                                                         const std::optional<Tensor>& lengths) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) % 4 == 0, "rnnkit_fused::lstm_fwd: w_hh must be (4H, H_out), got ",
+              w_hh_.sizes());
+  const int64_t H = w_hh_.size(0) / 4, P = w_hh_.size(1), G = 4 * H;
+  check_seq_bf16(xp_, "lstm_fwd", G);
+  const int64_t L = xp_.size(0), N = xp_.size(1);
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(xp, w_hh, "w_hh", {G, P});
+  if (proj) check_same(xp, w_hr, "w_hr", {P, H});
+  else TORCH_CHECK(P == H, "rnnkit_fused::lstm_fwd: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
+  check_same(xp, h0, "h0", {N, P});
+  check_same(xp, c0, "c0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = at::empty({L, N, P}, xp.options());
+  Tensor gates = at::empty({L, N, G}, f32_like(xp));
+  Tensor cs = at::empty({L, N, H}, f32_like(xp));
+  Tensor ms = proj ? at::empty({L, N, H}, xp.options()) : at::empty({0}, xp.options());
+  Tensor c0f = c0.to(at::kFloat);
+  Tensor x_buf = at::empty({N, G}, f32_like(xp)), m_buf = at::empty({N, H}, f32_like(xp));
+  Tensor o_buf = proj ? at::empty({N, P}, f32_like(xp)) : Tensor();
+  const RecurrentBF16 rec(N, G, P, true, w_hh);
+  const RecurrentBF16 rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
+  const BF *x = xp.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
+  const float* c_init = c0f.data_ptr<float>();
+  BF *o = out.data_ptr<BF>(), *m = proj ? ms.data_ptr<BF>() : nullptr;
+  float *gs = gates.data_ptr<float>(), *c = cs.data_ptr<float>(), *xs = x_buf.data_ptr<float>(),
+        *mf = m_buf.data_ptr<float>(), *of = proj ? o_buf.data_ptr<float>() : nullptr;
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
+  for (int64_t t = 0; t < L; ++t) {
+    const BF* hp = t == 0 ? h_init : o + (t - 1) * N * P;
+    const float* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+    float* gt = gs + t * N * G;
+    float* ct = c + t * N * H;
+    BF* ot = o + t * N * P;
+    BF* mt = proj ? m + t * N * H : ot;
+    rec(hp, P, 0.f, gt, G);
+    const BF* xt = x + t * N * G;
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          copy_row(ct + n * H, cp + n * H, H);
+          if (proj) zero_row(mt + n * H, H);
+          else copy_row(ot + n * H, hp + n * H, H);
+        } else {
+          to_float(xt + n * G, xs + n * G, G);
+          lstm_row(gt + n * G, (const float*)(xs + n * G), cp + n * H, ct + n * H, mf + n * H, H);
+          to_bf16(mf + n * H, mt + n * H, H);
+        }
+      }
+    });
+    if (proj) {
+      rec_r(mt, H, 0.f, of, P);
+      for (int64_t n = 0; n < N; ++n) {
+        if (check && t >= len[n]) copy_row(ot + n * P, hp + n * P, P);
+        else to_bf16(of + n * P, ot + n * P, P);
+      }
+    }
+  }
+  Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
+  Tensor c_n = L > 0 ? cs[L - 1].to(at::kBFloat16) : c0.clone();
+  return {out, h_n, c_n, gates, cs, ms};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_bf16(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths,
+    const Tensor& out_, const Tensor& gates_, const Tensor& cs_, const Tensor& ms_) {
+  TORCH_CHECK(out_.dim() == 3 && cs_.dim() == 3, "rnnkit_fused::lstm_bwd: out and cs must be 3-D, got ",
+              out_.sizes(), " and ", cs_.sizes());
+  const int64_t L = out_.size(0), N = out_.size(1), P = out_.size(2), H = cs_.size(2), G = 4 * H;
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
+  Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
+  Tensor gates = gates_.contiguous(), cs = cs_.contiguous(), ms = ms_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(out, grad_out, "grad_out", out.sizes());
+  check_same(out, grad_hn, "grad_h_n", {N, P});
+  check_same(out, grad_cn, "grad_c_n", {N, H});
+  check_same(out, w_hh, "w_hh", {G, P});
+  if (proj) {
+    check_same(out, w_hr, "w_hr", {P, H});
+    check_same(out, ms, "ms", {L, N, H});
+  } else {
+    TORCH_CHECK(P == H, "rnnkit_fused::lstm_bwd: without w_hr, out must be (L, N, H) as cs, got ", out.sizes(),
+                " and ", cs.sizes());
+  }
+  check_same(out, h0, "h0", {N, P});
+  check_same(out, c0, "c0", {N, H});
+  check_f32(gates, "gates", {L, N, G});
+  check_f32(cs, "cs", {L, N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor dG = at::empty({L, N, G}, out.options());
+  Tensor dHall = proj ? at::empty({L, N, P}, out.options()) : Tensor();
+  Tensor dm_buf = proj ? at::empty({N, H}, f32_like(out)) : Tensor();
+  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = at::empty({N, P}, f32_like(out)), dc = grad_cn.to(at::kFloat);
+  Tensor c0f = c0.to(at::kFloat), s_buf = at::empty({N, std::max(G, P)}, f32_like(out));
+  const RecurrentBF16 rec(N, P, G, false, w_hh);
+  const RecurrentBF16 rec_r(proj ? N : 0, H, P, false, proj ? w_hr : w_hh);
+  const BF* go = grad_out.data_ptr<BF>();
+  const float *gs = gates.data_ptr<float>(), *c = cs.data_ptr<float>(), *c_init = c0f.data_ptr<float>();
+  BF *dg = dG.data_ptr<BF>(), *dha = proj ? dHall.data_ptr<BF>() : nullptr;
+  float *dh = dh_a.data_ptr<float>(), *dn = dh_b.data_ptr<float>(), *dcp = dc.data_ptr<float>(),
+        *s = s_buf.data_ptr<float>(), *dm = proj ? dm_buf.data_ptr<float>() : nullptr;
+  const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
+  for (int64_t t = L - 1; t >= 0; --t) {
+    to_float(go + t * N * P, s, N * P);
+    add_into(dh, s, N * P);
+    const float* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+    const float* gt = gs + t * N * G;
+    const float* ct = c + t * N * H;
+    BF* dgt = dg + t * N * G;
+    const float* dmt = dh;
+    if (proj) {
+      to_bf16(dh, dha + t * N * P, N * P);
+      rec_r(dha + t * N * P, P, 0.f, dm, H);
+      dmt = dm;
+    }
+    const bool check = len && t >= min_len;
+    at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        if (check && t >= len[n]) {
+          zero_row(dgt + n * G, G);
+          copy_row(dn + n * P, dh + n * P, P);
+          if (proj) zero_row(dha + (t * N + n) * P, P);
+        } else {
+          lstm_grad_row(gt + n * G, cp + n * H, ct + n * H, dmt + n * H, dcp + n * H, s + n * G, H);
+          to_bf16(s + n * G, dgt + n * G, G);
+          zero_row(dn + n * P, P);
+        }
+      }
+    });
+    rec(dgt, G, 1.f, dn, P);
+    if (check) pass_held_rows(len, t, N, P, (const float*)dh, dn);
+    std::swap(dh, dn);
+  }
+  if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
+  Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
+  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : at::empty({0}, out.options());
+  return {dG, grad_w_hh, grad_w_hr, dh_a.to(at::kBFloat16), dc.to(at::kBFloat16)};
+}
+
+// ---------------------------------------------------------------- dtype dispatch (the registered entry points)
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_entry(const Tensor& xp, const Tensor& w_hh,
+                                                                          const std::optional<Tensor>& w_hr,
+                                                                          const Tensor& h0, const Tensor& c0,
+                                                                          const std::optional<Tensor>& lengths) {
+  if (xp.scalar_type() == at::kBFloat16) return lstm_fwd_bf16(xp, w_hh, w_hr, h0, c0, lengths);
+  return lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_entry(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
+    const Tensor& out, const Tensor& gates, const Tensor& cs, const Tensor& ms) {
+  if (out.scalar_type() == at::kBFloat16)
+    return lstm_bwd_bf16(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms);
+  return lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms);
+}
+
+}  // namespace rnnkit_fused::lstm

@@ -1,0 +1,115 @@
+// rnnkit's fused CPU kernels: the ops each kernel file defines (in a namespace named after its file)
+// and register.cpp registers with torch.library. Argument shapes: see the definitions and
+// rnnkit/fused/_ops.py (SCHEMAS).
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rnnkit_fused {
+
+using at::Tensor;
+
+namespace rnn {  // rnn.cpp
+std::tuple<Tensor, Tensor> rnn_fwd_entry(const Tensor& xp, const Tensor& w_hh, const Tensor& h0,
+                                         const std::optional<Tensor>& lengths, int64_t act);
+std::tuple<Tensor, Tensor, Tensor> rnn_bwd_entry(const Tensor& grad_out, const Tensor& grad_hn, const Tensor& w_hh,
+                                                 const Tensor& h0, const std::optional<Tensor>& lengths,
+                                                 const Tensor& out, int64_t act);
+}  // namespace rnn
+
+namespace lstm {  // lstm.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_entry(const Tensor& xp, const Tensor& w_hh,
+                                                                          const std::optional<Tensor>& w_hr,
+                                                                          const Tensor& h0, const Tensor& c0,
+                                                                          const std::optional<Tensor>& lengths);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_entry(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& w_hh,
+    const std::optional<Tensor>& w_hr, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
+    const Tensor& out, const Tensor& gates, const Tensor& cs, const Tensor& ms);
+}  // namespace lstm
+
+namespace gru {  // gru.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd_entry(const Tensor& xp, const Tensor& w_hh,
+                                                         const std::optional<Tensor>& b_hh, const Tensor& h0,
+                                                         const std::optional<Tensor>& lengths);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_entry(const Tensor& grad_out, const Tensor& grad_hn,
+                                                         const Tensor& w_hh, const Tensor& h0,
+                                                         const std::optional<Tensor>& lengths, const Tensor& out,
+                                                         const Tensor& rzn, const Tensor& hns);
+}  // namespace gru
+
+namespace peephole {  // peephole.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> peephole_fwd(const Tensor& xp_, const Tensor& w_hh_,
+                                                                 const Tensor& w_ci_, const Tensor& w_cf_,
+                                                                 const Tensor& w_co_, const Tensor& h0_,
+                                                                 const Tensor& c0_,
+                                                                 const std::optional<Tensor>& lengths);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const Tensor& w_ci_, const Tensor& w_cf_, const Tensor& w_co_, const Tensor& h0_, const Tensor& c0_,
+    const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_);
+}  // namespace peephole
+
+namespace ln_lstm {  // ln_lstm.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_,
+    const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths, double eps_);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_, const Tensor& h0_, const Tensor& c0_,
+    const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_,
+    const Tensor& nzs_, const Tensor& ncs_, const Tensor& rstd_);
+}  // namespace ln_lstm
+
+namespace ln_gru {  // ln_gru.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp_, const Tensor& w_hh_,
+                                                              const Tensor& g_hh_, const Tensor& shift_,
+                                                              const Tensor& h0_,
+                                                              const std::optional<Tensor>& lengths, double eps_);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& shift_,
+    const Tensor& h0_, const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_,
+    const Tensor& nzs_, const Tensor& rstd_);
+}  // namespace ln_gru
+
+namespace indrnn {  // indrnn.cpp
+std::tuple<Tensor, Tensor> indrnn_fwd(const Tensor& xp_, const Tensor& u_, const Tensor& h0_,
+                                      const std::optional<Tensor>& lengths, int64_t act);
+std::tuple<Tensor, Tensor, Tensor> indrnn_bwd(const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& u_,
+                                              const Tensor& h0_, const std::optional<Tensor>& lengths,
+                                              const Tensor& out_, int64_t act);
+}  // namespace indrnn
+
+namespace conv {  // conv.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const std::optional<Tensor>& w_ci_, const std::optional<Tensor>& w_cf_,
+    const std::optional<Tensor>& w_co_, const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const std::optional<Tensor>& w_ci_, const std::optional<Tensor>& w_cf_, const std::optional<Tensor>& w_co_,
+    const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths, const Tensor& out_,
+    const Tensor& gates_, const Tensor& cs_);
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_fwd(const Tensor& xp_, const Tensor& w_hh_,
+                                                        const std::optional<Tensor>& b_hh_, const Tensor& h0_,
+                                                        const std::optional<Tensor>& lengths);
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_bwd(const Tensor& grad_out_, const Tensor& grad_hn_,
+                                                        const Tensor& w_hh_, const Tensor& h0_,
+                                                        const std::optional<Tensor>& lengths, const Tensor& out_,
+                                                        const Tensor& rzn_, const Tensor& hns_);
+}  // namespace conv
+
+namespace cell {  // cell.cpp
+std::tuple<Tensor, Tensor> lstm_cell(const Tensor& x_, const Tensor& h_, const Tensor& c_, const Tensor& w_ih_,
+                                     const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
+                                     const std::optional<Tensor>& b_hh_);
+Tensor gru_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
+                const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_);
+Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
+                const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_, int64_t act);
+}  // namespace cell
+
+}  // namespace rnnkit_fused
