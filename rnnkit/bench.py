@@ -67,7 +67,8 @@ ratios:
 examples:
   rnnkit bench                                   # the default suite, under 5 minutes
   rnnkit bench --cell gru --size S --size M --json gru.json
-  rnnkit bench --section step"""
+  rnnkit bench --section step
+  rnnkit bench --contended          # fused vs torch.nn at S and M, idle and with 3 busy processes"""
 
 
 class BenchArgumentError(ValueError):
@@ -484,9 +485,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a tiny smoke run: T <= 10, tiny sizes, 2 repeats (for tests; the figures mean little)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--contended", action="store_true",
+                        help="instead: fused vs torch.nn forward+backward at S and M (and a batch-1 hidden-32 "
+                             "length-10 RNN), idle and then with --busy spinning processes on this machine "
+                             "(rnnkit/fused/under_load.py; figures are medians of interleaved samples)")
+    parser.add_argument("--busy", type=int, default=3, metavar="K",
+                        help="busy processes for --contended's loaded phase (default: 3)")
+
+
+def run_contended(args) -> int:
+    """``rnnkit bench --contended``: :mod:`rnnkit.fused.under_load` on its S and M rows."""
+    from .fused import under_load
+    if args.busy < 1:
+        raise BenchArgumentError(f"--busy must be at least 1 busy process, got {args.busy}")
+    reason = _fused_reason()
+    if reason is not None:
+        raise BenchArgumentError(f"--contended times the fused backend, which is not available here: {reason}")
+    if args.quick:  # a smoke run for tests: one tiny row, few short samples
+        configs, samples, sample_ms, budget_s = ("rnn_s",), 3, 2.0, 2.0
+    else:
+        configs, samples, sample_ms, budget_s = under_load.CONTENDED, max(15, 3 * args.repeats), 20.0, 30.0
+    result = under_load.run(configs, args.busy, samples, sample_ms, args.threads, max_busy_s=600.0,
+                            budget_s=budget_s, progress=not args.quiet)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(under_load.format_table(result))
+    if args.json:
+        print(f"json: {args.json}")
+    return 0
+
+
+def _fused_reason() -> Optional[str]:
+    from .fused import _build
+    return _build.load()
 
 
 def run_from_args(args) -> int:
+    if getattr(args, "contended", False):
+        return run_contended(args)
     if args.max_call <= 0:
         raise BenchArgumentError(f"--max-call must be positive, got {args.max_call}")
     if args.budget < 0:
