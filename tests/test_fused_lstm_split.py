@@ -1,4 +1,4 @@
-"""The fused LSTM's row split (lstm_rows in fused.cpp): at N * H >= 1536 cell
+"""The fused LSTM's row split (lstm_rows in csrc/lstm.cpp): at N * H >= 1536 cell
 units per step the gate math of each step (forward and backward) is split
 across torch's OpenMP threads. Outputs, final states and every gradient must
 equal the reference scan's (the oracle) with the split on, with and without a

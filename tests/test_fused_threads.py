@@ -1,4 +1,4 @@
-"""Threading of the fused kernels (csrc/fused.cpp, "threading by work"): each parallel
+"""Threading of the fused kernels (csrc/common.h, "threading by work"): each parallel
 piece decides by its own work whether it may use more than one thread, so
 
 * the kernels' results do not depend on torch's thread count: the forward and backward
@@ -226,6 +226,16 @@ PROBE = textwrap.dedent("""
     for size, (N, H, L) in {"small": (4, 32, 10), "large": (64, 256, 4)}.items():
         for name, fn in cases(N, H, L).items():
             print(size, name, regions(fn))
+
+    # a whole layer, forward+backward, input projection (the project op) and autograd included
+    import rnnkit
+    torch.manual_seed(0)
+    layer = rnnkit.RNN(32, 32, backend="fused")
+    x = torch.randn(10, 1, 32, requires_grad=True)
+    def layer_call():
+        out, h = layer(x)
+        out.sum().backward()
+    print("small", "rnn_layer", regions(layer_call))
 """)
 
 
@@ -251,6 +261,8 @@ def test_small_problems_open_no_parallel_region(tmp_path):
     for line in run.stdout.splitlines():
         size, name, n = line.split()
         got[(size, name)] = int(n)
+    # the batch-1 hidden-32 length-10 RNN layer of issue 13: its projection and backward run on one thread too
+    assert got[("small", "rnn_layer")] == 0, f"the RNN layer opened {got[('small', 'rnn_layer')]} regions"
     for name in ("rnn", "lstm", "gru"):
         assert got[("small", name)] == 0, f"{name} at batch 4, hidden 32 opened {got[('small', name)]} regions"
         # large: every step's GEMM (forward and backward) keeps MKL's threads

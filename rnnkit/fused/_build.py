@@ -38,7 +38,7 @@ CSRC = Path(__file__).with_name("csrc")
 # gates.h (the gate math several families share) and ops.h (the ops register.cpp registers).
 # Listed longest compile first, so ninja starts those first on a machine with few cores.
 SOURCE_FILES = ("conv.cpp", "lstm.cpp", "cell.cpp", "gru.cpp", "ln_lstm.cpp", "ln_gru.cpp", "rnn.cpp",
-                "peephole.cpp", "indrnn.cpp", "register.cpp")
+                "peephole.cpp", "indrnn.cpp", "project.cpp", "register.cpp")
 HEADER_FILES = ("common.h", "gates.h", "ops.h")
 DISABLE_ENV = "RNNKIT_DISABLE_FUSED"
 

@@ -2,7 +2,7 @@
 implementations for ``torch.compile``/``torch.export``, and autograd formulas that call
 the hand-written backward ops (and the reference twins for a differentiable backward).
 
-The ops live under ``torch.ops.rnnkit_fused``; the C++ library (``csrc/fused.cpp``),
+The ops live under ``torch.ops.rnnkit_fused``; the C++ library (``csrc/``, one file per family),
 built and loaded on first use, adds their CPU kernels:
 
 * ``rnn_fwd / lstm_fwd / gru_fwd / peephole_fwd / ln_lstm_fwd / indrnn_fwd``: a whole sequence, one layer, one direction,
@@ -14,6 +14,8 @@ built and loaded on first use, adds their CPU kernels:
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
+* ``project_fwd / project_bwd``: the input projection ``x W^T + b`` and its backward, ATen's
+  products run on the calling thread when small (threading by work; see :func:`project`).
 
 :func:`register` runs once, when rnnkit is imported.
 """
@@ -100,6 +102,16 @@ def _fake_ln_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, ln_w_hh, ln_w_c, ln_b_c,
                       nz, nc, rstd):
     return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), ln_w_hh.new_empty(ln_w_hh.shape), \
         ln_w_c.new_empty(ln_w_c.shape), ln_b_c.new_empty(ln_b_c.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_project_fwd(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _fake_project_bwd(grad, x, w, mask):
+    empty = x.new_empty(0)
+    return (x.new_empty(x.shape) if mask[0] else empty, w.new_empty(w.shape) if mask[1] else empty,
+            w.new_empty(w.shape[0]) if mask[2] else empty)
 
 
 def _fake_indrnn_fwd(xp, u, h0, lengths, act):
@@ -250,15 +262,25 @@ def _bwd_ln_gru(inputs, outputs, grads):
     return (*grads, None, None)
 
 
+def _bwd_project(inputs, outputs, grads):
+    x, w, b = inputs
+    mask = [x.requires_grad, w.requires_grad, b is not None and b.requires_grad]
+    if grads[0] is None or not any(mask):
+        return None, None, None
+    dx, dw, db = _ops().project_bwd(grads[0], x, w, mask)
+    return tuple(g if m else None for g, m in zip((dx, dw, db), mask))
+
+
 BACKWARDS = {
     "rnn_fwd": _bwd_rnn, "lstm_fwd": _bwd_lstm, "gru_fwd": _bwd_gru, "peephole_fwd": _bwd_peephole,
     "ln_lstm_fwd": _bwd_ln_lstm, "indrnn_fwd": _bwd_indrnn, "conv_lstm_fwd": _bwd_conv_lstm,
-    "conv_gru_fwd": _bwd_conv_gru, "ln_gru_fwd": _bwd_ln_gru,
+    "conv_gru_fwd": _bwd_conv_gru, "ln_gru_fwd": _bwd_ln_gru, "project_fwd": _bwd_project,
 }
 """Each ``*_fwd`` op's first-order backward: ``(inputs, outputs, grads of the outputs) -> grads of the inputs``."""
 
 
 def _setup(ctx, inputs, output) -> None:
+    output = output if isinstance(output, tuple) else (output,)  # project_fwd returns one tensor
     tensors = [t if isinstance(t, Tensor) else None for t in (*inputs, *output)]
     ctx.save_for_backward(*tensors)
     ctx.plain = [None if isinstance(t, Tensor) else t for t in inputs]  # act, eps: not tensors
@@ -383,6 +405,8 @@ SCHEMAS = {
     "ln_gru_bwd": "ln_gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor ln_w_hh, Tensor shift, "
                   "Tensor h0, Tensor? lengths, Tensor out, Tensor gates, Tensor nz, Tensor rstd) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "project_fwd": "project_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor",
+    "project_bwd": "project_bwd(Tensor grad, Tensor x, Tensor w, bool[3] mask) -> (Tensor, Tensor, Tensor)",
 }
 """Every tensor op's schema. They are defined when rnnkit is imported (so a ``torch.export`` or
 ``torch.jit`` artifact that calls them loads in a fresh process after ``import rnnkit``); the C++
@@ -437,7 +461,8 @@ def register() -> None:
                      ("lstm_cell", _fake_lstm_cell), ("gru_cell", _fake_gru_cell), ("rnn_cell", _fake_rnn_cell),
                      ("conv_lstm_fwd", _fake_conv_lstm_fwd), ("conv_lstm_bwd", _fake_conv_lstm_bwd),
                      ("conv_gru_fwd", _fake_conv_gru_fwd), ("conv_gru_bwd", _fake_conv_gru_bwd),
-                     ("ln_gru_fwd", _fake_ln_gru_fwd), ("ln_gru_bwd", _fake_ln_gru_bwd)]:
+                     ("ln_gru_fwd", _fake_ln_gru_fwd), ("ln_gru_bwd", _fake_ln_gru_bwd),
+                     ("project_fwd", _fake_project_fwd), ("project_bwd", _fake_project_bwd)]:
         torch.library.register_fake(f"rnnkit_fused::{name}", fn, lib=_LIB)
     for name in BACKWARDS:  # calling the op itself with a gradient (the layers go through FUNCTIONS)
         torch.library.register_autograd(f"rnnkit_fused::{name}", _registered_backward(name), setup_context=_setup,
@@ -527,3 +552,14 @@ def ln_gru_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, shift: Tensor, h0
     (the LN without gain, ``eps`` inside the root)."""
     out, h_n, *_ = apply("ln_gru_fwd", xp, w_hh, ln_w_hh, shift, h0, lengths, eps)
     return out, h_n
+
+
+SERIAL_PROJECT_MACS = 1 << 22
+"""kSerialOnceMacs (csrc/common.h): below this many multiply-adds (rows x outputs x inputs) one
+product runs on the calling thread, so the projection goes through :func:`project`."""
+
+
+def project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """``x (M, K) @ w.T (K, G) + b (G,)``: what ``torch.addmm`` computes, forward and backward, with
+    each product on the calling thread (csrc/project.cpp: it is small, see SERIAL_PROJECT_MACS)."""
+    return apply("project_fwd", x, w, b)

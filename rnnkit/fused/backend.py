@@ -37,11 +37,27 @@ def _bias_sum(p: Params) -> Optional[Tensor]:
 
 
 def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """``x (L, N, H_in) -> (L, N, G)`` in one GEMM."""
+    """``x (L, N, H_in) -> (L, N, G)`` in one GEMM. A small one (and its backward) goes through the
+    ``project_fwd`` op, which runs ATen's products on the calling thread (threading by work: under
+    load a parallel region for tiny work waits a scheduler time slice at its join); the rest, and
+    anything autocast, a tracer or torch.compile should see as ATen's, stays ``addmm``."""
     L, N = x.shape[0], x.shape[1]
     x2 = x.reshape(L * N, x.shape[2])
-    xp = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+    if _serial_projection(x2, w, b):
+        xp = _ops.project(x2, w, b)
+    else:
+        xp = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
     return xp.view(L, N, w.shape[0])
+
+
+def _serial_projection(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    return (x2.shape[0] * w.shape[0] * x2.shape[1] < _ops.SERIAL_PROJECT_MACS and x2.dtype == w.dtype
+            and (b is None or b.dtype == w.dtype) and _build.load() is None
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch._C._get_tracing_state() and type(x2) in _PLAIN and type(w) in _PLAIN)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _lengths(lengths: Optional[Tensor]) -> Optional[Tensor]:

@@ -27,7 +27,7 @@ _FLOATS = (torch.float32, torch.float64)
 _CELL_OPS: dict = {}
 
 # the direct entry: direct_step(kind, input, hx, params, input_size, hidden_size) -> new state or
-# NotImplemented; None until the extension is loaded as a module (see csrc/fused.cpp's last section)
+# NotImplemented; None until the extension is loaded as a module (see csrc/cell.cpp's last section)
 direct_step = None
 DIRECT_KIND = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 

@@ -85,10 +85,14 @@ def conv_gru_fwd(xp, w_hh, b_hh, h0, lengths):
     return _scan("conv_gru", conv_gru_step, {"weight_hh": w_hh, "bias_hh": b_hh}, xp, (h0,), lengths)
 
 
+def project_fwd(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tuple[Tensor]:
+    return (torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()),)
+
+
 TWINS: Dict[str, Callable[..., Tuple[Tensor, ...]]] = {
     "rnn_fwd": rnn_fwd, "lstm_fwd": lstm_fwd, "gru_fwd": gru_fwd, "peephole_fwd": peephole_fwd,
     "ln_lstm_fwd": ln_lstm_fwd, "ln_gru_fwd": ln_gru_fwd, "indrnn_fwd": indrnn_fwd,
-    "conv_lstm_fwd": conv_lstm_fwd, "conv_gru_fwd": conv_gru_fwd,
+    "conv_lstm_fwd": conv_lstm_fwd, "conv_gru_fwd": conv_gru_fwd, "project_fwd": project_fwd,
 }
 """Each fused ``*_fwd`` op's twin: same arguments, returns ``(out, h_n)`` or ``(out, h_n, c_n)``
 (the op's first two or three results; the rest are what its C++ backward reads)."""

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -111,5 +112,11 @@ Tensor gru_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const T
 Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
                 const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_, int64_t act);
 }  // namespace cell
+
+namespace project {  // project.cpp
+Tensor project_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b);
+std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& grad, const Tensor& x, const Tensor& w,
+                                               std::array<bool, 3> mask);
+}  // namespace project
 
 }  // namespace rnnkit_fused

@@ -56,4 +56,6 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("conv_gru_bwd", &rnnkit_fused::conv::conv_gru_bwd);
   m.impl("ln_gru_fwd", &rnnkit_fused::ln_gru::ln_gru_fwd);
   m.impl("ln_gru_bwd", &rnnkit_fused::ln_gru::ln_gru_bwd);
+  m.impl("project_fwd", &rnnkit_fused::project::project_fwd);
+  m.impl("project_bwd", &rnnkit_fused::project::project_bwd);
 }
