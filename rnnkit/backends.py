@@ -118,7 +118,13 @@ def why_not(name: str, module, x: Optional[Tensor] = None) -> Optional[str]:
 
 
 def select(module, x: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Backend:
-    """The backend that will run ``module`` on ``x`` (with ``lengths``, if given)."""
+    """The backend that will run ``module`` on ``x`` (with ``lengths``, if given).
+
+    While ``torch.onnx.export`` runs, every layer takes the ONNX export route
+    (:mod:`rnnkit.onnx`): the same function, in ops both ONNX exporters translate."""
+    if torch.onnx.is_in_onnx_export():
+        from .onnx import EXPORT_BACKEND
+        return EXPORT_BACKEND
     requested = module.backend
     if requested == "auto":
         for name in auto_order(module, x, lengths):
