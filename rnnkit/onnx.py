@@ -25,9 +25,10 @@ later torch move that table, :func:`custom_translation_table` gives the same tra
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import itertools
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -349,6 +350,12 @@ def scan_hop(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Option
     return out, tuple(final)
 
 
+_STEP_IDS = itertools.count()
+_alive: Deque[tuple] = collections.deque(maxlen=4096)
+"""The traced steps and loops of the layers last exported with ``dynamo=False``: the exporter's graph
+calls them by reference, so they must outlive the export."""
+
+
 def _loop_source(num_states: int, num_params: int, masked: bool) -> str:
     s = [f"s{i}" for i in range(num_states)]
     n = [f"n{i}" for i in range(num_states)]
@@ -361,7 +368,7 @@ def _loop_source(num_states: int, num_params: int, masked: bool) -> str:
     for si, ni in zip(s, n):
         lines.append(f"        {si} = torch.where(keep[t], {ni}, {si})" if masked else f"        {si} = {ni}")
     lines += ["        outs.append(s0)", f"    return torch.stack(outs), {', '.join(s)}"]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def scan_script(spec: CellSpec, p: Params, x: Tensor, state: State,
@@ -379,6 +386,8 @@ def scan_script(spec: CellSpec, p: Params, x: Tensor, state: State,
         new = spec.step(xp_t, tuple(args[:num_states]), params)
         return tuple(new) if num_states > 1 else new[0]
 
+    # a name of its own: TorchScript finds a traced function by its qualified name
+    step.__name__ = step.__qualname__ = f"step_{spec.name}_{next(_STEP_IDS)}"
     tensors = [p[k] for k in names]
     # trace the step on its own (the model's trace pauses meanwhile): a function of its inputs only
     outer = torch._C._get_tracing_state()
@@ -392,6 +401,7 @@ def scan_script(spec: CellSpec, p: Params, x: Tensor, state: State,
         unit.define(_loop_source(num_states, len(names), keep is not None), names_in_scope.get)
     finally:
         torch._C._set_tracing_state(outer)
+    _alive.append((traced, unit))  # the traced graph refers to them until the exporter has inlined them
     result = unit.loop(xp, keep if keep is not None else xp.new_zeros(()), *state, *tensors)
     return result[0], tuple(result[1:])
 
