@@ -303,11 +303,13 @@ class RecurrentBase(nn.Module):
             lengths = check_lengths(self, lengths, reading, x.device)
         return x, reading, lengths, packed_lengths
 
-    def forward(self, input, hx=None, *, lengths=None, padding_value: float = 0.0):
+    def forward(self, input, hx=None, *_exporter_args, lengths=None, padding_value: float = 0.0):
         """See the class docstring. ``lengths`` (N,) gives each sequence's length
         in a padded batch, with no packing; positions past a length are set to
         ``padding_value`` and the final state is the one after each sequence's
-        last valid step."""
+        last valid step. ``lengths`` and ``padding_value`` are keyword-only."""
+        if _exporter_args:
+            lengths, padding_value = _exporter_defaults(self, _exporter_args, lengths, padding_value)
         if _autocast.enabled():
             cast = _autocast.compute_dtype(self, input)
             if cast is not None:
@@ -371,6 +373,20 @@ _SCRIPT_MESSAGE = (
     "backends). Supported routes: torch.jit.trace(model, example_inputs) for a TorchScript artifact, "
     "torch.export.export(model, args) (dynamic batch and length) or torch.compile(model); or script the torch.nn "
     "equivalent, torch.jit.script(rnnkit.to_torch_nn(model)).")
+
+
+def _exporter_defaults(module, extra: tuple, lengths, padding_value):
+    """``(lengths, padding_value)`` from the positional arguments after ``hx``, which only
+    ``torch.onnx.export(..., dynamo=False)`` passes: it calls the exported module with every
+    keyword-only argument's default appended positionally. Anywhere else they are an error."""
+    if not torch.onnx.is_in_onnx_export() or len(extra) > 2:
+        raise TypeError(f"{type(module).__name__}.forward() takes from 2 to 3 positional arguments but "
+                        f"{3 + len(extra)} were given (lengths and padding_value are keyword-only)")
+    if lengths is None and extra[0] is not None:
+        lengths = extra[0]
+    if len(extra) > 1 and extra[1] is not None:
+        padding_value = extra[1]
+    return lengths, padding_value
 
 
 def _check_rate(owner: str, name: str, value, meaning: str) -> float:

@@ -50,8 +50,9 @@ def exporting() -> bool:
 
 
 def _dynamo_exporting() -> bool:
-    """True under the default (torch.export based) exporter, False under ``dynamo=False``."""
-    return not torch.jit.is_tracing()
+    """True under the default (torch.export based) exporter; False under ``dynamo=False`` (a
+    ``torch.jit.trace``) and in eager mode (the tests call the routes eagerly)."""
+    return torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 # ----------------------------------------------------------------------------- the native ops, ONNX's signature
@@ -346,7 +347,8 @@ def scan_hop(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Option
             new = tuple(torch.where(keep_t, n, s) for n, s in zip(spec.step(xp_t, carry, p), carry))
         return tuple(new), new[0].clone()  # the scan's output may not alias its carry
 
-    final, out = scan(body, tuple(state), xp if keep is None else (xp, keep))
+    with torch.no_grad():  # an inference graph: tracing the scan's backward too would double the export's time
+        final, out = scan(body, tuple(state), xp if keep is None else (xp, keep))
     return out, tuple(final)
 
 
@@ -403,7 +405,8 @@ def scan_script(spec: CellSpec, p: Params, x: Tensor, state: State,
         torch._C._set_tracing_state(outer)
     _alive.append((traced, unit))  # the traced graph refers to them until the exporter has inlined them
     result = unit.loop(xp, keep if keep is not None else xp.new_zeros(()), *state, *tensors)
-    return result[0], tuple(result[1:])
+    # the loop's stacked output has no known rank in the TorchScript graph: a reshape gives it one
+    return result[0].reshape(xp.shape[0], *state[0].shape), tuple(result[1:])
 
 
 # ----------------------------------------------------------------------------- the export route
