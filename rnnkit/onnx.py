@@ -6,21 +6,21 @@ backend: while an ONNX export runs (``torch.onnx.is_in_onnx_export()``), every l
 
 * **RNN / LSTM / GRU** (and the peephole LSTM, whose peepholes are ONNX's ``P``) become ONNX's own
   ``RNN`` / ``LSTM`` / ``GRU`` operators, one per layer (both directions in one node), with
-  ``sequence_lens`` when ``lengths=`` is passed. They are recorded as the export-only custom ops
+  ``sequence_lens`` when ``lengths=`` is passed (:func:`native_op`): under the default exporter
+  through ``torch.onnx.ops.symbolic_multi_out``; under ``dynamo=False`` as the export-only custom ops
   ``torch.ops.rnnkit_onnx.{rnn,lstm,gru}``, whose arguments are exactly the ONNX operator's (weights
-  already in ONNX's gate order), so each exporter's translation is one ONNX node.
-* **Every other configuration** (the zoo, an LSTM with ``proj_size`` — ONNX's LSTM cannot project —,
+  already in ONNX's gate order) and whose symbolics rnnkit registers with
+  ``torch.onnx.register_custom_op_symbolic`` (:func:`register`) at its first export.
+* **Every other configuration** (the zoo, an LSTM with ``proj_size`` (ONNX's LSTM cannot project),
   RNN with another nonlinearity, zoneout in eval mode) becomes one loop over time per
   layer-direction, whose body is the cell's own step function (:attr:`rnnkit.CellSpec.step`), traced:
-  with the default exporter (``dynamo=True``) through ``torch._higher_order_ops.scan`` (an ONNX
-  ``Scan``); with ``dynamo=False`` through a TorchScript loop that calls the traced step (an ONNX
-  ``Loop``). Either way the graph's size does not depend on the sequence length.
+  with the default exporter through ``torch._higher_order_ops.scan`` (an ONNX ``Scan``); with
+  ``dynamo=False`` through a TorchScript loop that calls the traced step (an ONNX ``Loop``). Either
+  way the graph's size does not depend on the sequence length.
 
-The translations register themselves when rnnkit first exports: with ``dynamo=False`` through
-``torch.onnx.register_custom_op_symbolic`` (public API); with the default exporter in torch's
-built-in translation table (its ``onnx_impl`` registry: the plain call needs no argument). Should a
-later torch move that table, :func:`custom_translation_table` gives the same translations for
-``torch.onnx.export(..., custom_translation_table=...)``.
+The plain ``torch.onnx.export`` call needs no extra argument. Besides public APIs, this uses
+torch's prototype ``scan`` higher-order op and ``torch._C``'s tracing state (to trace a step while the
+model's trace pauses). See docs/deploy.md, "ONNX".
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
