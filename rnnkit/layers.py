@@ -22,6 +22,10 @@ from ._checks import (check_bool, check_dtype_device, check_lengths, check_posit
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .runner import RegularizerRates, drop_connect, mask_padding
 from .spec import CellSpec
+from .fused import cells as _fused_cells
+
+_compiling = torch.compiler.is_compiling
+_tracing = torch._C._get_tracing_state
 
 
 class RecurrentBase(nn.Module):
@@ -312,6 +316,10 @@ class RecurrentBase(nn.Module):
             cast = _autocast.compute_dtype(self, input)
             if cast is not None:
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
+        if lengths is None and type(input) is Tensor and self._step_kind is not None:
+            fast = self._direct_step(input, hx)
+            if fast is not None:
+                return fast
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
         ref = next(self.parameters())
         # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
@@ -339,6 +347,61 @@ class RecurrentBase(nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, (states if len(states) > 1 else states[0])
+
+    @property
+    def _step_kind(self) -> Optional[int]:
+        """The fused cell step's kind (0 LSTM, 1 GRU, 2/3 RNN tanh/relu) when one step of this layer is
+        one cell step (one layer, one direction, no projection, a backend that may run the fused
+        kernels, no regularizer that changes the function now), else None."""
+        if (self.num_layers != 1 or self.bidirectional or self.proj_size or not self._is_standard
+                or self.backend not in ("auto", "fused") or self.zoneout or self.zoneout_cell
+                or (self.training and (self.recurrent_dropout or self.weight_drop))):
+            return None
+        return _fused_cells.DIRECT_KIND.get(self.cell_spec.fusable)
+
+    def _direct_step(self, input: Tensor, hx):
+        """A plain one-step inference call (``L == 1``, batched, dense) through the fused extension's
+        direct cell step (no dispatcher, no Python validation: the entry checks every shape, dtype,
+        device, gradient and mode itself and declines anything not plain), or None: then the full
+        path runs, with its own checks and error messages. Outputs as the full path's: ``output``
+        and ``h_n`` are distinct tensors."""
+        direct = _fused_cells.direct_step or _fused_cells.get_direct_step()
+        if direct is None or input.dim() != 3 or _compiling() or _tracing():
+            return None
+        batch_first = self.batch_first
+        if input.shape[1 if batch_first else 0] != 1:
+            return None
+        kind = self._step_kind
+        if hx is None:
+            state = None
+        elif kind == 0:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h0, c0 = hx
+            if type(h0) is not Tensor or type(c0) is not Tensor or h0.dim() != 3 or c0.dim() != 3 \
+                    or h0.shape[0] != 1 or c0.shape[0] != 1:
+                return None
+            state = (h0[0], c0[0])
+        else:
+            if type(hx) is not Tensor or hx.dim() != 3 or hx.shape[0] != 1:
+                return None
+            state = hx[0]
+        params = self._parameters
+        try:
+            p = {key: params[name] for key, name in self._param_keys[0].items()}
+        except KeyError:  # a parametrization or pruning replaced a parameter: the full path reads it
+            return None
+        new = direct(kind, input[:, 0] if batch_first else input[0], state, p, self.input_size, self.hidden_size)
+        if new is NotImplemented:
+            return None
+        if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than the step itself
+            self.last_backend = "fused"
+        if kind == 0:
+            h, c = new
+            h_n = h.unsqueeze(0)
+            return (h.unsqueeze(1) if batch_first else h_n).clone(), (h_n, c.unsqueeze(0))
+        h_n = new.unsqueeze(0)
+        return (new.unsqueeze(1) if batch_first else h_n).clone(), h_n
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
