@@ -260,6 +260,13 @@ class RecurrentBase(nn.Module):
         return {name: drop_connect(getattr(self, name), self.weight_drop)
                 for name in self._flat_weights_names if name.startswith("weight_hh")}
 
+    def _ref_param(self) -> Tensor:
+        """A parameter (the first registered), whose dtype and device the input and states must have."""
+        for p in self._parameters.values():
+            if p is not None:
+                return p
+        return next(self.parameters())  # every parameter parametrized: the slow, general way
+
     def _weight(self, name: str) -> Tensor:
         dropped = self._dropped_weights
         if dropped is not None and name in dropped:
@@ -300,7 +307,7 @@ class RecurrentBase(nn.Module):
             x = input if reading.batched else input.unsqueeze(1)
             if self.batch_first and reading.batched:
                 x = x.transpose(0, 1)
-        check_dtype_device(self, "input", x, next(self.parameters()))
+        check_dtype_device(self, "input", x, self._ref_param())
         if packed_lengths is not None:
             lengths = packed_lengths.to(x.device)
         elif lengths is not None:
@@ -321,7 +328,7 @@ class RecurrentBase(nn.Module):
             if fast is not None:
                 return fast
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
-        ref = next(self.parameters())
+        ref = self._ref_param()
         # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
         batch = x.shape[1] if torch.jit.is_tracing() else reading.batch
         expected = self._state_shapes(batch, reading.feature_shape)
@@ -331,12 +338,17 @@ class RecurrentBase(nn.Module):
             state0 = check_states(self, hx, reading, expected, ref)
 
         backend = _backends.select(self, x, lengths)
-        self.last_backend = backend.name
-        self._dropped_weights = self._sample_weight_drop()
-        try:
+        if self.last_backend != backend.name:  # nn.Module.__setattr__ is not free: set only on a change
+            self.last_backend = backend.name
+        dropped = self._sample_weight_drop()
+        if dropped is None:
             out, states = backend.run(self, x, state0, lengths)
-        finally:
-            self._dropped_weights = None
+        else:
+            self._dropped_weights = dropped
+            try:
+                out, states = backend.run(self, x, state0, lengths)
+            finally:
+                self._dropped_weights = None
         out = mask_padding(out, lengths, padding_value)
 
         if packed_lengths is not None:
