@@ -323,8 +323,11 @@ class RecurrentBase(nn.Module):
             cast = _autocast.compute_dtype(self, input)
             if cast is not None:
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
-        if lengths is None and type(input) is Tensor and self._step_kind is not None:
-            fast = self._direct_step(input, hx)
+        kind = self._plain_kind if lengths is None and type(input) is Tensor else None
+        if kind is not None:
+            fast = self._direct_step(input, hx, kind) if self.backend in ("auto", "fused") else None
+            if fast is None:
+                fast = self._plain_inference(input, hx, kind)
             if fast is not None:
                 return fast
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
@@ -361,17 +364,17 @@ class RecurrentBase(nn.Module):
         return out, (states if len(states) > 1 else states[0])
 
     @property
-    def _step_kind(self) -> Optional[int]:
-        """The fused cell step's kind (0 LSTM, 1 GRU, 2/3 RNN tanh/relu) when one step of this layer is
-        one cell step (one layer, one direction, no projection, a backend that may run the fused
-        kernels, no regularizer that changes the function now), else None."""
+    def _plain_kind(self) -> Optional[int]:
+        """The cell's kind (0 LSTM, 1 GRU, 2/3 RNN tanh/relu, as the fused cell step numbers them) when
+        this layer is plain: a standard cell, one layer, one direction, no projection, no regularizer
+        that changes the function now; else None."""
         if (self.num_layers != 1 or self.bidirectional or self.proj_size or not self._is_standard
-                or self.backend not in ("auto", "fused") or self.zoneout or self.zoneout_cell
+                or self.zoneout or self.zoneout_cell
                 or (self.training and (self.recurrent_dropout or self.weight_drop))):
             return None
         return _fused_cells.DIRECT_KIND.get(self.cell_spec.fusable)
 
-    def _direct_step(self, input: Tensor, hx):
+    def _direct_step(self, input: Tensor, hx, kind: int):
         """A plain one-step inference call (``L == 1``, batched, dense) through the fused extension's
         direct cell step (no dispatcher, no Python validation: the entry checks every shape, dtype,
         device, gradient and mode itself and declines anything not plain), or None: then the full
@@ -383,7 +386,6 @@ class RecurrentBase(nn.Module):
         batch_first = self.batch_first
         if input.shape[1 if batch_first else 0] != 1:
             return None
-        kind = self._step_kind
         if hx is None:
             state = None
         elif kind == 0:
@@ -414,6 +416,39 @@ class RecurrentBase(nn.Module):
             return (h.unsqueeze(1) if batch_first else h_n).clone(), (h_n, c.unsqueeze(0))
         h_n = new.unsqueeze(0)
         return (new.unsqueeze(1) if batch_first else h_n).clone(), h_n
+
+    def _plain_inference(self, input: Tensor, hx, kind: int):
+        """A plain inference call (no gradient, dense batched input, one layer, one direction, every
+        tensor of the parameters' dtype and device and of the expected shape) on the backend ``select``
+        picks, without the full path's input reading and state checks; None for anything else (then
+        the full path runs: its checks, its error messages). What it returns is what the full path
+        returns."""
+        if torch.is_grad_enabled() or input.dim() != 3 or _compiling() or _tracing():
+            return None
+        ref = self._ref_param()
+        dtype, device = ref.dtype, ref.device
+        batch_first = self.batch_first
+        seq_len, batch = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
+        if input.dtype != dtype or input.device != device or input.shape[2] != self.input_size or seq_len == 0:
+            return None
+        shape = (1, batch, self.hidden_size)
+        if hx is None:
+            state0 = tuple(input.new_zeros(shape) for _ in range(2 if kind == 0 else 1))
+        else:
+            state0 = hx if kind == 0 else (hx,)
+            if type(state0) is not tuple or len(state0) != len(self.cell_spec.state_names):
+                return None
+            for s in state0:
+                if type(s) is not Tensor or s.shape != shape or s.dtype != dtype or s.device != device:
+                    return None
+        x = input.transpose(0, 1) if batch_first else input
+        backend = _backends.select(self, x, None)
+        if self.last_backend != backend.name:
+            self.last_backend = backend.name
+        out, states = backend.run(self, x, state0, None)
+        if batch_first:
+            out = out.transpose(0, 1)
+        return out, (states if len(states) > 1 else states[0])
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"

@@ -110,6 +110,70 @@ def test_stream_of_steps_equals_one_call(spy):
         assert_close(u, v, torch.float32, "stepped state")
 
 
+# ------------------------------------------------------------------ plain inference over a sequence
+
+@pytest.fixture
+def full_path(monkeypatch):
+    """Counts the calls that took the full path (which reads the input with read_input)."""
+    from rnnkit import layers
+    counts = {"calls": 0}
+    real = layers.read_input
+
+    def spy(*args, **kw):
+        counts["calls"] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(layers, "read_input", spy)
+    return counts
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("backend", ["auto", "fused", "torch", "reference"])
+@pytest.mark.parametrize("batch_first,zero_hx,dtype", [(False, False, torch.float32), (True, True, torch.float64)],
+                         ids=["hx", "bf-hxNone-f64"])
+def test_plain_inference_matches_torch_nn(full_path, name, backend, batch_first, zero_hx, dtype):
+    if backend == "fused" and REASON is not None:
+        pytest.skip(REASON)
+    ours, theirs = make(name, dtype=dtype, batch_first=batch_first)
+    ours.backend = backend
+    x = torch.randn((3, 5, 13) if batch_first else (5, 3, 13), dtype=dtype)
+    hx = None if zero_hx else state(name, 3, dtype=dtype)
+    with torch.no_grad():
+        got, want = outputs(ours(x, hx)), outputs(theirs(x, hx))
+    assert full_path["calls"] == 0
+    assert ours.last_backend == (ours.which_backend(x) if backend == "auto" else backend)
+    for u, v in zip(got, want):
+        assert_close(u, v, dtype, f"{name} {backend}")
+    assert got[0].data_ptr() != got[1].data_ptr()
+
+
+@pytest.mark.parametrize("case", ["grad", "lengths", "two_layers", "unbatched", "h_shape", "state_dtype", "list_hx",
+                                  "parameter_input"])
+def test_plain_inference_declines(full_path, case):
+    ours, theirs = make("gru", num_layers=2 if case == "two_layers" else 1)
+    x, hx = torch.randn(4, 2, 13), None
+    if case == "unbatched":
+        x = torch.randn(4, 13)
+    elif case == "h_shape":
+        hx = torch.randn(1, 3, 11)
+    elif case == "state_dtype":
+        hx = torch.randn(1, 2, 11, dtype=torch.float64)
+    elif case == "list_hx":
+        ours, theirs = make("lstm")
+        hx = list(state("lstm", 2))
+    elif case == "parameter_input":
+        x = torch.nn.Parameter(x, requires_grad=False)
+    with torch.set_grad_enabled(case == "grad"):
+        if case in ("h_shape", "state_dtype"):
+            with pytest.raises((ValueError, TypeError), match="h_0 has"):
+                ours(x, hx)
+        else:
+            kw = {"lengths": [4, 4]} if case == "lengths" else {}
+            for u, v in zip(outputs(ours(x, hx, **kw)), outputs(theirs(x, hx))):
+                assert_close(u.detach(), v.detach(), torch.float32, case)
+    assert full_path["calls"] == 1
+
+
 # ------------------------------------------------------------------ declined: the full path answers
 
 @needs_fused
