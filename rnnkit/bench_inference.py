@@ -115,9 +115,10 @@ def _flat(result) -> List[torch.Tensor]:
 
 
 def run_row(kind: str, cell: str, batch: int, hidden: int, seq_len: int, threads: int, repeats: int,
-            target_s: float, seed: int = 0, spin: bool = False) -> Dict[str, object]:
+            target_s: float, seed: int = 0, spin: bool = False, sessions: Optional[dict] = None) -> Dict[str, object]:
     """One row: ``kind`` is ``"sequence"`` or ``"step"``. Returns the config, the median seconds
-    per call of each contestant that ran, and why any did not."""
+    per call of each contestant that ran, and why any did not. ``sessions`` caches the ORT
+    sessions by ``(cell, hidden)`` (the exported model takes any length and batch)."""
     layer_cls, cell_cls, torch_cls = _classes(cell)
     torch.manual_seed(seed)
     ref = torch_cls(hidden, hidden).eval()
@@ -146,7 +147,12 @@ def run_row(kind: str, cell: str, batch: int, hidden: int, seq_len: int, threads
                                       lambda r: [t.unsqueeze(0) for t in _flat(r)] if cell == "lstm"
                                       else [r.unsqueeze(0), r.unsqueeze(0)])
     contestants["torch.nn"] = (lambda: ref(x, hx), _flat)
-    session = ort_session(ref, x, hx, threads, spin)
+    key = (cell, hidden, threads, spin, seed)
+    session = sessions.get(key) if sessions is not None else None
+    if session is None:
+        session = ort_session(ref, x, hx, threads, spin)
+        if sessions is not None:
+            sessions[key] = session
     if isinstance(session, str):
         skipped[ORT] = session
     else:
@@ -191,12 +197,13 @@ def run(full: bool = False, quick: bool = False, cells: Optional[Sequence[str]] 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    rows = []
+    rows: List[dict] = []
+    sessions: dict = {}
     try:
         for kind, cell, n, h in plan(full, quick, cells):
             if progress is not None:
                 progress(f"inference {kind} {cell} N={n} H={h}")
-            rows.append(run_row(kind, cell, n, h, seq_len, threads, repeats, target_s, spin=spin))
+            rows.append(run_row(kind, cell, n, h, seq_len, threads, repeats, target_s, spin=spin, sessions=sessions))
     finally:
         torch.set_num_threads(before)
     return {"settings": {"dtype": "float32", "threads": threads, "seq_len": seq_len, "repeats": repeats,
