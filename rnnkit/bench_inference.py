@@ -87,23 +87,24 @@ def ort_session(module: torch.nn.Module, x: torch.Tensor, hx, threads: int, spin
         return f"export or session failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
 
 
-def _timed(fns: Dict[str, Callable[[], object]], repeats: int, target_s: float) -> Dict[str, float]:
+def _timed(fns: Dict[str, Callable[[], object]], repeats: int, target_s: float,
+           clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median seconds per call of each contestant, interleaved in a rotating order."""
     numbers = {}
     for name, fn in fns.items():
         fn()
-        start = time.perf_counter()
+        start = clock()
         fn()
-        numbers[name] = max(1, int(target_s / max(time.perf_counter() - start, 1e-7)))
+        numbers[name] = max(1, int(target_s / max(clock() - start, 1e-7)))
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, number = fns[name], numbers[name]
-            start = time.perf_counter()
+            start = clock()
             for _ in range(number):
                 fn()
-            samples[name].append((time.perf_counter() - start) / number)
+            samples[name].append((clock() - start) / number)
     return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
 
@@ -115,7 +116,8 @@ def _flat(result) -> List[torch.Tensor]:
 
 
 def run_row(kind: str, cell: str, batch: int, hidden: int, seq_len: int, threads: int, repeats: int,
-            target_s: float, seed: int = 0, spin: bool = False, sessions: Optional[dict] = None) -> Dict[str, object]:
+            target_s: float, seed: int = 0, spin: bool = False, sessions: Optional[dict] = None,
+            cpu_time: bool = False) -> Dict[str, object]:
     """One row: ``kind`` is ``"sequence"`` or ``"step"``. Returns the config, the median seconds
     per call of each contestant that ran, and why any did not. ``sessions`` caches the ORT
     sessions by ``(cell, hidden)`` (the exported model takes any length and batch)."""
@@ -173,7 +175,8 @@ def run_row(kind: str, cell: str, batch: int, hidden: int, seq_len: int, threads
             except Exception as err:
                 skipped[name] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
                 del contestants[name]
-        times = _timed({name: fn for name, (fn, _) in contestants.items()}, repeats, target_s)
+        times = _timed({name: fn for name, (fn, _) in contestants.items()}, repeats, target_s,
+                       time.thread_time if cpu_time else time.perf_counter)
     return {"kind": kind, "cell": cell, "batch": batch, "hidden": hidden, "input_size": hidden, "seq_len": length,
             "median_s": times, "skipped": skipped}
 
@@ -188,8 +191,13 @@ def plan(full: bool = False, quick: bool = False, cells: Optional[Sequence[str]]
 
 def run(full: bool = False, quick: bool = False, cells: Optional[Sequence[str]] = None, seq_len: int = 100,
         threads: int = 2, repeats: int = 7, target_s: float = 0.02, spin: bool = False,
-        progress: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
-    """Every row of :func:`plan`; returns ``{"settings", "rows", "seconds"}``."""
+        progress: Optional[Callable[[str], None]] = None, cpu_time: bool = False) -> Dict[str, object]:
+    """Every row of :func:`plan`; returns ``{"settings", "rows", "seconds"}``. ``cpu_time`` times
+    with the calling thread's CPU time instead of the wall clock (one thread only: on a shared,
+    loaded machine it leaves out the time the process waited for a core)."""
+    if cpu_time and threads != 1:
+        raise ValueError(f"inference benchmark: cpu_time counts the calling thread only, so it needs threads=1, "
+                         f"got threads={threads}")
     if quick:
         seq_len, repeats, target_s = min(seq_len, 10), min(repeats, 2), 0.0
     for c in cells or []:
@@ -203,11 +211,13 @@ def run(full: bool = False, quick: bool = False, cells: Optional[Sequence[str]] 
         for kind, cell, n, h in plan(full, quick, cells):
             if progress is not None:
                 progress(f"inference {kind} {cell} N={n} H={h}")
-            rows.append(run_row(kind, cell, n, h, seq_len, threads, repeats, target_s, spin=spin, sessions=sessions))
+            rows.append(run_row(kind, cell, n, h, seq_len, threads, repeats, target_s, spin=spin, sessions=sessions,
+                                cpu_time=cpu_time))
     finally:
         torch.set_num_threads(before)
     return {"settings": {"dtype": "float32", "threads": threads, "seq_len": seq_len, "repeats": repeats,
                          "full": full, "quick": quick, "ort_spinning": spin, "grad": "torch.no_grad()",
+                         "clock": "thread CPU time" if cpu_time else "wall",
                          "timer": "interleaved median over repeats of the mean over `number` calls"},
             "rows": rows, "seconds": time.perf_counter() - start,
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
@@ -238,8 +248,9 @@ def ratios(row: Dict[str, object]) -> Dict[str, float]:
 
 def format_table(result: Dict[str, object]) -> str:
     st = result["settings"]
+    clock = " (thread CPU time)" if st.get("clock") == "thread CPU time" else ""
     out = [f"[inference] forward under torch.no_grad(), float32, {st['threads']} threads, median of {st['repeats']} "
-           f"interleaved repeats; times in us per call, H_in = H"]
+           f"interleaved repeats; times in us per call{clock}, H_in = H"]
     notes = []
     for kind in ("sequence", "step"):
         rows = [r for r in result["rows"] if r["kind"] == kind]
@@ -281,10 +292,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--spin", action="store_true", help="let ORT's worker threads spin (its default)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with the thread's CPU time (needs --threads 1): on a loaded machine it leaves out "
+                             "the waits for a core")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        parser.error(f"--cpu-time needs --threads 1, got --threads {args.threads}")
     result = run(full=not args.small, quick=args.quick, cells=args.cell, seq_len=args.seq_len, threads=args.threads,
-                 repeats=args.repeats, spin=args.spin, progress=lambda s: print(s, flush=True))
+                 repeats=args.repeats, spin=args.spin, progress=lambda s: print(s, flush=True), cpu_time=args.cpu_time)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -348,6 +348,17 @@ class _Off(torch.nn.Module):
         return out + 1, h
 
 
+def test_cpu_time_clock():
+    result = bench_inference.run(cells=["lstm"], quick=True, threads=1, cpu_time=True)
+    assert result["settings"]["clock"] == "thread CPU time"
+    assert "(thread CPU time)" in bench_inference.format_table(result)
+    assert all(t > 0 for r in result["rows"] for t in r["median_s"].values())
+    with pytest.raises(ValueError, match="cpu_time counts the calling thread only, so it needs threads=1, got threads=2"):
+        bench_inference.run(cells=["lstm"], quick=True, threads=2, cpu_time=True)
+    with pytest.raises(SystemExit):
+        bench_inference.main(["--quick", "--cpu-time", "--threads", "2"])
+
+
 def test_inference_errors():
     with pytest.raises(ValueError, match=r"inference benchmark: cell must be one of \['lstm', 'gru'\], got 'rnn'"):
         bench_inference.run(cells=["rnn"], quick=True)
