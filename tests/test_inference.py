@@ -359,6 +359,13 @@ def test_cpu_time_clock():
         bench_inference.main(["--quick", "--cpu-time", "--threads", "2"])
 
 
+def test_inference_section_keeps_the_budget():
+    result = bench.run(cells=["lstm"], sections=["layer", "inference"], sizes=["S"], quick=True, threads=1,
+                       progress=False, budget_s=0.0)
+    assert result["inference"] == {"skipped": "the time budget was spent (--budget 0 s)"}
+    assert "[inference] not run: the time budget was spent (--budget 0 s)" in bench.format_table(result)
+
+
 def test_inference_errors():
     with pytest.raises(ValueError, match=r"inference benchmark: cell must be one of \['lstm', 'gru'\], got 'rnn'"):
         bench_inference.run(cells=["rnn"], quick=True)
