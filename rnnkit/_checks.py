@@ -129,11 +129,26 @@ def layout_symbols(batch_first: bool, batched: bool, feature_symbols: Sequence[s
 _MEANING = {"L": "sequence", "N": "batch"}
 
 
+class _Described:
+    """``module._describe()`` for an error message, formatted only when one is raised."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __format__(self, spec: str) -> str:
+        return format(self.module._describe(), spec)
+
+    def __str__(self) -> str:
+        return self.module._describe()
+
+
 def read_input(module, x: Tensor, *, packed: bool = False) -> InputReading:
     """Read ``x`` (a tensor; a PackedSequence's padded, time-major form when
     ``packed``) against ``module``'s layout, or raise an :class:`RNNShapeError` that
     says how it was read and what was expected."""
-    owner = module._describe()
+    owner = _Described(module)  # formatted only if a message needs it
     fsyms = module._feature_symbols()
     fnd = len(fsyms)
     batch_first = bool(getattr(module, "batch_first", False)) and not packed
