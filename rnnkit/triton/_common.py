@@ -179,3 +179,44 @@ def project(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
     x2 = x.reshape(L * N, x.shape[2])
     xp = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
     return xp.view(L, N, w.shape[0])
+
+
+_MM_DTYPE = {"ok": None}
+
+
+def rec_weight(w: torch.Tensor) -> torch.Tensor:
+    """The alternating driver's forward GEMM operand: ``w`` itself, except 16-bit weights off CUDA
+    (the interpreter), given as float32 (exact: float32 holds their products)."""
+    if w.dtype in (torch.float16, torch.bfloat16) and w.device.type != "cuda":
+        return w.float()
+    return w
+
+
+def rec_mm(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = h W^T`` for the alternating driver, ``out`` in the state dtype: ``h`` rounded to the
+    weights' dtype (as the persistent driver's ``tl.dot`` operands), products accumulated and kept in
+    float32 (``torch.mm(..., out_dtype=float32)`` on CUDA for 16-bit weights, so no bf16 rounding of the
+    recurrent term; a float32 copy of the weights elsewhere, see :func:`rec_weight`)."""
+    if w.dtype == out.dtype:
+        torch.mm(h.to(w.dtype), w.t(), out=out)
+        return
+    if w.dtype in (torch.float16, torch.bfloat16):  # CUDA, 16-bit weights
+        if _MM_DTYPE["ok"] is not False:
+            try:
+                out.copy_(torch.mm(h.to(w.dtype), w.t(), out_dtype=out.dtype))
+                _MM_DTYPE["ok"] = True
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_DTYPE["ok"] = False
+        out.copy_(torch.mm(h.to(w.dtype), w.t()))
+        return
+    torch.mm(h.to(w.dtype).to(out.dtype) if w.dtype != h.dtype else h, w.t(), out=out)
+
+
+def refuse_double_backward(op: str) -> None:
+    """The hand-written backward kernels are not differentiable: a backward that must itself be
+    differentiated (``create_graph=True``, ``torch.func`` transforms) is refused, not silently zero."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{OP_NAMESPACE}::{op}: second derivatives (create_graph=True, torch.func) through the triton kernels "
+            "are not implemented; run the layer with backend='reference' (or 'fused' on the CPU) for them")

@@ -5,6 +5,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def rsum(x, axis: tl.constexpr):
+    """``tl.sum`` written with ``tl.reduce`` on our own combine function: ``tl.sum`` is itself a
+    ``@triton.jit`` function, defined when triton is imported, so it does not run in the interpreter
+    when triton was imported before ``TRITON_INTERPRET`` was set (pytest, torch, another library)."""
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
 def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
@@ -31,21 +44,21 @@ def mdot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
 def row_norm(v0, v1, v2, v3, mask, count, eps, NUM: tl.constexpr):
     """LayerNorm without gain over the concatenation of ``NUM`` (1, 3 or 4) ``(BN, BH)`` tiles
     (padding excluded by ``mask``): returns the normalized tiles and ``rstd (BN,)``."""
-    s = tl.sum(tl.where(mask, v0, 0.0), axis=1)
+    s = rsum(tl.where(mask, v0, 0.0), axis=1)
     if NUM >= 3:
-        s += tl.sum(tl.where(mask, v1, 0.0), axis=1) + tl.sum(tl.where(mask, v2, 0.0), axis=1)
+        s += rsum(tl.where(mask, v1, 0.0), axis=1) + rsum(tl.where(mask, v2, 0.0), axis=1)
     if NUM == 4:
-        s += tl.sum(tl.where(mask, v3, 0.0), axis=1)
+        s += rsum(tl.where(mask, v3, 0.0), axis=1)
     mean = (s / count)[:, None]
     d0 = tl.where(mask, v0 - mean, 0.0)
     d1 = tl.where(mask, v1 - mean, 0.0)
     d2 = tl.where(mask, v2 - mean, 0.0)
     d3 = tl.where(mask, v3 - mean, 0.0)
-    q = tl.sum(d0 * d0, axis=1)
+    q = rsum(d0 * d0, axis=1)
     if NUM >= 3:
-        q += tl.sum(d1 * d1, axis=1) + tl.sum(d2 * d2, axis=1)
+        q += rsum(d1 * d1, axis=1) + rsum(d2 * d2, axis=1)
     if NUM == 4:
-        q += tl.sum(d3 * d3, axis=1)
+        q += rsum(d3 * d3, axis=1)
     rstd = 1.0 / tl.sqrt(q / count + eps)
     r = rstd[:, None]
     return d0 * r, d1 * r, d2 * r, d3 * r, rstd
@@ -54,14 +67,14 @@ def row_norm(v0, v1, v2, v3, mask, count, eps, NUM: tl.constexpr):
 @triton.jit
 def row_norm_bwd(g0, g1, g2, g3, n0, n1, n2, n3, rstd, mask, count, NUM: tl.constexpr):
     """The backward of :func:`row_norm`: ``dv = rstd (g - mean(g) - n mean(g n))`` per tile."""
-    s = tl.sum(tl.where(mask, g0, 0.0), axis=1)
-    p = tl.sum(tl.where(mask, g0 * n0, 0.0), axis=1)
+    s = rsum(tl.where(mask, g0, 0.0), axis=1)
+    p = rsum(tl.where(mask, g0 * n0, 0.0), axis=1)
     if NUM >= 3:
-        s += tl.sum(tl.where(mask, g1, 0.0), axis=1) + tl.sum(tl.where(mask, g2, 0.0), axis=1)
-        p += tl.sum(tl.where(mask, g1 * n1, 0.0), axis=1) + tl.sum(tl.where(mask, g2 * n2, 0.0), axis=1)
+        s += rsum(tl.where(mask, g1, 0.0), axis=1) + rsum(tl.where(mask, g2, 0.0), axis=1)
+        p += rsum(tl.where(mask, g1 * n1, 0.0), axis=1) + rsum(tl.where(mask, g2 * n2, 0.0), axis=1)
     if NUM == 4:
-        s += tl.sum(tl.where(mask, g3, 0.0), axis=1)
-        p += tl.sum(tl.where(mask, g3 * n3, 0.0), axis=1)
+        s += rsum(tl.where(mask, g3, 0.0), axis=1)
+        p += rsum(tl.where(mask, g3 * n3, 0.0), axis=1)
     ms = (s / count)[:, None]
     mp = (p / count)[:, None]
     r = rstd[:, None]

@@ -208,11 +208,12 @@ def gru_forward(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], ln_w_hh: Optio
         _gru_fwd_kernel[(grid,)](xp, d, w_hh, b, lw, hbuf, hbuf, lens, out, gs, bns, nz, rstd, 0, L, N, H, eps,
                                  PERSIST=True, **flags)
     elif L > 0:
-        rec = xp.new_empty(N, G)
+        rec = xp.new_empty(N, G, dtype=sd)
+        w_rec = C.rec_weight(w_hh)
 
         def step_loop():
             for t in range(L):
-                torch.mm(hbuf.to(w_hh.dtype), w_hh.t(), out=rec)
+                C.rec_mm(hbuf.to(w_hh.dtype), w_rec, rec)
                 _gru_fwd_kernel[(grid,)](xp, rec, w_hh, b, lw, hbuf, hbuf, lens, out, gs, bns, nz, rstd, t, 1, N, H,
                                          eps, PERSIST=False, **flags)
 
@@ -267,10 +268,10 @@ def _fake_fwd(xp, w_hh, b_hh, ln_w_hh, h0, lengths, eps, driver):
     L, N, G = xp.shape
     H = G // 3
     sd = C.state_dtype(xp.dtype)
-    e = xp.new_empty(0, dtype=sd)
     ln = ln_w_hh is not None
     return (xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(L, N, G, dtype=sd), xp.new_empty(L, N, H, dtype=sd),
-            xp.new_empty(L, N, G, dtype=sd) if ln else e, xp.new_empty(L, N, dtype=sd) if ln else e)
+            xp.new_empty(L, N, G, dtype=sd) if ln else xp.new_empty(0, dtype=sd),
+            xp.new_empty(L, N, dtype=sd) if ln else xp.new_empty(0, dtype=sd))
 
 
 @C.custom_op("gru_fwd", _fake_fwd)
@@ -309,6 +310,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, g_hn, *_saved_grads):
+    C.refuse_double_backward("gru_fwd")
     saved = ctx.saved_tensors
     ins, (out, gs, bns, nz, rstd) = saved[:6], saved[6:]
     grads = gru_bwd(C.zeros_if_none(g_out, out), C.zeros_if_none(g_hn, ins[4]), *ins, ctx.driver, out, gs, bns, nz,

@@ -338,14 +338,15 @@ def lstm_forward(xp: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], w_ci: Optiona
         _lstm_fwd_kernel[(grid,)](xp, d, w_hh, w_hr_, *pe, *lw, hbuf, cbuf, hbuf, cbuf, lens, out, gs, cs, ms, nz, nc,
                                   rstd, 0, L, N, H, P, eps, PERSIST=True, WRITE_H=True, **flags)
     else:
-        rec = xp.new_empty(N, G)
+        rec = xp.new_empty(N, G, dtype=sd)
+        w_rec = C.rec_weight(w_hh)
         valid = None
         if proj and lengths is not None:
             valid = (torch.arange(L, device=xp.device).unsqueeze(1) < lens.unsqueeze(0)).unsqueeze(2)  # (L, N, 1)
 
         def step_loop():
             for t in range(L):
-                torch.mm(hbuf.to(w_hh.dtype), w_hh.t(), out=rec)
+                C.rec_mm(hbuf.to(w_hh.dtype), w_rec, rec)
                 _lstm_fwd_kernel[(grid,)](xp, rec, w_hh, w_hr_, *pe, *lw, hbuf, cbuf, hbuf, cbuf, lens, out, gs, cs,
                                           ms, nz, nc, rstd, t, 1, N, H, P, eps, PERSIST=False, WRITE_H=not proj,
                                           **flags)
@@ -426,12 +427,12 @@ def _fake_fwd(xp, w_hh, w_hr, w_ci, w_cf, w_co, ln_w_hh, ln_w_c, ln_b_c, h0, c0,
     L, N, G = xp.shape
     H, P = G // 4, h0.shape[1]
     sd = C.state_dtype(xp.dtype)
-    e = xp.new_empty(0, dtype=sd)
-    return (xp.new_empty(L, N, P), xp.new_empty(N, P), xp.new_empty(N, H), xp.new_empty(L, N, G, dtype=sd),
-            xp.new_empty(L, N, H, dtype=sd), xp.new_empty(L, N, H, dtype=sd) if w_hr is not None else e,
-            xp.new_empty(L, N, G, dtype=sd) if ln_w_hh is not None else e,
-            xp.new_empty(L, N, H, dtype=sd) if ln_w_hh is not None else e,
-            xp.new_empty(L, N, 2, dtype=sd) if ln_w_hh is not None else e)
+    ln = ln_w_hh is not None
+
+    def saved(present, *shape):  # a fresh tensor each (an empty one for what is not saved): outputs never alias
+        return xp.new_empty(*shape, dtype=sd) if present else xp.new_empty(0, dtype=sd)
+    return (xp.new_empty(L, N, P), xp.new_empty(N, P), xp.new_empty(N, H), saved(True, L, N, G), saved(True, L, N, H),
+            saved(w_hr is not None, L, N, H), saved(ln, L, N, G), saved(ln, L, N, H), saved(ln, L, N, 2))
 
 
 @C.custom_op("lstm_fwd", _fake_fwd)
@@ -481,6 +482,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, g_hn, g_cn, *_saved_grads):
+    C.refuse_double_backward("lstm_fwd")
     saved = ctx.saved_tensors
     ins, (out, gs, cs, ms, nz, nc, rstd) = saved[:12], saved[12:]
     g_out = C.zeros_if_none(g_out, out)

@@ -126,11 +126,12 @@ def rnn_forward(xp: Tensor, w_hh: Tensor, h0: Tensor, lengths: Optional[Tensor],
     if L > 0 and persist:
         _rnn_fwd_kernel[(grid,)](xp, xp, w_hh, hbuf, hbuf, lens, out, hs, 0, L, N, H, PERSIST=True, **flags)
     elif L > 0:
-        rec = xp.new_empty(N, H)
+        rec = xp.new_empty(N, H, dtype=sd)
+        w_rec = C.rec_weight(w_hh)
 
         def step_loop():
             for t in range(L):
-                torch.mm(hbuf.to(w_hh.dtype), w_hh.t(), out=rec)
+                C.rec_mm(hbuf.to(w_hh.dtype), w_rec, rec)
                 _rnn_fwd_kernel[(grid,)](xp, rec, w_hh, hbuf, hbuf, lens, out, hs, t, 1, N, H, PERSIST=False, **flags)
 
         C.run_steps(step_loop, xp.device)
@@ -195,6 +196,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, g_hn, _g_hs):
+    C.refuse_double_backward("rnn_fwd")
     xp, w_hh, h0, lengths, out, hs = ctx.saved_tensors
     dxp, dw, dh0 = rnn_bwd(C.zeros_if_none(g_out, out), C.zeros_if_none(g_hn, h0), xp, w_hh, h0, lengths, ctx.act,
                            ctx.driver, out, hs)
