@@ -169,12 +169,11 @@ def main(args) -> int:
         for r in rows[-len(modules):]:
             if tri is not None and r is not tri:
                 r["over_triton_fwdbwd"] = r["fwdbwd_ms"] / tri["fwdbwd_ms"]
-            if not args.dry_run or True:
-                print(f"{label:8} {cell:15} {dtname:9} N={batch:<3} L={seq:<5} H={hidden:<5} "
-                      f"{'lengths' if with_lengths else '       '} {r['backend']:9} fwd {r['fwd_ms']:9.3f} ms  "
-                      f"fwd+bwd {r['fwdbwd_ms']:9.3f} ms" +
-                      (f"  ({r['over_triton_fwdbwd']:.2f}x triton)" if "over_triton_fwdbwd" in r else ""),
-                      flush=True)
+            print(f"{label:8} {cell:15} {dtname:9} N={batch:<3} L={seq:<5} H={hidden:<5} "
+                  f"{'lengths' if with_lengths else '       '} {r['backend']:9} fwd {r['fwd_ms']:9.3f} ms  "
+                  f"fwd+bwd {r['fwdbwd_ms']:9.3f} ms" +
+                  (f"  ({r['over_triton_fwdbwd']:.2f}x triton)" if "over_triton_fwdbwd" in r else ""),
+                  flush=True)
     result = {
         "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
                     "torch": torch.__version__, "python": platform.python_version(),

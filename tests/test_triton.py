@@ -322,9 +322,27 @@ def test_gpu_bench_dry_run(tmp_path):
     assert result["skipped"] == []
 
 
-def test_second_derivatives_are_refused():
-    gru = rnnkit.GRU(3, 4, backend="triton", device=DEVICE)
-    x = torch.randn(2, 1, 3, device=DEVICE, requires_grad=True)
-    out, _ = gru(x)
-    with pytest.raises(NotImplementedError, match="rnnkit_triton::gru_fwd: second derivatives"):
-        torch.autograd.grad(out.sum(), x, create_graph=True)
+@pytest.mark.parametrize("cls", [rnnkit.LSTM, rnnkit.GRU, rnnkit.RNN])
+def test_second_derivatives_match_reference(cls):
+    """create_graph=True: the backward runs the op's reference twin, so it can be differentiated again."""
+    torch.manual_seed(0)
+    ref = cls(3, 4, backend="reference", dtype=torch.float64)
+    tri = cls(3, 4, backend="triton", dtype=torch.float64, device=DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 2, 3, dtype=torch.float64)
+    results = []
+    for m, xx in ((ref, x.clone().requires_grad_()), (tri, x.to(DEVICE).requires_grad_())):
+        out, _ = m(xx, lengths=torch.tensor([2, 1]))
+        (gx,) = torch.autograd.grad((out ** 2).sum(), xx, create_graph=True)
+        results.append([g.cpu() for g in torch.autograd.grad((gx ** 2).sum(), [xx, m.weight_hh_l0])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_second_derivatives_of_combined_flags_are_refused():
+    from rnnkit.triton import lstm
+    op, args, _ = _op_cases()["lstm_all"]
+    out = op(*args)[0]
+    with pytest.raises(NotImplementedError, match="second derivatives with more than one of proj_size"):
+        torch.autograd.grad(out.sum(), args[0], create_graph=True)
+    assert lstm.lstm_fwd is op

@@ -213,10 +213,24 @@ def rec_mm(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     torch.mm(h.to(w.dtype).to(out.dtype) if w.dtype != h.dtype else h, w.t(), out=out)
 
 
-def refuse_double_backward(op: str) -> None:
-    """The hand-written backward kernels are not differentiable: a backward that must itself be
-    differentiated (``create_graph=True``, ``torch.func`` transforms) is refused, not silently zero."""
-    if torch.is_grad_enabled():
-        raise NotImplementedError(
-            f"{OP_NAMESPACE}::{op}: second derivatives (create_graph=True, torch.func) through the triton kernels "
-            "are not implemented; run the layer with backend='reference' (or 'fused' on the CPU) for them")
+def twin_backward(twin, inputs, wanted, grads):
+    """A differentiable backward (``create_graph=True``, ``torch.func`` transforms): the vector-Jacobian
+    product of the op's reference twin (plain PyTorch ops, :mod:`rnnkit.fused.twins`) on the saved
+    inputs, taken with ``torch.func.vjp`` so that it can be differentiated again. ``twin(*inputs)``
+    returns the op's visible outputs; ``wanted`` are the positions of the inputs to differentiate."""
+    result = [None] * len(inputs)
+    if not wanted:
+        return result
+
+    def visible(*diff):
+        args = list(inputs)
+        for i, t in zip(wanted, diff):
+            args[i] = t
+        return twin(*args)
+
+    with torch.enable_grad():
+        outs, pullback = torch.func.vjp(visible, *[inputs[i] for i in wanted])
+        found = pullback(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)))
+    for i, g in zip(wanted, found):
+        result[i] = g
+    return result

@@ -5,16 +5,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
 def rsum(x, axis: tl.constexpr):
-    """``tl.sum`` written with ``tl.reduce`` on our own combine function: ``tl.sum`` is itself a
-    ``@triton.jit`` function, defined when triton is imported, so it does not run in the interpreter
-    when triton was imported before ``TRITON_INTERPRET`` was set (pytest, torch, another library)."""
-    return tl.reduce(x, axis, _add)
+    """``tl.sum`` as ``tl.reduce`` with triton's own sum combine function. ``tl.sum`` is itself a
+    ``@triton.jit`` function, defined when triton is imported, so it cannot run in the interpreter when
+    triton was imported before ``TRITON_INTERPRET`` was set (pytest, torch, another library); the
+    interpreter recognizes ``_sum_combine`` and reduces with numpy (a combine function of our own would
+    run element by element in Python), and compiled kernels get exactly ``tl.sum``."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @triton.jit

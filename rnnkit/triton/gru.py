@@ -303,16 +303,27 @@ def gru_bwd(grad_out: Tensor, grad_hn: Tensor, xp: Tensor, w_hh: Tensor, b_hh: O
     return tuple(g if g is not None else xp.new_empty(0) for g in grads)
 
 
+def _twin(xp, w_hh, b_hh, ln_w_hh, h0, lengths, eps):
+    """:func:`gru_fwd`'s visible outputs ``(out, h_n)`` in plain PyTorch ops (the fused backend's twins)."""
+    from ..fused import twins
+    if ln_w_hh is None:
+        return twins.gru_fwd(xp, w_hh, b_hh, h0, lengths)
+    shift = b_hh if b_hh is not None else ln_w_hh.new_zeros(ln_w_hh.shape)
+    return twins.ln_gru_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps)
+
+
 def _setup(ctx, inputs, output):
-    ctx.driver = inputs[7]
+    ctx.driver, ctx.eps = inputs[7], inputs[6]
     ctx.present = [t is not None for t in inputs[:6]]
     ctx.save_for_backward(*inputs[:6], output[0], *output[2:])
 
 
 def _backward(ctx, g_out, g_hn, *_saved_grads):
-    C.refuse_double_backward("gru_fwd")
     saved = ctx.saved_tensors
     ins, (out, gs, bns, nz, rstd) = saved[:6], saved[6:]
+    if torch.is_grad_enabled():  # the backward must itself be differentiable: the twin's
+        wanted = [i for i in range(5) if ins[i] is not None and ctx.needs_input_grad[i]]
+        return (*C.twin_backward(lambda *a: _twin(*a, ctx.eps), ins, wanted, (g_out, g_hn)), None, None)
     grads = gru_bwd(C.zeros_if_none(g_out, out), C.zeros_if_none(g_hn, ins[4]), *ins, ctx.driver, out, gs, bns, nz,
                     rstd)
     dxp, dw, db, dlw, dh0 = grads

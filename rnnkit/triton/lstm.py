@@ -474,17 +474,33 @@ def lstm_bwd(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, xp: Tensor, w_h
     return tuple(g if g is not None else xp.new_empty(0) for g in grads)
 
 
+def _twin(xp, w_hh, w_hr, w_ci, w_cf, w_co, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps):
+    """:func:`lstm_fwd`'s visible outputs ``(out, h_n, c_n)`` in plain PyTorch ops (the fused backend's
+    reference twins), for a differentiable backward. The layers use one flag at a time."""
+    from ..fused import twins
+    if w_ci is None and ln_w_hh is None:
+        return twins.lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths)
+    if w_hr is None and ln_w_hh is None:
+        return twins.peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
+    if w_hr is None and w_ci is None:
+        return twins.ln_lstm_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps)
+    raise NotImplementedError("rnnkit_triton::lstm_fwd: second derivatives with more than one of proj_size, "
+                              "peepholes and LayerNorm at once are not implemented")
+
+
 def _setup(ctx, inputs, output):
     xp, w_hh, w_hr, w_ci, w_cf, w_co, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps, driver = inputs
-    ctx.driver = driver
+    ctx.driver, ctx.eps = driver, eps
     ctx.present = [t is not None for t in inputs[:12]]
     ctx.save_for_backward(*inputs[:12], *output[:1], *output[3:])
 
 
 def _backward(ctx, g_out, g_hn, g_cn, *_saved_grads):
-    C.refuse_double_backward("lstm_fwd")
     saved = ctx.saved_tensors
     ins, (out, gs, cs, ms, nz, nc, rstd) = saved[:12], saved[12:]
+    if torch.is_grad_enabled():  # the backward must itself be differentiable: the twin's
+        wanted = [i for i in range(11) if ins[i] is not None and ctx.needs_input_grad[i]]
+        return (*C.twin_backward(lambda *a: _twin(*a, ctx.eps), ins, wanted, (g_out, g_hn, g_cn)), None, None)
     g_out = C.zeros_if_none(g_out, out)
     g_hn = C.zeros_if_none(g_hn, ins[9])
     g_cn = C.zeros_if_none(g_cn, ins[10])

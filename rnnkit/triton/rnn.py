@@ -196,8 +196,12 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, g_hn, _g_hs):
-    C.refuse_double_backward("rnn_fwd")
     xp, w_hh, h0, lengths, out, hs = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the backward must itself be differentiable: the fused backend's twin
+        from ..fused import twins
+        wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+        return (*C.twin_backward(lambda *a: twins.rnn_fwd(*a, ctx.act), (xp, w_hh, h0, lengths), wanted,
+                                 (g_out, g_hn)), None, None)
     dxp, dw, dh0 = rnn_bwd(C.zeros_if_none(g_out, out), C.zeros_if_none(g_hn, h0), xp, w_hh, h0, lengths, ctx.act,
                            ctx.driver, out, hs)
     return dxp, dw, dh0, None, None, None
