@@ -9,6 +9,7 @@ import torch as _torch
 
 from .backends import BACKENDS, describe_backends
 from . import fused as _fused  # registers the 'fused' backend (the C++ build waits for first use)
+from . import triton as _triton  # registers the 'triton' backend (triton is imported when a kernel first runs)
 from .cells import GRUCell, LSTMCell, RNNCell
 from .convert import to_torch_nn
 from .errors import RNNDeviceError, RNNInputError, RNNShapeError, RNNTypeError
