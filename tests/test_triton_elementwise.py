@@ -229,10 +229,13 @@ CONV_CASES = {
     "b3_h20_lengths_f32": (3, 20, 1, False, True, torch.float32, 2e-5),
     "b3_h20_f16": (3, 20, 1, False, False, torch.float16, 2e-3),
 }
-# every case on the 1d layers (float16 on ConvGRU only); the 2d ones (the same kernels, a slower reference
-# loop) once, with lengths
-CONV_PARAMS = [(cell, case) for case in CONV_CASES for cell in CONV
-               if ("1d" in cell) != (case == "b3_h20_lengths_f32") and (case != "b3_h20_f16" or cell == "convgru1d")]
+# each kernel (LSTM with peepholes, GRU) in 1d on bfloat16, and once in 2d; the runner's layers and directions
+# on ConvLSTM, batch 17 and float16 on ConvGRU (the same per-step code paths)
+CONV_PARAMS = [("convlstm1d_per_position_peephole", "b3_h4_2layers_bidir_lengths_f32"),
+               ("convgru1d", "b17_h20_lengths_f32"),
+               ("convlstm1d_per_position_peephole", "b3_h33_bf16"), ("convgru1d", "b3_h33_bf16"),
+               ("convgru1d", "b3_h20_f16"),
+               ("convlstm2d_peephole", "b3_h20_lengths_f32"), ("convgru2d", "b3_h20_lengths_f32")]
 
 
 @pytest.mark.parametrize("cell, case", CONV_PARAMS)
@@ -268,7 +271,8 @@ def _elementwise_args(cell, L=3, N=2, H=2, lengths=True):
     return _t(L, N, G * H, seed=1), u, _t(N, H, seed=2), lens, cell
 
 
-BWD_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
+FULL_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+BWD_OPCHECK = FULL_OPCHECK[:3]
 """The backward ops' opcheck: the forward ops' test_aot_dispatch_dynamic already traces them (it differentiates)."""
 
 
@@ -313,7 +317,9 @@ def test_conv_lstm_step_opcheck_and_gradcheck(peep):
     args = _conv_lstm_args(peep)
     f32 = tuple(a.float().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                 for a in args)
-    torch.library.opcheck(torch.ops.rnnkit_triton.conv_lstm_step.default, f32)
+    # the full opcheck (with torch.compile's test_aot_dispatch_dynamic) once, with the optional peepholes given
+    torch.library.opcheck(torch.ops.rnnkit_triton.conv_lstm_step.default, f32,
+                          test_utils=FULL_OPCHECK if peep else BWD_OPCHECK)
     d = [a.detach() if isinstance(a, torch.Tensor) else a for a in f32]
     h, c = C.conv_lstm_step(*d)
     torch.library.opcheck(torch.ops.rnnkit_triton.conv_lstm_step_bwd.default,
@@ -360,6 +366,22 @@ def test_elementwise_indrnn_needs_u():
         E.elementwise_fwd(xp, None, h0, lens, E.CELL_INDRNN_RELU)
 
 
+def test_elementwise_checks_shapes():
+    xp, u, h0, lens, cell = _elementwise_args(E.CELL_MINLSTM)  # xp (3, 2, 6), h0 (2, 2)
+    with pytest.raises(ValueError, match=r"elementwise_fwd: xp must have shape \(L, N=2, 3\*H=6\) for MinLSTM with "
+                                         r"h0 of shape \(2, 2\), got \(3, 2, 4\)"):
+        E.elementwise_fwd(xp[..., :4], None, h0, lens, cell)
+    with pytest.raises(ValueError, match=r"elementwise_fwd: h0 must be 2-D \(N, H\), got shape \(1, 2, 2\)"):
+        E.elementwise_fwd(xp, None, h0[None], lens, cell)
+    with pytest.raises(ValueError, match=r"elementwise_bwd: lengths must have shape \(N=2,\), got \(3,\)"):
+        E.elementwise_bwd(xp[..., :2], h0, xp, None, h0, torch.tensor([1, 2, 3]), xp[..., :2], cell)
+    xp, u, h0, lens, cell = _elementwise_args(E.CELL_INDRNN_TANH)
+    with pytest.raises(ValueError, match=r"elementwise_fwd: u must have shape \(H=2,\), got \(3,\)"):
+        E.elementwise_fwd(xp, torch.ones(3, dtype=F64, device=DEVICE), h0, lens, cell)
+    with pytest.raises(ValueError, match=r"elementwise_fwd: xp, u and h0 must be on one device, got \[.*'meta'\]"):
+        E.elementwise_fwd(xp, u.to("meta"), h0, lens, cell)
+
+
 def test_scans_reject_other_cells():
     x = torch.randn(2, 1, 3, dtype=F64, device=DEVICE)
     gelu = rnnkit.IndRNN(3, 2, nonlinearity="gelu").to(DEVICE, F64)
@@ -388,6 +410,14 @@ def test_conv_steps_check_shapes_and_peepholes():
         C.conv_lstm_step(xp, hc, h, c, w_ci, None, w_co, lens, t)
     with pytest.raises(ValueError, match=r"w_cf must have the state's per-sample shape \(1, 2\).*got \(1, 1\)"):
         C.conv_lstm_step(xp, hc, h, c, w_ci, w_cf[:, :1], w_co, lens, t)
+    with pytest.raises(ValueError, match=r"conv_lstm_step: c \(or the gradient\) must have h's shape \(2, 1, 2\), "
+                                         r"got \(2, 1, 1\)"):
+        C.conv_lstm_step(xp, hc, h, c[..., :1], w_ci, w_cf, w_co, lens, t)
+    with pytest.raises(ValueError, match=r"conv_lstm_step_bwd: lengths must have shape \(N=2,\), got \(1,\)"):
+        C.conv_lstm_step_bwd(h, c, xp, hc, c, w_ci, w_cf, w_co, lens[:1], t)
     gxp, ghc, gh, glens, gt = _conv_gru_args()
     with pytest.raises(ValueError, match=r"conv_gru_step: xp_t must have shape \(2, 3, 2\).*got \(2, 4, 2\)"):
         C.conv_gru_step(xp, ghc, gh, glens, gt)
+    with pytest.raises(ValueError, match=r"conv_gru_step_bwd: h must be \(N, hidden, \*S'\) with 1 to 3 spatial "
+                                         r"dims, got shape \(2, 2\)"):
+        C.conv_gru_step_bwd(gh[:, 0], gxp[:, :, 0], ghc[:, :, 0], gh[:, 0], glens, gt)

@@ -250,12 +250,22 @@ def _conv_gru_bwd_kernel(dh_ptr, xp_ptr, hc_ptr, h_ptr, len_ptr, dxp_ptr, dhc_pt
 # ----------------------------------------------------------------------------- ops
 
 
-def _check_step(op: str, xp_t: Tensor, hc: Tensor, h: Tensor, gates: int) -> None:
+def _check_step(op: str, xp_t: Tensor, hc: Tensor, h: Tensor, gates: int, lengths: Optional[Tensor],
+                c: Optional[Tensor] = None) -> None:
+    """Check the shapes the kernels index by (they cannot see bounds)."""
+    if h.dim() < 3:
+        raise ValueError(f"rnnkit_triton::{op}: h must be (N, hidden, *S') with 1 to 3 spatial dims, got shape "
+                         f"{tuple(h.shape)}")
+    if c is not None and c.shape != h.shape:
+        raise ValueError(f"rnnkit_triton::{op}: c (or the gradient) must have h's shape {tuple(h.shape)}, got "
+                         f"{tuple(c.shape)}")
     want = (h.shape[0], gates * h.shape[1], *h.shape[2:])
     for name, tensor in (("xp_t", xp_t), ("hc", hc)):
         if tuple(tensor.shape) != want:
             raise ValueError(f"rnnkit_triton::{op}: {name} must have shape {want} ((N, {gates} * hidden, *S') for "
                              f"h of shape {tuple(h.shape)}), got {tuple(tensor.shape)}")
+    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != h.shape[0]):
+        raise ValueError(f"rnnkit_triton::{op}: lengths must have shape (N={h.shape[0]},), got {tuple(lengths.shape)}")
 
 
 def _launch_args(h: Tensor):
@@ -284,7 +294,7 @@ def _peepholes(w_ci: Optional[Tensor], w_cf: Optional[Tensor], w_co: Optional[Te
 def conv_lstm_step(xp_t: Tensor, hc: Tensor, h: Tensor, c: Tensor, w_ci: Optional[Tensor], w_cf: Optional[Tensor],
                    w_co: Optional[Tensor], lengths: Optional[Tensor], t: int) -> Tuple[Tensor, Tensor]:
     """One ConvLSTM step's gate math and state update: ``(h', c')``, each ``(N, hidden, *S')``."""
-    _check_step("conv_lstm_step", xp_t, hc, h, 4)
+    _check_step("conv_lstm_step", xp_t, hc, h, 4, lengths, c)
     xp_t, hc, h, c = xp_t.contiguous(), hc.contiguous(), h.contiguous(), c.contiguous()
     peep, ws = _peepholes(w_ci, w_cf, w_co, h)
     h_new, c_new = torch.empty_like(h), torch.empty_like(c)
@@ -298,7 +308,7 @@ def conv_lstm_step(xp_t: Tensor, hc: Tensor, h: Tensor, c: Tensor, w_ci: Optiona
 
 @conv_lstm_step.register_fake
 def _(xp_t, hc, h, c, w_ci, w_cf, w_co, lengths, t):
-    _check_step("conv_lstm_step", xp_t, hc, h, 4)
+    _check_step("conv_lstm_step", xp_t, hc, h, 4, lengths, c)
     return torch.empty_like(h), torch.empty_like(c)
 
 
@@ -309,6 +319,7 @@ def conv_lstm_step_bwd(grad_h: Tensor, grad_c: Tensor, xp_t: Tensor, hc: Tensor,
     """Backward of :func:`conv_lstm_step`: ``(d_gates, dh, dc, dw_ci, dw_cf, dw_co)``. ``d_gates`` is the
     gradient of both ``xp_t`` and ``hc`` (they are summed); ``dh`` is the direct part (held steps only);
     the peepholes' gradients are empty tensors without peepholes."""
+    _check_step("conv_lstm_step_bwd", xp_t, hc, c, 4, lengths, grad_c)
     xp_t, hc, c = xp_t.contiguous(), hc.contiguous(), c.contiguous()
     grad_h, grad_c = grad_h.contiguous(), grad_c.contiguous()
     peep, ws = _peepholes(w_ci, w_cf, w_co, c)
@@ -330,6 +341,7 @@ def conv_lstm_step_bwd(grad_h: Tensor, grad_c: Tensor, xp_t: Tensor, hc: Tensor,
 
 @conv_lstm_step_bwd.register_fake
 def _(grad_h, grad_c, xp_t, hc, c, w_ci, w_cf, w_co, lengths, t):
+    _check_step("conv_lstm_step_bwd", xp_t, hc, c, 4, lengths, grad_c)
     dws = [w.new_empty(w.shape) if w is not None else c.new_empty((0,)) for w in (w_ci, w_cf, w_co)]
     return (torch.empty_like(xp_t), torch.empty_like(c), torch.empty_like(c), *dws)
 
@@ -357,7 +369,7 @@ conv_lstm_step.register_autograd(_conv_lstm_backward, setup_context=_conv_lstm_s
 @torch.library.custom_op("rnnkit_triton::conv_gru_step", mutates_args=())
 def conv_gru_step(xp_t: Tensor, hc: Tensor, h: Tensor, lengths: Optional[Tensor], t: int) -> Tensor:
     """One ConvGRU step's gate math and state update: ``h' (N, hidden, *S')``."""
-    _check_step("conv_gru_step", xp_t, hc, h, 3)
+    _check_step("conv_gru_step", xp_t, hc, h, 3, lengths)
     xp_t, hc, h = xp_t.contiguous(), hc.contiguous(), h.contiguous()
     h_new = torch.empty_like(h)
     grid, NHP, HP, block = _launch_args(h)
@@ -370,7 +382,7 @@ def conv_gru_step(xp_t: Tensor, hc: Tensor, h: Tensor, lengths: Optional[Tensor]
 
 @conv_gru_step.register_fake
 def _(xp_t, hc, h, lengths, t):
-    _check_step("conv_gru_step", xp_t, hc, h, 3)
+    _check_step("conv_gru_step", xp_t, hc, h, 3, lengths)
     return torch.empty_like(h)
 
 
@@ -378,6 +390,7 @@ def _(xp_t, hc, h, lengths, t):
 def conv_gru_step_bwd(grad_h: Tensor, xp_t: Tensor, hc: Tensor, h: Tensor, lengths: Optional[Tensor],
                       t: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`conv_gru_step`: ``(dxp_t, dhc, dh)`` (``dh`` the direct ``z * h`` and held-step part)."""
+    _check_step("conv_gru_step_bwd", xp_t, hc, h, 3, lengths, grad_h)
     xp_t, hc, h, grad_h = xp_t.contiguous(), hc.contiguous(), h.contiguous(), grad_h.contiguous()
     dxp, dhc, dh = torch.empty_like(xp_t), torch.empty_like(hc), torch.empty_like(h)
     grid, NHP, HP, block = _launch_args(h)
@@ -390,6 +403,7 @@ def conv_gru_step_bwd(grad_h: Tensor, xp_t: Tensor, hc: Tensor, h: Tensor, lengt
 
 @conv_gru_step_bwd.register_fake
 def _(grad_h, xp_t, hc, h, lengths, t):
+    _check_step("conv_gru_step_bwd", xp_t, hc, h, 3, lengths, grad_h)
     return torch.empty_like(xp_t), torch.empty_like(hc), torch.empty_like(h)
 
 

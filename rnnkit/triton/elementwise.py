@@ -278,13 +278,35 @@ def _check_cell(cell: int) -> int:
     return GATES[cell]
 
 
+def _check_args(op: str, xp: Tensor, u: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor], cell: int) -> int:
+    """The gate count of ``cell``, after checking the shapes the kernels index by (they cannot see bounds)."""
+    G = _check_cell(cell)
+    if h0.dim() != 2:
+        raise ValueError(f"rnnkit_triton::{op}: h0 must be 2-D (N, H), got shape {tuple(h0.shape)}")
+    N, H = h0.shape
+    if xp.dim() != 3 or xp.shape[1] != N or xp.shape[2] != G * H:
+        raise ValueError(f"rnnkit_triton::{op}: xp must have shape (L, N={N}, {G}*H={G * H}) for "
+                         f"{CELL_NAMES[cell]} with h0 of shape {tuple(h0.shape)}, got {tuple(xp.shape)}")
+    if cell < 2:
+        if u is None:
+            raise ValueError(f"rnnkit_triton::{op}: IndRNN needs its recurrent weight u (H,), got None")
+        if tuple(u.shape) != (H,):
+            raise ValueError(f"rnnkit_triton::{op}: u must have shape (H={H},), got {tuple(u.shape)}")
+    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != N):
+        raise ValueError(f"rnnkit_triton::{op}: lengths must have shape (N={N},), got {tuple(lengths.shape)}")
+    devices = {t.device for t in (xp, u, h0) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"rnnkit_triton::{op}: xp, u and h0 must be on one device, got {sorted(map(str, devices))}")
+    return G
+
+
 
 
 @torch.library.custom_op("rnnkit_triton::elementwise_fwd", mutates_args=())
 def elementwise_fwd(xp: Tensor, u: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
                     cell: int) -> Tuple[Tensor, Tensor]:
     """A whole sequence of an elementwise cell: ``xp (L, N, G*H)`` -> ``out (L, N, H)``, ``h_n (N, H)``."""
-    G = _check_cell(cell)
+    G = _check_args("elementwise_fwd", xp, u, h0, lengths, cell)
     L, N = xp.shape[0], xp.shape[1]
     H = h0.shape[-1]
     xp = xp.contiguous()
@@ -293,8 +315,6 @@ def elementwise_fwd(xp: Tensor, u: Optional[Tensor], h0: Tensor, lengths: Option
     h_n = h0.new_empty((N, H))
     if N * H == 0:
         return out, h_n
-    if cell < 2 and u is None:
-        raise ValueError("rnnkit_triton::elementwise_fwd: IndRNN needs its recurrent weight u (H,), got None")
     u_arg = u.contiguous() if u is not None else h0
     len_arg, has_len = _lengths_arg(lengths, h0)
     block = block_size(N * H)
@@ -306,7 +326,7 @@ def elementwise_fwd(xp: Tensor, u: Optional[Tensor], h0: Tensor, lengths: Option
 
 @elementwise_fwd.register_fake
 def _(xp, u, h0, lengths, cell):
-    _check_cell(cell)
+    _check_args("elementwise_fwd", xp, u, h0, lengths, cell)
     L, N, H = xp.shape[0], xp.shape[1], h0.shape[-1]
     return xp.new_empty((L, N, H)), h0.new_empty((N, H))
 
@@ -316,7 +336,7 @@ def elementwise_bwd(grad_out: Tensor, grad_hn: Tensor, xp: Tensor, u: Optional[T
                     lengths: Optional[Tensor], out: Tensor, cell: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Backpropagation through time of :func:`elementwise_fwd`: ``(dxp, du, dh0)``;
     ``du`` is ``(H,)`` for IndRNN, an empty tensor for the Min cells (they have no ``u``)."""
-    G = _check_cell(cell)
+    G = _check_args("elementwise_bwd", xp, u, h0, lengths, cell)
     L, N = xp.shape[0], xp.shape[1]
     H = h0.shape[-1]
     xp, h0, out = xp.contiguous(), h0.contiguous(), out.contiguous()
@@ -342,7 +362,7 @@ def elementwise_bwd(grad_out: Tensor, grad_hn: Tensor, xp: Tensor, u: Optional[T
 
 @elementwise_bwd.register_fake
 def _(grad_out, grad_hn, xp, u, h0, lengths, out, cell):
-    _check_cell(cell)
+    _check_args("elementwise_bwd", xp, u, h0, lengths, cell)
     H = h0.shape[-1]
     du = (u.new_empty((H,)) if u is not None else xp.new_empty((H,))) if cell < 2 else xp.new_empty((0,))
     return torch.empty_like(xp), du, torch.empty_like(h0)
