@@ -66,6 +66,7 @@ def block_size(columns: int) -> int:
         return max(16, min(triton.next_power_of_2(max(columns, 1)), 2048))
     return 128
 
+
 CELL_INDRNN_TANH, CELL_INDRNN_RELU, CELL_MINGRU, CELL_MINLSTM = 0, 1, 2, 3
 GATES = {CELL_INDRNN_TANH: 1, CELL_INDRNN_RELU: 1, CELL_MINGRU: 2, CELL_MINLSTM: 3}
 CELL_NAMES = {CELL_INDRNN_TANH: "IndRNN (tanh)", CELL_INDRNN_RELU: "IndRNN (relu)", CELL_MINGRU: "MinGRU",
