@@ -167,14 +167,15 @@ def test_exported_streaming_step_equals_the_whole_sequence(name, kind):
             torch.testing.assert_close(a, b)
 
 
-ONNX_STEPS = [("lstm", "layer", "torch"), ("lstm", "layer", "reference"), ("gru", "cell", "auto")]
+ONNX_STEPS = [("lstm", "layer", "torch"), ("lstm", "layer", "reference"), ("gru", "cell", "auto"),
+              ("lstm", "layer", "auto"), ("layernorm_lstm", "layer", "auto"), ("mingru", "layer", "auto")]
 
 
 @pytest.mark.parametrize("name, kind, backend", ONNX_STEPS, ids=["-".join(c) for c in ONNX_STEPS])
 def test_streaming_step_runs_in_onnx_runtime(tmp_path, name, kind, backend):
-    """torch.onnx.export(dynamo=False) of a step of a standard layer or cell on the torch or
-    reference backend (the fused ops have no ONNX translation on this branch: docs/deploy.md),
-    stepped in ONNX Runtime at another batch size."""
+    """torch.onnx.export(dynamo=False) of a step of a layer (any backend, the default included:
+    rnnkit/onnx.py routes it to ONNX's own operator or a Loop) or cell, stepped in ONNX Runtime at
+    another batch size."""
     ort = pytest.importorskip("onnxruntime")
     module = _module(name, kind, backend=backend)
     step = rnnkit.StreamingStep(module)
