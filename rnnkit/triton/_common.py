@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..fused.backend import _bias_sum as bias_sum  # noqa: F401 - ``b_ih + b_hh`` (either may be absent), or None: one definition for both backends
+
 INTERPRET_ENV = "TRITON_INTERPRET"
 DRIVER_ENV = "RNNKIT_TRITON_DRIVER"
 """``persistent`` or ``alternating`` forces a driver (tests, benchmarks); unset: by size."""
@@ -163,14 +165,6 @@ def run_steps(step_loop: Callable[[], None], device: torch.device) -> None:
         graph.replay()
         return
     step_loop()
-
-
-def bias_sum(p) -> Optional[torch.Tensor]:
-    """``b_ih + b_hh`` (either may be absent), or None."""
-    b_ih, b_hh = p.get("bias_ih"), p.get("bias_hh")
-    if b_ih is None:
-        return b_hh
-    return b_ih if b_hh is None else b_ih + b_hh
 
 
 def project(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:

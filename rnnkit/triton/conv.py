@@ -40,7 +40,8 @@ from torch import Tensor
 
 from ..spec import CellSpec, Params, State
 from ..zoo.conv import conv_same
-from .elementwise import _accum_dtype, _bias_sum, _lengths_arg, block_size, compute_dtype, sigmoid, tanh
+from ._common import bias_sum
+from .elementwise import _accum_dtype, _lengths_arg, block_size, compute_dtype, sigmoid, tanh
 
 # ----------------------------------------------------------------------------- gate math (jit functions)
 
@@ -440,7 +441,7 @@ def scan_conv_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
     ``b_ih``), then per step the recurrent convolution (torch) and :func:`conv_lstm_step` (Triton)."""
     if spec.fusable != "conv_lstm":
         raise ValueError(f"rnnkit.triton.scan_conv_lstm: expected the 'conv_lstm' cell, got the '{spec.name}' cell")
-    xp = spec.project(x, {**p, "bias_ih": _bias_sum(p)})  # (L, N, 4 hidden, *S')
+    xp = spec.project(x, {**p, "bias_ih": bias_sum(p)})  # (L, N, 4 hidden, *S')
     h, c = state
     peepholes = [p.get(name) for name in ("weight_ci", "weight_cf", "weight_co")]
     if peepholes[0] is not None:  # (hidden, 1, ...) per channel or (hidden, *S') per position -> (hidden, *S')

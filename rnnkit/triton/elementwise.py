@@ -46,6 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..spec import CellSpec, Params, State
+from ._common import bias_sum, project
 
 BLOCK: Optional[int] = None
 """Columns of the flattened ``(N, H)`` state per program (a power of 2), or None: 128 on a GPU (many
@@ -391,21 +392,6 @@ elementwise_fwd.register_autograd(_elementwise_backward, setup_context=_elementw
 # ----------------------------------------------------------------------------- the scans
 
 
-def _bias_sum(p: Params) -> Optional[Tensor]:
-    b_ih, b_hh = p.get("bias_ih"), p.get("bias_hh")
-    if b_ih is None:
-        return b_hh
-    return b_ih if b_hh is None else b_ih + b_hh
-
-
-def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """``x (L, N, H_in) -> (L, N, G)`` in one GEMM (torch: cuBLAS on a GPU)."""
-    L, N = x.shape[0], x.shape[1]
-    x2 = x.reshape(L * N, x.shape[2])
-    xp = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
-    return xp.view(L, N, w.shape[0])
-
-
 INDRNN_CELLS = {"indrnn_tanh": CELL_INDRNN_TANH, "indrnn_relu": CELL_INDRNN_RELU}
 
 
@@ -416,7 +402,7 @@ def scan_indrnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Opt
     if cell is None:
         raise ValueError(f"rnnkit.triton.scan_indrnn: the triton kernel runs IndRNN with nonlinearity 'relu' or "
                          f"'tanh', got the '{spec.name}' cell")
-    xp = _project(x, p["weight_ih"], _bias_sum(p))
+    xp = project(x, p["weight_ih"], bias_sum(p))
     u = p["weight_hh"]
     bound = spec.extra.get("recurrent_max_abs")
     if bound is not None:
