@@ -28,7 +28,7 @@ SECTIONS = [
                       "ConvLSTM3d", "ConvGRU", "ConvGRU1d", "ConvGRU2d", "ConvGRU3d", "ConvLSTMCell",
                       "ConvLSTM1dCell", "ConvLSTM2dCell", "ConvLSTM3dCell", "ConvGRUCell", "ConvGRU1dCell",
                       "ConvGRU2dCell", "ConvGRU3dCell", "MinGRU", "MinLSTM", "MinGRUCell", "MinLSTMCell"]),
-    ("Shapes, streaming and sequences", ["explain", "Explanation", "Stream", "chunk_lengths", "detach_state",
+    ("Shapes, streaming and sequences", ["explain", "Explanation", "Stream", "StreamingStep", "chunk_lengths", "detach_state",
                                          "reset_state", "lengths_to_mask", "pack_padded_sequence", "pack_sequence",
                                          "pad_packed_sequence", "pad_sequence", "unpad_sequence"]),
     ("Backends and the layer registry", ["BACKENDS", "describe_backends", "LAYERS", "LayerEntry", "get_layer",

@@ -9,6 +9,7 @@ import torch as _torch
 
 from .backends import BACKENDS, describe_backends
 from . import fused as _fused  # registers the 'fused' backend (the C++ build waits for first use)
+from . import triton as _triton  # registers the 'triton' backend (triton is imported when a kernel first runs)
 from .cells import GRUCell, LSTMCell, RNNCell
 from .convert import to_torch_nn
 from .errors import RNNDeviceError, RNNInputError, RNNShapeError, RNNTypeError
@@ -19,7 +20,7 @@ from .saving import safe_globals
 from .sequences import (lengths_to_mask, pack_padded_sequence, pack_sequence, pad_packed_sequence, pad_sequence,
                         unpad_sequence)
 from .spec import CellSpec
-from .streaming import Stream, chunk_lengths, detach_state, reset_state
+from .streaming import Stream, StreamingStep, chunk_lengths, detach_state, reset_state
 
 register_layer(LayerEntry("rnn", RNN, RNNCell, torch_equivalent=_torch.nn.RNN))
 register_layer(LayerEntry("lstm", LSTM, LSTMCell, torch_equivalent=_torch.nn.LSTM))
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "RecurrentBase", "CellSpec",
-    "explain", "Explanation", "Stream", "chunk_lengths", "detach_state", "reset_state",
+    "explain", "Explanation", "Stream", "StreamingStep", "chunk_lengths", "detach_state", "reset_state",
     "lengths_to_mask", "pack_padded_sequence", "pack_sequence", "pad_packed_sequence", "pad_sequence", "unpad_sequence",
     "LayerNormLSTM", "LayerNormGRU", "PeepholeLSTM", "IndRNN",
     "LayerNormLSTMCell", "LayerNormGRUCell", "PeepholeLSTMCell", "IndRNNCell",

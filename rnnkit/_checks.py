@@ -22,7 +22,7 @@ from .errors import RNNDeviceError, RNNShapeError, RNNTypeError, scalar_name, to
 
 def shape_str(shape: Sequence[int]) -> str:
     """``(3, 4)``; a one-axis shape keeps Python's trailing comma: ``(400,)``."""
-    inner = ", ".join(str(int(s)) for s in shape)
+    inner = ", ".join(str(s if isinstance(s, torch.SymInt) else int(s)) for s in shape)  # no int(): export keeps a symbolic size
     return f"({inner},)" if len(shape) == 1 else f"({inner})"
 
 
@@ -129,11 +129,26 @@ def layout_symbols(batch_first: bool, batched: bool, feature_symbols: Sequence[s
 _MEANING = {"L": "sequence", "N": "batch"}
 
 
+class _Described:
+    """``module._describe()`` for an error message, formatted only when one is raised."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __format__(self, spec: str) -> str:
+        return format(self.module._describe(), spec)
+
+    def __str__(self) -> str:
+        return self.module._describe()
+
+
 def read_input(module, x: Tensor, *, packed: bool = False) -> InputReading:
     """Read ``x`` (a tensor; a PackedSequence's padded, time-major form when
     ``packed``) against ``module``'s layout, or raise an :class:`RNNShapeError` that
     says how it was read and what was expected."""
-    owner = module._describe()
+    owner = _Described(module)  # formatted only if a message needs it
     fsyms = module._feature_symbols()
     fnd = len(fsyms)
     batch_first = bool(getattr(module, "batch_first", False)) and not packed
@@ -270,7 +285,7 @@ def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int
     for label, s in zip(labels, states):
         if not isinstance(s, Tensor):
             raise RNNTypeError(f"{owner}: {label} must be a Tensor, got {type(s).__name__}")
-    expected = [tuple(int(n) for n in shape) for shape in expected]
+    expected = [tuple(n if isinstance(n, torch.SymInt) else int(n) for n in shape) for shape in expected]  # export: a symbolic batch stays symbolic
     wants = [shape if reading.batched else shape[:1] + shape[2:] for shape in expected]
     if not reading.packed:  # torch.nn checks the ranks first (not for a PackedSequence)
         for label, s, want in zip(labels, states, wants):

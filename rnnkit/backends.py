@@ -100,7 +100,7 @@ def register_backend(backend: Backend) -> Backend:
 register_backend(ReferenceBackend())
 register_backend(TorchBackend())
 
-BACKEND_CHOICES = ("auto", "reference", "torch", "fused")
+BACKEND_CHOICES = ("auto", "reference", "torch", "fused", "triton")
 
 
 def check_backend_name(name, owner: str) -> str:
@@ -118,7 +118,13 @@ def why_not(name: str, module, x: Optional[Tensor] = None) -> Optional[str]:
 
 
 def select(module, x: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Backend:
-    """The backend that will run ``module`` on ``x`` (with ``lengths``, if given)."""
+    """The backend that will run ``module`` on ``x`` (with ``lengths``, if given).
+
+    While ``torch.onnx.export`` runs, every layer takes the ONNX export route
+    (:mod:`rnnkit.onnx`): the same function, in ops both ONNX exporters translate."""
+    if torch.onnx.is_in_onnx_export():
+        from .onnx import EXPORT_BACKEND
+        return EXPORT_BACKEND
     requested = module.backend
     if requested == "auto":
         for name in auto_order(module, x, lengths):
@@ -137,13 +143,17 @@ def select(module, x: Optional[Tensor] = None, lengths: Optional[Tensor] = None)
 def auto_order(module, x: Optional[Tensor], lengths: Optional[Tensor] = None):
     """Backends in the order ``auto`` tries them; the fused backend reorders
     this from its measured table where it has one."""
+    order = AUTO_ORDER
     preference = BACKENDS.get("fused")
     if preference is not None and hasattr(preference, "auto_order"):
-        return preference.auto_order(module, x, AUTO_ORDER, lengths)
-    return AUTO_ORDER
+        order = preference.auto_order(module, x, AUTO_ORDER, lengths)
+    gpu = BACKENDS.get("triton")
+    if gpu is not None and x is not None and x.device.type == "cuda":  # never on the CPU
+        order = gpu.auto_order(module, x, order, lengths)
+    return order
 
 
 def describe_backends() -> Dict[str, str]:
     """Each known backend: 'ready' or why it is not."""
     return {name: (BACKENDS[name].unavailable() or "ready") if name in BACKENDS else "not installed"
-            for name in ("reference", "torch", "fused")}
+            for name in ("reference", "torch", "fused", "triton")}

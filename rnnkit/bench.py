@@ -40,6 +40,7 @@ from .registry import LAYERS, LayerEntry
 SIZES: Dict[str, Tuple[int, int, int]] = {"S": (1, 32, 64), "M": (16, 64, 128), "L": (64, 256, 256)}  # batch, H_in, H
 QUICK_SIZES: Dict[str, Tuple[int, int, int]] = {"S": (1, 4, 8), "M": (2, 8, 16), "L": (3, 8, 16)}
 SECTIONS = ("layer", "step", "lengths")
+INFERENCE = "inference"  # rnnkit eager vs torch.nn vs ONNX Runtime (rnnkit.bench_inference); its own table
 DEFAULT_SECTION_CELLS = {"step": ["lstm"], "lengths": ["lstm"]}  # when no --cell is given
 TORCH_NN = "torch.nn"
 SECTION_TITLES = {
@@ -57,6 +58,10 @@ EPILOG = """sections:
   step     one cell step at batch 1 with state in and out (forward, no grad), vs torch.nn.<Cell>
   lengths  forward+backward with random lengths in [T/4, T]: rnnkit's lengths= path per backend vs
            torch.nn on a PackedSequence (packing and unpacking included)
+  inference  forward under no_grad: rnnkit (auto, fused; layer and cell for one step) vs torch.nn vs
+           ONNX Runtime on torch.nn's exported model, LSTM and GRU: by default a length-T sequence and
+           one step at batch 1, H 64; --inference-full: the grid N 1/8/32 x H 64/256/512 (minutes).
+           Without onnxruntime its column is skipped with the reason.
   The layer section runs every layer with vector inputs, step and lengths the LSTM, unless --cell
   is given; --all runs every registered layer (convolutional ones included) in every section.
 
@@ -269,12 +274,14 @@ def time_row(fns: Dict[str, Contestant], repeats: int, target_s: float,
 def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = None,
         sections: Optional[Sequence[str]] = None, repeats: int = 5, seq_len: int = 100, threads: int = 2,
         quick: bool = False, max_call_s: float = 2.0, target_s: float = 0.05, seed: int = 0,
-        progress: bool = True, budget_s: Optional[float] = 240.0, all_layers: bool = False) -> Dict[str, object]:
+        progress: bool = True, budget_s: Optional[float] = 240.0, all_layers: bool = False,
+        inference_full: bool = False) -> Dict[str, object]:
     """Run the benchmark and return every figure (see the module docstring).
 
     Returns a dict with ``machine``, ``settings``, ``rows`` (one per section,
     cell and size: ``config``, ``times_s``, ``median_s``, ``skipped``, ``best``,
-    ``ratio_to_best``, ``torch_nn_speedup``) and ``seconds``.
+    ``ratio_to_best``, ``torch_nn_speedup``), ``inference`` (when that section runs: see
+    :mod:`rnnkit.bench_inference`) and ``seconds``.
     """
     table = QUICK_SIZES if quick else SIZES
     if quick:
@@ -287,16 +294,18 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     for s in sizes:
         if s not in table:
             raise BenchArgumentError(f"unknown size {s!r}; choose from {list(table)}")
-    sections = list(sections or SECTIONS)
+    sections = list(sections or SECTIONS + (INFERENCE,))
     for s in sections:
-        if s not in SECTIONS:
-            raise BenchArgumentError(f"unknown section {s!r}; choose from {list(SECTIONS)}")
+        if s not in SECTIONS + (INFERENCE,):
+            raise BenchArgumentError(f"unknown section {s!r}; choose from {list(SECTIONS + (INFERENCE,))}")
     if repeats < 1 or seq_len < 1 or threads < 1:
         raise BenchArgumentError(f"repeats, seq_len and threads must be >= 1, got {repeats}, {seq_len}, {threads}")
 
     everyone = [n for n in LAYERS if all_layers or LAYERS[n].spatial is None]
     plan = []
     for section in sections:
+        if section == INFERENCE:
+            continue
         for cell in (cells or (everyone if all_layers else DEFAULT_SECTION_CELLS.get(section, everyone))):
             if cell in LAYERS:
                 plan += [(section, cell, size) for size in sizes]
@@ -321,6 +330,19 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
     finally:
         bar.close()
         torch.set_num_threads(before)
+    inference = None
+    if INFERENCE in sections:
+        from . import bench_inference
+        infer_cells = [c for c in cells if c in bench_inference.CELLS] if cells else None
+        if cells and not infer_cells:
+            inference = {"skipped": f"the inference section times {list(bench_inference.CELLS)}, "
+                                    f"not {cells}"}
+        elif budget_s is not None and time.perf_counter() - start > budget_s:
+            inference = {"skipped": f"the time budget was spent (--budget {budget_s:g} s)"}
+        else:  # the small default: 5 repeats of about 10 ms per contestant (the grid: 7 of 20 ms)
+            inference = bench_inference.run(full=inference_full, quick=quick, cells=infer_cells, seq_len=seq_len,
+                                            threads=threads, repeats=7 if inference_full else 5,
+                                            target_s=0.02 if inference_full else 0.01)
     machine = machine_info()
     machine["load_average_1min_before"] = load_before
     after = thread_check(threads)  # the cores may have been taken during the run
@@ -334,6 +356,7 @@ def run(cells: Optional[Sequence[str]] = None, sizes: Optional[Sequence[str]] = 
                      "sizes": {s: dict(zip(("batch", "input_size", "hidden_size"), table[s])) for s in sizes},
                      "timer": "interleaved min over repeats of the mean over `number` calls"},
         "rows": rows,
+        **({"inference": inference} if inference is not None else {}),
         "seconds": time.perf_counter() - start,
     }
 
@@ -446,6 +469,12 @@ def format_table(result: Dict[str, object]) -> str:
         out.append(f"[{section}] {SECTION_TITLES[section]}")
         out.append("  ".join(h.ljust(w) for h, w in zip(cols, widths)).rstrip())
         out += ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
+    inference = result.get("inference")
+    if inference is not None:
+        from . import bench_inference
+        out.append("")
+        out.append(f"[inference] not run: {inference['skipped']}" if "skipped" in inference
+                   else bench_inference.format_table(inference))
     if notes:
         out.append("")
         out.append("not timed:")
@@ -466,8 +495,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(n for n in LAYERS if LAYERS[n].spatial is None)}; "
                              "the step and lengths sections default to lstm)")
     parser.add_argument("--size", action="append", choices=list(SIZES), help="S, M or L (repeatable; default: all)")
-    parser.add_argument("--section", action="append", choices=SECTIONS,
-                        help="layer, step or lengths (repeatable; default: all three)")
+    parser.add_argument("--section", action="append", choices=SECTIONS + (INFERENCE,),
+                        help="layer, step, lengths or inference (repeatable; default: all four)")
+    parser.add_argument("--inference-full", action="store_true",
+                        help="the inference section's full grid: LSTM and GRU at N 1/8/32 x H 64/256/512, "
+                             "sequences and single steps (minutes; default: a sequence and a step at N 1, H 64)")
     parser.add_argument("--repeats", type=int, default=5, metavar="N",
                         help="interleaved repeats; each figure is the minimum (default: 5)")
     parser.add_argument("--seq-len", type=int, default=100, metavar="T", help="sequence length (default: 100)")
@@ -531,7 +563,8 @@ def run_from_args(args) -> int:
         raise BenchArgumentError(f"--budget must be >= 0 (0: no limit), got {args.budget}")
     result = run(cells=args.cell, sizes=args.size, sections=args.section, repeats=args.repeats,
                  seq_len=args.seq_len, threads=args.threads, quick=args.quick, max_call_s=args.max_call,
-                 progress=not args.quiet, budget_s=args.budget or None, all_layers=args.all_layers)
+                 progress=not args.quiet, budget_s=args.budget or None, all_layers=args.all_layers,
+                 inference_full=args.inference_full)
     if args.json:  # written first: the figures survive whatever happens next
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

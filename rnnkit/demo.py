@@ -67,8 +67,15 @@ def _plt():
 
 
 def _bar(total: int, desc: str, quiet: bool):
+    """The progress bar on stderr: redrawn at most 10 times a second on a terminal; elsewhere (a
+    log file, a pipe, CI) a line every 30 s and the final one, not a redraw per step. The loss is
+    set with ``refresh=False`` so it never forces a redraw of its own."""
+    import sys
+
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True)
+    tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, mininterval=0.1 if tty else 30.0,
+                file=sys.stderr)
 
 
 def detach(h):
@@ -100,7 +107,7 @@ def sine(cell="rnn", backend="auto", steps=300, hidden_size=32, seed=0, out="rnn
         opt.step()
         losses.append(loss.item())
         bar.update()
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
     bar.close()
 
     with torch.no_grad():  # keep going along the curve, still carrying the state
@@ -165,7 +172,7 @@ def digits(cell="lstm", backend="auto", epochs=15, hidden_size=64, seed=0, out="
             losses.append(loss.item())
             epoch_loss += loss.item() * len(idx)
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}", refresh=False)
         net.eval()
         with torch.no_grad():
             pred = net(x_test)[0].argmax(1)
@@ -237,7 +244,7 @@ def adding(cells: Sequence[str] = ("rnn", "gru", "lstm"), backend="auto", steps=
             opt.step()
             losses.append(loss.item())
             bar.update()
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
         bar.close()
         with torch.no_grad():
             mse[cell] = nn.functional.mse_loss(net(test_x)[0], test_y).item()

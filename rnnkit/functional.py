@@ -56,6 +56,20 @@ def resolve_activation(nonlinearity: Activation, owner: str = "rnnkit") -> Calla
     )
 
 
+def static_size(t: Tensor, dim: int) -> int:
+    """``t.shape[dim]`` as a plain int, also under ``torch.jit.trace`` (which otherwise records a size
+    read as a traced value): for sizes that never vary (feature axes, kernel sizes) where an op needs a
+    constant in a traced or ONNX graph (``F.layer_norm``'s shape, a convolution's padding)."""
+    if not torch.jit.is_tracing():
+        return t.shape[dim]
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return int(t.shape[dim])
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def linear_project(x: Tensor, p: Params) -> Tensor:
     """``W_ih x + b_ih`` over any leading axes: ``(..., H_in) -> (..., G)``."""
     return F.linear(x, p["weight_ih"], p.get("bias_ih"))

@@ -22,6 +22,10 @@ from ._checks import (check_bool, check_dtype_device, check_lengths, check_posit
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .runner import RegularizerRates, drop_connect, mask_padding
 from .spec import CellSpec
+from .fused import cells as _fused_cells
+
+_compiling = torch.compiler.is_compiling
+_tracing = torch._C._get_tracing_state
 
 
 class RecurrentBase(nn.Module):
@@ -256,6 +260,13 @@ class RecurrentBase(nn.Module):
         return {name: drop_connect(getattr(self, name), self.weight_drop)
                 for name in self._flat_weights_names if name.startswith("weight_hh")}
 
+    def _ref_param(self) -> Tensor:
+        """A parameter (the first registered), whose dtype and device the input and states must have."""
+        for p in self._parameters.values():
+            if p is not None:
+                return p
+        return next(self.parameters())  # every parameter parametrized: the slow, general way
+
     def _weight(self, name: str) -> Tensor:
         dropped = self._dropped_weights
         if dropped is not None and name in dropped:
@@ -296,24 +307,33 @@ class RecurrentBase(nn.Module):
             x = input if reading.batched else input.unsqueeze(1)
             if self.batch_first and reading.batched:
                 x = x.transpose(0, 1)
-        check_dtype_device(self, "input", x, next(self.parameters()))
+        check_dtype_device(self, "input", x, self._ref_param())
         if packed_lengths is not None:
             lengths = packed_lengths.to(x.device)
         elif lengths is not None:
             lengths = check_lengths(self, lengths, reading, x.device)
         return x, reading, lengths, packed_lengths
 
-    def forward(self, input, hx=None, *, lengths=None, padding_value: float = 0.0):
+    def forward(self, input, hx=None, *_exporter_args, lengths=None, padding_value: float = 0.0):
         """See the class docstring. ``lengths`` (N,) gives each sequence's length
         in a padded batch, with no packing; positions past a length are set to
         ``padding_value`` and the final state is the one after each sequence's
-        last valid step."""
+        last valid step. ``lengths`` and ``padding_value`` are keyword-only."""
+        if _exporter_args:
+            lengths, padding_value = _exporter_defaults(self, _exporter_args, lengths, padding_value)
         if _autocast.enabled():
             cast = _autocast.compute_dtype(self, input)
             if cast is not None:
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
+        kind = self._plain_kind if lengths is None and type(input) is Tensor else None
+        if kind is not None:
+            fast = self._direct_step(input, hx, kind) if self.backend in ("auto", "fused") else None
+            if fast is None:
+                fast = self._plain_inference(input, hx, kind)
+            if fast is not None:
+                return fast
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
-        ref = next(self.parameters())
+        ref = self._ref_param()
         # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
         batch = x.shape[1] if torch.jit.is_tracing() else reading.batch
         expected = self._state_shapes(batch, reading.feature_shape)
@@ -323,12 +343,17 @@ class RecurrentBase(nn.Module):
             state0 = check_states(self, hx, reading, expected, ref)
 
         backend = _backends.select(self, x, lengths)
-        self.last_backend = backend.name
-        self._dropped_weights = self._sample_weight_drop()
-        try:
+        if self.last_backend != backend.name:  # nn.Module.__setattr__ is not free: set only on a change
+            self.last_backend = backend.name
+        dropped = self._sample_weight_drop()
+        if dropped is None:
             out, states = backend.run(self, x, state0, lengths)
-        finally:
-            self._dropped_weights = None
+        else:
+            self._dropped_weights = dropped
+            try:
+                out, states = backend.run(self, x, state0, lengths)
+            finally:
+                self._dropped_weights = None
         out = mask_padding(out, lengths, padding_value)
 
         if packed_lengths is not None:
@@ -337,6 +362,93 @@ class RecurrentBase(nn.Module):
             out = out.squeeze(1)
             states = tuple(s.squeeze(1) for s in states)
         elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (states if len(states) > 1 else states[0])
+
+    @property
+    def _plain_kind(self) -> Optional[int]:
+        """The cell's kind (0 LSTM, 1 GRU, 2/3 RNN tanh/relu, as the fused cell step numbers them) when
+        this layer is plain: a standard cell, one layer, one direction, no projection, no regularizer
+        that changes the function now; else None."""
+        if (self.num_layers != 1 or self.bidirectional or self.proj_size or not self._is_standard
+                or self.zoneout or self.zoneout_cell
+                or (self.training and (self.recurrent_dropout or self.weight_drop))):
+            return None
+        return _fused_cells.DIRECT_KIND.get(self.cell_spec.fusable)
+
+    def _direct_step(self, input: Tensor, hx, kind: int):
+        """A plain one-step inference call (``L == 1``, batched, dense) through the fused extension's
+        direct cell step (no dispatcher, no Python validation: the entry checks every shape, dtype,
+        device, gradient and mode itself and declines anything not plain), or None: then the full
+        path runs, with its own checks and error messages. Outputs as the full path's: ``output``
+        and ``h_n`` are distinct tensors."""
+        direct = _fused_cells.direct_step or _fused_cells.get_direct_step()
+        if direct is None or input.dim() != 3 or _compiling() or _tracing():
+            return None
+        batch_first = self.batch_first
+        if input.shape[1 if batch_first else 0] != 1:
+            return None
+        if hx is None:
+            state = None
+        elif kind == 0:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h0, c0 = hx
+            if type(h0) is not Tensor or type(c0) is not Tensor or h0.dim() != 3 or c0.dim() != 3 \
+                    or h0.shape[0] != 1 or c0.shape[0] != 1:
+                return None
+            state = (h0[0], c0[0])
+        else:
+            if type(hx) is not Tensor or hx.dim() != 3 or hx.shape[0] != 1:
+                return None
+            state = hx[0]
+        params = self._parameters
+        try:
+            p = {key: params[name] for key, name in self._param_keys[0].items()}
+        except KeyError:  # a parametrization or pruning replaced a parameter: the full path reads it
+            return None
+        new = direct(kind, input[:, 0] if batch_first else input[0], state, p, self.input_size, self.hidden_size)
+        if new is NotImplemented:
+            return None
+        if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than the step itself
+            self.last_backend = "fused"
+        if kind == 0:
+            h, c = new
+            h_n = h.unsqueeze(0)
+            return (h.unsqueeze(1) if batch_first else h_n).clone(), (h_n, c.unsqueeze(0))
+        h_n = new.unsqueeze(0)
+        return (new.unsqueeze(1) if batch_first else h_n).clone(), h_n
+
+    def _plain_inference(self, input: Tensor, hx, kind: int):
+        """A plain inference call (no gradient, dense batched input, one layer, one direction, every
+        tensor of the parameters' dtype and device and of the expected shape) on the backend ``select``
+        picks, without the full path's input reading and state checks; None for anything else (then
+        the full path runs: its checks, its error messages). What it returns is what the full path
+        returns."""
+        if torch.is_grad_enabled() or input.dim() != 3 or _compiling() or _tracing():
+            return None
+        ref = self._ref_param()
+        dtype, device = ref.dtype, ref.device
+        batch_first = self.batch_first
+        seq_len, batch = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
+        if input.dtype != dtype or input.device != device or input.shape[2] != self.input_size or seq_len == 0:
+            return None
+        shape = (1, batch, self.hidden_size)
+        if hx is None:
+            state0 = tuple(input.new_zeros(shape) for _ in range(2 if kind == 0 else 1))
+        else:
+            state0 = hx if kind == 0 else (hx,)
+            if type(state0) is not tuple or len(state0) != len(self.cell_spec.state_names):
+                return None
+            for s in state0:
+                if type(s) is not Tensor or s.shape != shape or s.dtype != dtype or s.device != device:
+                    return None
+        x = input.transpose(0, 1) if batch_first else input
+        backend = _backends.select(self, x, None)
+        if self.last_backend != backend.name:
+            self.last_backend = backend.name
+        out, states = backend.run(self, x, state0, None)
+        if batch_first:
             out = out.transpose(0, 1)
         return out, (states if len(states) > 1 else states[0])
 
@@ -371,6 +483,20 @@ _SCRIPT_MESSAGE = (
     "backends). Supported routes: torch.jit.trace(model, example_inputs) for a TorchScript artifact, "
     "torch.export.export(model, args) (dynamic batch and length) or torch.compile(model); or script the torch.nn "
     "equivalent, torch.jit.script(rnnkit.to_torch_nn(model)).")
+
+
+def _exporter_defaults(module, extra: tuple, lengths, padding_value):
+    """``(lengths, padding_value)`` from the positional arguments after ``hx``, which only
+    ``torch.onnx.export(..., dynamo=False)`` passes: it calls the exported module with every
+    keyword-only argument's default appended positionally. Anywhere else they are an error."""
+    if not torch.onnx.is_in_onnx_export() or len(extra) > 2:
+        raise TypeError(f"{type(module).__name__}.forward() takes from 2 to 3 positional arguments but "
+                        f"{3 + len(extra)} were given (lengths and padding_value are keyword-only)")
+    if lengths is None and extra[0] is not None:
+        lengths = extra[0]
+    if len(extra) > 1 and extra[1] is not None:
+        padding_value = extra[1]
+    return lengths, padding_value
 
 
 def _check_rate(owner: str, name: str, value, meaning: str) -> float:

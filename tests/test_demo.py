@@ -100,6 +100,16 @@ def test_progress_bar_shows_running_loss(capsys, tmp_path):
     assert "sine/rnn" in err and re.search(r"loss=\d+\.\d{4}", err)
 
 
+def test_progress_is_sparse_when_stderr_is_not_a_terminal(capsys, tmp_path):
+    """Not a terminal (capsys, a pipe, a CI log): the bar is drawn at the start and at the end
+    (with the running loss), not once per step."""
+    code, _, err = run_cli(capsys, "demo", "--task", "sine", "--steps", "60", "--out", str(tmp_path))
+    assert code == 0
+    draws = [d for d in err.replace("\n", "\r").split("\r") if "sine/rnn" in d]
+    assert 1 <= len(draws) <= 3, draws
+    assert "60/60" in draws[-1] and re.search(r"loss=\d+\.\d{4}", draws[-1])
+
+
 # ----------------------------------------------------------------------------- reproducibility, cells
 
 

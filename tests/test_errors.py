@@ -362,8 +362,8 @@ def test_sizes_given_as_bools_count_as_ints_like_torch_nn():
     (dict(batch_first="yes"), TypeError, "batch_first should be of type bool, got: str. {n}: batch_first must be a "
                                          "bool"),
     (dict(bidirectional=None), TypeError, "{n}: bidirectional must be a bool"),
-    (dict(backend="cudnn"), ValueError, "{n}: backend must be one of ['auto', 'reference', 'torch', 'fused'], got "
-                                        "'cudnn'"),
+    (dict(backend="cudnn"), ValueError, "{n}: backend must be one of ['auto', 'reference', 'torch', 'fused', "
+                                        "'triton'], got 'cudnn'"),
 ])
 def test_constructor_rejects(cls, kwargs, exc, start):
     args = dict(input_size=3, hidden_size=4)

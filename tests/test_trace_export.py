@@ -1,8 +1,10 @@
 """Tracing, scripting, compiling and exporting rnnkit layers, as users' tools do:
 ``torch.jit.trace`` works at other batch sizes; ``torch.jit.script`` says which routes
 work; ``torch.compile(fullgraph=True)`` works with ``lengths=``; ``torch.export`` keeps
-the batch (and, on the fused ops, the sequence length) dynamic; saved artifacts load and
-run in a fresh process after ``import rnnkit``."""
+the batch and the sequence length dynamic for every registered layer on the default backend
+(the fused ops, and MinGRU/MinLSTM's parallel scan; the torch op and the reference loop unroll the
+time steps, so without the fused kernels the length is static); saved artifacts load and run in a
+fresh process after ``import rnnkit``."""
 
 from __future__ import annotations
 
@@ -96,19 +98,52 @@ def _example(name):
     return module, entry
 
 
+_EXPORTED = {}
+
+
+def _dynamic_length(name):
+    return "fused" in BACKENDS or name.startswith("min")
+
+
+def _exported(name):
+    """``(module, entry, program)``: layer ``name`` on the default backend exported once per session at
+    length 5, batch 3, with the batch and (see :func:`_dynamic_length`) the length dynamic."""
+    if name not in _EXPORTED:
+        module, entry = _example(name)
+        x = torch.randn(entry.input_shape(5, 3, 4))
+        dims = {1: Dim("batch", min=1, max=256)}
+        if _dynamic_length(name):
+            dims[0] = Dim("length", min=2, max=4096)
+        _EXPORTED[name] = module, entry, export(module, (x,), dynamic_shapes=(dims,))
+    return _EXPORTED[name]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_export_with_a_dynamic_batch_and_length(name):
-    module, entry = _example(name)
-    x = torch.randn(entry.input_shape(5, 3, 4))
-    dynamic_length = module.which_backend(x) == "fused" or name.startswith("min")
-    dims = {1: Dim("batch", min=1, max=256)}
-    if dynamic_length:
-        dims[0] = Dim("length", min=2, max=4096)
-    ep = export(module, (x,), dynamic_shapes=({**dims},))
-    for length, batch in ((5, 1), (5, 7)) + (((9, 2), (2, 4)) if dynamic_length else ()):
+    """Every registered layer on the default backend: the exported program runs at other lengths
+    AND batch sizes (both symbolic in the graph) and equals eager."""
+    module, entry, ep = _exported(name)
+    for length, batch in ((9, 2), (2, 7)) if _dynamic_length(name) else ((5, 2), (5, 7)):
         xi = torch.randn(entry.input_shape(length, batch, 4))
         for a, b in zip(_outputs(ep.module()(xi)), _outputs(module(xi))):
+            assert a.shape == b.shape
             torch.testing.assert_close(a, b)
+
+
+def test_export_with_a_given_state_and_lengths_keeps_batch_and_length_dynamic():
+    """The initial state's batch axis is checked against the input's symbolically (no
+    specialization), and ``lengths=`` (no data-dependent check) exports too."""
+    torch.manual_seed(0)
+    m = rnnkit.LSTM(4, 6, num_layers=2).eval()
+    batch = Dim("batch")
+    dims = {"input": {1: batch, **({0: Dim("length", min=2)} if _dynamic_length("lstm") else {})},
+            "hx": ({1: batch}, {1: batch}), "lengths": {0: batch}}
+    args = (torch.randn(5, 3, 4), (torch.randn(2, 3, 6), torch.randn(2, 3, 6)))
+    ep = export(m, args, {"lengths": torch.tensor([5, 2, 4])}, dynamic_shapes=dims)
+    length = 8 if _dynamic_length("lstm") else 5
+    x, hx, lengths = torch.randn(length, 4, 4), (torch.randn(2, 4, 6), torch.randn(2, 4, 6)), torch.tensor([3, 0, 5, 1])
+    for a, b in zip(_outputs(ep.module()(x, hx, lengths=lengths)), _outputs(m(x, hx, lengths=lengths))):
+        torch.testing.assert_close(a, b)
 
 
 def test_lstm_exports_dynamic_length_on_the_default_backend():
@@ -119,22 +154,33 @@ def test_lstm_exports_dynamic_length_on_the_default_backend():
 
 
 def test_artifacts_load_and_run_in_a_fresh_process(tmp_path):
+    """torch.export.save/load of every layer's program (dynamic length and batch) and a
+    torch.jit.trace artifact, loaded in a new interpreter that only imports rnnkit."""
     torch.manual_seed(0)
-    m = rnnkit.LSTM(4, 6, backend="fused").eval()
+    m = rnnkit.LSTM(4, 6, backend="fused").eval() if "fused" in BACKENDS else rnnkit.LSTM(4, 6).eval()
     x = torch.randn(7, 2, 4)
-    torch.export.save(export(m, (torch.randn(5, 3, 4),), dynamic_shapes=({0: Dim("L", min=2), 1: Dim("N")},)),
-                      tmp_path / "lstm.pt2")
     torch.jit.save(torch.jit.trace(m, torch.randn(5, 3, 4)), tmp_path / "lstm.jit")
-    torch.save({"x": x, "want": m(x)[0]}, tmp_path / "io.pt")
+    io = {"x": x, "want": m(x)[0], "programs": {}}
+    for name in NAMES:
+        module, entry, ep = _exported(name)
+        torch.export.save(ep, tmp_path / f"{name}.pt2")
+        xi = torch.randn(entry.input_shape(8 if _dynamic_length(name) else 5, 2, 4))
+        with torch.no_grad():
+            io["programs"][name] = (xi, _outputs(module(xi)))
+    torch.save(io, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import torch, rnnkit
         io = torch.load({str(tmp_path / 'io.pt')!r})
-        ep = torch.export.load({str(tmp_path / 'lstm.pt2')!r})
-        torch.testing.assert_close(ep.module()(io["x"])[0], io["want"])
+        for name, (x, want) in io["programs"].items():
+            out, h = torch.export.load({str(tmp_path)!r} + f"/{{name}}.pt2").module()(x)
+            got = [out, *(h if isinstance(h, tuple) else (h,))]
+            assert len(got) == len(want), name
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, msg=lambda m: f"{{name}}: {{m}}")
         traced = torch.jit.load({str(tmp_path / 'lstm.jit')!r})
         torch.testing.assert_close(traced(io["x"])[0], io["want"])
-        print("ok")
+        print("ok", len(io["programs"]))
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().endswith("ok")
+    assert run.stdout.strip().endswith(f"ok {len(NAMES)}")

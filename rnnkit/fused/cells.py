@@ -32,6 +32,14 @@ direct_step = None
 DIRECT_KIND = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
 
+def get_direct_step():
+    """The direct entry once the extension is loaded as a module, else None (cheap: asked per call)."""
+    global direct_step
+    if direct_step is None and _build._state["loaded"] and _build._state["module"] is not None:
+        direct_step = getattr(_build._state["module"], "cell_step", None)
+    return direct_step
+
+
 def _cell_ops() -> dict:
     """The cell ops as resolved overloads (skips the per-call overload lookup)."""
     if not _CELL_OPS:

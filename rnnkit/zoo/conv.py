@@ -33,7 +33,7 @@ from .. import _autocast
 from .._checks import check_bool, check_dtype_device, shape_str, split_states
 from ..errors import RNNShapeError, RNNTypeError
 from ..cells import CellBase
-from ..layers import RecurrentBase
+from ..layers import RecurrentBase, _exporter_defaults
 from ..registry import LayerEntry, register_layer
 from ..spec import CellSpec, Params, State
 
@@ -276,8 +276,10 @@ class _ConvRecurrentBase(RecurrentBase):
 
     # -------------------------------------------------------------- forward
 
-    def forward(self, input, hx=None, *, lengths=None, padding_value: float = 0.0):
+    def forward(self, input, hx=None, *_exporter_args, lengths=None, padding_value: float = 0.0):
         """See the class docstring."""
+        if _exporter_args:
+            lengths, padding_value = _exporter_defaults(self, _exporter_args, lengths, padding_value)
         if isinstance(input, PackedSequence):
             raise TypeError(f"{self._describe()}: a PackedSequence input is not supported for convolutional "
                             "layers; pass the padded tensor (L, N, C, *S) and lengths=(N,) instead")

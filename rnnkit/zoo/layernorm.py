@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cells import CellBase
-from ..functional import recurrent_input
+from ..functional import recurrent_input, static_size
 from ..layers import _ARGS_DOC, _REGULARIZERS_DOC, _SHAPES_DOC, RecurrentBase
 from ..registry import LayerEntry, register_layer
 from ..spec import CellSpec, Params, State
@@ -28,7 +28,7 @@ from ..spec import CellSpec, Params, State
 
 def _layer_norm(v: Tensor, p: Params, which: str, eps: float) -> Tensor:
     """``LN(v) = (v - mean) / sqrt(var + eps) * ln_weight_{which} + ln_bias_{which}`` over the last axis."""
-    return F.layer_norm(v, (v.shape[-1],), p[f"ln_weight_{which}"], p.get(f"ln_bias_{which}"), eps)
+    return F.layer_norm(v, (static_size(v, -1),), p[f"ln_weight_{which}"], p.get(f"ln_bias_{which}"), eps)
 
 
 def _add_bias(v: Tensor, b: Optional[Tensor]) -> Tensor:
