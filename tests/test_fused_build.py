@@ -244,6 +244,7 @@ def test_the_build_is_incremental_and_always_announced(monkeypatch, tmp_path, ca
     monkeypatch.setattr(_build, "compile_flags", lambda: ["-O0"])
     monkeypatch.setattr(_build, "_state", dict(_build._state))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAX_JOBS", "4")  # as many units as files: each compiles as itself
     monkeypatch.delenv("CXX", raising=False)
 
     def build():
@@ -270,6 +271,71 @@ def test_the_build_is_incremental_and_always_announced(monkeypatch, tmp_path, ca
     err, _ = build()
     assert "shared.h changed" in err
     assert sorted(_objects_built(build_dir)[3:]) == ["a.o", "b.o"]
+
+
+def test_one_core_compiles_one_unity_unit_and_an_edit_rebuilds_it(monkeypatch, tmp_path, capsys):
+    """With one job the sources compile as one generated translation unit that #includes them
+    (headers parsed once); an edit to one source recompiles that unit, and an unchanged unit file
+    is not rewritten (its mtime would force a rebuild)."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name, text in TINY.items():
+        (src / name).write_text(text)
+        os.utime(src / name, (1_000_000, 1_000_000))
+    monkeypatch.setattr(_build, "CSRC", src)
+    monkeypatch.setattr(_build, "SOURCE_FILES", ("a.cpp", "b.cpp"))
+    monkeypatch.setattr(_build, "HEADER_FILES", ("shared.h",))
+    monkeypatch.setattr(_build, "compile_flags", lambda: ["-O0"])
+    monkeypatch.setattr(_build, "_state", dict(_build._state))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAX_JOBS", "1")
+    monkeypatch.delenv("CXX", raising=False)
+
+    def build():
+        monkeypatch.setattr(cpp_extension.JIT_EXTENSION_VERSIONER, "entries", {})
+        assert _build._build_and_load(verbose=False) is None
+        return capsys.readouterr().err, _build._state["module"]
+
+    err, module = build()
+    assert module.value == 41
+    build_dir = Path(_build._state["path"]).parent
+    assert _objects_built(build_dir) == ["unity_0.o"]
+    unit = build_dir / "unity_0.cpp"
+    assert [line for line in unit.read_text().splitlines() if line.startswith("#include")] == \
+        [f'#include "{(src / "a.cpp").resolve()}"', f'#include "{(src / "b.cpp").resolve()}"']
+    stamp = unit.stat().st_mtime_ns
+    err, _ = build()  # up to date
+    assert err == "" and _objects_built(build_dir) == ["unity_0.o"] and unit.stat().st_mtime_ns == stamp
+    (src / "a.cpp").write_text(TINY["a.cpp"].replace("SHARED + 1", "SHARED + 2"))
+    err, _ = build()
+    assert "a.cpp changed" in err and _objects_built(build_dir) == ["unity_0.o", "unity_0.o"]
+    assert unit.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3, 4, 8, 16])
+def test_unity_groups_partition_the_sources(jobs):
+    """Every source in exactly one unit, at most `jobs` units (and MAX_UNITS), the heavy files of
+    an anchor never split, and with enough cores cell_py.cpp (torch's Python headers, the longest
+    single compile) in a unit of its own."""
+    groups = _build.unity_groups(jobs)
+    flat = [f for g in groups for f in g]
+    assert sorted(flat) == sorted(_build.SOURCE_FILES) and len(flat) == len(set(flat))
+    assert 1 <= len(groups) <= min(jobs, _build.MAX_UNITS) and all(groups)
+    for anchor in _build.ANCHORS:
+        assert sum(1 for g in groups if set(anchor) & set(g)) == 1, anchor
+    if jobs >= 3:
+        assert ["cell_py.cpp"] in groups
+    if jobs == 1:
+        assert groups == [list(_build.SOURCE_FILES)]
+
+
+def test_build_jobs_follows_max_jobs(monkeypatch):
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert _build.build_jobs() == 3
+    monkeypatch.setenv("MAX_JOBS", "not a number")
+    assert _build.build_jobs() >= 1
+    monkeypatch.delenv("MAX_JOBS")
+    assert _build.build_jobs() >= 1
 
 
 def test_no_cuda_runtime_log_is_dropped_around_the_build(monkeypatch):

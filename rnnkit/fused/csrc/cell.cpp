@@ -5,6 +5,8 @@
 #include "gates.h"
 #include "ops.h"
 
+#include <vector>
+
 namespace rnnkit_fused::cell {
 
 // ================================================================ single-step cells (inference)
@@ -176,8 +178,8 @@ std::tuple<Tensor, Tensor> lstm_cell(const Tensor& x_, const Tensor& h_, const T
   const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
   TORCH_CHECK(w_ih.size(0) == 4 * H, "rnnkit_fused::lstm_cell: w_ih must be (4H, H_in), got ", w_ih.sizes());
   check_same(x, c, "c", {N, H});
-  Tensor gates = at::empty({N, 4 * H}, x.options());
-  Tensor h_new = at::empty({N, H}, x.options()), c_new = at::empty({N, H}, x.options());
+  Tensor gates = rk::empty({N, 4 * H}, x.options());
+  Tensor h_new = rk::empty({N, H}, x.options()), c_new = rk::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell", [&] {
     using T = scalar_t;
     lstm_cell_raw<T>(N, I, H, x.data_ptr<T>(), h.data_ptr<T>(), c.data_ptr<T>(), w_ih.data_ptr<T>(),
@@ -195,8 +197,8 @@ Tensor gru_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const T
   check_cell(x, h, w_ih, w_hh, b_ih, b_hh, w_ih.size(0), "gru_cell");
   const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
   TORCH_CHECK(w_ih.size(0) == 3 * H, "rnnkit_fused::gru_cell: w_ih must be (3H, H_in), got ", w_ih.sizes());
-  Tensor scratch = at::empty({gru_cell_scratch(N, H)}, x.options());
-  Tensor h_new = at::empty({N, H}, x.options());
+  Tensor scratch = rk::empty({gru_cell_scratch(N, H)}, x.options());
+  Tensor h_new = rk::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_cell", [&] {
     using T = scalar_t;
     gru_cell_raw<T>(N, I, H, x.data_ptr<T>(), h.data_ptr<T>(), w_ih.data_ptr<T>(), w_hh.data_ptr<T>(),
@@ -213,7 +215,7 @@ Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const T
   check_cell_dims(x, h, w_ih, "rnn_cell");
   check_cell(x, h, w_ih, w_hh, b_ih, b_hh, h.size(1), "rnn_cell");
   const int64_t N = x.size(0), I = x.size(1), H = h.size(1);
-  Tensor out = at::empty({N, H}, x.options());
+  Tensor out = rk::empty({N, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_cell", [&] {
     using T = scalar_t;
     rnn_cell_raw<T>(N, I, H, x.data_ptr<T>(), h.data_ptr<T>(), w_ih.data_ptr<T>(), w_hh.data_ptr<T>(),
@@ -222,58 +224,10 @@ Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const T
   return out;
 }
 
-}  // namespace rnnkit_fused::cell
-
-// ================================================================ direct single-step entry (CPython)
-// `cell_step(kind, input, hx, params, input_size, hidden_size)`: one inference
-// step of a standard cell called straight from rnnkit.cells.CellBase.forward,
-// without the dispatcher (whose boxing costs several times the step itself at
-// batch 1). It runs only in the plain case and answers NotImplemented for
-// anything else, so the caller takes the full path (its friendly errors, the
-// torch.ops op, autograd):
-//   kind: 0 lstm, 1 gru, 2 rnn tanh, 3 rnn relu (None: not a fused cell)
-//   input (N, H_in) or (H_in,); hx None, a Tensor, or (h, c) for the LSTM,
-//   each (N, H) or (H,) as the input; params the module's _parameters dict
-//   (weight_ih, weight_hh, bias_ih, bias_hh; a bias may be None).
-// Plain means: exact Tensor/Parameter objects, one dtype (float32/float64),
-// CPU, strided, contiguous, no gradient needed, no dispatch key beyond
-// CPU/autograd/ADInplaceOrView (so no fake tensors, vmap, dispatch or
-// __torch_function__ modes, autocast), no profiler callbacks, and the backend
-// not disabled by RNNKIT_DISABLE_FUSED.
-#ifdef TORCH_EXTENSION_NAME
-#include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/record_function.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/csrc/autograd/python_variable.h>
-
-#include <cstdlib>
-#include <vector>
-
-namespace rnnkit_fused::cell {
-
-PyObject *k_weight_ih, *k_weight_hh, *k_bias_ih, *k_bias_hh;
-
-bool fused_disabled() {
-  const char* v = std::getenv("RNNKIT_DISABLE_FUSED");
-  return v && *v && std::strcmp(v, "0") != 0;
-}
-
-// a plain tensor of this process's kind (see above); dtype/shape are checked by the caller
-bool plain(const Tensor& t, c10::DispatchKeySet excluded) {
-  static const c10::DispatchKeySet allowed = c10::DispatchKeySet(c10::DispatchKey::CPU) |
-                                             c10::DispatchKeySet(c10::DispatchKey::AutogradCPU) |
-                                             c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
-  // (operator- keeps backend bits: only the CPU one may remain)
-  return t.defined() && (t.key_set() - excluded - allowed).remove_backend(c10::BackendComponent::CPUBit).empty() &&
-         t.device().is_cpu() && t.layout() == at::kStrided && t.is_contiguous();
-}
-
-// the Tensor held by obj if it is an exact Tensor or Parameter, else null
-const Tensor* unpack(PyObject* obj) {
-  if (!obj || !THPVariable_CheckExact(obj)) return nullptr;
-  return &THPVariable_Unpack(obj);
-}
-
+// ================================================================ direct single-step entry (kernel side)
+// One plain inference step for cell_py.cpp's CPython entry `cell_step` (which reads and checks the
+// arguments): kind 0 lstm, 1 gru, 2 rnn tanh, 3 rnn relu; h0_/c0_/b_ih/b_hh may be null (zeros);
+// x (N, I) and the weights contiguous, float32 or float64; writes h_new (and c_new for the LSTM).
 template <typename T>
 T* scratch(size_t n) {
   thread_local std::vector<T> buf;
@@ -281,128 +235,25 @@ T* scratch(size_t n) {
   return buf.data();
 }
 
-// A direct call's arguments, read and checked.
-struct DirectStep {
-  long kind = -1;
-  int64_t N = 0, I = 0, H = 0;
-  bool batched = true;
-  at::ScalarType dt = at::kFloat;
-  const Tensor *x = nullptr, *w_ih = nullptr, *w_hh = nullptr, *b_ih = nullptr, *b_hh = nullptr;
-  const Tensor* st[2] = {nullptr, nullptr};
-};
-
-// Reads cell_step's arguments into d: null if the step is plain, else why not
-// (a Python error may be set, then the reason is "error").
-const char* read_direct(PyObject* const* args, Py_ssize_t nargs, DirectStep& d) {
-  if (nargs != 6) return "expected 6 arguments (kind, input, hx, params, input_size, hidden_size)";
-  if (!PyLong_CheckExact(args[0])) return "kind is not an int (not a fused cell)";
-  if (!PyDict_Check(args[3])) return "params is not a dict";
-  if (!PyLong_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) return "input_size/hidden_size are not ints";
-  d.kind = PyLong_AsLong(args[0]);
-  const long in_size = PyLong_AsLong(args[4]), hid = PyLong_AsLong(args[5]);
-  if (PyErr_Occurred()) return "error";
-  if (d.kind < 0 || d.kind > 3) return "kind out of range";
-  if (in_size <= 0 || hid <= 0) return "input_size/hidden_size not positive";
-  const int gates = d.kind == 0 ? 4 : d.kind == 1 ? 3 : 1;
-  const int nstates = d.kind == 0 ? 2 : 1;
-
-  // the objects: exact Tensor/Parameter
-  d.x = unpack(args[1]);
-  if (!d.x) return "input is not a Tensor (or is a Tensor subclass)";
-  PyObject* pd = args[3];
-  PyObject *ow_ih = PyDict_GetItemWithError(pd, k_weight_ih), *ow_hh = PyDict_GetItemWithError(pd, k_weight_hh);
-  PyObject *ob_ih = PyDict_GetItemWithError(pd, k_bias_ih), *ob_hh = PyDict_GetItemWithError(pd, k_bias_hh);
-  if (PyErr_Occurred()) return "error";
-  d.w_ih = unpack(ow_ih), d.w_hh = unpack(ow_hh);
-  if (!d.w_ih || !d.w_hh) return "weight_ih/weight_hh missing or not Tensors";
-  if (ob_ih && ob_ih != Py_None && !(d.b_ih = unpack(ob_ih))) return "bias_ih is not a Tensor";
-  if (ob_hh && ob_hh != Py_None && !(d.b_hh = unpack(ob_hh))) return "bias_hh is not a Tensor";
-  PyObject* hx = args[2];
-  if (hx != Py_None) {
-    if (nstates == 2) {
-      if (!PyTuple_CheckExact(hx) && !PyList_CheckExact(hx)) return "hx is not a tuple or list";
-      if (PySequence_Fast_GET_SIZE(hx) != 2) return "hx does not hold 2 states";
-      d.st[0] = unpack(PySequence_Fast_GET_ITEM(hx, 0));
-      d.st[1] = unpack(PySequence_Fast_GET_ITEM(hx, 1));
-      if (!d.st[0] || !d.st[1]) return "a state is not a Tensor";
-    } else if (!(d.st[0] = unpack(hx))) {
-      return "hx is not a Tensor";
-    }
-  }
-
-  // the environment: nothing that the dispatcher would route elsewhere
-  if (fused_disabled()) return "disabled by RNNKIT_DISABLE_FUSED";
-  if (at::hasCallbacks()) return "RecordFunction callbacks (a profiler) are active";
-  if (at::impl::torch_function_mode_enabled()) return "a __torch_function__ mode is active";
-  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
-  static const c10::DispatchKeySet default_included =  // what every thread includes by default
-      c10::DispatchKeySet(c10::DispatchKey::BackendSelect) | c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
-  if (!(tls.included_ - default_included).empty())
-    return "dispatch keys are included by thread-local state (a mode or transform)";
-
-  // the tensors
-  const bool grad = at::GradMode::is_enabled();
-  d.dt = d.x->scalar_type();
-  if (d.dt != at::kFloat && d.dt != at::kDouble) return "dtype is not float32/float64";
-  const Tensor* all[7] = {d.x, d.w_ih, d.w_hh, d.b_ih, d.b_hh, d.st[0], d.st[1]};
-  for (const Tensor* t : all) {
-    if (!t) continue;
-    if (!plain(*t, tls.excluded_)) return "a tensor is not a plain contiguous CPU tensor";
-    if (t->scalar_type() != d.dt) return "the tensors' dtypes differ";
-    if (grad && t->requires_grad()) return "a gradient is needed";
-  }
-
-  // the shapes
-  const int64_t G = gates * hid;
-  d.I = in_size, d.H = hid;
-  d.batched = d.x->dim() == 2;
-  if (!d.batched && d.x->dim() != 1) return "input is not 1-D or 2-D";
-  d.N = d.batched ? d.x->size(0) : 1;
-  if (d.N < 1) return "empty batch";
-  if (d.x->size(-1) != d.I) return "input's last axis is not input_size";
-  if (d.w_ih->dim() != 2 || d.w_ih->size(0) != G || d.w_ih->size(1) != d.I) return "weight_ih's shape";
-  if (d.w_hh->dim() != 2 || d.w_hh->size(0) != G || d.w_hh->size(1) != d.H) return "weight_hh's shape";
-  if ((d.b_ih && (d.b_ih->dim() != 1 || d.b_ih->size(0) != G)) ||
-      (d.b_hh && (d.b_hh->dim() != 1 || d.b_hh->size(0) != G)))
-    return "a bias's shape";
-  for (int i = 0; i < nstates; ++i) {
-    const Tensor* s = d.st[i];
-    if (s && (d.batched ? (s->dim() != 2 || s->size(0) != d.N || s->size(1) != d.H)
-                        : (s->dim() != 1 || s->size(0) != d.H)))
-      return "a state's shape";
-  }
-  return nullptr;
-}
-
-PyObject* cell_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  DirectStep d;
-  if (const char* why = read_direct(args, nargs, d)) {
-    if (PyErr_Occurred()) return nullptr;
-    (void)why;
-    Py_RETURN_NOTIMPLEMENTED;
-  }
-  const int64_t N = d.N, I = d.I, H = d.H, G = (d.kind == 0 ? 4 : d.kind == 1 ? 3 : 1) * H;
-  const at::TensorOptions opts = d.x->options();
-  const int64_t dims[2] = {N, H};  // (N, H), or (H,) unbatched
-  const c10::IntArrayRef shape = d.batched ? c10::IntArrayRef(dims, 2) : c10::IntArrayRef(dims + 1, 1);
-  Tensor h_new = at::empty(shape, opts), c_new;
-  if (d.kind == 0) c_new = at::empty(shape, opts);
-  AT_DISPATCH_FLOATING_TYPES(d.dt, "cell_step", [&] {
+void direct_step(long kind, int64_t N, int64_t I, int64_t H, const Tensor& x, const Tensor* h0_, const Tensor* c0_,
+                 const Tensor& w_ih, const Tensor& w_hh, const Tensor* b_ih, const Tensor* b_hh, Tensor& h_new,
+                 Tensor& c_new) {
+  const int64_t G = (kind == 0 ? 4 : kind == 1 ? 3 : 1) * H;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cell_step", [&] {
     using T = scalar_t;
-    const T* xp = d.x->data_ptr<T>();
-    const T *wi = d.w_ih->data_ptr<T>(), *wh = d.w_hh->data_ptr<T>();
-    const T *bi = d.b_ih ? d.b_ih->data_ptr<T>() : nullptr, *bh = d.b_hh ? d.b_hh->data_ptr<T>() : nullptr;
-    const T* h0 = d.st[0] ? d.st[0]->data_ptr<T>() : nullptr;  // null: zeros (the product is skipped)
-    if (d.kind == 0) {
-      T* g = scratch<T>(N * G + (d.st[1] ? 0 : N * H));
-      const T* c0 = d.st[1] ? d.st[1]->data_ptr<T>() : nullptr;
+    const T* xp = x.data_ptr<T>();
+    const T *wi = w_ih.data_ptr<T>(), *wh = w_hh.data_ptr<T>();
+    const T *bi = b_ih ? b_ih->data_ptr<T>() : nullptr, *bh = b_hh ? b_hh->data_ptr<T>() : nullptr;
+    const T* h0 = h0_ ? h0_->data_ptr<T>() : nullptr;  // null: zeros (the product is skipped)
+    if (kind == 0) {
+      T* g = scratch<T>(N * G + (c0_ ? 0 : N * H));
+      const T* c0 = c0_ ? c0_->data_ptr<T>() : nullptr;
       if (!c0) {
         zero_row(g + N * G, N * H);
         c0 = g + N * G;
       }
       lstm_cell_raw<T>(N, I, H, xp, h0, c0, wi, wh, bi, bh, g, h_new.data_ptr<T>(), c_new.data_ptr<T>());
-    } else if (d.kind == 1) {
+    } else if (kind == 1) {
       const int64_t S = gru_cell_scratch(N, H);
       T* s = scratch<T>(S + (h0 ? 0 : N * H));
       if (!h0) {  // gru_row reads h0 itself
@@ -411,51 +262,9 @@ PyObject* cell_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       }
       gru_cell_raw<T>(N, I, H, xp, h0, wi, wh, bi, bh, s, h_new.data_ptr<T>());
     } else {
-      rnn_cell_raw<T>(N, I, H, xp, h0, wi, wh, bi, bh, d.kind - 2, h_new.data_ptr<T>());
+      rnn_cell_raw<T>(N, I, H, xp, h0, wi, wh, bi, bh, kind - 2, h_new.data_ptr<T>());
     }
   });
-  if (d.kind != 0) return THPVariable_Wrap(std::move(h_new));
-  PyObject* out = PyTuple_New(2);
-  if (!out) return nullptr;
-  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(h_new)));
-  PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(c_new)));
-  return out;
-  END_HANDLE_TH_ERRORS
 }
-
-// cell_step_reason(same arguments): None if cell_step would run the step, else why it answers NotImplemented.
-PyObject* cell_step_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  DirectStep d;
-  const char* why = read_direct(args, nargs, d);
-  if (PyErr_Occurred()) return nullptr;
-  if (!why) Py_RETURN_NONE;
-  return PyUnicode_FromString(why);
-  END_HANDLE_TH_ERRORS
-}
-
-PyMethodDef methods[] = {
-    {"cell_step", (PyCFunction)(void (*)(void))cell_step, METH_FASTCALL,
-     "cell_step(kind, input, hx, params, input_size, hidden_size): one plain inference step, or NotImplemented"},
-    {"cell_step_reason", (PyCFunction)(void (*)(void))cell_step_reason, METH_FASTCALL,
-     "cell_step_reason(same arguments): None if cell_step would run the step, else why not"},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME),
-                          "rnnkit's fused kernels: the direct single-step entry (the ops are in torch.ops.rnnkit_fused)",
-                          -1, methods};
 
 }  // namespace rnnkit_fused::cell
-
-#define RNNKIT_PYINIT2(name) PyInit_##name
-#define RNNKIT_PYINIT(name) RNNKIT_PYINIT2(name)
-PyMODINIT_FUNC RNNKIT_PYINIT(TORCH_EXTENSION_NAME)(void) {
-  using namespace rnnkit_fused::cell;
-  k_weight_ih = PyUnicode_InternFromString("weight_ih");
-  k_weight_hh = PyUnicode_InternFromString("weight_hh");
-  k_bias_ih = PyUnicode_InternFromString("bias_ih");
-  k_bias_hh = PyUnicode_InternFromString("bias_hh");
-  if (!k_weight_ih || !k_weight_hh || !k_bias_ih || !k_bias_hh) return nullptr;
-  return PyModule_Create(&module_def);
-}
-#endif  // TORCH_EXTENSION_NAME

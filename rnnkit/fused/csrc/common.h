@@ -26,17 +26,9 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <array>
@@ -45,6 +37,31 @@
 #include <cstring>
 #include <memory>
 #include <tuple>
+
+// The few ATen functions the kernels call, declared here and defined in aten.cpp: ATen's own
+// headers for them (ATen/ops/*.h pull in Context.h and more, ATen/TensorOperators.h every op)
+// would add ~5-10 s of parsing to every kernel file. Called once per op call, never per step.
+namespace rk {
+using at::Tensor;
+Tensor empty(at::IntArrayRef size, const at::TensorOptions& options);
+Tensor zeros(at::IntArrayRef size, const at::TensorOptions& options);
+Tensor zeros_like(const Tensor& like);
+Tensor mm(const Tensor& a, const Tensor& b);
+Tensor& mm_out(Tensor& out, const Tensor& a, const Tensor& b);
+Tensor sum(const Tensor& x, at::IntArrayRef dims, bool keepdim, at::ScalarType dtype);
+Tensor cat(at::TensorList tensors, int64_t dim);
+Tensor from_blob(void* data, at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options);
+Tensor addmm(const Tensor& bias, const Tensor& a, const Tensor& b);
+Tensor constant_pad_nd(const Tensor& x, at::IntArrayRef pad, double value);
+Tensor convolution(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                   int64_t groups);
+std::tuple<Tensor, Tensor, Tensor> convolution_backward(const Tensor& grad, const Tensor& x, const Tensor& w,
+                                                        at::OptionalIntArrayRef bias_sizes, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                        bool transposed, at::IntArrayRef output_padding,
+                                                        int64_t groups, std::array<bool, 3> mask);
+}  // namespace rk
 
 extern "C" {
 // Fortran BLAS as exported by libtorch_cpu (MKL or OpenBLAS). Weak: if this
@@ -223,7 +240,7 @@ inline bool serial_elems(int64_t elems) { return elems < kSerialElems; }
 
 template <typename T>
 Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  return rk::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
 // Few rows (a batch of 1 to 3): a register-blocked kernel beats BLAS, whose
@@ -281,7 +298,7 @@ void gemm_abt(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, co
     blas('T', 'N', (int)cols, (int)rows, (int)k, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
   } else {
     Tensor c = view_of(C, rows, cols, ldc);
-    if (beta == T(0)) at::mm_out(c, view_of(A, rows, k, lda), view_of(B, cols, k, ldb).t());
+    if (beta == T(0)) rk::mm_out(c, view_of(A, rows, k, lda), view_of(B, cols, k, ldb).t());
     else c.addmm_(view_of(A, rows, k, lda), view_of(B, cols, k, ldb).t(), beta, 1);
   }
 }
@@ -305,7 +322,7 @@ void gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, con
     blas('N', 'N', (int)cols, (int)rows, (int)k, T(1), B, (int)ldb, A, (int)lda, beta, C, (int)ldc);
   } else {
     Tensor c = view_of(C, rows, cols, ldc);
-    if (beta == T(0)) at::mm_out(c, view_of(A, rows, k, lda), view_of(B, k, cols, ldb));
+    if (beta == T(0)) rk::mm_out(c, view_of(A, rows, k, lda), view_of(B, k, cols, ldb));
     else c.addmm_(view_of(A, rows, k, lda), view_of(B, k, cols, ldb), beta, 1);
   }
 }
@@ -461,7 +478,7 @@ struct Recurrent {
       }
     } else if (have_packed((T*)nullptr)) {
       const size_t bytes = pack_size((T*)nullptr, (int)rows, (int)cols, (int)k);
-      keep = at::empty({(int64_t)(bytes / sizeof(T) + 1)}, w.options());
+      keep = rk::empty({(int64_t)(bytes / sizeof(T) + 1)}, w.options());
       const OneThread one(serial);
       pack(trans ? kTrans : kNoTrans, (int)rows, (int)cols, (int)k, B, (int)(trans ? k : cols), keep.data_ptr<T>());
       packed = keep.data_ptr<T>();
@@ -506,7 +523,7 @@ inline Tensor previous_states(const Tensor& h0, const Tensor& out, const int64_t
   const int64_t L = out.size(0);
   if (L == 0) return out;
   const OneThread one(serial_elems(out.numel()));
-  return zero_held(at::cat({h0.unsqueeze(0), out.narrow(0, 0, L - 1)}, 0), len, true);
+  return zero_held(rk::cat({h0.unsqueeze(0), out.narrow(0, 0, L - 1)}, 0), len, true);
 }
 
 // A held row's state gradient passes through unchanged (dn = dh). The step's recurrent product
@@ -596,7 +613,7 @@ struct RecurrentBF16 {
     }
     wf = w.to(at::kFloat);
     f32 = std::make_unique<Recurrent<float>>(rows, cols, k, trans, wf);
-    abuf = at::empty({rows, std::max<int64_t>(k, 1)}, f32_like(w));
+    abuf = rk::empty({rows, std::max<int64_t>(k, 1)}, f32_like(w));
   }
 
   void operator()(const BF* A, int64_t lda, float beta, float* C, int64_t ldc) const {

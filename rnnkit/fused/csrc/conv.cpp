@@ -5,9 +5,6 @@
 #include "gates.h"
 #include "ops.h"
 #include <ATen/core/grad_mode.h>
-#include <ATen/ops/constant_pad_nd.h>
-#include <ATen/ops/convolution.h>
-#include <ATen/ops/convolution_backward.h>
 
 namespace rnnkit_fused::conv {
 
@@ -53,18 +50,18 @@ struct ConvSame {
 
   // U * h (+ b): (B, hidden, *S) -> (B, G, *S)
   Tensor conv(const Tensor& h, const Tensor& w, const std::optional<Tensor>& b) const {
-    if (symmetric) return at::convolution(h, w, b, ones, before, ones, false, zeros, 1).contiguous();
-    return at::convolution(at::constant_pad_nd(h, flat_pad, 0), w, b, ones, zeros, ones, false, zeros, 1).contiguous();
+    if (symmetric) return rk::convolution(h, w, b, ones, before, ones, false, zeros, 1).contiguous();
+    return rk::convolution(rk::constant_pad_nd(h, flat_pad, 0), w, b, ones, zeros, ones, false, zeros, 1).contiguous();
   }
 
   // The input as the convolution sees it (padded for even kernels).
-  Tensor padded(const Tensor& h) const { return symmetric ? h : at::constant_pad_nd(h, flat_pad, 0); }
+  Tensor padded(const Tensor& h) const { return symmetric ? h : rk::constant_pad_nd(h, flat_pad, 0); }
 
   // d(U * h)/dh applied to g (B, G, *S): (B, hidden, *S). `like` has the
   // convolution's input shape (padded for even kernels); its values are not read
   // by the input gradient.
   Tensor grad_input(const Tensor& g, const Tensor& like, const Tensor& w) const {
-    Tensor gi = std::get<0>(at::convolution_backward(g, like, w, std::nullopt, ones, symmetric ? before : zeros, ones,
+    Tensor gi = std::get<0>(rk::convolution_backward(g, like, w, std::nullopt, ones, symmetric ? before : zeros, ones,
                                                      false, zeros, 1, {true, false, false}));
     if (!symmetric)
       for (int64_t d = 0; d < nd; ++d) gi = gi.narrow(2 + d, before[d], g.size(2 + d));
@@ -73,11 +70,11 @@ struct ConvSame {
 
   // (grad w, grad b) of sum over B of g * (U * input + b); input unpadded (B, hidden, *S).
   std::tuple<Tensor, Tensor> grad_weight(const Tensor& g, const Tensor& input, const Tensor& w, bool bias) const {
-    if (g.size(0) == 0) return {at::zeros_like(w), at::zeros({w.size(0)}, w.options())};
+    if (g.size(0) == 0) return {rk::zeros_like(w), rk::zeros({w.size(0)}, w.options())};
     // one convolution_backward over all L * N steps: g (L * N, G, *S), w (G, hid, *k)
     const OneThread one(serial_once(g.numel() / std::max<int64_t>(w.size(0), 1) * w.numel()));
     std::vector<int64_t> bias_sizes{w.size(0)};
-    auto r = at::convolution_backward(g, padded(input), w, bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+    auto r = rk::convolution_backward(g, padded(input), w, bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
                                       ones, symmetric ? before : zeros, ones, false, zeros, 1, {false, true, bias});
     return {std::get<1>(r), bias ? std::get<2>(r) : Tensor()};
   }
@@ -278,9 +275,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_fwd(
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   const ConvSame same(w_hh);
   const int64_t HP = h0.numel() / std::max<int64_t>(N, 1), P = HP / std::max<int64_t>(hid, 1);
-  Tensor out = at::empty(conv_shape({L, N, hid}, xp, 3), xp.options());
-  Tensor cs = at::empty(out.sizes(), xp.options());
-  Tensor gates = at::empty(xp.sizes(), xp.options());
+  Tensor out = rk::empty(conv_shape({L, N, hid}, xp, 3), xp.options());
+  Tensor cs = rk::empty(out.sizes(), xp.options());
+  Tensor gates = rk::empty(xp.sizes(), xp.options());
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv_lstm_fwd", [&] {
     using T = scalar_t;
@@ -345,9 +342,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   const ConvSame same(w_hh);
   const int64_t HP = h0.numel() / std::max<int64_t>(N, 1), P = HP / std::max<int64_t>(hid, 1);
-  Tensor dG = at::empty(gates.sizes(), gates.options());
-  Tensor dh = grad_hn.clone(), dn = at::empty(state_shape, gates.options()), dc = grad_cn.clone();
-  const Tensor like = same.symmetric ? Tensor() : at::zeros_like(same.padded(h0));
+  Tensor dG = rk::empty(gates.sizes(), gates.options());
+  Tensor dh = grad_hn.clone(), dn = rk::empty(state_shape, gates.options()), dc = grad_cn.clone();
+  const Tensor like = same.symmetric ? Tensor() : rk::zeros_like(same.padded(h0));
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "conv_lstm_bwd", [&] {
     using T = scalar_t;
@@ -388,9 +385,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_lstm_bwd
     const Tensor c_prev = previous_states(c0, cs, len);
     const std::array<int64_t, 2> steps_rows{0, 1};
     const OneThread one(serial_elems(cs.numel()));
-    grad_ci = (dG.narrow(2, 0, hid) * c_prev).sum(steps_rows);
-    grad_cf = (dG.narrow(2, hid, hid) * c_prev).sum(steps_rows);
-    grad_co = (dG.narrow(2, 3 * hid, hid) * zero_held(cs, len, false)).sum(steps_rows);
+    grad_ci = dG.narrow(2, 0, hid).mul(c_prev).sum(steps_rows);
+    grad_cf = dG.narrow(2, hid, hid).mul(c_prev).sum(steps_rows);
+    grad_co = dG.narrow(2, 3 * hid, hid).mul(zero_held(cs, len, false)).sum(steps_rows);
   }
   return {dG, grad_w, grad_ci, grad_cf, grad_co, dh, dc};
 }
@@ -412,9 +409,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_fwd(const Tensor& xp_, const
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   const ConvSame same(w_hh);
   const int64_t HP = h0.numel() / std::max<int64_t>(N, 1), P = HP / std::max<int64_t>(hid, 1);
-  Tensor out = at::empty(conv_shape({L, N, hid}, xp, 3), xp.options());
-  Tensor rzn = at::empty(xp.sizes(), xp.options());
-  Tensor hns = at::empty(out.sizes(), xp.options());
+  Tensor out = rk::empty(conv_shape({L, N, hid}, xp, 3), xp.options());
+  Tensor rzn = rk::empty(xp.sizes(), xp.options());
+  Tensor hns = rk::empty(out.sizes(), xp.options());
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "conv_gru_fwd", [&] {
     using T = scalar_t;
@@ -466,9 +463,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_gru_bwd(const Tensor& grad_out_,
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   const ConvSame same(w_hh);
   const int64_t HP = h0.numel() / std::max<int64_t>(N, 1), P = HP / std::max<int64_t>(hid, 1);
-  Tensor dxp = at::empty(rzn.sizes(), rzn.options()), dhh = at::empty(rzn.sizes(), rzn.options());
-  Tensor dh = grad_hn.clone(), dn = at::empty(state_shape, rzn.options());
-  const Tensor like = same.symmetric ? Tensor() : at::zeros_like(same.padded(h0));
+  Tensor dxp = rk::empty(rzn.sizes(), rzn.options()), dhh = rk::empty(rzn.sizes(), rzn.options());
+  Tensor dh = grad_hn.clone(), dn = rk::empty(state_shape, rzn.options());
+  const Tensor like = same.symmetric ? Tensor() : rk::zeros_like(same.padded(h0));
   const int64_t min_len = min_length(len, N, L), max_len = max_length(len, N, L);
   AT_DISPATCH_FLOATING_TYPES(rzn.scalar_type(), "conv_gru_bwd", [&] {
     using T = scalar_t;

@@ -17,15 +17,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd(const Tensor& xp_, const Tens
   const int64_t L = xp_.size(0), N = xp_.size(1);
   Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
   check_same(xp, w_hh, "w_hh", {G, H});
-  Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : at::zeros({G}, xp.options());
+  Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : rk::zeros({G}, xp.options());
   check_same(xp, b_hh, "b_hh", {G});
   check_same(xp, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
-  Tensor rzn = at::empty({L, N, G}, xp.options());
-  Tensor hns = at::empty({L, N, H}, xp.options());
-  Tensor hh = at::empty({N, G}, xp.options());
+  Tensor out = rk::empty({L, N, H}, xp.options());
+  Tensor rzn = rk::empty({L, N, G}, xp.options());
+  Tensor hns = rk::empty({L, N, H}, xp.options());
+  Tensor hh = rk::empty({N, G}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "gru_fwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, G, H, true, w_hh);
@@ -69,9 +69,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd(const Tensor& grad_out_, cons
   check_same(out, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dxp = at::empty({L, N, G}, out.options());
-  Tensor dhh = at::empty({L, N, G}, out.options());
-  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options());
+  Tensor dxp = rk::empty({L, N, G}, out.options());
+  Tensor dhh = rk::empty({L, N, G}, out.options());
+  Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gru_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, G, false, w_hh);
@@ -124,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd_bf16(const Tensor& xp_, const
   const int64_t L = xp_.size(0), N = xp_.size(1);
   Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
   check_same(xp, w_hh, "w_hh", {G, H});
-  Tensor bhf = at::zeros({G}, f32_like(xp));
+  Tensor bhf = rk::zeros({G}, f32_like(xp));
   if (b_hh_.has_value() && b_hh_->defined()) {
     check_same(xp, *b_hh_, "b_hh", {G});
     bhf = b_hh_->to(at::kFloat).contiguous();
@@ -132,11 +132,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd_bf16(const Tensor& xp_, const
   check_same(xp, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
-  Tensor rzn = at::empty({L, N, G}, f32_like(xp));
-  Tensor hns = at::empty({L, N, H}, f32_like(xp));
-  Tensor hh = at::empty({N, G}, f32_like(xp)), x_buf = at::empty({N, G}, f32_like(xp));
-  Tensor hp_buf = at::empty({N, H}, f32_like(xp)), h_buf = at::empty({N, H}, f32_like(xp));
+  Tensor out = rk::empty({L, N, H}, xp.options());
+  Tensor rzn = rk::empty({L, N, G}, f32_like(xp));
+  Tensor hns = rk::empty({L, N, H}, f32_like(xp));
+  Tensor hh = rk::empty({N, G}, f32_like(xp)), x_buf = rk::empty({N, G}, f32_like(xp));
+  Tensor hp_buf = rk::empty({N, H}, f32_like(xp)), h_buf = rk::empty({N, H}, f32_like(xp));
   const RecurrentBF16 rec(N, G, H, true, w_hh);
   const BF *x = xp.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
   const float* bh = bhf.data_ptr<float>();
@@ -187,11 +187,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_bf16(const Tensor& grad_out_,
   check_f32(hns, "hn", {L, N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dxp = at::empty({L, N, G}, out.options());
-  Tensor dhh = at::empty({L, N, G}, out.options());
-  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = at::empty({N, H}, f32_like(out));
-  Tensor s_buf = at::empty({N, H}, f32_like(out)), dx_buf = at::empty({N, G}, f32_like(out)),
-         dhh_buf = at::empty({N, G}, f32_like(out));
+  Tensor dxp = rk::empty({L, N, G}, out.options());
+  Tensor dhh = rk::empty({L, N, G}, out.options());
+  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = rk::empty({N, H}, f32_like(out));
+  Tensor s_buf = rk::empty({N, H}, f32_like(out)), dx_buf = rk::empty({N, G}, f32_like(out)),
+         dhh_buf = rk::empty({N, G}, f32_like(out));
   const RecurrentBF16 rec(N, H, G, false, w_hh);
   const BF *go = grad_out.data_ptr<BF>(), *o = out.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
   const float *rz = rzn.data_ptr<float>(), *hn = hns.data_ptr<float>();
@@ -230,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_bf16(const Tensor& grad_out_,
   Tensor grad_b_hh;
   {
     const OneThread one(serial_elems(dhh.numel()));
-    grad_b_hh = at::sum(dhh, at::IntArrayRef{0, 1}, false, at::kFloat).to(at::kBFloat16);
+    grad_b_hh = rk::sum(dhh, at::IntArrayRef{0, 1}, false, at::kFloat).to(at::kBFloat16);
   }
   return {dxp, grad_w_hh, grad_b_hh, dh_a.to(at::kBFloat16)};
 }

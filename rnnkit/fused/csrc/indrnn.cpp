@@ -40,7 +40,7 @@ std::tuple<Tensor, Tensor> indrnn_fwd(const Tensor& xp_, const Tensor& u_, const
   check_same(xp, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
+  Tensor out = rk::empty({L, N, H}, xp.options());
   const int64_t blocks = (H + kIndBlock - 1) / kIndBlock;
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "indrnn_fwd", [&] {
     using T = scalar_t;
@@ -85,9 +85,9 @@ std::tuple<Tensor, Tensor, Tensor> indrnn_bwd(const Tensor& grad_out_, const Ten
   check_same(out, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dxp = at::empty({L, N, H}, out.options());
-  Tensor dh0 = at::empty({N, H}, out.options());
-  Tensor du_rows = at::empty({N, H}, out.options());  // per row, summed over rows after the loop
+  Tensor dxp = rk::empty({L, N, H}, out.options());
+  Tensor dh0 = rk::empty({N, H}, out.options());
+  Tensor du_rows = rk::empty({N, H}, out.options());  // per row, summed over rows after the loop
   const int64_t blocks = (H + kIndBlock - 1) / kIndBlock;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "indrnn_bwd", [&] {
     using T = scalar_t;

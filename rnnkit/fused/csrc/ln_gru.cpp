@@ -154,10 +154,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp_,
   check_same(xp, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
-  Tensor gates = at::empty({L, N, G}, xp.options());
-  Tensor nzs = at::empty({L, N, G}, xp.options());
-  Tensor rstd = at::empty({L, N}, xp.options());
+  Tensor out = rk::empty({L, N, H}, xp.options());
+  Tensor gates = rk::empty({L, N, G}, xp.options());
+  Tensor nzs = rk::empty({L, N, G}, xp.options());
+  Tensor rstd = rk::empty({L, N}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "ln_gru_fwd", [&] {
     using T = scalar_t;
     const T eps = T(eps_);
@@ -210,10 +210,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
   check_same(out, rstd, "rstd", {L, N});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dX = at::empty({L, N, G}, out.options());
-  Tensor dZ = at::empty({L, N, G}, out.options());
-  Tensor dG_rows = at::zeros({N, G}, out.options()), dB_rows = at::zeros({N, G}, out.options());
-  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options());
+  Tensor dX = rk::empty({L, N, G}, out.options());
+  Tensor dZ = rk::empty({L, N, G}, out.options());
+  Tensor dG_rows = rk::zeros({N, G}, out.options()), dB_rows = rk::zeros({N, G}, out.options());
+  Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_gru_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, G, false, w_hh);

@@ -163,12 +163,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_ls
   check_same(xp, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
-  Tensor gates = at::empty({L, N, G}, xp.options());
-  Tensor cs = at::empty({L, N, H}, xp.options());
-  Tensor nzs = at::empty({L, N, G}, xp.options());
-  Tensor ncs = at::empty({L, N, H}, xp.options());
-  Tensor rstd = at::empty({L, N, 2}, xp.options());
+  Tensor out = rk::empty({L, N, H}, xp.options());
+  Tensor gates = rk::empty({L, N, G}, xp.options());
+  Tensor cs = rk::empty({L, N, H}, xp.options());
+  Tensor nzs = rk::empty({L, N, G}, xp.options());
+  Tensor ncs = rk::empty({L, N, H}, xp.options());
+  Tensor rstd = rk::empty({L, N, 2}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "ln_lstm_fwd", [&] {
     using T = scalar_t;
     const T eps = T(eps_);
@@ -237,14 +237,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
   check_same(out, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dG = at::empty({L, N, G}, out.options());
-  Tensor dZ = at::empty({L, N, G}, out.options());
-  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options()), dc = grad_cn.clone();
+  Tensor dG = rk::empty({L, N, G}, out.options());
+  Tensor dZ = rk::empty({L, N, G}, out.options());
+  Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options()), dc = grad_cn.clone();
   // the LN parameters' gradients, summed over steps and rows as the loop goes: one double accumulator
   // (G + 2H) and one dy row (H) per thread, added up in thread order after the loop
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), P = G + 2 * H;
-  Tensor acc = at::zeros({threads, P}, out.options().dtype(at::kDouble));
-  Tensor dy_rows = at::empty({threads, H}, out.options());
+  Tensor acc = rk::zeros({threads, P}, out.options().dtype(at::kDouble));
+  Tensor dy_rows = rk::empty({threads, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_lstm_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, G, false, w_hh);

@@ -60,10 +60,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
   check_same(xp, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, P}, xp.options());
-  Tensor gates = at::empty({L, N, G}, xp.options());
-  Tensor cs = at::empty({L, N, H}, xp.options());
-  Tensor ms = proj ? at::empty({L, N, H}, xp.options()) : at::empty({0}, xp.options());
+  Tensor out = rk::empty({L, N, P}, xp.options());
+  Tensor gates = rk::empty({L, N, G}, xp.options());
+  Tensor cs = rk::empty({L, N, H}, xp.options());
+  Tensor ms = proj ? rk::empty({L, N, H}, xp.options()) : rk::empty({0}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "lstm_fwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, G, P, true, w_hh);
@@ -135,10 +135,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   check_same(out, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dG = at::empty({L, N, G}, out.options());
-  Tensor dHall = proj ? at::empty({L, N, P}, out.options()) : Tensor();
-  Tensor dm_buf = proj ? at::empty({N, H}, out.options()) : Tensor();
-  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, P}, out.options()), dc = grad_cn.clone();
+  Tensor dG = rk::empty({L, N, G}, out.options());
+  Tensor dHall = proj ? rk::empty({L, N, P}, out.options()) : Tensor();
+  Tensor dm_buf = proj ? rk::empty({N, H}, out.options()) : Tensor();
+  Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, P}, out.options()), dc = grad_cn.clone();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lstm_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, P, G, false, w_hh);
@@ -180,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
   Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
-  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : at::empty({0}, out.options());
+  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : rk::empty({0}, out.options());
   return {dG, grad_w_hh, grad_w_hr, dh_a, dc};
 }
 
@@ -206,13 +206,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_bf16(const T
   check_same(xp, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, P}, xp.options());
-  Tensor gates = at::empty({L, N, G}, f32_like(xp));
-  Tensor cs = at::empty({L, N, H}, f32_like(xp));
-  Tensor ms = proj ? at::empty({L, N, H}, xp.options()) : at::empty({0}, xp.options());
+  Tensor out = rk::empty({L, N, P}, xp.options());
+  Tensor gates = rk::empty({L, N, G}, f32_like(xp));
+  Tensor cs = rk::empty({L, N, H}, f32_like(xp));
+  Tensor ms = proj ? rk::empty({L, N, H}, xp.options()) : rk::empty({0}, xp.options());
   Tensor c0f = c0.to(at::kFloat);
-  Tensor x_buf = at::empty({N, G}, f32_like(xp)), m_buf = at::empty({N, H}, f32_like(xp));
-  Tensor o_buf = proj ? at::empty({N, P}, f32_like(xp)) : Tensor();
+  Tensor x_buf = rk::empty({N, G}, f32_like(xp)), m_buf = rk::empty({N, H}, f32_like(xp));
+  Tensor o_buf = proj ? rk::empty({N, P}, f32_like(xp)) : Tensor();
   const RecurrentBF16 rec(N, G, P, true, w_hh);
   const RecurrentBF16 rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
   const BF *x = xp.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
@@ -286,11 +286,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_bf16(
   check_f32(cs, "cs", {L, N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dG = at::empty({L, N, G}, out.options());
-  Tensor dHall = proj ? at::empty({L, N, P}, out.options()) : Tensor();
-  Tensor dm_buf = proj ? at::empty({N, H}, f32_like(out)) : Tensor();
-  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = at::empty({N, P}, f32_like(out)), dc = grad_cn.to(at::kFloat);
-  Tensor c0f = c0.to(at::kFloat), s_buf = at::empty({N, std::max(G, P)}, f32_like(out));
+  Tensor dG = rk::empty({L, N, G}, out.options());
+  Tensor dHall = proj ? rk::empty({L, N, P}, out.options()) : Tensor();
+  Tensor dm_buf = proj ? rk::empty({N, H}, f32_like(out)) : Tensor();
+  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = rk::empty({N, P}, f32_like(out)), dc = grad_cn.to(at::kFloat);
+  Tensor c0f = c0.to(at::kFloat), s_buf = rk::empty({N, std::max(G, P)}, f32_like(out));
   const RecurrentBF16 rec(N, P, G, false, w_hh);
   const RecurrentBF16 rec_r(proj ? N : 0, H, P, false, proj ? w_hr : w_hh);
   const BF* go = grad_out.data_ptr<BF>();
@@ -332,7 +332,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_bf16(
   }
   if (dh != dh_a.data_ptr<float>()) std::swap(dh_a, dh_b);
   Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
-  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : at::empty({0}, out.options());
+  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : rk::empty({0}, out.options());
   return {dG, grad_w_hh, grad_w_hr, dh_a.to(at::kBFloat16), dc.to(at::kBFloat16)};
 }
 

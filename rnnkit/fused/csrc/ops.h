@@ -111,6 +111,10 @@ Tensor gru_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const T
                 const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_);
 Tensor rnn_cell(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
                 const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_, int64_t act);
+// one plain inference step for cell_py.cpp's direct entry (see cell.cpp)
+void direct_step(long kind, int64_t N, int64_t I, int64_t H, const Tensor& x, const Tensor* h0_, const Tensor* c0_,
+                 const Tensor& w_ih, const Tensor& w_hh, const Tensor* b_ih, const Tensor* b_hh, Tensor& h_new,
+                 Tensor& c_new);
 }  // namespace cell
 
 namespace project {  // project.cpp

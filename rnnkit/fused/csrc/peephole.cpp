@@ -76,9 +76,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> peephole_fwd(const Tensor& xp
   check_same(xp, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
-  Tensor gates = at::empty({L, N, G}, xp.options());
-  Tensor cs = at::empty({L, N, H}, xp.options());
+  Tensor out = rk::empty({L, N, H}, xp.options());
+  Tensor gates = rk::empty({L, N, G}, xp.options());
+  Tensor cs = rk::empty({L, N, H}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "peephole_fwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, G, H, true, w_hh);
@@ -134,8 +134,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
   check_same(out, c0, "c0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dG = at::empty({L, N, G}, out.options());
-  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options()), dc = grad_cn.clone();
+  Tensor dG = rk::empty({L, N, G}, out.options());
+  Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options()), dc = grad_cn.clone();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "peephole_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, G, false, w_hh);
@@ -174,9 +174,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
   Tensor c_prev = previous_states(c0, cs, len);
   const std::array<int64_t, 2> steps_rows{0, 1};  // owned: an IntArrayRef of a braced list would dangle
   const OneThread one(serial_elems(cs.numel()));
-  Tensor grad_ci = (dG.narrow(2, 0, H) * c_prev).sum(steps_rows);
-  Tensor grad_cf = (dG.narrow(2, H, H) * c_prev).sum(steps_rows);
-  Tensor grad_co = (dG.narrow(2, 3 * H, H) * zero_held(cs, len, false)).sum(steps_rows);
+  Tensor grad_ci = dG.narrow(2, 0, H).mul(c_prev).sum(steps_rows);
+  Tensor grad_cf = dG.narrow(2, H, H).mul(c_prev).sum(steps_rows);
+  Tensor grad_co = dG.narrow(2, 3 * H, H).mul(zero_held(cs, len, false)).sum(steps_rows);
   return {dG, grad_w_hh, grad_ci, grad_cf, grad_co, dh_a, dc};
 }
 

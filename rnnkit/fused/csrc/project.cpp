@@ -9,7 +9,6 @@
 #include "common.h"
 #include "ops.h"
 
-#include <ATen/ops/addmm.h>
 
 namespace rnnkit_fused::project {
 
@@ -33,8 +32,8 @@ Tensor project_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   check_project(x, w, "project_fwd");
   if (b.has_value() && b->defined()) check_same(x, *b, "b", {w.size(0)});
   const OneThread one(serial_once(macs(x, w)));
-  if (b.has_value() && b->defined()) return at::addmm(*b, x, w.t());
-  return at::mm(x, w.t());
+  if (b.has_value() && b->defined()) return rk::addmm(*b, x, w.t());
+  return rk::mm(x, w.t());
 }
 
 // (dx (M, K), dw (G, K), db (G,)) from grad (M, G); a result not asked for in `mask` (x, w, b) is empty (0,)
@@ -43,9 +42,9 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& grad, const Tensor&
   check_project(x, w, "project_bwd");
   check_same(x, grad, "grad", {x.size(0), w.size(0)});
   const OneThread one(serial_once(macs(x, w)));
-  Tensor dx = mask[0] ? grad.mm(w) : at::empty({0}, x.options());
-  Tensor dw = mask[1] ? grad.t().mm(x) : at::empty({0}, x.options());
-  Tensor db = mask[2] ? grad.sum(0) : at::empty({0}, x.options());
+  Tensor dx = mask[0] ? grad.mm(w) : rk::empty({0}, x.options());
+  Tensor dw = mask[1] ? grad.t().mm(x) : rk::empty({0}, x.options());
+  Tensor db = mask[2] ? grad.sum(0) : rk::empty({0}, x.options());
   return {dx, dw, db};
 }
 

@@ -19,7 +19,7 @@ std::tuple<Tensor, Tensor> rnn_fwd(const Tensor& xp_, const Tensor& w_hh_, const
   check_same(xp, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
+  Tensor out = rk::empty({L, N, H}, xp.options());
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "rnn_fwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, H, true, w_hh);
@@ -58,8 +58,8 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd(const Tensor& grad_out_, const Tensor
   check_same(out, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dxp = at::empty({L, N, H}, out.options());
-  Tensor dh_a = grad_hn.clone(), dh_b = at::empty({N, H}, out.options());
+  Tensor dxp = rk::empty({L, N, H}, out.options());
+  Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_bwd", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, H, H, false, w_hh);
@@ -106,8 +106,8 @@ std::tuple<Tensor, Tensor> rnn_fwd_bf16(const Tensor& xp_, const Tensor& w_hh_, 
   check_same(xp, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = at::empty({L, N, H}, xp.options());
-  Tensor pre_buf = at::empty({N, H}, f32_like(xp)), x_buf = at::empty({N, H}, f32_like(xp));
+  Tensor out = rk::empty({L, N, H}, xp.options());
+  Tensor pre_buf = rk::empty({N, H}, f32_like(xp)), x_buf = rk::empty({N, H}, f32_like(xp));
   const RecurrentBF16 rec(N, H, H, true, w_hh);
   const BF *x = xp.data_ptr<BF>(), *h_init = h0.data_ptr<BF>();
   BF* o = out.data_ptr<BF>();
@@ -148,9 +148,9 @@ std::tuple<Tensor, Tensor, Tensor> rnn_bwd_bf16(const Tensor& grad_out_, const T
   check_same(out, h0, "h0", {N, H});
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor dxp = at::empty({L, N, H}, out.options());
-  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = at::empty({N, H}, f32_like(out));
-  Tensor s_buf = at::empty({N, H}, f32_like(out)), dp_buf = at::empty({N, H}, f32_like(out));
+  Tensor dxp = rk::empty({L, N, H}, out.options());
+  Tensor dh_a = grad_hn.to(at::kFloat), dh_b = rk::empty({N, H}, f32_like(out));
+  Tensor s_buf = rk::empty({N, H}, f32_like(out)), dp_buf = rk::empty({N, H}, f32_like(out));
   const RecurrentBF16 rec(N, H, H, false, w_hh);
   const BF *go = grad_out.data_ptr<BF>(), *o = out.data_ptr<BF>();
   BF* dx = dxp.data_ptr<BF>();
