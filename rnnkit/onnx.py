@@ -333,23 +333,35 @@ def _keep(lengths: Optional[Tensor], seq_len: int, state: State) -> Optional[Ten
 
 
 def scan_hop(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
-    """One layer-direction as ``torch._higher_order_ops.scan`` over the cell's step (an ONNX ``Scan``)."""
-    from torch._higher_order_ops.scan import scan
+    """One layer-direction as torch's ``scan`` higher-order op over the cell's step (an ONNX ``Scan``).
+
+    The op is called directly (``scan_op``), not through ``torch._higher_order_ops.scan.scan``: that
+    wrapper runs every call through ``torch.compile`` of one shared function, so the scans of a model
+    share one dynamo cache, and checking an earlier scan's guards (a static stride, say ``12``) against a
+    later scan's symbolic inputs (a stride ``4*N``) specializes the batch when the two happen to be equal
+    at the example batch (``4*3 == 12``): the default exporter then retries with a static batch, taking
+    twice as long and giving a graph that runs at the example batch only. The body's parameters go in as
+    the op's ``additional_inputs`` (the wrapper lifted closed-over tensors; the op itself takes none)."""
+    from torch._higher_order_ops.scan import scan_op
 
     xp = spec.project(x, p)
     keep = _keep(lengths, x.shape[0], state)
+    names, constants = _split_params(p)
+    num_states = len(state)
+    xs = [xp] if keep is None else [xp, keep]
 
-    def body(carry, inputs):
-        if keep is None:
-            new = spec.step(inputs, carry, p)
-        else:
-            xp_t, keep_t = inputs
-            new = tuple(torch.where(keep_t, n, s) for n, s in zip(spec.step(xp_t, carry, p), carry))
-        return tuple(new), new[0].clone()  # the scan's output may not alias its carry
+    def body(*args):
+        carry = tuple(args[:num_states])
+        params = dict(zip(names, args[num_states + len(xs):]))
+        params.update(constants)
+        new = tuple(spec.step(args[num_states], carry, params))
+        if keep is not None:
+            new = tuple(torch.where(args[num_states + 1], n, s) for n, s in zip(new, carry))
+        return [*new, new[0].clone()]  # the scan's output may not alias its carry
 
     with torch.no_grad():  # an inference graph: tracing the scan's backward too would double the export's time
-        final, out = scan(body, tuple(state), xp if keep is None else (xp, keep))
-    return out, tuple(final)
+        result = scan_op(body, list(state), xs, tuple(p[k] for k in names))
+    return result[num_states], tuple(result[:num_states])
 
 
 _STEP_IDS = itertools.count()
