@@ -359,8 +359,11 @@ def scan_hop(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Option
             new = tuple(torch.where(args[num_states + 1], n, s) for n, s in zip(new, carry))
         return [*new, new[0].clone()]  # the scan's output may not alias its carry
 
-    with torch.no_grad():  # an inference graph: tracing the scan's backward too would double the export's time
-        result = scan_op(body, list(state), xs, tuple(p[k] for k in names))
+    # An inference graph: detached operands keep the scan's autograd rule (which builds the body's joint
+    # forward-backward graph) out of the trace and of the exporter's later passes over the graph.
+    with torch.no_grad():
+        result = scan_op(body, [s.detach() for s in state], [t.detach() for t in xs],
+                         tuple(p[k].detach() for k in names))
     return result[num_states], tuple(result[:num_states])
 
 
