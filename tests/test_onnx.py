@@ -298,3 +298,66 @@ def test_zoneout_in_eval_mode_exports_its_expectation(tmp_path):
         want = _flat(gru(x))
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-4)
+
+
+def _export_layer(module, exporter, x, hx):
+    """``module`` (an RNN/LSTM/GRU, rnnkit's or torch.nn's) exported as the benchmark exports it: inputs x, h0[, c0],
+    length and batch dynamic."""
+    import io
+    lstm = isinstance(hx, tuple)
+    inputs, outputs = (["x", "h0", "c0"], ["y", "hn", "cn"]) if lstm else (["x", "h0"], ["y", "hn"])
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            L, N = torch.export.Dim("L", min=2), torch.export.Dim("N")
+            torch.onnx.export(module, (x, hx), buf, input_names=inputs, output_names=outputs,
+                              dynamic_shapes=({0: L, 1: N}, ({1: N}, {1: N}) if lstm else {1: N}))
+        else:
+            axes = {"x": {0: "L", 1: "N"}, "y": {0: "L", 1: "N"}, **{n: {1: "N"} for n in inputs[1:] + outputs[1:]}}
+            torch.onnx.export(module, (x, hx), buf, dynamo=False, input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("exporter, kind, layers, bidirectional", [
+    ("torchscript", "lstm", 1, False), ("torchscript", "gru", 1, False), ("torchscript", "rnn", 1, False),
+    ("torchscript", "lstm", 2, True), ("torchscript", "gru", 2, True),
+    ("dynamo", "lstm", 1, False),  # the default exporter takes seconds per export: the other two run with -m slow
+    pytest.param("dynamo", "gru", 1, False, marks=pytest.mark.slow),
+    pytest.param("dynamo", "lstm", 2, True, marks=pytest.mark.slow)])
+def test_standard_layer_graph_has_no_node_more_than_torch_nns(exporter, kind, layers, bidirectional):
+    """rnnkit's exported RNN/LSTM/GRU has no node that torch.nn's export of the same layer (``dynamo=False``, the
+    one that keeps the length dynamic) does not have: ``dynamo=False`` gives the very same node types in the same
+    order; the default exporter's graph is a sub-multiset of it (``Constant`` nodes aside: that exporter makes
+    constants initializers). Both run in ONNX Runtime at another length and batch and equal torch.nn."""
+    torch.manual_seed(0)
+    cls = {"lstm": (rnnkit.LSTM, nn.LSTM), "gru": (rnnkit.GRU, nn.GRU), "rnn": (rnnkit.RNN, nn.RNN)}[kind]
+    theirs = cls[1](IN, HID, layers, bidirectional=bidirectional).eval()
+    ours = cls[0](IN, HID, layers, bidirectional=bidirectional).eval()
+    ours.load_state_dict(theirs.state_dict())
+    rows = layers * (2 if bidirectional else 1)
+
+    def args(length, batch):
+        h = torch.randn(rows, batch, HID)
+        return torch.randn(length, batch, IN), ((h, torch.randn(rows, batch, HID)) if kind == "lstm" else h)
+
+    x, hx = args(5, 3)
+    protos = {name: _export_layer(m, e, x, hx)
+              for name, m, e in (("ours", ours, exporter), ("theirs", theirs, "torchscript"))}
+    ops = {name: [n.op_type for n in onnx.load_from_string(p).graph.node] for name, p in protos.items()}
+    if exporter == "torchscript":
+        assert ops["ours"] == ops["theirs"]
+    else:
+        from collections import Counter
+        ours_ops, theirs_ops = (Counter(op for op in ops[k] if op != "Constant") for k in ("ours", "theirs"))
+        assert not ours_ops - theirs_ops, f"nodes torch.nn's export does not need: {ours_ops - theirs_ops}"
+    x, hx = args(7, 2)
+    with torch.no_grad():
+        want = _flat(theirs(x, hx))
+    feed = {"x": x.numpy(), "h0": (hx[0] if kind == "lstm" else hx).numpy()}
+    if kind == "lstm":
+        feed["c0"] = hx[1].numpy()
+    got = ort.InferenceSession(protos["ours"], providers=["CPUExecutionProvider"]).run(None, feed)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-4)
