@@ -14,7 +14,7 @@ backend: while an ONNX export runs (``torch.onnx.is_in_onnx_export()``), every l
 * **Every other configuration** (the zoo, an LSTM with ``proj_size`` (ONNX's LSTM cannot project),
   RNN with another nonlinearity, zoneout in eval mode) becomes one loop over time per
   layer-direction, whose body is the cell's own step function (:attr:`rnnkit.CellSpec.step`), traced:
-  with the default exporter through ``torch._higher_order_ops.scan`` (an ONNX ``Scan``); with
+  with the default exporter through torch's ``scan`` higher-order op (``scan_op``: an ONNX ``Scan``); with
   ``dynamo=False`` through a TorchScript loop that calls the traced step (an ONNX ``Loop``). Either
   way the graph's size does not depend on the sequence length.
 
