@@ -10,7 +10,10 @@ float32, a fixed thread count:
   native ``LSTM``/``GRU`` operator);
 * ``step`` rows: one step (``L = 1``) with the state in and out, the streaming call:
   the rnnkit layer, the rnnkit cell (``rnnkit.LSTMCell``: the cell fast path),
-  ``torch.nn``'s layer, and ONNX Runtime on the exported layer.
+  ``torch.nn``'s layer, and ONNX Runtime on the exported layer;
+* in both: ONNX Runtime on rnnkit's own export of the same layer (``rnnkit.LSTM``/``GRU`` on the
+  same weights, exported by the same call; see rnnkit/onnx.py), next to ORT on torch.nn's
+  export: the ratio of the two says whether an rnnkit-exported model serves as fast.
 
 Every contestant computes the same function on the same weights and inputs (checked
 once per row to 1e-4 before timing). Timing: warmed up, then ``repeats`` rounds, each
@@ -44,9 +47,12 @@ SMALL_STEP = [(1, 64)]
 QUICK_SEQ = [(1, 8)]
 QUICK_STEP = [(2, 8)]
 ORT = "onnxruntime"
+"""ONNX Runtime on torch.nn's exported layer."""
+ORT_RNNKIT = "ort rnnkit"
+"""ONNX Runtime on rnnkit's exported layer (the same weights, the same export call)."""
 COLUMNS = {
-    "sequence": ("rnnkit auto", "rnnkit fused", "torch.nn", ORT),
-    "step": ("rnnkit layer", "rnnkit cell", "torch.nn", ORT),
+    "sequence": ("rnnkit auto", "rnnkit fused", "torch.nn", ORT, ORT_RNNKIT),
+    "step": ("rnnkit layer", "rnnkit cell", "torch.nn", ORT, ORT_RNNKIT),
 }
 
 
@@ -60,8 +66,8 @@ def _classes(cell: str):
 
 
 def ort_session(module: torch.nn.Module, x: torch.Tensor, hx, threads: int, spin: bool = False):
-    """An ONNX Runtime session on ``module`` (a torch.nn LSTM/GRU) exported with the TorchScript
-    exporter, time, batch and state batch dynamic; or the reason it cannot be made (a str)."""
+    """An ONNX Runtime session on ``module`` (a torch.nn or rnnkit LSTM/GRU) exported with the
+    TorchScript exporter, time, batch and state batch dynamic; or the reason it cannot be made (a str)."""
     try:
         import onnxruntime as ort
     except Exception as err:  # not installed, or a broken install
@@ -149,19 +155,29 @@ def run_row(kind: str, cell: str, batch: int, hidden: int, seq_len: int, threads
                                       lambda r: [t.unsqueeze(0) for t in _flat(r)] if cell == "lstm"
                                       else [r.unsqueeze(0), r.unsqueeze(0)])
     contestants["torch.nn"] = (lambda: ref(x, hx), _flat)
-    key = (cell, hidden, threads, spin, seed)
-    session = sessions.get(key) if sessions is not None else None
-    if session is None:
-        session = ort_session(ref, x, hx, threads, spin)
-        if sessions is not None:
-            sessions[key] = session
-    if isinstance(session, str):
-        skipped[ORT] = session
-    else:
-        feed = {"x": x.numpy(), "h0": h0.numpy()}
-        if cell == "lstm":
-            feed["c0"] = hx[1].numpy()
-        contestants[ORT] = (lambda: session.run(None, feed), lambda r: [torch.from_numpy(a) for a in r])
+    feed = {"x": x.numpy(), "h0": h0.numpy()}
+    if cell == "lstm":
+        feed["c0"] = hx[1].numpy()
+
+    def exported(name: str, make: Callable[[], torch.nn.Module]) -> None:
+        key = (name, cell, hidden, threads, spin, seed)
+        session = sessions.get(key) if sessions is not None else None
+        if session is None:
+            session = ort_session(make(), x, hx, threads, spin)
+            if sessions is not None:
+                sessions[key] = session
+        if isinstance(session, str):
+            skipped[name] = session
+        else:
+            contestants[name] = (lambda: session.run(None, feed), lambda r: [torch.from_numpy(a) for a in r])
+
+    def rnnkit_layer() -> torch.nn.Module:
+        m = layer_cls(hidden, hidden).eval()
+        m.load_state_dict(ref.state_dict())
+        return m
+
+    exported(ORT, lambda: ref)
+    exported(ORT_RNNKIT, rnnkit_layer)
 
     with torch.no_grad():
         want = _flat(ref(x, hx))
@@ -232,10 +248,13 @@ def _us(t: Optional[float]) -> str:
 
 def ratios(row: Dict[str, object]) -> Dict[str, float]:
     """The row's headline ratios (of medians): rnnkit's time over ORT's and torch.nn's (below 1:
-    rnnkit is faster) and, for a step, the layer's over the cell's."""
+    rnnkit is faster), for a step the layer's over the cell's, and ORT's time on rnnkit's export
+    over its time on torch.nn's (``ort rnnkit/ort``; below 1: rnnkit's export runs faster)."""
     t = row["median_s"]
     ours = "rnnkit auto" if row["kind"] == "sequence" else "rnnkit layer"
     out = {}
+    if ORT_RNNKIT in t and ORT in t:
+        out["ort rnnkit/ort"] = t[ORT_RNNKIT] / t[ORT]
     if ours in t:
         if ORT in t:
             out[f"{ours}/ort"] = t[ours] / t[ORT]
@@ -258,6 +277,7 @@ def format_table(result: Dict[str, object]) -> str:
             continue
         names = COLUMNS[kind]
         extra = ["auto/ort", "auto/torch.nn"] if kind == "sequence" else ["layer/cell", "layer/torch.nn", "layer/ort"]
+        extra.append("ort rnnkit/ort")
         head = ["kind", "cell", "L", "N", "H", *names, *extra]
         lines = []
         for r in rows:
@@ -268,6 +288,7 @@ def format_table(result: Dict[str, object]) -> str:
             keys = [f"{ours}/ort", f"{ours}/torch.nn"] + (["layer/cell"] if kind == "step" else [])
             if kind == "step":
                 keys = ["layer/cell", f"{ours}/torch.nn", f"{ours}/ort"]
+            keys.append("ort rnnkit/ort")
             cells += [f"{q[k]:.2f}" if k in q else "-" for k in keys]
             lines.append(cells)
             notes += [f"{n}: {why}" for n, why in r["skipped"].items()]
@@ -276,8 +297,9 @@ def format_table(result: Dict[str, object]) -> str:
         out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     for note in dict.fromkeys(notes):
         out.append(f"  not timed: {note}")
-    out.append("ratios: time / time (below 1: rnnkit is faster); ORT runs torch.nn's exported model "
-               f"(intra_op_num_threads={st['threads']}, spinning {'on' if st['ort_spinning'] else 'off'})")
+    out.append(f"ratios: time / time (below 1: rnnkit is faster); {ORT} runs torch.nn's exported model, {ORT_RNNKIT} "
+               f"rnnkit's (same weights, torch.onnx.export(dynamo=False); intra_op_num_threads={st['threads']}, "
+               f"spinning {'on' if st['ort_spinning'] else 'off'})")
     return "\n".join(out)
 
 

@@ -14,7 +14,7 @@ backend: while an ONNX export runs (``torch.onnx.is_in_onnx_export()``), every l
 * **Every other configuration** (the zoo, an LSTM with ``proj_size`` (ONNX's LSTM cannot project),
   RNN with another nonlinearity, zoneout in eval mode) becomes one loop over time per
   layer-direction, whose body is the cell's own step function (:attr:`rnnkit.CellSpec.step`), traced:
-  with the default exporter through ``torch._higher_order_ops.scan`` (an ONNX ``Scan``); with
+  with the default exporter through torch's ``scan`` higher-order op (``scan_op``: an ONNX ``Scan``); with
   ``dynamo=False`` through a TorchScript loop that calls the traced step (an ONNX ``Loop``). Either
   way the graph's size does not depend on the sequence length.
 
@@ -177,6 +177,34 @@ def _(X, W, R, B, sequence_lens, initial_h, hidden_size, direction, activation):
     return _fake_y(X, _directions(direction), hidden_size)
 
 
+@torch.library.custom_op("rnnkit_onnx::merge_directions", mutates_args=())
+def _merge_op(Y: Tensor) -> Tensor:
+    """ONNX's ``Y`` (L, D, N, H) as torch's output (L, N, D*H)."""
+    return Y.permute(0, 2, 1, 3).reshape(Y.shape[0], Y.shape[2], Y.shape[1] * Y.shape[3])
+
+
+@_merge_op.register_fake
+def _(Y):
+    return Y.new_empty(Y.shape[0], Y.shape[2], Y.shape[1] * Y.shape[3])
+
+
+def merge_directions(Y: Tensor) -> Tensor:
+    """The operator's ``Y`` (L, D, N, H) as the layer's output (L, N, D*H), in the nodes torch.nn's own export
+    uses: one ``Squeeze`` for one direction, ``Transpose`` + ``Reshape`` to ``[0, 0, -1]`` (a constant shape:
+    no Shape/Gather/Concat nodes computing it) for two."""
+    if Y.shape[1] == 1:
+        return Y.squeeze(1)
+    if _dynamo_exporting():
+        t = Y.permute(0, 2, 1, 3)
+        shape = torch.tensor([0, 0, -1], dtype=torch.int64)
+        return torch.onnx.ops.symbolic("Reshape", [t, shape], {}, dtype=Y.dtype,
+                                       shape=(Y.shape[0], Y.shape[2], Y.shape[1] * Y.shape[3]), version=OPSET)
+    if torch.jit.is_tracing():
+        register()
+        return torch.ops.rnnkit_onnx.merge_directions(Y)
+    return Y.permute(0, 2, 1, 3).reshape(Y.shape[0], Y.shape[2], Y.shape[1] * Y.shape[3])
+
+
 # ----------------------------------------------------------------------------- translations, dynamo=False
 
 def _const(value):
@@ -214,6 +242,11 @@ def _symbolic_rnn(g, X, W, R, B, sequence_lens, initial_h, hidden_size, directio
                 hidden_size_i=_const(hidden_size), direction_s=_const(direction), activations_s=acts, outputs=2)
 
 
+def _symbolic_merge_directions(g, Y):
+    t = g.op("Transpose", Y, perm_i=[0, 2, 1, 3])
+    return g.op("Reshape", t, g.op("Constant", value_t=torch.tensor([0, 0, -1], dtype=torch.int64)))
+
+
 _lock = threading.Lock()
 _registered = False
 
@@ -224,7 +257,8 @@ def register() -> None:
     global _registered
     with _lock:
         if not _registered:
-            for name, fn in (("lstm", _symbolic_lstm), ("gru", _symbolic_gru), ("rnn", _symbolic_rnn)):
+            for name, fn in (("lstm", _symbolic_lstm), ("gru", _symbolic_gru), ("rnn", _symbolic_rnn),
+                             ("merge_directions", _symbolic_merge_directions)):
                 torch.onnx.register_custom_op_symbolic(f"rnnkit_onnx::{name}", fn, OPSET)
             _registered = True
 
@@ -288,13 +322,14 @@ def _native_stack(module, kind: str, x: Tensor, state0: State, lengths: Optional
             G = W.shape[1]
             B = torch.stack([torch.cat([_to_onnx_gates(p[n], order) if p.get(n) is not None else W.new_zeros(G)
                                         for n in ("bias_ih", "bias_hh")]) for p in ps])
-        rows = slice(layer * D, (layer + 1) * D)
-        h0 = state0[0][rows]
+        # one layer: the whole initial state (no Slice node), as torch.nn's export
+        layer_state0 = state0 if module.num_layers == 1 else tuple(s.narrow(0, layer * D, D) for s in state0)
+        h0 = layer_state0[0]
         if kind == "lstm":
             P = None
             if "weight_ci" in ps[0]:
                 P = torch.stack([torch.cat([p["weight_ci"], p["weight_co"], p["weight_cf"]]) for p in ps])
-            y, h_n, c_n = native_op("lstm", layer_input, W, R, B, seq_lens, h0, state0[1][rows], P, H, direction)
+            y, h_n, c_n = native_op("lstm", layer_input, W, R, B, seq_lens, h0, layer_state0[1], P, H, direction)
             new = (h_n, c_n)
         elif kind == "gru":
             y, h_n = native_op("gru", layer_input, W, R, B, seq_lens, h0, None, None, H, direction)
@@ -305,15 +340,13 @@ def _native_stack(module, kind: str, x: Tensor, state0: State, lengths: Optional
             new = (h_n,)
         if lengths is not None:  # rnnkit: a length-0 sequence keeps its initial state (ONNX leaves that open)
             empty = (lengths == 0).view(1, -1, 1)
-            new = tuple(torch.where(empty, s0, s) for s0, s in zip((h0, state0[1][rows]) if kind == "lstm"
-                                                                   else (h0,), new))
+            new = tuple(torch.where(empty, s0, s) for s0, s in zip(layer_state0, new))
         for acc, s in zip(finals, new):
             acc.append(s)
-        # (L, D, N, H) -> (L, N, D*H)
-        layer_input = y.permute(0, 2, 1, 3).reshape(y.shape[0], y.shape[2], D * H)
+        layer_input = merge_directions(y)
         if module.dropout and module.training and layer < module.num_layers - 1:
             layer_input = F.dropout(layer_input, module.dropout, training=True)
-    return layer_input, tuple(torch.cat(acc) for acc in finals)
+    return layer_input, tuple(acc[0] if len(acc) == 1 else torch.cat(acc) for acc in finals)
 
 
 # ----------------------------------------------------------------------------- the loop route
@@ -333,23 +366,38 @@ def _keep(lengths: Optional[Tensor], seq_len: int, state: State) -> Optional[Ten
 
 
 def scan_hop(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
-    """One layer-direction as ``torch._higher_order_ops.scan`` over the cell's step (an ONNX ``Scan``)."""
-    from torch._higher_order_ops.scan import scan
+    """One layer-direction as torch's ``scan`` higher-order op over the cell's step (an ONNX ``Scan``).
+
+    The op is called directly (``scan_op``), not through ``torch._higher_order_ops.scan.scan``: that
+    wrapper runs every call through ``torch.compile`` of one shared function, so the scans of a model
+    share one dynamo cache, and checking an earlier scan's guards (a static stride, say ``12``) against a
+    later scan's symbolic inputs (a stride ``4*N``) specializes the batch when the two happen to be equal
+    at the example batch (``4*3 == 12``): the default exporter then retries with a static batch, taking
+    twice as long and giving a graph that runs at the example batch only. The body's parameters go in as
+    the op's ``additional_inputs`` (the wrapper lifted closed-over tensors; the op itself takes none)."""
+    from torch._higher_order_ops.scan import scan_op
 
     xp = spec.project(x, p)
     keep = _keep(lengths, x.shape[0], state)
+    names, constants = _split_params(p)
+    num_states = len(state)
+    xs = [xp] if keep is None else [xp, keep]
 
-    def body(carry, inputs):
-        if keep is None:
-            new = spec.step(inputs, carry, p)
-        else:
-            xp_t, keep_t = inputs
-            new = tuple(torch.where(keep_t, n, s) for n, s in zip(spec.step(xp_t, carry, p), carry))
-        return tuple(new), new[0].clone()  # the scan's output may not alias its carry
+    def body(*args):
+        carry = tuple(args[:num_states])
+        params = dict(zip(names, args[num_states + len(xs):]))
+        params.update(constants)
+        new = tuple(spec.step(args[num_states], carry, params))
+        if keep is not None:
+            new = tuple(torch.where(args[num_states + 1], n, s) for n, s in zip(new, carry))
+        return [*new, new[0].clone()]  # the scan's output may not alias its carry
 
-    with torch.no_grad():  # an inference graph: tracing the scan's backward too would double the export's time
-        final, out = scan(body, tuple(state), xp if keep is None else (xp, keep))
-    return out, tuple(final)
+    # An inference graph: detached operands keep the scan's autograd rule (which builds the body's joint
+    # forward-backward graph) out of the trace and of the exporter's later passes over the graph.
+    with torch.no_grad():
+        result = scan_op(body, [s.detach() for s in state], [t.detach() for t in xs],
+                         tuple(p[k].detach() for k in names))
+    return result[num_states], tuple(result[:num_states])
 
 
 _STEP_IDS = itertools.count()

@@ -304,7 +304,7 @@ def test_inference_rows_and_ratios():
         assert not any(why.startswith("failed") for why in r["skipped"].values()), r["skipped"]
         names = set(bench_inference.COLUMNS[r["kind"]])
         if not have_ort:
-            names.discard(bench_inference.ORT)
+            names -= {bench_inference.ORT, bench_inference.ORT_RNNKIT}
         assert set(r["median_s"]) == names
         assert all(t > 0 for t in r["median_s"].values())
         q = bench_inference.ratios(r)
@@ -315,22 +315,50 @@ def test_inference_rows_and_ratios():
 def test_without_onnxruntime_the_column_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
     row = bench_inference.run_row("step", "lstm", 1, 8, 1, threads=1, repeats=1, target_s=0.0)
-    assert row["skipped"][bench_inference.ORT].startswith("onnxruntime is not installed")
-    assert bench_inference.ORT not in row["median_s"] and "rnnkit layer" in row["median_s"]
+    for name in (bench_inference.ORT, bench_inference.ORT_RNNKIT):
+        assert row["skipped"][name].startswith("onnxruntime is not installed")
+        assert name not in row["median_s"]
+    assert "rnnkit layer" in row["median_s"]
     text = bench_inference.format_table({"settings": {"threads": 1, "repeats": 1, "ort_spinning": False},
                                          "rows": [row]})
     assert "not timed: onnxruntime: onnxruntime is not installed" in text
 
 
 def test_a_wrong_result_is_not_timed(monkeypatch):
-    """The check before timing can fail: a contestant whose result differs is reported, not timed."""
+    """The check before timing can fail: a contestant whose result differs is reported, not timed (ORT on
+    rnnkit's export included: it exports the layer class the row runs, here one whose output is off by 1)."""
     real = bench_inference._flat
     monkeypatch.setattr(bench_inference, "_classes", lambda cell: (
         lambda *a, **k: _Off(rnnkit.LSTM(*a, **k)), rnnkit.LSTMCell, torch.nn.LSTM))
     row = bench_inference.run_row("sequence", "lstm", 1, 8, 3, threads=1, repeats=1, target_s=0.0)
-    assert row["skipped"]["rnnkit auto"].startswith("failed: AssertionError")
-    assert "rnnkit auto" not in row["median_s"] and "torch.nn" in row["median_s"]
+    for name in ("rnnkit auto", bench_inference.ORT_RNNKIT):
+        assert row["skipped"][name].startswith("failed: AssertionError"), row["skipped"]
+        assert name not in row["median_s"]
+    assert "torch.nn" in row["median_s"] and bench_inference.ORT in row["median_s"]
+    assert "ort rnnkit/ort" not in bench_inference.ratios(row)
     assert bench_inference._flat is real
+
+
+@pytest.mark.parametrize("kind", ["sequence", "step"])
+def test_onnxruntime_on_rnnkits_export(kind):
+    """The contestant "ORT on rnnkit's export": an rnnkit GRU on torch.nn's weights, exported and run in ONNX
+    Runtime, equals torch.nn (checked inside the row, before timing: it would be in ``skipped`` otherwise), is
+    timed next to ORT on torch.nn's export, and the ratio of the two is a column of the table."""
+    pytest.importorskip("onnxruntime")
+    sessions = {}
+    row = bench_inference.run_row(kind, "gru", 2, 8, 3, threads=1, repeats=1, target_s=0.0, sessions=sessions)
+    assert row["skipped"] == {}
+    t = row["median_s"]
+    assert t[bench_inference.ORT_RNNKIT] > 0 and t[bench_inference.ORT] > 0
+    assert bench_inference.ratios(row)["ort rnnkit/ort"] == pytest.approx(t[bench_inference.ORT_RNNKIT]
+                                                                          / t[bench_inference.ORT])
+    # one session per exported model, kept for the next row of the same (cell, hidden)
+    assert sorted(k[0] for k in sessions) == sorted([bench_inference.ORT, bench_inference.ORT_RNNKIT])
+    text = bench_inference.format_table({"settings": {"threads": 1, "repeats": 1, "ort_spinning": False},
+                                         "rows": [row]})
+    head, line = text.splitlines()[1:3]
+    assert head.split()[-1] == "rnnkit/ort" and "ort rnnkit" in head
+    assert float(line.split()[-1]) == pytest.approx(bench_inference.ratios(row)["ort rnnkit/ort"], abs=0.006)
 
 
 class _Off(torch.nn.Module):
