@@ -13,11 +13,20 @@ and size it times, in float32 with a fixed thread count:
   path on each backend against ``torch.nn`` on a ``PackedSequence`` (the time of
   ``pack_padded_sequence`` and ``pad_packed_sequence`` included, as a user pays it).
 
-Timing: each contestant is warmed up, then every repeat times all contestants
-of a row one after the other (in a rotating order, so noise hits them alike);
-a contestant's figure is the minimum over repeats of the mean over ``number``
-calls. Ratios: ``time / time of the best rnnkit backend`` (1.00 = the best), and
-``torch.nn time / backend time`` (above 1: rnnkit is faster than torch.nn).
+Checking: every contestant of a row holds the same weights, those of the oracle
+(``torch.nn`` where the layer has an equivalent, else the reference backend), and
+before any timing its outputs and parameter gradients are compared with the oracle's,
+on a 5-step probe and on the full-length warm-up call; a contestant that differs is
+reported as ``wrong`` and not timed.
+
+Timing: each contestant is warmed up (the checked call), then every round times all
+contestants of a row one after the other (in a rotating order, so noise hits them
+alike); a contestant's figure is the minimum over rounds of the mean over ``number``
+calls (about 20 ms a sample; the median is kept too). A row gets as many rounds as
+fit in about 1 s, at least 3 and at most 5 (``--repeats N``: N for every row), so the
+default run takes about 40 s on an idle 2-core machine. Ratios: ``time / time of the
+best rnnkit backend`` (1.00 = the best), and ``torch.nn time / backend time`` (above
+1: rnnkit is faster than torch.nn).
 """
 
 from __future__ import annotations
@@ -65,12 +74,18 @@ EPILOG = """sections:
   The layer section runs every layer with vector inputs, step and lengths the LSTM, unless --cell
   is given; --all runs every registered layer (convolutional ones included) in every section.
 
+checks and timing:
+  before timing, each contestant's outputs and gradients (same weights, same input) are compared with
+  torch.nn's, or the reference backend's where torch.nn has no equivalent; one that differs shows as
+  "wrong" and is not timed. Then 3 to 5 interleaved rounds per row (as many as fit in about 1 s;
+  --repeats N: N), each figure the minimum over rounds.
+
 ratios:
   "x1.00" after a time = time / time of the best rnnkit backend in that row
   torch.nn/best        = torch.nn time / best rnnkit time (above 1: rnnkit is faster)
 
 examples:
-  rnnkit bench                                   # the default suite, under 5 minutes
+  rnnkit bench                                   # the default suite, about 40 s on 2 idle cores
   rnnkit bench --cell gru --size S --size M --json gru.json
   rnnkit bench --section step"""
 
@@ -511,7 +526,8 @@ def _run_row(section, entry, size_name, size, seq_len, repeats, target_s, max_ca
                 probe = build(probe_len)
                 if not checked(name, probe, probe(), probe_len):
                     continue
-                estimate = _time_calls(probe, 1) * seq_len / probe_len
+                # the least of 3: one short call can meet a busy core and look many times slower
+                estimate = min(_time_calls(probe, 1) for _ in range(3)) * seq_len / probe_len
                 if estimate > 2 * max_call_s:
                     skipped[name] = f"too slow: about {estimate:.1f} s per call (limit {max_call_s:g} s, --max-call)"
                     continue
@@ -660,7 +676,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "skips those estimated over twice this; default: 2.0)")
     parser.add_argument("--budget", type=float, default=240.0, metavar="SECONDS",
                         help="stop starting new rows after this many seconds; the rest are listed as not run "
-                             "(default: 240, so the default run ends within 5 minutes; 0: no limit)")
+                             "(the rows run smallest size first, the inference section before the largest size, so "
+                             "every section runs; default: 240, so even on a busy machine the default run ends "
+                             "within 5 minutes; 0: no limit)")
     parser.add_argument("--all", action="store_true", dest="all_layers",
                         help="every registered layer, the convolutional ones included, in every section "
                              "(default: the vector layers; step and lengths: lstm)")

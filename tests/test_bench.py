@@ -149,7 +149,7 @@ def test_a_pessimistic_probe_is_checked_with_one_full_call(monkeypatch, full_cal
         _is_standard = False
 
     monkeypatch.setitem(rnnkit.LAYERS, "plainrnn", rnnkit.LayerEntry("plainrnn", Plain, kwargs={"nonlinearity": "softsign"}))
-    answers = iter([1.0])  # a probe call of 5 steps: about 2 s for T=10, not over twice the 1 s limit
+    answers = iter([1.0, 1.0, 1.0])  # 3 probe calls of 5 steps: about 2 s for T=10, not over twice the 1 s limit
 
     def fake_time_calls(fn, number):
         fn()
