@@ -481,7 +481,8 @@ def _unrun_row(section, entry, size_name, size, seq_len, seed, reason):
     builders, skipped, config = _contestants(section, entry, size, seq_len, seed)
     skipped.update({name: reason for name in builders})
     return {"section": section, "cell": entry.name, "size": size_name, "config": config, "times_s": {},
-            "median_s": {}, "skipped": skipped, "best": None, "ratio_to_best": {}, "torch_nn_speedup": {}}
+            "median_s": {}, "skipped": skipped, "best": None, "repeats": 0, "checked_against": None,
+            "ratio_to_best": {}, "torch_nn_speedup": {}}
 
 
 def rounds_for(once: Dict[str, float], target_s: float, repeats: Optional[int], row_s: float = ROW_S) -> int:
