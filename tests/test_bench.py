@@ -149,7 +149,7 @@ def test_a_pessimistic_probe_is_checked_with_one_full_call(monkeypatch, full_cal
         _is_standard = False
 
     monkeypatch.setitem(rnnkit.LAYERS, "plainrnn", rnnkit.LayerEntry("plainrnn", Plain, kwargs={"nonlinearity": "softsign"}))
-    answers = iter([1.0, 1.0, 1.0])  # 3 probe calls of 5 steps: about 2 s for T=10, over the 1 s limit
+    answers = iter([1.0, 1.0, 1.0])  # 3 probe calls of 5 steps: about 2 s for T=10, not over twice the 1 s limit
 
     def fake_time_calls(fn, number):
         fn()
@@ -248,3 +248,159 @@ def test_benchmarks_script_is_the_same_command(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [(r["section"], r["cell"], r["size"]) for r in rows] == [("step", "rnn", "S")]
     assert bench.TORCH_NN in rows[0]["times_s"]
+
+
+# ----------------------------------------------------------------------------- checks, rounds and run order
+
+
+class _Wrong(ReferenceBackend):
+    """Computes a different function (output scaled by 1.5): the check must catch it."""
+    name = "wrong_backend"
+
+    def run(self, module, x, state0, lengths):
+        out, state = super().run(module, x, state0, lengths)
+        return out * 1.5, state
+
+
+def _with_backend(monkeypatch, backend):
+    monkeypatch.setitem(BACKENDS, backend.name, backend)
+    monkeypatch.setattr(rnnkit.backends, "BACKEND_CHOICES", rnnkit.backends.BACKEND_CHOICES + (backend.name,))
+
+
+@pytest.mark.parametrize("cell, oracle", [("lstm", bench.TORCH_NN), ("indrnn", "reference")])
+def test_a_contestant_that_computes_something_else_is_not_timed(monkeypatch, cell, oracle):
+    _with_backend(monkeypatch, _Wrong())
+    result = bench.run(cells=[cell], sizes=["S"], sections=["layer"], quick=True, progress=False)
+    row = result["rows"][0]
+    assert row["checked_against"] == oracle and oracle in row["times_s"]
+    assert "wrong_backend" not in row["times_s"]
+    reason = row["skipped"]["wrong_backend"]
+    assert reason.startswith("wrong result at T=5: output 0 differs from " + oracle), reason  # caught on the probe
+    line = next(x for x in bench.format_table(result).splitlines() if x.startswith(cell + " "))
+    assert "wrong" in line.split()
+    assert f"layer {cell} S wrong_backend: {reason}" in bench.format_table(result)
+
+
+def test_the_full_length_call_is_checked_too(monkeypatch):
+    class LateWrong(ReferenceBackend):  # right for 5 steps, wrong beyond: only the full call shows it
+        name = "late_wrong"
+
+        def run(self, module, x, state0, lengths):
+            out, state = super().run(module, x, state0, lengths)
+            if x.shape[0] > 5:
+                out = out.clone()
+                out[5:] += 1.0
+            return out, state
+
+    _with_backend(monkeypatch, LateWrong())
+    row = bench.run(cells=["gru"], sizes=["S"], sections=["layer"], quick=True, progress=False)["rows"][0]
+    assert row["skipped"]["late_wrong"].startswith("wrong result at T=10: output 0 differs from torch.nn's by 1")
+
+
+def test_gradients_are_checked(monkeypatch):
+    class WrongGrad(ReferenceBackend):  # the right output with a wrong gradient
+        name = "wrong_grad"
+
+        def run(self, module, x, state0, lengths):
+            out, state = super().run(module, x, state0, lengths)
+            return out + (out - out.detach()) * 2.0, state
+
+    _with_backend(monkeypatch, WrongGrad())
+    row = bench.run(cells=["rnn"], sizes=["S"], sections=["lengths"], quick=True, progress=False)["rows"][0]
+    assert row["skipped"]["wrong_grad"].startswith("wrong result at T=5: grad weight_ih_l0 differs from torch.nn's")
+
+
+def test_contestants_share_the_oracles_weights():
+    for section, cell, oracle in [("layer", "lstm", bench.TORCH_NN), ("step", "gru", bench.TORCH_NN),
+                                  ("layer", "peephole_lstm", "reference")]:
+        builders, _, _ = bench._contestants(section, rnnkit.LAYERS[cell], bench.QUICK_SIZES["M"], 4, 0)
+        assert bench._oracle(builders) == oracle
+        want = None
+        for name, build in builders.items():
+            fn = build(4)
+            got = bench._result(fn, fn())
+            if want is None:
+                want = got
+            else:
+                assert bench._mismatch(got, want, "first", 4) is None, (section, cell, name)
+
+
+def test_mismatch_tolerance_grows_with_the_steps_and_catches_nan():
+    want = {"output 0": torch.tensor([10.0, -2.0])}
+
+    def got(first):
+        return {"output 0": torch.tensor([first, -2.0])}
+    assert bench._mismatch(got(10.0 + 9e-4), want, "o", 1) is None  # 9e-5 of the largest value: within 1e-4 x T=1
+    assert bench._mismatch(got(10.0 + 2e-3), want, "o", 1) == (
+        "wrong result at T=1: output 0 differs from o's by 0.0002 (relative to its largest value; tolerance 0.0001)")
+    assert bench._mismatch(got(10.0 + 9e-2), want, "o", 100) is None  # 9e-3: within 1e-4 x T=100
+    assert "differs" in bench._mismatch(got(10.0 + 2e-1), want, "o", 100)
+    assert bench._mismatch({"output 0": torch.tensor([0.1 + 5e-5])}, {"output 0": torch.tensor([0.1])}, "o", 1) is None
+    assert "differs" in bench._mismatch(got(float("nan")), want, "o", 100)
+    assert "has shape (1,)" in bench._mismatch({"output 0": torch.tensor([10.0])}, want, "o", 1)
+    assert "computes" in bench._mismatch({}, want, "o", 1)
+
+
+def test_a_row_without_an_oracle_is_timed_and_said_unchecked(monkeypatch):
+    def decline(self, module, x):
+        return "declined for this test"
+
+    class Accepting(ReferenceBackend):
+        name = "accepting"
+
+        def unsupported(self, module, x):
+            return None
+
+    monkeypatch.setattr(ReferenceBackend, "unsupported", decline)  # no reference, and indrnn has no torch.nn
+    _with_backend(monkeypatch, Accepting())
+    result = bench.run(cells=["indrnn"], sizes=["S"], sections=["layer"], quick=True, progress=False)
+    row = result["rows"][0]
+    assert row["checked_against"] is None and "accepting" in row["times_s"]
+    assert "unchecked (no oracle ran): layer indrnn S" in bench.format_table(result)
+    checked = bench.run(cells=["lstm"], sizes=["S"], sections=["layer"], quick=True, progress=False)
+    assert "unchecked" not in bench.format_table(checked)
+
+
+def test_rounds_fit_the_row_unless_repeats_are_given():
+    assert bench.rounds_for({"a": 1e-3, "b": 2e-3}, 0.02, None) == bench.MAX_REPEATS  # small calls: 5
+    assert bench.rounds_for({"a": 0.4, "b": 0.5}, 0.02, None) == bench.MIN_REPEATS  # a round of 0.9 s: 3, not 1
+    assert bench.rounds_for({"a": 0.2}, 0.02, None, row_s=1.0) == 5 and bench.rounds_for({"a": 0.25}, 0.02, None) == 4
+    assert bench.rounds_for({"a": 5.0}, 0.02, 7) == 7
+
+
+def test_repeats_option_fixes_the_rounds(capsys, tmp_path):
+    path = tmp_path / "b.json"
+    code, out, _ = run_cli(capsys, "bench", "--quick", "--quiet", "--cell", "rnn", "--size", "S", "--section", "step",
+                           "--repeats", "1", "--json", str(path))
+    assert code == 0 and "min of 1 interleaved repeats" in out
+    result = json.loads(path.read_text())
+    assert [r["repeats"] for r in result["rows"]] == [1] and result["settings"]["rounds"] == {"min": 1, "max": 1}
+    default = bench.run(cells=["rnn"], sizes=["S"], sections=["step"], progress=False, seq_len=3, budget_s=None)
+    assert default["settings"]["repeats"] is None
+    assert bench.MIN_REPEATS <= default["rows"][0]["repeats"] <= bench.MAX_REPEATS
+    assert "min of 3-5 interleaved repeats" in bench.format_table(default)
+    total = bench.format_table(default).splitlines()[-1]
+    assert total.startswith("total ") and "(CPU time " in total
+
+
+def test_every_section_runs_before_the_largest_size(monkeypatch):
+    from rnnkit import bench_inference
+    seen = []
+    monkeypatch.setattr(bench, "_run_row", lambda section, entry, size, *a, **k: seen.append((section, size)) or
+                        bench._unrun_row(section, entry, size, bench.QUICK_SIZES[size], 3, 0, "fake"))
+    monkeypatch.setattr(bench_inference, "run", lambda **k: seen.append(("inference",)) or {"skipped": "fake"})
+    result = bench.run(cells=["lstm"], quick=True, progress=False)
+    first_l = seen.index(("layer", "L"))
+    assert seen[first_l - 1] == ("inference",) and {s for s, *_ in seen[:first_l]} == set(bench.SECTIONS) | {"inference"}
+    assert [(r["section"], r["size"]) for r in result["rows"]] == [(s, z) for s in bench.SECTIONS for z in "SML"]
+
+
+def test_inference_check_compares_like_assert_close():
+    from rnnkit.bench_inference import _assert_close
+    want = torch.tensor([1.0, -2.0, 0.0])
+    _assert_close(want + torch.tensor([1e-4, -2e-4, 1e-4]), want)  # within 1e-4 + 1e-4 * |want|
+    for got, message in [(want + torch.tensor([0.0, 0.0, 2e-4]), "1 of 3 elements differ, the most by 0.0002"),
+                         (torch.tensor([1.0, float("nan"), 0.0]), "1 of 3 elements differ, the most by inf"),
+                         (want.double(), "dtype torch.float64 != torch.float32")]:
+        with pytest.raises(AssertionError, match=message):
+            _assert_close(got, want)
