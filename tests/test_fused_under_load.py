@@ -167,3 +167,21 @@ def test_serial_and_parallel_results_agree(policy, name, dtype):
         torch.testing.assert_close(s, r, **tol, msg=lambda m: f"serial vs reference, tensor {i}: {m}")
         torch.testing.assert_close(p, r, **tol, msg=lambda m: f"parallel vs reference, tensor {i}: {m}")
         torch.testing.assert_close(s, p, **close, msg=lambda m: f"serial vs parallel, tensor {i}: {m}")
+
+
+def test_benchmark_policies_columns_and_errors(capsys):
+    """benchmarks/under_load.py --policies: one column pair per extra policy, the decision per phase,
+    and an unknown policy refused by name (no timing: a made-up result)."""
+    from rnnkit.fused import under_load
+    row = {"fused_ms": 2.0, "torch_ms": 4.0, "parallel_ms": 8.0}
+    result = {"threads": 2, "busy": 3, "samples": 5, "cpus": 2, "policies": ["auto", "parallel"],
+              "rows": {"lstm_m": {"idle": row, "loaded": row}}, "loadavg_idle": (1.0, 1.0),
+              "loadavg_loaded": (4.0, 4.0), "serial_idle": False, "serial_loaded": True}
+    table = under_load.format_table(result)
+    assert "| idle fused[parallel] ms | idle ratio[parallel] |" in table
+    assert "| LSTM N=16 H=128 T=100 | 2.000 | 4.000 | 2.00 | 8.000 | 0.50 |" in table
+    assert "ran fused on one thread at the end of each phase: idle no, loaded yes" in table
+    with pytest.raises(SystemExit) as e:
+        under_load.main(["--policies", "auto,sometimes"])
+    assert e.value.code == 2
+    assert "--policies: unknown ['sometimes']; known: auto, parallel, serial" in capsys.readouterr().err
