@@ -15,7 +15,13 @@ piece decides by its own work whether it may use more than one thread, so
 * a small problem opens no multi-threaded parallel region inside the ops at all (counted
   in a subprocess with GOMP_parallel wrapped through LD_PRELOAD), while a large one still
   does (its multi-thread speed on an idle machine is kept);
-* the per-thread MKL and OpenMP settings the kernels change are restored afterwards.
+* the per-thread MKL and OpenMP settings the kernels change are restored afterwards;
+* forced serial (the under-load policy, ``RNNKIT_FUSED_UNDER_LOAD=serial``: what ``auto`` does on an
+  oversubscribed machine), the large ops and an LSTM layer above every threshold, projection and
+  autograd included, open no multi-threaded region either.
+Every test here runs with the under-load policy forced to ``parallel`` (threading by work alone),
+so that a loaded machine does not turn the 2-thread runs serial; tests/test_fused_under_load.py
+covers the policy itself.
 """
 
 from __future__ import annotations
@@ -43,6 +49,17 @@ needs_fused = pytest.mark.skipif(REASON is not None, reason=f"fused backend unav
 # every threshold, the weight gradients included.
 SIZES = {"small": (2, 16, 7), "medium": (16, 128, 6), "large": (64, 256, 3)}
 OPS = ["rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru"]
+
+
+@pytest.fixture(autouse=True)
+def threading_by_work_alone():
+    if REASON is not None:
+        yield
+        return
+    from rnnkit.fused import _ops
+    _ops.load_policy("parallel")
+    yield
+    _ops.load_policy("env")
 
 
 @pytest.fixture
@@ -211,16 +228,16 @@ PROBE = textwrap.dedent("""
         xr, wr = r(L, N, H), r(H, H)
         xl, wl = r(L, N, 4 * H), r(4 * H, H)
         xg, wg, bg = r(L, N, 3 * H), r(3 * H, H), r(3 * H)
+        g_out, g_h = torch.ones(L, N, H), torch.ones(N, H)  # made here: filling them may open a region
         def rnn():
             out, hn = ops.rnn_fwd(xr, wr, h0, None, 0)
-            ops.rnn_bwd(torch.ones_like(out), torch.ones_like(hn), wr, h0, None, out, 0)
+            ops.rnn_bwd(g_out, g_h, wr, h0, None, out, 0)
         def lstm():
             out, hn, cn, gates, cs, ms = ops.lstm_fwd(xl, wl, None, h0, c0, None)
-            ops.lstm_bwd(torch.ones_like(out), torch.ones_like(hn), torch.ones_like(cn), wl, None, h0, c0, None,
-                         out, gates, cs, ms)
+            ops.lstm_bwd(g_out, g_h, g_h, wl, None, h0, c0, None, out, gates, cs, ms)
         def gru():
             out, hn, rzn, hns = ops.gru_fwd(xg, wg, bg, h0, None)
-            ops.gru_bwd(torch.ones_like(out), torch.ones_like(hn), wg, h0, None, out, rzn, hns)
+            ops.gru_bwd(g_out, g_h, wg, h0, None, out, rzn, hns)
         return {"rnn": rnn, "lstm": lstm, "gru": gru}
 
     for size, (N, H, L) in {"small": (4, 32, 10), "large": (64, 256, 4)}.items():
@@ -236,6 +253,23 @@ PROBE = textwrap.dedent("""
         out, h = layer(x)
         out.sum().backward()
     print("small", "rnn_layer", regions(layer_call))
+
+    # forced serial (what the under-load policy does on an oversubscribed machine): the large ops, and an
+    # LSTM layer whose every piece is above its threshold (per-step GEMMs of 1 Mi multiply-adds, the row
+    # split, an 8 Mi multiply-add projection), forward and backward; its output (16k elements) is below
+    # ATen's grain, so the loss's own sum opens none
+    lstm = rnnkit.LSTM(128, 128, backend="fused")
+    xm = torch.randn(8, 16, 128, requires_grad=True)
+    def lstm_layer_call():
+        lstm.zero_grad(set_to_none=True)  # accumulating into a 64k-element .grad would be a region of autograd's
+        xm.grad = None
+        out, _ = lstm(xm)
+        out.sum().backward()
+    for mode in ("parallel", "serial"):
+        ops.load_policy(mode, -1.0, 0)
+        for name, fn in cases(64, 256, 4).items():
+            print(mode, name, regions(fn))
+        print(mode, "lstm_layer", regions(lstm_layer_call))
 """)
 
 
@@ -253,7 +287,7 @@ def test_small_problems_open_no_parallel_region(tmp_path):
     src.write_text(SHIM)
     subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(so), str(src), "-ldl", f"-L{libdir}", f"-l:{gomp.name}",
                     f"-Wl,-rpath,{libdir}"], check=True, capture_output=True)
-    env = dict(os.environ, LD_PRELOAD=str(so), PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, LD_PRELOAD=str(so), RNNKIT_FUSED_UNDER_LOAD="parallel", PYTHONPATH=os.pathsep.join(
         [str(Path(rnnkit.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, "-c", PROBE, str(so)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -267,3 +301,6 @@ def test_small_problems_open_no_parallel_region(tmp_path):
         assert got[("small", name)] == 0, f"{name} at batch 4, hidden 32 opened {got[('small', name)]} regions"
         # large: every step's GEMM (forward and backward) keeps MKL's threads
         assert got[("large", name)] >= 2 * 4, f"{name} at batch 64, hidden 256 opened {got[('large', name)]} regions"
+        # forced serial: none, where the same call opened them when parallel
+        assert got[("parallel", name)] >= 2 * 4 and got[("serial", name)] == 0, (name, got)
+    assert got[("parallel", "lstm_layer")] >= 2 * 8 and got[("serial", "lstm_layer")] == 0, got

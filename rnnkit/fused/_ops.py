@@ -563,3 +563,21 @@ def project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """``x (M, K) @ w.T (K, G) + b (G,)``: what ``torch.addmm`` computes, forward and backward, with
     each product on the calling thread (csrc/project.cpp: it is small, see SERIAL_PROJECT_MACS)."""
     return apply("project_fwd", x, w, b)
+
+
+def oversubscribed() -> bool:
+    """Whether a fused op call starting now runs on one thread because the machine is
+    oversubscribed (more runnable threads than cores; csrc/common.h, "under load", and
+    ``RNNKIT_FUSED_UNDER_LOAD``). Cheap: the machine is sampled at most every 0.5 s."""
+    return bool(_ops().oversubscribed())
+
+
+def load_policy(mode: str = "", fake_others: float = -1.0, fake_cpus: int = 0) -> dict:
+    """The under-load policy's state, and its hook for tests and the benchmark. ``mode``: ``""``
+    leaves it, ``"env"`` reads ``RNNKIT_FUSED_UNDER_LOAD`` again, ``"auto"`` / ``"serial"`` /
+    ``"parallel"`` set it; ``fake_others >= 0`` replaces the sampled runnable threads of other
+    processes and ``fake_cpus > 0`` the machine's cores (else both are sampled). A call that sets
+    anything forgets past samples; ``load_policy()`` only reads. Returns the state as a dict."""
+    v = _ops().load_policy(mode, float(fake_others), int(fake_cpus))
+    return {"mode": {-1: "unread", 0: "auto", 1: "serial", 2: "parallel"}[int(v[0])], "serial": bool(v[1]),
+            "others": v[2], "online": int(v[3]), "usable": int(v[4]), "samples": int(v[5]), "waited": bool(v[6])}

@@ -39,7 +39,8 @@ def _bias_sum(p: Params) -> Optional[Tensor]:
 def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """``x (L, N, H_in) -> (L, N, G)`` in one GEMM. A small one (and its backward) goes through the
     ``project_fwd`` op, which runs ATen's products on the calling thread (threading by work: under
-    load a parallel region for tiny work waits a scheduler time slice at its join); the rest, and
+    load a parallel region for tiny work waits a scheduler time slice at its join), and so does any
+    while the machine is oversubscribed (``_ops.oversubscribed()``); the rest, and
     anything autocast, a tracer or torch.compile should see as ATen's, stays ``addmm``."""
     L, N = x.shape[0], x.shape[1]
     x2 = x.reshape(L * N, x.shape[2])
@@ -51,10 +52,12 @@ def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 
 
 def _serial_projection(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
-    return (x2.shape[0] * w.shape[0] * x2.shape[1] < _ops.SERIAL_PROJECT_MACS and x2.dtype == w.dtype
-            and (b is None or b.dtype == w.dtype) and _build.load() is None
+    # a larger projection too while the machine is oversubscribed (the op then runs the whole call on
+    # one thread, csrc/common.h "under load"); asked last, only when everything else allows the op
+    return (x2.dtype == w.dtype and (b is None or b.dtype == w.dtype) and _build.load() is None
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch._C._get_tracing_state() and type(x2) in _PLAIN and type(w) in _PLAIN)
+            and not torch._C._get_tracing_state() and type(x2) in _PLAIN and type(w) in _PLAIN
+            and (x2.shape[0] * w.shape[0] * x2.shape[1] < _ops.SERIAL_PROJECT_MACS or _ops.oversubscribed()))
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)

@@ -5,6 +5,7 @@ on the same machine kept busy by K spinning processes, in one run.
     PYTHONPATH=$PWD python benchmarks/under_load.py                # every configuration, K = 3
     PYTHONPATH=$PWD python benchmarks/under_load.py --busy 1 --samples 21 --json out.json
     PYTHONPATH=$PWD python benchmarks/under_load.py --configs rnn_s,gru_s --threads 1
+    PYTHONPATH=$PWD python benchmarks/under_load.py --policies auto,parallel   # before/after, one run
 
 "Fast must also mean robust": a kernel that opens a multi-threaded parallel
 region for a tiny piece of work waits, at every join, for a thread the OS has
@@ -19,6 +20,12 @@ chosen once, at idle, so a sample lasts about ``--sample-ms``), fused and torch.
 samples interleaved, and the figure is the median of ``--samples`` samples. The
 ratio is torch.nn / fused (above 1: fused is faster). The machine is shared, so
 compare the ratios more than the absolute times.
+
+``--policies`` times fused under several under-load policies (csrc/common.h, "under load";
+``RNNKIT_FUSED_UNDER_LOAD``), interleaved with the rest: ``auto`` (the default: one thread per op
+call while the machine is oversubscribed), ``parallel`` (never: threading by work alone, the
+behaviour before) and ``serial`` (always); each extra one is a column ``fused[<policy>]``. The
+first is the ``fused`` column. Each phase also reports whether ``auto`` ran serial at its end.
 """
 
 from __future__ import annotations
@@ -99,7 +106,19 @@ def fwd_bwd(module, x):
     return call
 
 
+def with_policy(fn, policy: str):
+    """fn, run under the under-load policy `policy` (set before each sample, see :func:`sample`)."""
+    def call():
+        fn()
+    call.policy = policy
+    return call
+
+
 def sample(fn, inner: int) -> float:
+    policy = getattr(fn, "policy", None)
+    if policy is not None:  # once per sample: setting it forgets the policy's samples of the machine
+        from . import _ops
+        _ops.load_policy(policy)
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
@@ -165,7 +184,8 @@ def loadavg() -> float:
 
 
 def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_busy_s: float,
-        budget_s: float = 60.0, progress: bool = True) -> dict:
+        budget_s: float = 60.0, progress: bool = True, policies=None) -> dict:
+    from . import _ops
     torch.set_num_threads(threads)
     setups = {}
     for name in configs:
@@ -173,9 +193,13 @@ def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_bu
         fns = {k: fwd_bwd(m, x) for k, m in mods.items()}
         fns["fused"]()
         assert mods["fused"].last_backend == "fused", mods["fused"].last_backend
+        if policies:
+            base = fns.pop("fused")
+            fns = {"fused": with_policy(base, policies[0]),
+                   **{f"fused[{p}]": with_policy(base, p) for p in policies[1:]}, **fns}
         setups[name] = fns
     inner = {name: calibrate(fns, sample_ms / 1000) for name, fns in setups.items()}
-    result = {"threads": threads, "busy": busy, "samples": samples, "cpus": os.cpu_count(),
+    result = {"threads": threads, "busy": busy, "samples": samples, "cpus": os.cpu_count(), "policies": policies,
               "torch": torch.__version__, "rnnkit": os.path.dirname(rnnkit.__file__), "rows": {}}
     phases = [("idle", 0), ("loaded", busy)]
     for phase, k in phases:
@@ -185,11 +209,18 @@ def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_bu
         try:
             for name, fns in setups.items():
                 t = measure(fns, inner[name], samples, budget_s)
-                result["rows"].setdefault(name, {})[phase] = {"fused_ms": t["fused"] * 1e3,
-                                                              "torch_ms": t["torch.nn"] * 1e3}
+                result["rows"].setdefault(name, {})[phase] = {
+                    "fused_ms": t["fused"] * 1e3, "torch_ms": t["torch.nn"] * 1e3,
+                    **{k[6:-1] + "_ms": v * 1e3 for k, v in t.items() if k.startswith("fused[")}}
                 if progress:
+                    extra = "".join(f"  {k} {v * 1e3:9.3f} ms" for k, v in t.items() if k.startswith("fused["))
                     print(f"  {phase:6s} {name:7s} fused {t['fused'] * 1e3:9.3f} ms  "
-                          f"torch.nn {t['torch.nn'] * 1e3:9.3f} ms", file=sys.stderr, flush=True)
+                          f"torch.nn {t['torch.nn'] * 1e3:9.3f} ms{extra}", file=sys.stderr, flush=True)
+            if policies:
+                _ops.load_policy(policies[0])
+            serial = _ops.oversubscribed()  # what the policy decides now
+            if _ops.load_policy()["mode"] == "auto":
+                result[f"serial_{phase}"] = serial
         finally:
             stop_busy(procs)
         result[f"cores_{phase}"] = cores_used(snap, cpu_snapshot())
@@ -198,21 +229,29 @@ def run(configs, busy: int, samples: int, sample_ms: float, threads: int, max_bu
 
 
 def format_table(result: dict) -> str:
-    lines = [f"threads {result['threads']}, busy processes {result['busy']}, {result['cpus']} cpus, "
+    policies = result.get("policies") or []
+    extra = policies[1:]
+    head = f"policy {policies[0]}, " if policies else ""
+    lines = [f"{head}threads {result['threads']}, busy processes {result['busy']}, {result['cpus']} cpus, "
              f"median of {result['samples']} samples; ratio = torch.nn / fused",
-             "",
-             "| config | idle fused ms | idle torch.nn ms | idle ratio "
-             "| loaded fused ms | loaded torch.nn ms | loaded ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             ""]
+    cols = []
+    for phase in ("idle", "loaded"):
+        cols += [f"{phase} fused ms", f"{phase} torch.nn ms", f"{phase} ratio"]
+        for p in extra:
+            cols += [f"{phase} fused[{p}] ms", f"{phase} ratio[{p}]"]
+    lines += ["| config | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, row in result["rows"].items():
         family, batch, hidden, length = CONFIGS[name]
         cells = [f"{family} N={batch} H={hidden} T={length}"]
         for phase in ("idle", "loaded"):
             r = row.get(phase)
             if r is None:
-                cells += ["-", "-", "-"]
-            else:
-                cells += [f"{r['fused_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['torch_ms'] / r['fused_ms']:.2f}"]
+                cells += ["-"] * (3 + 2 * len(extra))
+                continue
+            cells += [f"{r['fused_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['torch_ms'] / r['fused_ms']:.2f}"]
+            for p in extra:
+                cells += [f"{r[p + '_ms']:.3f}", f"{r['torch_ms'] / r[p + '_ms']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     loaded = {name: row["loaded"] for name, row in result["rows"].items() if "loaded" in row}
     if loaded:
@@ -224,6 +263,10 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append("load average (1 min) before/after: idle %.2f/%.2f, loaded %.2f/%.2f"
                  % (*result["loadavg_idle"], *result["loadavg_loaded"]))
+    if "serial_idle" in result:
+        lines.append("under-load policy auto (RNNKIT_FUSED_UNDER_LOAD) ran fused on one thread at the end of "
+                     "each phase: idle %s, loaded %s" % tuple("yes" if result.get(f"serial_{p}") else "no"
+                                                               for p in ("idle", "loaded")))
     for phase in ("idle", "loaded"):
         c = result.get(f"cores_{phase}", {})
         if "machine" in c:
@@ -243,13 +286,21 @@ def main(argv=None) -> int:
     ap.add_argument("--max-busy-s", type=float, default=900.0, help="the busy processes stop by themselves after this")
     ap.add_argument("--budget-s", type=float, default=60.0,
                     help="per configuration and phase: stop sampling after this (at least 5 samples)")
+    ap.add_argument("--policies", default="",
+                    help="comma-separated under-load policies to time fused under, interleaved (auto, parallel, "
+                         "serial); the first is the 'fused' column (default: as the environment sets it)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
+    policies = [p for p in args.policies.split(",") if p]
+    bad = [p for p in policies if p not in ("auto", "parallel", "serial")]
+    if bad:
+        ap.error(f"--policies: unknown {bad}; known: auto, parallel, serial")
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
-    result = run(configs, args.busy, args.samples, args.sample_ms, args.threads, args.max_busy_s, args.budget_s)
+    result = run(configs, args.busy, args.samples, args.sample_ms, args.threads, args.max_busy_s, args.budget_s,
+                 policies=policies or None)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -32,11 +32,20 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <tuple>
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <unistd.h>
 
 // The few ATen functions the kernels call, declared here and defined in aten.cpp: ATen's own
 // headers for them (ATen/ops/*.h pull in Context.h and more, ATen/TensorOperators.h every op)
@@ -228,6 +237,218 @@ class OneThread {
  private:
   bool mkl_ = false, omp_ = false;
   int mkl_prev_ = 0, omp_prev_ = 1;
+};
+
+// ---------------------------------------------------------------- under load
+//
+// Threading by work decides by the size of a piece; this decides by the machine. When more threads
+// want to run than there are cores, every join of a parallel region waits for a descheduled thread
+// (a scheduler time slice), and a problem big enough to be threaded at idle (LSTM N=16 H=128: 1 Mi
+// multiply-adds per step, ~500 regions per forward+backward) ran up to 1.6x slower than torch.nn
+// with 3 busy processes on 2 cores. So every tensor op call asks oversubscribed() once, at its start
+// (register.cpp wraps each op in PerCall: a OneThread around the whole call), and then runs entirely
+// on the calling thread; the decision is per call, never per step.
+//
+// The signal: the machine's runnable threads right now (/proc/loadavg's fourth field, the kernel's
+// nr_running: the instantaneous count the load average averages) minus this process's own runnable
+// threads (state R in /proc/self/task/*/stat) = the threads of other processes that want a core,
+// smoothed over about a second (an exponential average of the samples, time constant kTauS). The
+// machine is oversubscribed for a call on `team` threads (torch's thread count) when those others
+// plus the team exceed the online cores by more than kEnter (kLeave to go back: hysteresis), or
+// when the team is larger than the cores this process may use (affinity, cgroup v2 cpu.max quota).
+// A second trigger covers what a machine-wide count cannot see (a process pinned, with its busy
+// neighbours, to a few cores of a big machine): the sampling thread's own run-queue wait
+// (/proc/thread-self/schedstat: time on a CPU, time waiting for one) since its previous sample; a
+// wait above kWaitShare of the time it wanted to run (at least kWaitMinNs of it) decides serial
+// until the next sample. It is not the main signal: once serial, a process with one busy neighbour
+// on 2 cores no longer waits, so it alone would flip back and forth.
+// Not the 1-minute load average: it counts this process's own threads (it cannot tell them apart)
+// and takes about 30 s to cross a threshold once the load starts (EMA over 1 min, updated every 5 s).
+//
+// Sampled at most every kSampleNs, by one thread at a time (try_lock; ~10 small /proc reads); every
+// call in between reads the cached values (a steady-clock read and a few relaxed atomic loads).
+// RNNKIT_FUSED_UNDER_LOAD: auto (the default), serial or 1 (every call on one thread), parallel or 0
+// (never: threading by work alone, the behaviour before); read once, at the first op call. Tests and
+// the benchmark switch it, or fake the other processes' threads and the cores, with the
+// rnnkit_fused::load_policy op (register.cpp).
+namespace under_load {
+
+enum Mode : int { kUnread = -1, kAuto = 0, kSerial = 1, kParallel = 2 };
+constexpr int64_t kSampleNs = 500000000;  // 0.5 s
+constexpr double kTauS = 1.0, kEnter = 0.5, kLeave = 0.25;
+constexpr double kWaitShare = 0.3;
+constexpr int64_t kWaitMinNs = 20000000;  // 20 ms of wanting to run in the interval
+
+struct State {
+  std::atomic<int> mode{kUnread};
+  std::atomic<int64_t> next_ns{0};   // the next sample is due at this steady-clock time
+  std::atomic<double> others{0.0};   // smoothed runnable threads of other processes
+  std::atomic<int> online{1};        // online cores of the machine
+  std::atomic<int> limit{1 << 20};   // cores this process may use (affinity, cgroup quota)
+  std::atomic<bool> serial{false};   // the last decision (for the hysteresis)
+  std::atomic<bool> waited{false};   // the sampling thread waited for a core (see above)
+  std::atomic<int64_t> samples{0};
+  std::mutex sampling;               // one sampler at a time; guards the fields below
+  int64_t last_ns = 0;               // 0: no sample yet
+  double fake_others = -1;           // test hook (load_policy): others instead of /proc, when >= 0
+  int fake_cpus = 0;                 // test hook: online cores and limit, when > 0
+};
+inline State& state() {
+  static State s;
+  return s;
+}
+
+inline int parse_mode(const char* e) {
+  if (!e || !*e || !std::strcmp(e, "auto")) return kAuto;
+  if (!std::strcmp(e, "serial") || !std::strcmp(e, "1")) return kSerial;
+  if (!std::strcmp(e, "parallel") || !std::strcmp(e, "0")) return kParallel;
+  return kUnread;
+}
+
+inline int mode() {
+  State& s = state();
+  int m = s.mode.load(std::memory_order_relaxed);
+  if (m != kUnread) return m;
+  const char* e = std::getenv("RNNKIT_FUSED_UNDER_LOAD");
+  m = parse_mode(e);
+  TORCH_CHECK_VALUE(m != kUnread, "RNNKIT_FUSED_UNDER_LOAD='", e,
+                    "': expected 'auto' (the default: one thread per op call while the machine is "
+                    "oversubscribed), 'serial' or '1' (always one thread) or 'parallel' or '0' (never)");
+  s.mode.store(m, std::memory_order_relaxed);
+  return m;
+}
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// a small file into buf (NUL-terminated); the bytes read, or -1
+inline ssize_t read_small(const char* path, char* buf, size_t n) {
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  const ssize_t r = ::read(fd, buf, n - 1);
+  ::close(fd);
+  buf[r > 0 ? r : 0] = 0;
+  return r;
+}
+
+// the machine's runnable threads now (/proc/loadavg: "1.00 0.90 0.80 3/131 4656"), -1 if unknown
+inline double machine_running() {
+  char buf[256];
+  if (read_small("/proc/loadavg", buf, sizeof buf) <= 0) return -1;
+  double a, b, c;
+  long run, total;
+  if (std::sscanf(buf, "%lf %lf %lf %ld/%ld", &a, &b, &c, &run, &total) != 5) return -1;
+  return double(run);
+}
+
+// this process's runnable threads now (the sampling thread included)
+inline int own_running() {
+  DIR* d = ::opendir("/proc/self/task");
+  if (!d) return 1;
+  int n = 0;
+  char path[64], buf[256];
+  while (const dirent* e = ::readdir(d)) {
+    if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+    std::snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
+    if (read_small(path, buf, sizeof buf) <= 0) continue;
+    const char* p = std::strrchr(buf, ')');  // "tid (comm) S ...": comm may hold spaces and parentheses
+    if (p && p[1] == ' ' && p[2] == 'R') ++n;
+  }
+  ::closedir(d);
+  return std::max(n, 1);
+}
+
+// The calling thread's run-queue wait share since its previous call (-1: no previous call, too little
+// running, or no schedstat): /proc/thread-self/schedstat is "ns on a CPU, ns waiting on a run queue, slices".
+inline double own_wait_share() {
+  thread_local int64_t last_run = -1, last_wait = -1;
+  char buf[128];
+  long long run = 0, wait = 0;
+  if (read_small("/proc/thread-self/schedstat", buf, sizeof buf) <= 0 ||
+      std::sscanf(buf, "%lld %lld", &run, &wait) != 2)
+    return -1;
+  const int64_t d_run = run - last_run, d_wait = wait - last_wait;
+  const bool first = last_run < 0;
+  last_run = run, last_wait = wait;
+  if (first || d_run < 0 || d_wait < 0 || d_run + d_wait < kWaitMinNs) return -1;
+  return double(d_wait) / double(d_run + d_wait);
+}
+
+// the cores this process may use: its affinity mask, and a cgroup v2 quota ("max" or "quota period")
+inline int usable_cpus(int online) {
+  int n = online;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) n = std::min(n, std::max(CPU_COUNT(&set), 1));
+  char buf[64];
+  long q = 0, p = 0;
+  if (read_small("/sys/fs/cgroup/cpu.max", buf, sizeof buf) > 0 && std::sscanf(buf, "%ld %ld", &q, &p) == 2 &&
+      q > 0 && p > 0)
+    n = std::min<int>(n, std::max<int>(1, int((q + p / 2) / p)));
+  return n;
+}
+
+// The decision for one call on `team` threads: `others` runnable threads of other processes,
+// `online` cores, `limit` cores this process may use; `was` the previous decision (hysteresis).
+inline bool decide(double others, int team, int online, int limit, bool was, bool waited = false) {
+  if (team < 2) return false;
+  if (team > limit || waited) return true;
+  return others + team - online > (was ? kLeave : kEnter);
+}
+
+inline void sample(State& s, int64_t now) {
+  std::unique_lock<std::mutex> lock(s.sampling, std::try_to_lock);
+  if (!lock.owns_lock() || now < s.next_ns.load(std::memory_order_acquire)) return;  // another thread samples
+  int online = s.fake_cpus > 0 ? s.fake_cpus : int(sysconf(_SC_NPROCESSORS_ONLN));
+  online = std::max(online, 1);
+  const int limit = s.fake_cpus > 0 ? s.fake_cpus : usable_cpus(online);
+  double others = s.fake_others;
+  bool waited = false;
+  if (others < 0) {
+    const double running = machine_running();
+    others = running < 0 ? 0.0 : std::max(0.0, running - own_running());  // no /proc: never oversubscribed
+    waited = own_wait_share() > kWaitShare;
+  }
+  s.waited.store(waited, std::memory_order_relaxed);
+  const double a = s.last_ns ? 1.0 - std::exp(-double(now - s.last_ns) * 1e-9 / kTauS) : 1.0;
+  const double smoothed = s.others.load(std::memory_order_relaxed);
+  s.others.store(smoothed + a * (others - smoothed), std::memory_order_relaxed);
+  s.online.store(online, std::memory_order_relaxed);
+  s.limit.store(limit, std::memory_order_relaxed);
+  s.samples.fetch_add(1, std::memory_order_relaxed);
+  s.last_ns = now;
+  s.next_ns.store(now + kSampleNs, std::memory_order_release);
+}
+
+// Whether this op call should run on one thread (see above). Called once per op call.
+inline bool oversubscribed() {
+  const int m = mode();
+  if (m != kAuto) return m == kSerial;
+  const int team = at::get_num_threads();
+  if (team < 2) return false;
+  State& s = state();
+  const int64_t now = now_ns();
+  if (now >= s.next_ns.load(std::memory_order_acquire)) sample(s, now);
+  const bool serial = decide(s.others.load(std::memory_order_relaxed), team, s.online.load(std::memory_order_relaxed),
+                             s.limit.load(std::memory_order_relaxed), s.serial.load(std::memory_order_relaxed),
+                             s.waited.load(std::memory_order_relaxed));
+  s.serial.store(serial, std::memory_order_relaxed);
+  return serial;
+}
+
+}  // namespace under_load
+
+// Every tensor op's entry point as registered (register.cpp): decides once, then runs the whole
+// call on the calling thread while the machine is oversubscribed.
+template <auto F>
+struct PerCall;
+template <typename R, typename... A, R (*F)(A...)>
+struct PerCall<F> {
+  static R call(A... a) {
+    const OneThread one(under_load::oversubscribed());
+    return F(a...);
+  }
 };
 
 // A GEMM of rows x cols x k multiply-adds in the time loop (or a cell step) runs on one thread below
