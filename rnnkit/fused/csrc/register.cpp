@@ -58,4 +58,6 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("ln_gru_bwd", &rnnkit_fused::ln_gru::ln_gru_bwd);
   m.impl("project_fwd", &rnnkit_fused::project::project_fwd);
   m.impl("project_bwd", &rnnkit_fused::project::project_bwd);
+  m.impl("lstm_reg_fwd", &rnnkit_fused::lstm::lstm_reg_fwd);
+  m.impl("lstm_reg_bwd", &rnnkit_fused::lstm::lstm_reg_bwd);
 }
