@@ -250,3 +250,12 @@ def test_op_errors_name_what_was_received():
     with pytest.raises(RuntimeError, match=r"cn has shape \[0\], expected \[3, 2, 4\]"):
         ops.lstm_reg_bwd(out, h_n, c_n, args[1], None, args[3], args[4], args[5], out, gates, cs,
                          torch.zeros(0, dtype=F64), ms, *args[6:])
+    bf = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+          for a in (out, h_n, c_n, args[1], args[3], args[4], out, gates, cs, cn, ms, args[6], args[7], args[8])]
+    with pytest.raises(RuntimeError, match=r"lstm_reg_bwd: zoneout and recurrent dropout run in float32 and float64 "
+                                           r"only, got BFloat16"):
+        ops.lstm_reg_bwd(*bf[:4], None, *bf[4:6], args[5], *bf[6:], 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"lstm_reg_fwd: w_hh must be \(4H, H_out\), got \[3, 4\]"):
+        ops.lstm_reg_fwd(args[0], torch.zeros(3, 4, dtype=F64), *args[2:])
+    with pytest.raises(RuntimeError, match=r"lstm_reg_fwd: without w_hr, w_hh must be \(4H, H\), got \[16, 3\]"):
+        ops.lstm_reg_fwd(args[0], torch.zeros(16, 3, dtype=F64), None, torch.zeros(2, 3, dtype=F64), *args[4:])
