@@ -200,11 +200,11 @@ def test_auto_picks_fused_for_a_regularized_lstm():
 
 
 def test_declined_where_not_fused():
-    """GRU/RNN and the zoo keep declining zoneout and recurrent dropout; bfloat16 too."""
+    """The zoo keeps declining zoneout and recurrent dropout; bfloat16 too."""
     with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: the fused kernels have "
                                          r"no zoneout \(zoneout=0.1"):
-        rnnkit.GRU(3, 4, zoneout=0.1, backend="fused")
-    assert rnnkit.GRU(3, 4, recurrent_dropout=0.2).which_backend(torch.randn(2, 1, 3)) == "reference"
+        rnnkit.PeepholeLSTM(3, 4, zoneout=0.1, backend="fused")
+    assert rnnkit.PeepholeLSTM(3, 4, recurrent_dropout=0.2).which_backend(torch.randn(2, 1, 3)) == "reference"
     bf = rnnkit.LSTM(3, 4, zoneout=0.1, dtype=torch.bfloat16)
     assert FUSED.unsupported(bf, torch.randn(2, 1, 3, dtype=torch.bfloat16)) == (
         "the fused kernels run zoneout (zoneout=0.1; it changes the function in eval mode too) in float32 and "
@@ -213,11 +213,11 @@ def test_declined_where_not_fused():
 
 
 def test_fused_scan_refuses_a_regularized_spec_it_has_no_kernel_for():
-    gru = rnnkit.GRU(3, 4, zoneout=0.1)
+    gru = rnnkit.PeepholeLSTM(3, 4, zoneout=0.1)
     p = gru._layer_params(0)
-    s0 = (torch.zeros(1, 4),)
+    s0 = (torch.zeros(1, 4), torch.zeros(1, 4))
     spec, p = runner.apply_regularizers(gru.cell_spec, p, s0, gru._regularizer_rates(), True)
-    with pytest.raises(RuntimeError, match=r"no fused kernel for the 'gru' cell with these regularizers"):
+    with pytest.raises(RuntimeError, match=r"no fused kernel for the 'peephole_lstm' cell with these regularizers"):
         fb.fused_scan(spec, p, torch.zeros(2, 1, 3), s0, None)
 
 
@@ -259,3 +259,100 @@ def test_op_errors_name_what_was_received():
         ops.lstm_reg_fwd(args[0], torch.zeros(3, 4, dtype=F64), *args[2:])
     with pytest.raises(RuntimeError, match=r"lstm_reg_fwd: without w_hr, w_hh must be \(4H, H\), got \[16, 3\]"):
         ops.lstm_reg_fwd(args[0], torch.zeros(16, 3, dtype=F64), None, torch.zeros(2, 3, dtype=F64), *args[4:])
+
+
+# ------------------------------------------------------------------ GRU
+
+GRU_CONFIGS = {"both": dict(zoneout=0.3, recurrent_dropout=0.25), "rd": dict(recurrent_dropout=0.4),
+               "zoneout": dict(zoneout=0.5)}
+
+
+def _gru_run(layer, backend, x, h0, lengths, monkeypatch=None, masks=None):
+    if masks is not None:
+        monkeypatch.setattr(runner, "bernoulli_mask", masks)
+    layer.backend = backend
+    xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+    out, h = layer(xi, hi, lengths=lengths)
+    assert layer.last_backend == backend
+    grads = torch.autograd.grad(weighted_sum([out, h]), [xi, hi, *layer.parameters()])
+    return (out, h, *grads)
+
+
+def _gru_compare(a, b, dtype):
+    for i, (u, v) in enumerate(zip(a, b)):
+        if dtype == F32:
+            torch.testing.assert_close(u, v, **TOL32, msg=lambda m: f"result {i}: {m}")
+        else:
+            assert_close(u, v, dtype, f"result {i}")
+
+
+@pytest.mark.parametrize("dtype,config,train", [(F64, c, True) for c in GRU_CONFIGS] + [(F32, "both", True),
+                                                                                      (F64, "both", False)])
+def test_gru_matches_reference(monkeypatch, dtype, config, train):
+    """GRU, 2-layer bidirectional with lengths (a zero and a full one): fixed masks in training,
+    the expectation in eval; outputs, final state and every gradient; the same masks drawn."""
+    torch.manual_seed(0)
+    layer = rnnkit.GRU(3, 5, num_layers=2, bidirectional=True, dtype=dtype, **GRU_CONFIGS[config]).train(train)
+    g = torch.Generator().manual_seed(7)
+    x, h0 = torch.randn(6, 4, 3, generator=g, dtype=dtype), torch.randn(4, 4, 5, generator=g, dtype=dtype)
+    lengths = torch.tensor([6, 0, 3, 1])
+    drawn, results = {}, {}
+    for backend in ("fused", "reference"):
+        drawn[backend] = FixedMasks(seed=11)
+        results[backend] = _gru_run(layer, backend, x, h0, lengths, monkeypatch, drawn[backend])
+    _gru_compare(results["fused"], results["reference"], dtype)
+    assert [w for w, _ in drawn["fused"].calls] == [w for w, _ in drawn["reference"].calls]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(drawn["fused"].calls, drawn["reference"].calls))
+
+
+def test_gru_op_twin_opcheck_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    L, N, H = 3, 2, 4
+
+    def r(*shape):
+        return (torch.rand(*shape, generator=g, dtype=F64) - 0.5).requires_grad_()
+    bern = lambda *shape, p: (torch.rand(*shape, generator=g, dtype=F64) < p).to(F64)  # noqa: E731
+    ops = torch.ops.rnnkit_fused
+    lengths = torch.tensor([3, 1])
+    cases = [(r(L, N, 3 * H), r(3 * H, H), r(3 * H), r(N, H), lengths, bern(N, H, p=0.7) / 0.7, bern(L, N, H, p=0.4),
+              0.0),
+             (r(L, N, 3 * H), r(3 * H, H), None, r(N, H), None, None, None, 0.3)]
+    for k, args in enumerate(cases):
+        got = ops.gru_reg_fwd(*args)
+        for a, b, what in zip(got[:2], twins.gru_reg_fwd(*args), ("out", "h_n")):
+            assert_close(a, b, F64, what)
+        torch.library.opcheck(ops.gru_reg_fwd.default, args)
+        idx = [i for i in (0, 1, 2, 3) if args[i] is not None]
+
+        def fn(*t, args=args, idx=idx):
+            a = list(args)
+            for i, v in zip(idx, t):
+                a[i] = v
+            return _ops.gru_reg_sequence(*a)
+        assert torch.autograd.gradcheck(fn, tuple(args[i] for i in idx))
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in cases[0])
+    out, h_n, rzn, hn = ops.gru_reg_fwd(*plain)
+    torch.library.opcheck(ops.gru_reg_bwd.default, (torch.rand_like(out), torch.rand_like(h_n), plain[1], plain[3],
+                                                    plain[4], out, rzn, hn, *plain[5:]))
+
+
+def test_gru_auto_picks_fused_and_errors():
+    x = torch.randn(5, 2, 3)
+    for kw in GRU_CONFIGS.values():
+        layer = rnnkit.GRU(3, 8, **kw)
+        assert layer.which_backend(x) == "fused"
+    ops = torch.ops.rnnkit_fused
+    xp, w, h0 = torch.zeros(3, 2, 12, dtype=F64), torch.zeros(12, 4, dtype=F64), torch.zeros(2, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"zo_h has shape \[3, 2, 5\], expected \[3, 2, 4\]"):
+        ops.gru_reg_fwd(xp, w, None, h0, None, None, torch.zeros(3, 2, 5, dtype=F64), 0.0)
+    with pytest.raises(RuntimeError, match=r"rd_mask has shape \[2, 3\], expected \[2, 4\]"):
+        ops.gru_reg_fwd(xp, w, None, h0, None, torch.zeros(2, 3, dtype=F64), None, 0.0)
+    with pytest.raises(RuntimeError, match=r"gru_reg_fwd: the zoneout rate must be in \[0, 1\), got 1"):
+        ops.gru_reg_fwd(xp, w, None, h0, None, None, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"gru_reg_fwd: w_hh must be \(3H, H\), got \[12, 5\]"):
+        ops.gru_reg_fwd(xp, torch.zeros(12, 5, dtype=F64), None, h0, None, None, None, 0.0)
+    out, h_n, rzn, hn = ops.gru_reg_fwd(xp, w, None, h0, None, None, None, 0.0)
+    bf = [t.to(torch.bfloat16) for t in (out, h_n, w, h0, out, rzn, hn)]
+    with pytest.raises(RuntimeError, match=r"gru_reg_bwd: zoneout and recurrent dropout run in float32 and float64 "
+                                           r"only, got BFloat16"):
+        ops.gru_reg_bwd(*bf[:4], None, *bf[4:], None, None, 0.0)

@@ -14,7 +14,7 @@ built and loaded on first use, adds their CPU kernels:
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
-* ``lstm_reg_fwd / lstm_reg_bwd``: the LSTM with zoneout and recurrent dropout (the runner's masks as
+* ``lstm_reg_fwd / lstm_reg_bwd``, ``gru_reg_fwd / gru_reg_bwd``: the LSTM and GRU with zoneout and recurrent dropout (the runner's masks as
   arguments, see :func:`lstm_reg_sequence`).
 * ``project_fwd / project_bwd``: the input projection ``x W^T + b`` and its backward, ATen's
   products run on the calling thread when small (threading by work; see :func:`project`).
@@ -90,6 +90,14 @@ def _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths):
     H = w_hh.shape[1]
     return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(L, N, G, dtype=_saved(xp)), \
         xp.new_empty(L, N, H, dtype=_saved(xp))
+
+
+def _fake_gru_reg_fwd(xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate):
+    return _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths)
+
+
+def _fake_gru_reg_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn, rd_mask, zo_h, zo_h_rate):
+    return _fake_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn)
 
 
 def _fake_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn):
@@ -238,6 +246,14 @@ def _bwd_gru(inputs, outputs, grads):
     return dxp, dw_hh, (db_hh if b_hh is not None else None), dh0, None
 
 
+def _bwd_gru_reg(inputs, outputs, grads):
+    xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate = inputs
+    out, _, rzn, hn = outputs
+    dxp, dw_hh, db_hh, dh0 = _ops().gru_reg_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh,
+                                                h0, lengths, out, rzn, hn, rd_mask, zo_h, zo_h_rate)
+    return dxp, dw_hh, (db_hh if b_hh is not None else None), dh0, None, None, None, None
+
+
 def _bwd_peephole(inputs, outputs, grads):
     xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths = inputs
     out, _, _, gates, cs = outputs
@@ -302,7 +318,7 @@ BACKWARDS = {
     "rnn_fwd": _bwd_rnn, "lstm_fwd": _bwd_lstm, "gru_fwd": _bwd_gru, "peephole_fwd": _bwd_peephole,
     "ln_lstm_fwd": _bwd_ln_lstm, "indrnn_fwd": _bwd_indrnn, "conv_lstm_fwd": _bwd_conv_lstm,
     "conv_gru_fwd": _bwd_conv_gru, "ln_gru_fwd": _bwd_ln_gru, "project_fwd": _bwd_project,
-    "lstm_reg_fwd": _bwd_lstm_reg,
+    "lstm_reg_fwd": _bwd_lstm_reg, "gru_reg_fwd": _bwd_gru_reg,
 }
 """Each ``*_fwd`` op's first-order backward: ``(inputs, outputs, grads of the outputs) -> grads of the inputs``."""
 
@@ -437,6 +453,11 @@ SCHEMAS = {
     "lstm_reg_fwd": "lstm_reg_fwd(Tensor xp, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0, Tensor? lengths, "
                     "Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, float zo_h_rate, float zo_c_rate) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gru_reg_fwd": "gru_reg_fwd(Tensor xp, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? rd_mask, "
+                   "Tensor? zo_h, float zo_h_rate) -> (Tensor, Tensor, Tensor, Tensor)",
+    "gru_reg_bwd": "gru_reg_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, "
+                   "Tensor rzn, Tensor hn, Tensor? rd_mask, Tensor? zo_h, float zo_h_rate) "
+                   "-> (Tensor, Tensor, Tensor, Tensor)",
     "lstm_reg_bwd": "lstm_reg_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_hr, "
                     "Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor cn, Tensor ms, "
                     "Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, float zo_h_rate, float zo_c_rate) "
@@ -498,7 +519,8 @@ def register() -> None:
                      ("conv_gru_fwd", _fake_conv_gru_fwd), ("conv_gru_bwd", _fake_conv_gru_bwd),
                      ("ln_gru_fwd", _fake_ln_gru_fwd), ("ln_gru_bwd", _fake_ln_gru_bwd),
                      ("project_fwd", _fake_project_fwd), ("project_bwd", _fake_project_bwd),
-                     ("lstm_reg_fwd", _fake_lstm_reg_fwd), ("lstm_reg_bwd", _fake_lstm_reg_bwd)]:
+                     ("lstm_reg_fwd", _fake_lstm_reg_fwd), ("lstm_reg_bwd", _fake_lstm_reg_bwd),
+                     ("gru_reg_fwd", _fake_gru_reg_fwd), ("gru_reg_bwd", _fake_gru_reg_bwd)]:
         torch.library.register_fake(f"rnnkit_fused::{name}", fn, lib=_LIB)
     for name in BACKWARDS:  # calling the op itself with a gradient (the layers go through FUNCTIONS)
         torch.library.register_autograd(f"rnnkit_fused::{name}", _registered_backward(name), setup_context=_setup,
@@ -541,6 +563,16 @@ def gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
     """``(out (L, N, H), h_n (N, H))`` of a GRU on ``xp = x W_ih^T + b_ih``
     (``b_hh`` stays inside: its ``n`` part is gated by ``r``)."""
     out, h_n, _, _ = apply("gru_fwd", xp, w_hh, b_hh, h0, lengths)
+    return out, h_n
+
+
+def gru_reg_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
+                     rd_mask: Optional[Tensor], zo_h: Optional[Tensor], zo_h_rate: float) -> Tuple[Tensor, Tensor]:
+    """:func:`gru_sequence` with the runner's regularizers inside the time loop: ``rd_mask (N, H)``
+    multiplies ``h_{t-1}`` in the recurrent product only (the update ``z h_{t-1}`` reads the unmasked
+    ``h``), zoneout mixes ``h_t = k h_{t-1} + (1 - k) h~_t`` with ``zo_h (L, N, H)`` (training) or the
+    constant ``zo_h_rate`` where the mask is None (eval; 0: off)."""
+    out, h_n, _, _ = apply("gru_reg_fwd", xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate)
     return out, h_n
 
 

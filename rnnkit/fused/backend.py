@@ -108,6 +108,36 @@ def scan_lstm_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
     return out, (h_n, c_n)
 
 
+def _zoneout_masks(applied, shapes, states, seq_len: int):
+    """Per state: the stacked per-step keep masks (training; drawn as the reference's wrapped step
+    draws them: per step, state after state, by ``rnnkit.runner.bernoulli_mask``) or None, and the
+    constant rates (eval) or 0."""
+    names = ("h", "c")[:len(shapes)]
+    rates = tuple(applied.zoneout) + (0.0,) * (len(shapes) - len(applied.zoneout))
+    if not applied.training:
+        return [None] * len(shapes), [float(r) for r in rates]
+    draws: List[List[Tensor]] = [[] for _ in shapes]
+    for _ in range(seq_len if any(rates) else 0):
+        for j, name in enumerate(names):
+            if rates[j] > 0:
+                draws[j].append(runner.bernoulli_mask(shapes[j], rates[j], states[j], f"zoneout_{name}"))
+    return [torch.stack(d) if d else None for d in draws], [0.0] * len(shapes)
+
+
+def scan_gru_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
+                         lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    """The GRU with the runner's zoneout and recurrent dropout inside the C++ time loop (as
+    :func:`scan_lstm_regularized`)."""
+    applied = spec.extra[runner.REGULARIZED]
+    xp = _project(x, p["weight_ih"], p.get("bias_ih"))
+    h0 = state[0].contiguous()
+    masks, scalars = _zoneout_masks(applied, [h0.shape], state, xp.shape[0])
+    rd = p.get(RECURRENT_MASK)
+    out, h_n = _ops.gru_reg_sequence(xp, p["weight_hh"], p.get("bias_hh"), h0, _lengths(lengths),
+                                     None if rd is None else rd.contiguous(), masks[0], scalars[0])
+    return out, (h_n,)
+
+
 def scan_gru(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
     xp = _project(x, p["weight_ih"], p.get("bias_ih"))
     out, h_n = _ops.gru_sequence(xp, p["weight_hh"], p.get("bias_hh"), state[0].contiguous(), _lengths(lengths))
@@ -215,6 +245,7 @@ LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""
 
 REGULARIZED_KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "lstm": scan_lstm_regularized,
+    "gru": scan_gru_regularized,
 }
 """Families whose kernels run zoneout and recurrent dropout themselves (see
 :func:`rnnkit.runner.apply_regularizers`); the others decline those configurations."""

@@ -73,6 +73,26 @@ def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate
     return (out, *state)
 
 
+def gru_reg_fwd(xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate):
+    """The GRU step loop with the runner's regularizers on given masks (see :func:`lstm_reg_fwd`)."""
+    p = {"weight_hh": w_hh, "bias_hh": b_hh}
+    if rd_mask is not None:
+        p[RECURRENT_MASK] = rd_mask
+    h, outputs = h0, []
+    for t, xp_t in enumerate(xp.unbind(0)):
+        (new,) = gru_step(xp_t, (h,), p)
+        if zo_h is not None:
+            new = zo_h[t] * h + (1 - zo_h[t]) * new
+        elif zo_h_rate > 0:
+            new = zo_h_rate * h + (1 - zo_h_rate) * new
+        if lengths is not None:
+            new = torch.where((t < lengths).unsqueeze(1), new, h)
+        h = new
+        outputs.append(h)
+    out = torch.stack(outputs) if outputs else xp.new_empty(0, h0.shape[0], h0.shape[1])
+    return out, h
+
+
 def gru_fwd(xp, w_hh, b_hh, h0, lengths):
     return _scan("gru", gru_step, {"weight_hh": w_hh, "bias_hh": b_hh}, xp, (h0,), lengths)
 
@@ -120,7 +140,7 @@ TWINS: Dict[str, Callable[..., Tuple[Tensor, ...]]] = {
     "rnn_fwd": rnn_fwd, "lstm_fwd": lstm_fwd, "gru_fwd": gru_fwd, "peephole_fwd": peephole_fwd,
     "ln_lstm_fwd": ln_lstm_fwd, "ln_gru_fwd": ln_gru_fwd, "indrnn_fwd": indrnn_fwd,
     "conv_lstm_fwd": conv_lstm_fwd, "conv_gru_fwd": conv_gru_fwd, "project_fwd": project_fwd,
-    "lstm_reg_fwd": lstm_reg_fwd,
+    "lstm_reg_fwd": lstm_reg_fwd, "gru_reg_fwd": gru_reg_fwd,
 }
 """Each fused ``*_fwd`` op's twin: same arguments, returns ``(out, h_n)`` or ``(out, h_n, c_n)``
 (the op's first two or three results; the rest are what its C++ backward reads)."""

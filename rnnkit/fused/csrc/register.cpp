@@ -60,4 +60,6 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("project_bwd", &rnnkit_fused::project::project_bwd);
   m.impl("lstm_reg_fwd", &rnnkit_fused::lstm::lstm_reg_fwd);
   m.impl("lstm_reg_bwd", &rnnkit_fused::lstm::lstm_reg_bwd);
+  m.impl("gru_reg_fwd", &rnnkit_fused::gru::gru_reg_fwd);
+  m.impl("gru_reg_bwd", &rnnkit_fused::gru::gru_reg_bwd);
 }
