@@ -156,6 +156,25 @@ class RegularizerRates:
         return any(r > 0 for r in self.zoneout)
 
 
+REGULARIZED = "regularized"
+"""The key of a regularized spec's ``extra`` holding its :class:`AppliedRegularizers`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AppliedRegularizers:
+    """What :func:`apply_regularizers` did to a spec, for a scan that runs it itself.
+
+    Attributes:
+        family: the unregularized spec's ``fusable`` kernel family (or None).
+        zoneout: the zoneout rates per state (``h`` then ``c``), ``()`` without zoneout.
+        training: masks per step (True) or the expectation (False).
+    """
+
+    family: Optional[str]
+    zoneout: Tuple[float, ...]
+    training: bool
+
+
 def bernoulli_mask(shape, prob: float, like: Tensor, what: str) -> Tensor:
     """A ``{0, 1}`` tensor of ``shape`` (dtype and device of ``like``) whose
     elements are 1 with probability ``prob``, from torch's global generator (so
@@ -182,7 +201,11 @@ def apply_regularizers(spec: CellSpec, p: Params, state0: State, rates: Optional
       (the expectation) in eval.
 
     A regularized spec has no ``sequence`` scan and no ``fusable`` kernel, so
-    every scan loops its (wrapped) step.
+    every scan loops its (wrapped) step, except a scan that runs the
+    regularizers itself: the spec's ``extra[REGULARIZED]`` (an
+    :class:`AppliedRegularizers`) says what was applied to which kernel family
+    (the fused backend's LSTM draws its zoneout masks with :func:`bernoulli_mask`
+    in the wrapped step's order, so a seed gives both the same masks).
     """
     if rates is None:
         return spec, p
@@ -194,6 +217,9 @@ def apply_regularizers(spec: CellSpec, p: Params, state0: State, rates: Optional
         changes.update(sequence=None, fusable=None)
     if rates.any_zoneout():
         changes.update(step=_zoneout_step(spec, rates.zoneout, training), sequence=None, fusable=None)
+    if changes:
+        applied = AppliedRegularizers(spec.fusable, rates.zoneout if rates.any_zoneout() else (), training)
+        changes["extra"] = {**spec.extra, REGULARIZED: applied}
     return (dataclasses.replace(spec, **changes) if changes else spec), p
 
 

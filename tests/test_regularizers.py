@@ -133,8 +133,9 @@ def test_rates_zero_match_torch_nn_exactly(mode, backend):
 # ----------------------------------------------------------------------------- formulas with fixed masks
 
 
-def test_recurrent_dropout_formula_lstm(masks):
-    layer = rnnkit.LSTM(3, 4, recurrent_dropout=0.4, dtype=F64)
+@pytest.mark.parametrize("backend", [b for b in ("reference", "fused") if b in runnable_backends()])
+def test_recurrent_dropout_formula_lstm(masks, backend):
+    layer = rnnkit.LSTM(3, 4, recurrent_dropout=0.4, dtype=F64, backend=backend)
     x, h0, c0 = _data()
     out, (h, c) = layer(x, (h0, c0))
     (m,) = masks.of("recurrent_dropout")  # one mask for the whole sequence
@@ -142,7 +143,7 @@ def test_recurrent_dropout_formula_lstm(masks):
     ref_out, ref_h, ref_c = hand_lstm(x, h0[0], c0[0], _p(layer), rd=m / 0.6)
     torch.testing.assert_close(out, ref_out, **TOL64)
     torch.testing.assert_close(c[0], ref_c, **TOL64)
-    assert layer.last_backend == "reference"
+    assert layer.last_backend == backend
 
 
 def test_recurrent_dropout_formula_gru_update_reads_unmasked_h(masks):
@@ -203,13 +204,13 @@ def test_zoneout_formula_gru_training(masks):
 
 
 def test_zoneout_eval_is_the_expectation():
-    lstm = rnnkit.LSTM(3, 4, zoneout=0.2, zoneout_cell=0.7, dtype=F64).eval()
+    lstm = rnnkit.LSTM(3, 4, zoneout=0.2, zoneout_cell=0.7, dtype=F64, backend="reference").eval()
     x, h0, c0 = _data()
     out, (h, c) = lstm(x, (h0, c0))
     ref_out, _, ref_c = hand_lstm(x, h0[0], c0[0], _p(lstm), zo_eval=(0.2, 0.7))
     torch.testing.assert_close(out, ref_out, **TOL64)
     torch.testing.assert_close(c[0], ref_c, **TOL64)
-    gru = rnnkit.GRU(3, 4, zoneout=0.4, dtype=F64).eval()
+    gru = rnnkit.GRU(3, 4, zoneout=0.4, dtype=F64, backend="reference").eval()
     out, _ = gru(x, h0)
     torch.testing.assert_close(out, hand_gru(x, h0[0], _p(gru), zo_eval=0.4)[0], **TOL64)
     assert lstm.last_backend == gru.last_backend == "reference"
@@ -374,14 +375,15 @@ def test_backend_choice_and_errors():
     x = torch.randn(4, 2, 3)
     rd = rnnkit.LSTM(3, 4, recurrent_dropout=0.2)
     rd(x)
-    assert rd.last_backend == "reference"
+    assert rd.last_backend == ("fused" if "fused" in runnable_backends() else "reference")  # LSTM: fused kernels
     rd.eval()(x)
     assert rd.last_backend in ("torch", "fused")  # eval: no regularizer left, a fused op runs
     zo = rnnkit.GRU(3, 4, zoneout=0.2)
+    fused_or_ref = "fused" if "fused" in runnable_backends() else "reference"  # LSTM, GRU: fused kernels
     zo(x)
-    assert zo.last_backend == "reference"
+    assert zo.last_backend == fused_or_ref
     zo.eval()(x)
-    assert zo.last_backend == "reference"  # the eval expectation is no torch.nn function either
+    assert zo.last_backend == fused_or_ref  # the eval expectation is no torch.nn function either
     wd = rnnkit.GRU(3, 4, weight_drop=0.2)
     wd(x)
     assert wd.last_backend in ("torch", "fused")  # weight-drop runs on the fused ops with the dropped weights

@@ -14,6 +14,8 @@ built and loaded on first use, adds their CPU kernels:
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
+* ``lstm_reg_fwd / lstm_reg_bwd``, ``gru_reg_fwd / gru_reg_bwd``: the LSTM and GRU with zoneout and recurrent dropout (the runner's masks as
+  arguments, see :func:`lstm_reg_sequence`).
 * ``project_fwd / project_bwd``: the input projection ``x W^T + b`` and its backward, ATen's
   products run on the calling thread when small (threading by work; see :func:`project`).
 
@@ -67,11 +69,35 @@ def _fake_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out,
         c0.new_empty(c0.shape)
 
 
+def _fake_lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
+    L, N, G = xp.shape
+    H, P = G // 4, w_hh.shape[1]
+    ms = xp.new_empty(L, N, H) if w_hr is not None else xp.new_empty(0)
+    cn = xp.new_empty(L, N, H) if (zo_c is not None or zo_c_rate > 0) else xp.new_empty(0)
+    return (xp.new_empty(L, N, P), xp.new_empty(N, P), xp.new_empty(N, H), xp.new_empty(L, N, G),
+            xp.new_empty(L, N, H), cn, ms)
+
+
+def _fake_lstm_reg_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, cn, ms, rd_mask, zo_h,
+                       zo_c, zo_h_rate, zo_c_rate):
+    g_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else out.new_empty(0)
+    return out.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), g_hr, h0.new_empty(h0.shape), \
+        c0.new_empty(c0.shape)
+
+
 def _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths):
     L, N, G = xp.shape
     H = w_hh.shape[1]
     return xp.new_empty(L, N, H), xp.new_empty(N, H), xp.new_empty(L, N, G, dtype=_saved(xp)), \
         xp.new_empty(L, N, H, dtype=_saved(xp))
+
+
+def _fake_gru_reg_fwd(xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate):
+    return _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths)
+
+
+def _fake_gru_reg_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn, rd_mask, zo_h, zo_h_rate):
+    return _fake_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn)
 
 
 def _fake_gru_bwd(grad_out, grad_hn, w_hh, h0, lengths, out, rzn, hn):
@@ -203,12 +229,29 @@ def _bwd_lstm(inputs, outputs, grads):
     return dxp, dw_hh, (dw_hr if w_hr is not None else None), dh0, dc0, None
 
 
+def _bwd_lstm_reg(inputs, outputs, grads):
+    xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate = inputs
+    out, _, _, gates, cs, cn, ms = outputs
+    dxp, dw_hh, dw_hr, dh0, dc0 = _ops().lstm_reg_bwd(
+        _zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), _zeros_if_none(grads[2], c0), w_hh, w_hr, h0, c0,
+        lengths, out, gates, cs, cn, ms, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate)
+    return dxp, dw_hh, (dw_hr if w_hr is not None else None), dh0, dc0, None, None, None, None, None, None
+
+
 def _bwd_gru(inputs, outputs, grads):
     xp, w_hh, b_hh, h0, lengths = inputs
     out, _, rzn, hn = outputs
     dxp, dw_hh, db_hh, dh0 = _ops().gru_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh, h0,
                                             lengths, out, rzn, hn)
     return dxp, dw_hh, (db_hh if b_hh is not None else None), dh0, None
+
+
+def _bwd_gru_reg(inputs, outputs, grads):
+    xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate = inputs
+    out, _, rzn, hn = outputs
+    dxp, dw_hh, db_hh, dh0 = _ops().gru_reg_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh,
+                                                h0, lengths, out, rzn, hn, rd_mask, zo_h, zo_h_rate)
+    return dxp, dw_hh, (db_hh if b_hh is not None else None), dh0, None, None, None, None
 
 
 def _bwd_peephole(inputs, outputs, grads):
@@ -275,6 +318,7 @@ BACKWARDS = {
     "rnn_fwd": _bwd_rnn, "lstm_fwd": _bwd_lstm, "gru_fwd": _bwd_gru, "peephole_fwd": _bwd_peephole,
     "ln_lstm_fwd": _bwd_ln_lstm, "indrnn_fwd": _bwd_indrnn, "conv_lstm_fwd": _bwd_conv_lstm,
     "conv_gru_fwd": _bwd_conv_gru, "ln_gru_fwd": _bwd_ln_gru, "project_fwd": _bwd_project,
+    "lstm_reg_fwd": _bwd_lstm_reg, "gru_reg_fwd": _bwd_gru_reg,
 }
 """Each ``*_fwd`` op's first-order backward: ``(inputs, outputs, grads of the outputs) -> grads of the inputs``."""
 
@@ -406,6 +450,18 @@ SCHEMAS = {
                   "Tensor h0, Tensor? lengths, Tensor out, Tensor gates, Tensor nz, Tensor rstd) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "project_fwd": "project_fwd(Tensor x, Tensor w, Tensor? b) -> Tensor",
+    "lstm_reg_fwd": "lstm_reg_fwd(Tensor xp, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0, Tensor? lengths, "
+                    "Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, float zo_h_rate, float zo_c_rate) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gru_reg_fwd": "gru_reg_fwd(Tensor xp, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? rd_mask, "
+                   "Tensor? zo_h, float zo_h_rate) -> (Tensor, Tensor, Tensor, Tensor)",
+    "gru_reg_bwd": "gru_reg_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, "
+                   "Tensor rzn, Tensor hn, Tensor? rd_mask, Tensor? zo_h, float zo_h_rate) "
+                   "-> (Tensor, Tensor, Tensor, Tensor)",
+    "lstm_reg_bwd": "lstm_reg_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_hr, "
+                    "Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor cn, Tensor ms, "
+                    "Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, float zo_h_rate, float zo_c_rate) "
+                    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "project_bwd": "project_bwd(Tensor grad, Tensor x, Tensor w, bool[3] mask) -> (Tensor, Tensor, Tensor)",
 }
 """Every tensor op's schema. They are defined when rnnkit is imported (so a ``torch.export`` or
@@ -462,7 +518,9 @@ def register() -> None:
                      ("conv_lstm_fwd", _fake_conv_lstm_fwd), ("conv_lstm_bwd", _fake_conv_lstm_bwd),
                      ("conv_gru_fwd", _fake_conv_gru_fwd), ("conv_gru_bwd", _fake_conv_gru_bwd),
                      ("ln_gru_fwd", _fake_ln_gru_fwd), ("ln_gru_bwd", _fake_ln_gru_bwd),
-                     ("project_fwd", _fake_project_fwd), ("project_bwd", _fake_project_bwd)]:
+                     ("project_fwd", _fake_project_fwd), ("project_bwd", _fake_project_bwd),
+                     ("lstm_reg_fwd", _fake_lstm_reg_fwd), ("lstm_reg_bwd", _fake_lstm_reg_bwd),
+                     ("gru_reg_fwd", _fake_gru_reg_fwd), ("gru_reg_bwd", _fake_gru_reg_bwd)]:
         torch.library.register_fake(f"rnnkit_fused::{name}", fn, lib=_LIB)
     for name in BACKWARDS:  # calling the op itself with a gradient (the layers go through FUNCTIONS)
         torch.library.register_autograd(f"rnnkit_fused::{name}", _registered_backward(name), setup_context=_setup,
@@ -486,11 +544,35 @@ def lstm_sequence(xp: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, 
     return out, h_n, c_n
 
 
+def lstm_reg_sequence(xp: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,
+                      lengths: Optional[Tensor], rd_mask: Optional[Tensor], zo_h: Optional[Tensor],
+                      zo_c: Optional[Tensor], zo_h_rate: float, zo_c_rate: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_sequence` with the runner's regularizers inside the time loop: ``rd_mask``
+    ``(N, H_out)`` (recurrent dropout, already ``1/keep``-scaled) multiplies ``h_{t-1}`` in the
+    recurrent product; zoneout mixes ``s_t = k s_{t-1} + (1 - k) s~_t`` after each step with the
+    per-step keep masks ``zo_h (L, N, H_out)`` / ``zo_c (L, N, H)`` (training), or with the
+    constant ``zo_h_rate`` / ``zo_c_rate`` where a mask is None (eval: the expectation; 0: off).
+    A row past its length holds its state, as without regularizers."""
+    out, h_n, c_n, *_ = apply("lstm_reg_fwd", xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate,
+                              zo_c_rate)
+    return out, h_n, c_n
+
+
 def gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
                  lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """``(out (L, N, H), h_n (N, H))`` of a GRU on ``xp = x W_ih^T + b_ih``
     (``b_hh`` stays inside: its ``n`` part is gated by ``r``)."""
     out, h_n, _, _ = apply("gru_fwd", xp, w_hh, b_hh, h0, lengths)
+    return out, h_n
+
+
+def gru_reg_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
+                     rd_mask: Optional[Tensor], zo_h: Optional[Tensor], zo_h_rate: float) -> Tuple[Tensor, Tensor]:
+    """:func:`gru_sequence` with the runner's regularizers inside the time loop: ``rd_mask (N, H)``
+    multiplies ``h_{t-1}`` in the recurrent product only (the update ``z h_{t-1}`` reads the unmasked
+    ``h``), zoneout mixes ``h_t = k h_{t-1} + (1 - k) h~_t`` with ``zo_h (L, N, H)`` (training) or the
+    constant ``zo_h_rate`` where the mask is None (eval; 0: off)."""
+    out, h_n, _, _ = apply("gru_reg_fwd", xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate)
     return out, h_n
 
 

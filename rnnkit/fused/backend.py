@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from ..backends import Backend
+from .. import runner
+from ..functional import RECURRENT_MASK
 from ..runner import run_stack
 from ..spec import CellSpec, Params, State
 from . import _build, _ops
@@ -78,6 +80,65 @@ def scan_lstm(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optio
     out, h_n, c_n = _ops.lstm_sequence(xp, p["weight_hh"], p.get("weight_hr"), state[0].contiguous(),
                                        state[1].contiguous(), _lengths(lengths))
     return out, (h_n, c_n)
+
+
+def scan_lstm_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
+                          lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    """The LSTM with the runner's zoneout and recurrent dropout inside the C++ time loop. The
+    recurrent-dropout mask is the one :func:`rnnkit.runner.apply_regularizers` put into ``p``; the
+    zoneout masks are drawn here with :func:`rnnkit.runner.bernoulli_mask`, per step, ``h`` then
+    ``c``, in the shapes and order of the reference backend's wrapped step (so a seed, or a patched
+    ``bernoulli_mask``, gives both backends the same masks); in eval the op takes the rates."""
+    applied = spec.extra[runner.REGULARIZED]
+    xp = _project(x, p["weight_ih"], _bias_sum(p))
+    h0, c0 = state[0].contiguous(), state[1].contiguous()
+    rates = tuple(applied.zoneout) + (0.0,) * (2 - len(applied.zoneout))
+    masks: List[Optional[Tensor]] = [None, None]
+    scalars = [0.0, 0.0]
+    if applied.training:
+        draws: List[List[Tensor]] = [[], []]
+        shapes = [h0.shape, c0.shape]
+        for _ in range(xp.shape[0] if any(rates) else 0):
+            for j, name in enumerate(("h", "c")):
+                if rates[j] > 0:
+                    draws[j].append(runner.bernoulli_mask(shapes[j], rates[j], state[j], f"zoneout_{name}"))
+        masks = [torch.stack(d) if d else None for d in draws]
+    else:
+        scalars = [float(r) for r in rates]
+    rd = p.get(RECURRENT_MASK)
+    out, h_n, c_n = _ops.lstm_reg_sequence(xp, p["weight_hh"], p.get("weight_hr"), h0, c0, _lengths(lengths),
+                                           None if rd is None else rd.contiguous(), masks[0], masks[1], *scalars)
+    return out, (h_n, c_n)
+
+
+def _zoneout_masks(applied, shapes, states, seq_len: int):
+    """Per state: the stacked per-step keep masks (training; drawn as the reference's wrapped step
+    draws them: per step, state after state, by ``rnnkit.runner.bernoulli_mask``) or None, and the
+    constant rates (eval) or 0."""
+    names = ("h", "c")[:len(shapes)]
+    rates = tuple(applied.zoneout) + (0.0,) * (len(shapes) - len(applied.zoneout))
+    if not applied.training:
+        return [None] * len(shapes), [float(r) for r in rates]
+    draws: List[List[Tensor]] = [[] for _ in shapes]
+    for _ in range(seq_len if any(rates) else 0):
+        for j, name in enumerate(names):
+            if rates[j] > 0:
+                draws[j].append(runner.bernoulli_mask(shapes[j], rates[j], states[j], f"zoneout_{name}"))
+    return [torch.stack(d) if d else None for d in draws], [0.0] * len(shapes)
+
+
+def scan_gru_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
+                         lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    """The GRU with the runner's zoneout and recurrent dropout inside the C++ time loop (as
+    :func:`scan_lstm_regularized`)."""
+    applied = spec.extra[runner.REGULARIZED]
+    xp = _project(x, p["weight_ih"], p.get("bias_ih"))
+    h0 = state[0].contiguous()
+    masks, scalars = _zoneout_masks(applied, [h0.shape], state, xp.shape[0])
+    rd = p.get(RECURRENT_MASK)
+    out, h_n = _ops.gru_reg_sequence(xp, p["weight_hh"], p.get("bias_hh"), h0, _lengths(lengths),
+                                     None if rd is None else rd.contiguous(), masks[0], scalars[0])
+    return out, (h_n,)
 
 
 def scan_gru(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
@@ -185,8 +246,22 @@ KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
 LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""
 
 
+REGULARIZED_KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
+    "lstm": scan_lstm_regularized,
+    "gru": scan_gru_regularized,
+}
+"""Families whose kernels run zoneout and recurrent dropout themselves (see
+:func:`rnnkit.runner.apply_regularizers`); the others decline those configurations."""
+
+
 def fused_scan(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
-    """The runner's scan for every fusable family."""
+    """The runner's scan for every fusable family (and the regularized ones of :data:`REGULARIZED_KERNELS`)."""
+    if spec.fusable is None:
+        applied = spec.extra.get(runner.REGULARIZED)
+        if applied is None or applied.family not in REGULARIZED_KERNELS:
+            raise RuntimeError(f"rnnkit fused backend: no fused kernel for the '{spec.name}' cell with these "
+                               "regularizers (unsupported() should have declined it)")
+        return REGULARIZED_KERNELS[applied.family](spec, p, x, state, lengths)
     return KERNELS[spec.fusable](spec, p, x, state, lengths)
 
 
@@ -286,7 +361,12 @@ class FusedBackend(Backend):
             return f"no fused kernel for the '{spec.name}' cell"
         extra = module._regularizers_active() if hasattr(module, "_regularizers_active") else None
         if extra:
-            return f"the fused kernels have no {extra}"
+            if spec.fusable not in REGULARIZED_KERNELS:
+                return f"the fused kernels have no {extra}"
+            ref = next(iter(module.parameters()), None)
+            if ref is not None and ref.dtype == torch.bfloat16:
+                return f"the fused kernels run {extra} in float32 and float64 only, got parameters of dtype " \
+                    f"{ref.dtype}"
         reason = tensor_unsupported(next(iter(module.parameters()), None), x,
                                     bfloat16=spec.fusable in BF16_FAMILIES)
         if reason is not None:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..functional import gru_step, lstm_step, rnn_step
+from ..functional import RECURRENT_MASK, gru_step, lstm_step, rnn_step
 from ..runner import reference_scan
 from ..spec import CellSpec
 
@@ -44,6 +44,53 @@ def rnn_fwd(xp, w_hh, h0, lengths, act):
 
 def lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths):
     return _scan("lstm", lstm_step, {"weight_hh": w_hh, "weight_hr": w_hr}, xp, (h0, c0), lengths)
+
+
+def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
+    """The LSTM step loop of the reference scan with the runner's regularizers as
+    :func:`rnnkit.runner.apply_regularizers` applies them, on given masks: ``rd_mask`` in
+    the recurrent product, zoneout ``k s_{t-1} + (1 - k) s_t`` with ``zo_h[t]``/``zo_c[t]``
+    (or the constant rate where a mask is None), rows past their length held."""
+    p = {"weight_hh": w_hh, "weight_hr": w_hr}
+    if rd_mask is not None:
+        p[RECURRENT_MASK] = rd_mask
+
+    def mix(prev, new, masks, rate, t):
+        if masks is not None:
+            return masks[t] * prev + (1 - masks[t]) * new
+        return rate * prev + (1 - rate) * new if rate > 0 else new
+
+    state, outputs = (h0, c0), []
+    for t, xp_t in enumerate(xp.unbind(0)):
+        h, c = lstm_step(xp_t, state, p)
+        new = (mix(state[0], h, zo_h, zo_h_rate, t), mix(state[1], c, zo_c, zo_c_rate, t))
+        if lengths is not None:
+            keep = (t < lengths).unsqueeze(1)
+            new = tuple(torch.where(keep, n, s) for n, s in zip(new, state))
+        state = new
+        outputs.append(state[0])
+    out = torch.stack(outputs) if outputs else xp.new_empty(0, h0.shape[0], h0.shape[1])
+    return (out, *state)
+
+
+def gru_reg_fwd(xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate):
+    """The GRU step loop with the runner's regularizers on given masks (see :func:`lstm_reg_fwd`)."""
+    p = {"weight_hh": w_hh, "bias_hh": b_hh}
+    if rd_mask is not None:
+        p[RECURRENT_MASK] = rd_mask
+    h, outputs = h0, []
+    for t, xp_t in enumerate(xp.unbind(0)):
+        (new,) = gru_step(xp_t, (h,), p)
+        if zo_h is not None:
+            new = zo_h[t] * h + (1 - zo_h[t]) * new
+        elif zo_h_rate > 0:
+            new = zo_h_rate * h + (1 - zo_h_rate) * new
+        if lengths is not None:
+            new = torch.where((t < lengths).unsqueeze(1), new, h)
+        h = new
+        outputs.append(h)
+    out = torch.stack(outputs) if outputs else xp.new_empty(0, h0.shape[0], h0.shape[1])
+    return out, h
 
 
 def gru_fwd(xp, w_hh, b_hh, h0, lengths):
@@ -93,6 +140,7 @@ TWINS: Dict[str, Callable[..., Tuple[Tensor, ...]]] = {
     "rnn_fwd": rnn_fwd, "lstm_fwd": lstm_fwd, "gru_fwd": gru_fwd, "peephole_fwd": peephole_fwd,
     "ln_lstm_fwd": ln_lstm_fwd, "ln_gru_fwd": ln_gru_fwd, "indrnn_fwd": indrnn_fwd,
     "conv_lstm_fwd": conv_lstm_fwd, "conv_gru_fwd": conv_gru_fwd, "project_fwd": project_fwd,
+    "lstm_reg_fwd": lstm_reg_fwd, "gru_reg_fwd": gru_reg_fwd,
 }
 """Each fused ``*_fwd`` op's twin: same arguments, returns ``(out, h_n)`` or ``(out, h_n, c_n)``
 (the op's first two or three results; the rest are what its C++ backward reads)."""

@@ -356,3 +356,318 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_entry(
 }
 
 }  // namespace rnnkit_fused::lstm
+
+// ================================================================ LSTM with zoneout and recurrent dropout
+// lstm_reg_fwd / lstm_reg_bwd: the LSTM above with the runner's regularizers inside the time loop
+// (rnnkit/runner.py, apply_regularizers; the masks are drawn in Python by bernoulli_mask, never here):
+//   * recurrent dropout: h_{t-1} * r in the recurrent product only (r (N, H_out), already 1/keep-scaled);
+//   * zoneout: after each step s_t = k s_{t-1} + (1 - k) s~_t for h (k from zo_h (L, N, H_out)) and c
+//     (zo_c (L, N, H)), or the constant rates (eval: the expectation) when no mask is given;
+//   * a row past its length holds its state (no mixing), as in the unregularized kernel.
+// Besides lstm_fwd's results it returns cn (L, N, H): the pre-zoneout cell state c~_t whose tanh the
+// backward needs (empty without zoneout on c: then cs is c~). float32 and float64.
+
+namespace rnnkit_fused::lstm {
+
+template <typename T>
+struct Keep {  // one state's zoneout keep probability: a per-step mask, a constant rate, or off
+  const T* mask = nullptr;
+  T rate = T(0), rest = T(1);
+  bool on = false;
+  Keep(const Tensor& m, double r) {
+    if (m.defined()) {
+      mask = m.data_ptr<T>();
+      on = true;
+    } else if (r > 0) {
+      rate = T(r);
+      rest = T(1.0 - r);
+      on = true;
+    }
+  }
+  inline Vec<T> k(const T* at, int64_t j, int64_t cnt) const { return mask ? Vec<T>::loadu(at + j, cnt) : Vec<T>(rate); }
+  inline Vec<T> one_minus(const Vec<T>& kv) const { return mask ? Vec<T>(T(1)) - kv : Vec<T>(rest); }
+};
+
+// dst = k prev + (1 - k) cur (dst may be cur); off: the (t, n) row's offset into the mask
+template <typename T>
+inline void zoneout_mix(const Keep<T>& z, int64_t off, const T* prev, const T* cur, T* dst, int64_t S) {
+  constexpr int64_t VS = Vec<T>::size();
+  const T* m = z.mask ? z.mask + off : nullptr;
+  for (int64_t j = 0; j < S; j += VS) {
+    const int64_t cnt = std::min(VS, S - j);
+    const Vec<T> kv = z.k(m, j, cnt);
+    (kv * Vec<T>::loadu(prev + j, cnt) + z.one_minus(kv) * Vec<T>::loadu(cur + j, cnt)).store(dst + j, cnt);
+  }
+}
+
+// dst = (1 - k) src over a whole (N, S) step (the part of a state gradient that reaches s~_t)
+template <typename T>
+inline void zoneout_rest(const Keep<T>& z, int64_t off, const T* src, T* dst, int64_t n) {
+  constexpr int64_t VS = Vec<T>::size();
+  const T* m = z.mask ? z.mask + off : nullptr;
+  for (int64_t j = 0; j < n; j += VS) {
+    const int64_t cnt = std::min(VS, n - j);
+    (z.one_minus(z.k(m, j, cnt)) * Vec<T>::loadu(src + j, cnt)).store(dst + j, cnt);
+  }
+}
+
+// lstm_grad_row with zoneout on c: dc holds dL/dc_t (mixed) on entry and dL/dc_{t-1} on exit;
+// c is the pre-zoneout c~_t
+template <typename T>
+inline void lstm_grad_row_zc(const T* g, const T* cp, const T* c, const T* dm, T* dc, T* dg, const Keep<T>& z,
+                             int64_t off, int64_t H) {
+  constexpr int64_t VS = Vec<T>::size();
+  const Vec<T> one(T(1));
+  const T* m = z.mask ? z.mask + off : nullptr;
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t cnt = std::min(VS, H - j);
+    Vec<T> i = Vec<T>::loadu(g + j, cnt), f = Vec<T>::loadu(g + H + j, cnt);
+    Vec<T> gg = Vec<T>::loadu(g + 2 * H + j, cnt), o = Vec<T>::loadu(g + 3 * H + j, cnt);
+    Vec<T> tc = vtanh(Vec<T>::loadu(c + j, cnt));
+    Vec<T> d = Vec<T>::loadu(dm + j, cnt);
+    Vec<T> kv = z.k(m, j, cnt), din = Vec<T>::loadu(dc + j, cnt);
+    Vec<T> dct = z.one_minus(kv) * din + d * o * (one - tc * tc);
+    (dct * gg * i * (one - i)).store(dg + j, cnt);
+    (dct * Vec<T>::loadu(cp + j, cnt) * f * (one - f)).store(dg + H + j, cnt);
+    (dct * i * (one - gg * gg)).store(dg + 2 * H + j, cnt);
+    (d * tc * o * (one - o)).store(dg + 3 * H + j, cnt);
+    (kv * din + dct * f).store(dc + j, cnt);
+  }
+}
+
+template <typename T>
+inline void mul_row(const T* a, const T* b, T* dst, int64_t n) {
+  constexpr int64_t VS = Vec<T>::size();
+  for (int64_t j = 0; j < n; j += VS) {
+    const int64_t cnt = std::min(VS, n - j);
+    (Vec<T>::loadu(a + j, cnt) * Vec<T>::loadu(b + j, cnt)).store(dst + j, cnt);
+  }
+}
+
+static void check_reg(const Tensor& ref, const std::optional<Tensor>& rd, const std::optional<Tensor>& zh,
+                      const std::optional<Tensor>& zc, double zh_rate, double zc_rate, int64_t L, int64_t N,
+                      int64_t P, int64_t H, const char* op) {
+  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, "rnnkit_fused::", op,
+              ": zoneout and recurrent dropout run in float32 and float64 only, got ", ref.scalar_type());
+  if (rd.has_value() && rd->defined()) check_same(ref, *rd, "rd_mask", {N, P});
+  if (zh.has_value() && zh->defined()) check_same(ref, *zh, "zo_h", {L, N, P});
+  if (zc.has_value() && zc->defined()) check_same(ref, *zc, "zo_c", {L, N, H});
+  TORCH_CHECK(zh_rate >= 0 && zh_rate < 1 && zc_rate >= 0 && zc_rate < 1, "rnnkit_fused::", op,
+              ": zoneout rates must be in [0, 1), got ", zh_rate, " and ", zc_rate);
+}
+
+static Tensor opt_contig(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_,
+    const std::optional<Tensor>& lengths, const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_,
+    const std::optional<Tensor>& zc_, double zh_rate, double zc_rate) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) % 4 == 0,
+              "rnnkit_fused::lstm_reg_fwd: w_hh must be (4H, H_out), got ", w_hh_.sizes());
+  const int64_t H = w_hh_.size(0) / 4, P = w_hh_.size(1), G = 4 * H;
+  check_seq(xp_, "lstm_reg_fwd", G);
+  const int64_t L = xp_.size(0), N = xp_.size(1);
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(xp, w_hh, "w_hh", {G, P});
+  if (proj) check_same(xp, w_hr, "w_hr", {P, H});
+  else TORCH_CHECK(P == H, "rnnkit_fused::lstm_reg_fwd: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
+  check_same(xp, h0, "h0", {N, P});
+  check_same(xp, c0, "c0", {N, H});
+  check_reg(xp, rd_, zh_, zc_, zh_rate, zc_rate, L, N, P, H, "lstm_reg_fwd");
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_), zc = opt_contig(zc_);
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = rk::empty({L, N, P}, xp.options());
+  Tensor gates = rk::empty({L, N, G}, xp.options());
+  Tensor cs = rk::empty({L, N, H}, xp.options());
+  Tensor ms = proj ? rk::empty({L, N, H}, xp.options()) : rk::empty({0}, xp.options());
+  const bool zoc = zc.defined() || zc_rate > 0, zoh = zh.defined() || zh_rate > 0;
+  Tensor cn_all = zoc ? rk::empty({L, N, H}, xp.options()) : rk::empty({0}, xp.options());
+  AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "lstm_reg_fwd", [&] {
+    using T = scalar_t;
+    const Keep<T> kh(zh, zh_rate), kc(zc, zc_rate);
+    Tensor hr_buf = rd.defined() ? rk::empty({N, P}, xp.options()) : Tensor();
+    Tensor m_buf = !proj && zoh ? rk::empty({N, H}, xp.options()) : Tensor();
+    const Recurrent<T> rec(N, G, P, true, w_hh);
+    const Recurrent<T> rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
+    const T* x = xp.data_ptr<T>();
+    const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>(), *r = rd.defined() ? rd.data_ptr<T>() : nullptr;
+    T *o = out.data_ptr<T>(), *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *m = proj ? ms.data_ptr<T>() : nullptr;
+    T* cn = zoc ? cn_all.data_ptr<T>() : nullptr;
+    T *hr = r ? hr_buf.data_ptr<T>() : nullptr, *mb = m_buf.defined() ? m_buf.data_ptr<T>() : nullptr;
+    const int64_t min_len = min_length(len, N, L);
+    for (int64_t t = 0; t < L; ++t) {
+      const T* hp = t == 0 ? h_init : o + (t - 1) * N * P;
+      const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+      T* gt = gs + t * N * G;
+      T* ct = c + t * N * H;
+      T* cnt_ = zoc ? cn + t * N * H : ct;
+      T* ot = o + t * N * P;
+      T* mt = proj ? m + t * N * H : (zoh ? mb : ot);
+      if (r) {
+        mul_row(hp, r, hr, N * P);
+        rec(hr, P, T(0), gt, G);
+      } else {
+        rec(hp, P, T(0), gt, G);
+      }
+      const T* xt = x + t * N * G;
+      const bool check = len && t >= min_len;
+      lstm_rows(N, H, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          if (check && t >= len[n]) {
+            copy_row(ct + n * H, cp + n * H, H);
+            if (zoc) copy_row(cnt_ + n * H, cp + n * H, H);
+            if (proj) zero_row(mt + n * H, H);
+            else copy_row(ot + n * H, hp + n * H, H);
+          } else {
+            lstm_row(gt + n * G, xt + n * G, cp + n * H, cnt_ + n * H, mt + n * H, H);
+            if (zoc) zoneout_mix(kc, (t * N + n) * H, cp + n * H, cnt_ + n * H, ct + n * H, H);
+            if (!proj && zoh) zoneout_mix(kh, (t * N + n) * P, hp + n * P, mt + n * H, ot + n * P, P);
+          }
+        }
+      });
+      if (proj) {
+        rec_r(mt, H, T(0), ot, P);
+        for (int64_t n = 0; n < N; ++n) {
+          if (check && t >= len[n]) copy_row(ot + n * P, hp + n * P, P);
+          else if (zoh) zoneout_mix(kh, (t * N + n) * P, hp + n * P, ot + n * P, ot + n * P, P);
+        }
+      }
+    }
+  });
+  Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
+  Tensor c_n = L > 0 ? cs[L - 1].clone() : c0.clone();
+  return {out, h_n, c_n, gates, cs, cn_all, ms};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths,
+    const Tensor& out_, const Tensor& gates_, const Tensor& cs_, const Tensor& cn_, const Tensor& ms_,
+    const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_, const std::optional<Tensor>& zc_,
+    double zh_rate, double zc_rate) {
+  check_dim(out_, 3, "lstm_reg_bwd", "out");
+  check_dim(cs_, 3, "lstm_reg_bwd", "cs");
+  const int64_t L = out_.size(0), N = out_.size(1), P = out_.size(2), H = cs_.size(2), G = 4 * H;
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
+  Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
+  Tensor gates = gates_.contiguous(), cs = cs_.contiguous(), cn = cn_.contiguous(), ms = ms_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_reg(out, rd_, zh_, zc_, zh_rate, zc_rate, L, N, P, H, "lstm_reg_bwd");
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_), zc = opt_contig(zc_);
+  const bool zoc = zc.defined() || zc_rate > 0, zoh = zh.defined() || zh_rate > 0;
+  check_same(out, grad_out, "grad_out", out.sizes());
+  check_same(out, grad_hn, "grad_h_n", {N, P});
+  check_same(out, grad_cn, "grad_c_n", {N, H});
+  check_same(out, gates, "gates", {L, N, G});
+  check_same(out, cs, "cs", {L, N, H});
+  if (zoc) check_same(out, cn, "cn", {L, N, H});
+  check_same(out, w_hh, "w_hh", {G, P});
+  if (proj) {
+    check_same(out, w_hr, "w_hr", {P, H});
+    check_same(out, ms, "ms", {L, N, H});
+  } else {
+    TORCH_CHECK(P == H, "rnnkit_fused::lstm_reg_bwd: without w_hr, out must be (L, N, H) as cs, got ", out.sizes(),
+                " and ", cs.sizes());
+  }
+  check_same(out, h0, "h0", {N, P});
+  check_same(out, c0, "c0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor dG = rk::empty({L, N, G}, out.options());
+  Tensor dHall = proj ? rk::empty({L, N, P}, out.options()) : Tensor();
+  Tensor dm_buf = proj ? rk::empty({N, H}, out.options()) : Tensor();
+  Tensor dt_buf = zoh ? rk::empty({N, P}, out.options()) : Tensor();
+  Tensor rb_buf = rd.defined() ? rk::empty({N, P}, out.options()) : Tensor();
+  Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, P}, out.options()), dc = grad_cn.clone();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lstm_reg_bwd", [&] {
+    using T = scalar_t;
+    const Keep<T> kh(zh, zh_rate), kc(zc, zc_rate);
+    const Recurrent<T> rec(N, P, G, false, w_hh);
+    const Recurrent<T> rec_r(proj ? N : 0, H, P, false, proj ? w_hr : w_hh);
+    const T* go = grad_out.data_ptr<T>();
+    const T *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *c_init = c0.data_ptr<T>();
+    const T* ctil = zoc ? cn.data_ptr<T>() : c;  // the c~_t whose tanh made h~_t
+    const T* r = rd.defined() ? rd.data_ptr<T>() : nullptr;
+    T *dg = dG.data_ptr<T>(), *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    T *dm = proj ? dm_buf.data_ptr<T>() : nullptr, *dha = proj ? dHall.data_ptr<T>() : nullptr;
+    T *dtl = zoh ? dt_buf.data_ptr<T>() : nullptr, *rb = r ? rb_buf.data_ptr<T>() : nullptr;
+    const int64_t min_len = min_length(len, N, L);
+    for (int64_t t = L - 1; t >= 0; --t) {
+      add_into(dh, go + t * N * P, N * P);  // dL/dh_t (the mixed state)
+      const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
+      const T* gt = gs + t * N * G;
+      const T* ct = ctil + t * N * H;
+      T* dgt = dg + t * N * G;
+      const T* dht = dh;  // dL/dh~_t
+      if (zoh) {
+        zoneout_rest(kh, t * N * P, dh, dtl, N * P);
+        dht = dtl;
+      }
+      const T* dmt = dht;
+      if (proj) {
+        rec_r(dht, P, T(0), dm, H);
+        copy_row(dha + t * N * P, dht, N * P);
+        dmt = dm;
+      }
+      const bool check = len && t >= min_len;
+      lstm_rows(N, H, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          if (check && t >= len[n]) {
+            zero_row(dgt + n * G, G);
+            copy_row(dn + n * P, dh + n * P, P);
+            if (proj) zero_row(dha + (t * N + n) * P, P);
+          } else {
+            if (zoc)
+              lstm_grad_row_zc(gt + n * G, cp + n * H, ct + n * H, dmt + n * H, dcp + n * H, dgt + n * G, kc,
+                               (t * N + n) * H, H);
+            else
+              lstm_grad_row(gt + n * G, cp + n * H, ct + n * H, dmt + n * H, dcp + n * H, dgt + n * G, H);
+            if (zoh) {  // dn = k dh (the kept part), the product's part added below
+              const T* km = kh.mask ? kh.mask + (t * N + n) * P : nullptr;
+              constexpr int64_t VS = Vec<T>::size();
+              for (int64_t j = 0; j < P; j += VS) {
+                const int64_t cnt = std::min(VS, P - j);
+                (kh.k(km, j, cnt) * Vec<T>::loadu(dh + n * P + j, cnt)).store(dn + n * P + j, cnt);
+              }
+            } else {
+              zero_row(dn + n * P, P);
+            }
+          }
+        }
+      });
+      if (r) {  // dh_{t-1} += r * (dG W_hh), valid rows only
+        rec(dgt, G, T(0), rb, P);
+        for (int64_t n = 0; n < N; ++n) {
+          if (check && t >= len[n]) continue;
+          mul_row(rb + n * P, r + n * P, rb + n * P, P);
+          add_into(dn + n * P, rb + n * P, P);
+        }
+      } else {
+        rec(dgt, G, T(1), dn, P);
+        if (check) pass_held_rows(len, t, N, P, dh, dn);
+      }
+      std::swap(dh, dn);
+    }
+    if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
+  });
+  Tensor prev = previous_states(h0, out, len);
+  if (rd.defined() && L > 0) {  // the product read h_{t-1} * r
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lstm_reg_bwd_mask", [&] {
+      using T = scalar_t;
+      T* x = prev.data_ptr<T>();
+      const T* r = rd.data_ptr<T>();
+      for (int64_t t = 0; t < L; ++t) mul_row((const T*)(x + t * N * P), r, x + t * N * P, N * P);
+    });
+  }
+  Tensor grad_w_hh = weight_grad(dG, prev);
+  Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : rk::empty({0}, out.options());
+  return {dG, grad_w_hh, grad_w_hr, dh_a, dc};
+}
+
+}  // namespace rnnkit_fused::lstm

@@ -31,6 +31,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_entry(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
     const Tensor& out, const Tensor& gates, const Tensor& cs, const Tensor& ms);
+// with zoneout and recurrent dropout (the runner's masks; see lstm.cpp, "LSTM with zoneout and recurrent dropout")
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_,
+    const std::optional<Tensor>& lengths, const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_,
+    const std::optional<Tensor>& zc_, double zh_rate, double zc_rate);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths,
+    const Tensor& out_, const Tensor& gates_, const Tensor& cs_, const Tensor& cn_, const Tensor& ms_,
+    const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_, const std::optional<Tensor>& zc_,
+    double zh_rate, double zc_rate);
 }  // namespace lstm
 
 namespace gru {  // gru.cpp
@@ -41,6 +52,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_entry(const Tensor& grad_out,
                                                          const Tensor& w_hh, const Tensor& h0,
                                                          const std::optional<Tensor>& lengths, const Tensor& out,
                                                          const Tensor& rzn, const Tensor& hns);
+// with zoneout and recurrent dropout (the runner's masks; see gru.cpp, "GRU with zoneout and recurrent dropout")
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_fwd(const Tensor& xp_, const Tensor& w_hh_,
+                                                       const std::optional<Tensor>& b_hh_, const Tensor& h0_,
+                                                       const std::optional<Tensor>& lengths,
+                                                       const std::optional<Tensor>& rd_,
+                                                       const std::optional<Tensor>& zh_, double zh_rate);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_bwd(const Tensor& grad_out_, const Tensor& grad_hn_,
+                                                       const Tensor& w_hh_, const Tensor& h0_,
+                                                       const std::optional<Tensor>& lengths, const Tensor& out_,
+                                                       const Tensor& rzn_, const Tensor& hns_,
+                                                       const std::optional<Tensor>& rd_,
+                                                       const std::optional<Tensor>& zh_, double zh_rate);
 }  // namespace gru
 
 namespace peephole {  // peephole.cpp

@@ -95,4 +95,8 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("ln_gru_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::ln_gru::ln_gru_bwd>::call);
   m.impl("project_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::project::project_fwd>::call);
   m.impl("project_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::project::project_bwd>::call);
+  m.impl("lstm_reg_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::lstm::lstm_reg_fwd>::call);
+  m.impl("lstm_reg_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::lstm::lstm_reg_bwd>::call);
+  m.impl("gru_reg_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_reg_fwd>::call);
+  m.impl("gru_reg_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_reg_bwd>::call);
 }

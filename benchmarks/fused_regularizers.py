@@ -1,0 +1,96 @@
+"""Zoneout and recurrent dropout on the fused LSTM kernels: what they cost in training.
+
+    PYTHONPATH=. python benchmarks/fused_regularizers.py [--size M] [--seq-len 100] [--repeats 9]
+
+LSTM forward+backward (``out.sum().backward()``) at a bench size (``rnnkit.bench.SIZES``: M is
+batch 16, input 64, hidden 128), float32, training mode, side by side and interleaved
+(``rnnkit.bench.time_row``: each repeat times every contestant once, in a rotating order; min and
+median over the repeats):
+
+* ``fused``: the plain LSTM on the fused backend;
+* ``fused+reg``: the same LSTM with ``zoneout=0.1, recurrent_dropout=0.25`` on the fused backend
+  (the masks drawn per step by ``rnnkit.runner.bernoulli_mask``, the time loop in C++);
+* ``reference+reg``: the regularized LSTM on the reference backend (what ``auto`` ran before);
+* ``masks``: drawing the masks alone (2 per step, as the fused scan draws them) and ``masks-1call``:
+  the same elements in one ``bernoulli_mask`` call, to show what per-step drawing costs.
+
+The target (issue 13, item 5): ``fused+reg`` at most 1.3x ``fused`` at size M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import rnnkit  # noqa: E402
+from rnnkit import bench, runner  # noqa: E402
+
+REG = dict(zoneout=0.1, recurrent_dropout=0.25)
+
+
+def contestants(size: str, seq_len: int, reference: bool = True):
+    batch, h_in, hidden = bench.SIZES[size]
+    torch.manual_seed(0)
+    x = torch.randn(seq_len, batch, h_in, requires_grad=True)
+    plain = rnnkit.LSTM(h_in, hidden, backend="fused")
+    reg = rnnkit.LSTM(h_in, hidden, backend="fused", **REG)
+    reg.load_state_dict(plain.state_dict())
+    ref = rnnkit.LSTM(h_in, hidden, backend="reference", **REG)
+    ref.load_state_dict(plain.state_dict())
+
+    def fwd_bwd(module):
+        def call():
+            module.zero_grad(set_to_none=True)
+            out, _ = module(x)
+            out.sum().backward()
+        return call
+
+    like = torch.empty(batch, hidden)
+
+    def masks():
+        for _ in range(seq_len):
+            runner.bernoulli_mask((batch, hidden), 0.1, like, "zoneout_h")
+            runner.bernoulli_mask((batch, hidden), 0.1, like, "zoneout_c")
+
+    def masks_one_call():
+        runner.bernoulli_mask((seq_len, 2, batch, hidden), 0.1, like, "zoneout")
+
+    fns = {"fused": fwd_bwd(plain), "fused+reg": fwd_bwd(reg)}
+    if reference:
+        fns["reference+reg"] = fwd_bwd(ref)
+    fns.update({"masks": masks, "masks-1call": masks_one_call})
+    return fns
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="M", choices=list(bench.SIZES))
+    parser.add_argument("--seq-len", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--target-s", type=float, default=0.2, help="seconds per contestant per repeat")
+    parser.add_argument("--no-reference", action="store_true", help="leave out the (slow) reference backend")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fns = contestants(args.size, args.seq_len, reference=not args.no_reference)
+    mins, medians = bench.time_row(fns, args.repeats, args.target_s)
+    batch, h_in, hidden = bench.SIZES[args.size]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"LSTM({h_in}, {hidden}) batch {batch}, T={args.seq_len}, float32, training, fwd+bwd; "
+          f"regularized: {REG}; {args.repeats} interleaved repeats")
+    print(f"{'contestant':>14} {'min ms':>9} {'median ms':>10} {'min / fused':>12} {'median / fused':>15}")
+    for name in fns:
+        print(f"{name:>14} {mins[name] * 1e3:9.3f} {medians[name] * 1e3:10.3f} {mins[name] / mins['fused']:12.3f} "
+              f"{medians[name] / medians['fused']:15.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
