@@ -25,6 +25,9 @@ from .spec import CellSpec
 from .fused import cells as _fused_cells
 
 _compiling = torch.compiler.is_compiling
+AUTO_DIRECT_LSTM_MACS = 1 << 20
+"""``auto`` runs a plain inference LSTM sequence on the direct inference kernel below this many multiply-adds
+per step (``N * 4H * H``); at and above it the call goes to ``select`` (see ``RecurrentBase._auto_direct``)."""
 
 
 def _build_module():
@@ -291,8 +294,9 @@ class RecurrentBase(nn.Module):
         if input is None:
             return _backends.select(self, None, None if lengths is None else torch.as_tensor(lengths)).name
         kind = self._plain_kind if lengths is None and type(input) is Tensor else None
-        if kind is not None and self.backend in ("auto", "fused") and not (_compiling() or _tracing()) \
-                and _fused_cells.get_layer_run() is not None \
+        direct = kind is not None and (self.backend == "fused" or (self.backend == "auto"
+                                                                   and self._auto_direct(input, kind)))
+        if direct and not (_compiling() or _tracing()) and _fused_cells.get_layer_run() is not None \
                 and _build_module().layer_run_reason(kind, input, None, self._parameters, self.input_size,
                                                      self.hidden_size, self.batch_first) is None:
             return "fused"  # forward's direct inference entry runs it (see _direct_layer)
@@ -339,7 +343,8 @@ class RecurrentBase(nn.Module):
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
         kind = self._plain_kind if lengths is None and type(input) is Tensor else None
         if kind is not None:
-            fast = self._direct_layer(input, hx, kind) if self.backend in ("auto", "fused") else None
+            fast = self._direct_layer(input, hx, kind) if self.backend == "fused" or (
+                self.backend == "auto" and self._auto_direct(input, kind)) else None
             if fast is None:
                 fast = self._plain_inference(input, hx, kind)
             if fast is not None:
@@ -405,6 +410,18 @@ class RecurrentBase(nn.Module):
             self.last_backend = "fused"
         return result
 
+    def _auto_direct(self, input: Tensor, kind: int) -> bool:
+        """``auto``'s rule for a plain inference call: the direct inference kernel, except for an LSTM
+        sequence (``L > 1``) whose per-step recurrent product reaches :data:`AUTO_DIRECT_LSTM_MACS`
+        multiply-adds, where torch.nn's op (oneDNN) measured as fast or faster (docs/deploy.md,
+        "Inference speed"): that call goes to ``select`` (the measured choice between the two)."""
+        if kind != 0 or input.dim() != 3:
+            return True
+        seq_len, batch = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
+        if type(seq_len) is not int or type(batch) is not int:  # symbolic (export, compile): no guard on them
+            return False
+        return seq_len <= 1 or batch * 4 * self.hidden_size * self.hidden_size < AUTO_DIRECT_LSTM_MACS
+
     def _plain_inference(self, input: Tensor, hx, kind: int):
         """A plain inference call (no gradient, dense batched input, one layer, one direction, every
         tensor of the parameters' dtype and device and of the expected shape) on the backend ``select``
@@ -431,6 +448,10 @@ class RecurrentBase(nn.Module):
                     return None
         x = input.transpose(0, 1) if batch_first else input
         backend = _backends.select(self, x, None)
+        if backend.name == "fused":  # under no_grad the fused backend is the inference-only kernel
+            fast = self._direct_layer(input, hx, kind)
+            if fast is not None:
+                return fast
         if self.last_backend != backend.name:
             self.last_backend = backend.name
         out, states = backend.run(self, x, state0, None)

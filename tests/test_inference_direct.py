@@ -227,3 +227,29 @@ def test_which_backend_names_the_direct_path():
     with torch.no_grad():
         ours(x)
         assert ours.which_backend(x) == "fused" == ours.last_backend
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_auto_defers_a_large_lstm_sequence(spy, backend):
+    """auto's rule: an LSTM sequence with N * 4H * H >= AUTO_DIRECT_LSTM_MACS goes to select (the measured
+    choice, torch or fused; fused is then the direct kernel too); backend='fused' always runs the kernel.
+    One step always runs the kernel. Whatever ran, last_backend and which_backend name it."""
+    from rnnkit import layers
+    hidden = 64
+    ours, theirs = make("lstm", hidden, batch_first=True)
+    ours.backend = backend
+    n = -(-layers.AUTO_DIRECT_LSTM_MACS // (4 * hidden * hidden))  # the smallest batch at the bound
+    assert not ours._auto_direct(torch.randn(n, 3, H_IN), 0) and ours._auto_direct(torch.randn(n - 1, 3, H_IN), 0)
+    for seq_len in (3, 1):
+        x = torch.randn(n, seq_len, H_IN)
+        with torch.no_grad():
+            before = spy["ran"]
+            got, want = outputs(ours(x)), outputs(theirs(x))
+            assert ours.last_backend == ours.which_backend(x)
+        ran = spy["ran"] - before
+        if backend == "fused" or seq_len == 1:
+            assert ran == 1 and ours.last_backend == "fused"
+        else:
+            assert ran == (ours.last_backend == "fused")
+        for u, v in zip(got, want):
+            assert_close(u, v, torch.float32, f"{backend} L{seq_len}")
