@@ -25,6 +25,15 @@ from .spec import CellSpec
 from .fused import cells as _fused_cells
 
 _compiling = torch.compiler.is_compiling
+AUTO_DIRECT_LSTM_MACS = 1 << 20
+"""``auto`` runs a plain inference LSTM sequence on the direct inference kernel below this many multiply-adds
+per step (``N * 4H * H``); at and above it the call goes to ``select`` (see ``RecurrentBase._auto_direct``)."""
+
+
+def _build_module():
+    from .fused import _build
+    return _build._state["module"]
+
 _tracing = torch._C._get_tracing_state
 
 
@@ -284,6 +293,13 @@ class RecurrentBase(nn.Module):
         """The name of the backend this module runs (on ``input`` with ``lengths``, if given)."""
         if input is None:
             return _backends.select(self, None, None if lengths is None else torch.as_tensor(lengths)).name
+        kind = self._plain_kind if lengths is None and type(input) is Tensor else None
+        direct = kind is not None and (self.backend == "fused" or (self.backend == "auto"
+                                                                   and self._auto_direct(input, kind)))
+        if direct and not (_compiling() or _tracing()) and _fused_cells.get_layer_run() is not None \
+                and _build_module().layer_run_reason(kind, input, None, self._parameters, self.input_size,
+                                                     self.hidden_size, self.batch_first) is None:
+            return "fused"  # forward's direct inference entry runs it (see _direct_layer)
         x, _, lengths, _ = self._time_major(input, lengths)
         return _backends.select(self, x, lengths).name
 
@@ -327,7 +343,8 @@ class RecurrentBase(nn.Module):
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
         kind = self._plain_kind if lengths is None and type(input) is Tensor else None
         if kind is not None:
-            fast = self._direct_step(input, hx, kind) if self.backend in ("auto", "fused") else None
+            fast = self._direct_layer(input, hx, kind) if self.backend == "fused" or (
+                self.backend == "auto" and self._auto_direct(input, kind)) else None
             if fast is None:
                 fast = self._plain_inference(input, hx, kind)
             if fast is not None:
@@ -376,48 +393,34 @@ class RecurrentBase(nn.Module):
             return None
         return _fused_cells.DIRECT_KIND.get(self.cell_spec.fusable)
 
-    def _direct_step(self, input: Tensor, hx, kind: int):
-        """A plain one-step inference call (``L == 1``, batched, dense) through the fused extension's
-        direct cell step (no dispatcher, no Python validation: the entry checks every shape, dtype,
-        device, gradient and mode itself and declines anything not plain), or None: then the full
-        path runs, with its own checks and error messages. Outputs as the full path's: ``output``
-        and ``h_n`` are distinct tensors."""
-        direct = _fused_cells.direct_step or _fused_cells.get_direct_step()
-        if direct is None or input.dim() != 3 or _compiling() or _tracing():
+    def _direct_layer(self, input: Tensor, hx, kind: int):
+        """A plain inference call (no gradient needed, batched dense contiguous input, any length, the
+        parameters as registered) through the fused extension's direct layer entry: the input projection
+        and the time loop of the inference-only kernel in one C++ call (no dispatcher, no saved tensors,
+        no Python validation: the entry checks every type, shape, dtype, device, gradient and mode itself
+        and declines anything not plain), or None: then the next path runs, with its own checks and error
+        messages. Returns what the full path returns (new tensors; ``output`` in the input's layout)."""
+        direct = _fused_cells.layer_run or _fused_cells.get_layer_run()
+        if direct is None or type(hx) is list or _compiling() or _tracing():  # a list hx: the full path's checks
             return None
-        batch_first = self.batch_first
-        if input.shape[1 if batch_first else 0] != 1:
+        result = direct(kind, input, hx, self._parameters, self.input_size, self.hidden_size, self.batch_first)
+        if result is NotImplemented:
             return None
-        if hx is None:
-            state = None
-        elif kind == 0:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            h0, c0 = hx
-            if type(h0) is not Tensor or type(c0) is not Tensor or h0.dim() != 3 or c0.dim() != 3 \
-                    or h0.shape[0] != 1 or c0.shape[0] != 1:
-                return None
-            state = (h0[0], c0[0])
-        else:
-            if type(hx) is not Tensor or hx.dim() != 3 or hx.shape[0] != 1:
-                return None
-            state = hx[0]
-        params = self._parameters
-        try:
-            p = {key: params[name] for key, name in self._param_keys[0].items()}
-        except KeyError:  # a parametrization or pruning replaced a parameter: the full path reads it
-            return None
-        new = direct(kind, input[:, 0] if batch_first else input[0], state, p, self.input_size, self.hidden_size)
-        if new is NotImplemented:
-            return None
-        if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than the step itself
+        if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than a short call itself
             self.last_backend = "fused"
-        if kind == 0:
-            h, c = new
-            h_n = h.unsqueeze(0)
-            return (h.unsqueeze(1) if batch_first else h_n).clone(), (h_n, c.unsqueeze(0))
-        h_n = new.unsqueeze(0)
-        return (new.unsqueeze(1) if batch_first else h_n).clone(), h_n
+        return result
+
+    def _auto_direct(self, input: Tensor, kind: int) -> bool:
+        """``auto``'s rule for a plain inference call: the direct inference kernel, except for an LSTM
+        sequence (``L > 1``) whose per-step recurrent product reaches :data:`AUTO_DIRECT_LSTM_MACS`
+        multiply-adds, where torch.nn's op (oneDNN) measured as fast or faster (docs/deploy.md,
+        "Inference speed"): that call goes to ``select`` (the measured choice between the two)."""
+        if kind != 0 or input.dim() != 3:
+            return True
+        seq_len, batch = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
+        if type(seq_len) is not int or type(batch) is not int:  # symbolic (export, compile): no guard on them
+            return False
+        return seq_len <= 1 or batch * 4 * self.hidden_size * self.hidden_size < AUTO_DIRECT_LSTM_MACS
 
     def _plain_inference(self, input: Tensor, hx, kind: int):
         """A plain inference call (no gradient, dense batched input, one layer, one direction, every
@@ -445,6 +448,10 @@ class RecurrentBase(nn.Module):
                     return None
         x = input.transpose(0, 1) if batch_first else input
         backend = _backends.select(self, x, None)
+        if backend.name == "fused":  # under no_grad the fused backend is the inference-only kernel
+            fast = self._direct_layer(input, hx, kind)
+            if fast is not None:
+                return fast
         if self.last_backend != backend.name:
             self.last_backend = backend.name
         out, states = backend.run(self, x, state0, None)

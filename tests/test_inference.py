@@ -1,5 +1,5 @@
-"""Inference: the layers' one-step fast path (a plain ``L == 1`` call through the fused direct
-cell step) and the ``inference`` section of ``rnnkit bench``.
+"""Inference: the layers' fast paths (a plain no-grad call through the fused direct layer entry,
+any length; else the plain-inference path) and the ``inference`` section of ``rnnkit bench``.
 
 Oracles: torch.nn's layers (values, shapes), the full path's own errors (a call the fast
 path declines must answer exactly as before), and a spy on the direct entry (which path ran).
@@ -46,10 +46,10 @@ def state(name, n, hidden=11, dtype=torch.float32):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the direct entry's calls and how many it ran (not NotImplemented)."""
+    """Counts the direct layer entry's calls and how many it ran (not NotImplemented)."""
     with torch.no_grad():
         rnnkit.LSTMCell(2, 3)(torch.randn(1, 2))  # loads the extension and looks the entry up
-    real = fc.get_direct_step()
+    real = fc.get_layer_run()
     assert real is not None
     counts = {"calls": 0, "ran": 0}
 
@@ -59,7 +59,7 @@ def spy(monkeypatch):
         counts["ran"] += out is not NotImplemented
         return out
 
-    monkeypatch.setattr(fc, "direct_step", entry)
+    monkeypatch.setattr(fc, "layer_run", entry)
     return counts
 
 
@@ -104,7 +104,7 @@ def test_stream_of_steps_equals_one_call(spy):
         for t in range(7):
             out, hx = ours(x[t:t + 1], hx)
             outs.append(out)
-    assert spy["ran"] == 7
+    assert spy["ran"] == 8  # the whole call and each step
     assert_close(torch.cat(outs), want_out, torch.float32, "stepped output")
     for u, v in zip(hx, want_state):
         assert_close(u, v, torch.float32, "stepped state")
@@ -140,8 +140,9 @@ def test_plain_inference_matches_torch_nn(full_path, name, backend, batch_first,
     hx = None if zero_hx else state(name, 3, dtype=dtype)
     with torch.no_grad():
         got, want = outputs(ours(x, hx)), outputs(theirs(x, hx))
-    assert full_path["calls"] == 0
-    assert ours.last_backend == (ours.which_backend(x) if backend == "auto" else backend)
+        assert full_path["calls"] == 0
+        chosen = ours.which_backend(x)  # under no_grad, as the call: the direct inference entry's "fused"
+    assert ours.last_backend == (chosen if backend == "auto" else backend)
     for u, v in zip(got, want):
         assert_close(u, v, dtype, f"{name} {backend}")
     assert got[0].data_ptr() != got[1].data_ptr()
@@ -177,7 +178,7 @@ def test_plain_inference_declines(full_path, case):
 # ------------------------------------------------------------------ declined: the full path answers
 
 @needs_fused
-@pytest.mark.parametrize("case", ["grad", "two_steps", "two_layers", "bidirectional", "proj", "unbatched",
+@pytest.mark.parametrize("case", ["grad", "two_layers", "bidirectional", "proj", "unbatched",
                                   "backend_torch", "backend_reference", "zoneout", "weight_drop_training",
                                   "parametrized", "list_hx", "packed", "lengths"])
 def test_declined_calls_equal_torch_nn(spy, case):
@@ -185,9 +186,7 @@ def test_declined_calls_equal_torch_nn(spy, case):
           "proj": dict(proj_size=5)}.get(case, {})
     ours, theirs = make("lstm", **kw)
     x, hx = torch.randn(1, 3, 13), None
-    if case == "two_steps":
-        x = torch.randn(2, 3, 13)
-    elif case == "unbatched":
+    if case == "unbatched":
         x = torch.randn(1, 13)
     elif case == "backend_torch":
         ours.backend = "torch"

@@ -30,6 +30,18 @@ _CELL_OPS: dict = {}
 # NotImplemented; None until the extension is loaded as a module (see csrc/cell.cpp's last section)
 direct_step = None
 DIRECT_KIND = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+# the direct layer entry: layer_run(kind, input, hx, params, input_size, hidden_size, batch_first) ->
+# (output, h_n) / (output, (h_n, c_n)) or NotImplemented: a plain inference call of a one-layer, one-direction
+# RNN/LSTM/GRU, any length, through the inference-only kernel (csrc/cell.cpp's layer_infer); None until loaded
+layer_run = None
+
+
+def get_layer_run():
+    """The direct layer entry once the extension is loaded as a module, else None (cheap: asked per call)."""
+    global layer_run
+    if layer_run is None and _build._state["loaded"] and _build._state["module"] is not None:
+        layer_run = getattr(_build._state["module"], "layer_run", None)
+    return layer_run
 
 
 def get_direct_step():

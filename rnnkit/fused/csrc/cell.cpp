@@ -267,4 +267,126 @@ void direct_step(long kind, int64_t N, int64_t I, int64_t H, const Tensor& x, co
   });
 }
 
+
+// ================================================================ inference-only layer forward (kernel side)
+// One plain inference call of a one-layer, one-direction RNN/LSTM/GRU over a whole sequence, for
+// cell_py.cpp's CPython entry `layer_run` (which reads and checks the arguments). Writes only what
+// the layer returns: no saved gates, cell states or per-step buffers for a backward. x is
+// (L, N, I) or, batch_first, (N, L, I), contiguous; out has x's layout with H features; h_n/c_n
+// (N, H); h0_/c0_/b_ih/b_hh may be null (zeros). Row (t, n) of x, the projection and out is
+// row n * L + t (batch_first) or t * N + n.
+//  * the input projection of every step first, in one product (BLAS; the small kernel for fewer
+//    than kSmallRows rows), with b_ih + b_hh (LSTM, RNN) or b_ih (GRU) folded in;
+//  * each step's recurrent product on the small register-blocked GEMV of the cells for a batch
+//    under kSmallRows (BLAS's per-call cost dominates there; W_hh read as torch stores it, so no
+//    transposed copy per call), else MKL's packed GEMM (Recurrent, packed once per call);
+//  * the gate math in place in a (N, G) scratch; the LSTM cell state in two (N, H) rows swapped
+//    per step; h_{t-1} is read from out (leading dimension L * H when batch_first).
+// One step (L == 1) is the cell's own step: both products in one pass (lstm/gru/rnn_cell_raw).
+template <typename T>
+void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool batch_first, const T* x,
+                     const T* h0, const T* c0, const T* w_ih, const Tensor& w_hh_, const T* bi, const T* bh,
+                     T* out, T* hn, T* cn) {
+  const T* w_hh = w_hh_.data_ptr<T>();
+  const int64_t G = (kind == 0 ? 4 : kind == 1 ? 3 : 1) * H;
+  if (L == 1) {  // (N, 1, I) and (1, N, I) are the same rows: the cell step
+    if (kind == 0) {
+      T* g = scratch<T>(N * G + (c0 ? 0 : N * H));
+      if (!c0) {
+        zero_row(g + N * G, N * H);
+        c0 = g + N * G;
+      }
+      lstm_cell_raw<T>(N, I, H, x, h0, c0, w_ih, w_hh, bi, bh, g, out, cn);
+    } else if (kind == 1) {
+      const int64_t S = gru_cell_scratch(N, H);
+      T* s = scratch<T>(S + (h0 ? 0 : N * H));
+      if (!h0) {
+        zero_row(s + S, N * H);
+        h0 = s + S;
+      }
+      gru_cell_raw<T>(N, I, H, x, h0, w_ih, w_hh, bi, bh, s, out);
+    } else {
+      rnn_cell_raw<T>(N, I, H, x, h0, w_ih, w_hh, bi, bh, kind - 2, out);
+    }
+    copy_row(hn, out, N * H);
+    return;
+  }
+  const int64_t rows = L * N;
+  const int64_t xstride = batch_first ? L : 1, tstride = batch_first ? 1 : N;  // row of (t, n): t * tstride + n * xstride
+  // the projection (rows, G) in a tensor of its own (freed after the call); scratch: the step's gates (N, G),
+  // two cell-state buffers (N, H) (LSTM; the GRU's hn (N, H) in one), the GRU's r/z/n (N, G), a zero b_hh (G)
+  // and a zero h0 (N, H)
+  const Tensor xp_keep = rk::empty({rows, G}, w_hh_.options());
+  T* xp = xp_keep.data_ptr<T>();
+  T* g = scratch<T>(N * G + 2 * N * H + N * G + G + N * H);
+  T* ca = g + N * G;
+  T* cb = ca + N * H;
+  T* rz = cb + N * H;
+  T* zb = rz + N * G;
+  T* zh = zb + G;
+  const bool gru = kind == 1;
+  cell_gates_raw<T>(rows, G, I, H, x, (const T*)nullptr, w_ih, w_hh, bi, gru ? (const T*)nullptr : bh, xp);
+  if (gru && !bh) {
+    zero_row(zb, G);
+    bh = zb;
+  }
+  if (!h0 && gru) {
+    zero_row(zh, N * H);
+  }
+  const bool small = N < kSmallRows;
+  std::unique_ptr<Recurrent<T>> rec;
+  if (!small) rec = std::make_unique<Recurrent<T>>(N, G, H, true, w_hh_);
+  const int64_t ldh = batch_first ? L * H : H;  // h rows of one step in out
+  T* cp = ca;
+  if (kind == 0) {
+    if (c0) copy_row(cp, c0, N * H);
+    else zero_row(cp, N * H);
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const T* hp = t == 0 ? h0 : out + (t - 1) * tstride * H;  // row n at hp + n * ldh (h0: n * H)
+    const int64_t ldp = t == 0 ? H : ldh;
+    T* ot = out + t * tstride * H;
+    // the recurrent product into g (kind 2/3: into out's rows, the activation applies in place)
+    T* dst = kind >= 2 ? ot : g;
+    const int64_t ldd = kind >= 2 ? ldh : G;
+    if (!hp) {
+      for (int64_t n = 0; n < N; ++n) zero_row(dst + n * ldd, G);
+    } else if (small) {
+      for (int64_t n = 0; n < N; ++n)
+        small_gemv<T>(G, hp + n * ldp, H, w_hh, (const T*)nullptr, 0, w_hh, (const T*)nullptr, (const T*)nullptr,
+                      dst + n * ldd);
+    } else {
+      (*rec)(hp, ldp, T(0), dst, ldd);
+    }
+    T* cn_t = cp == ca ? cb : ca;
+    for (int64_t n = 0; n < N; ++n) {
+      const T* xr = xp + (t * tstride + n * xstride) * G;
+      if (kind == 0) {
+        lstm_row(g + n * G, xr, cp + n * H, cn_t + n * H, ot + n * ldh, H);
+      } else if (kind == 1) {
+        const T* hprev = hp ? hp + n * ldp : zh + n * H;
+        gru_row(xr, g + n * G, bh, hprev, rz + n * G, cb + n * H, ot + n * ldh, H);
+      } else {
+        rnn_act_row(ot + n * ldh, xr, H, kind - 2);
+      }
+    }
+    if (kind == 0) cp = cn_t;
+  }
+  const T* last = out + (L - 1) * tstride * H;
+  for (int64_t n = 0; n < N; ++n) copy_row(hn + n * H, last + n * ldh, H);
+  if (kind == 0) copy_row(cn, cp, N * H);
+}
+
+void layer_infer(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool batch_first, const Tensor& x,
+                 const Tensor* h0_, const Tensor* c0_, const Tensor& w_ih, const Tensor& w_hh, const Tensor* b_ih,
+                 const Tensor* b_hh, Tensor& out, Tensor& h_n, Tensor& c_n) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_run", [&] {
+    using T = scalar_t;
+    layer_infer_raw<T>(kind, L, N, I, H, batch_first, x.data_ptr<T>(), h0_ ? h0_->data_ptr<T>() : nullptr,
+                       c0_ ? c0_->data_ptr<T>() : nullptr, w_ih.data_ptr<T>(), w_hh,
+                       b_ih ? b_ih->data_ptr<T>() : nullptr, b_hh ? b_hh->data_ptr<T>() : nullptr,
+                       out.data_ptr<T>(), h_n.data_ptr<T>(), kind == 0 ? c_n.data_ptr<T>() : nullptr);
+  });
+}
+
 }  // namespace rnnkit_fused::cell

@@ -182,11 +182,178 @@ PyObject* cell_step_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---------------------------------------------------------------- the direct layer entry
+// `layer_run(kind, input, hx, params, input_size, hidden_size, batch_first)`: one plain inference call
+// of a one-layer, one-direction RNN/LSTM/GRU (any length) straight from RecurrentBase.forward: the
+// input projection and the time loop in cell.cpp's layer_infer, writing only what the layer returns.
+// Same rules as cell_step (plain tensors, no gradient needed, nothing the dispatcher would route
+// elsewhere), NotImplemented for anything else, so the caller takes the full path (its checks and
+// errors):
+//   input (L, N, H_in), or (N, L, H_in) when batch_first is True, contiguous, L >= 1, N >= 1;
+//   hx None, a Tensor (1, N, H), or for the LSTM a tuple or list (h_0, c_0), each (1, N, H);
+//   params the module's _parameters dict (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0).
+// Returns what the layer returns: (output, h_n), or (output, (h_n, c_n)) for the LSTM; output in
+// the input's layout, h_n and c_n (1, N, H); all new tensors.
+// (layer_infer is declared here, not in ops.h, so adding it rebuilt only this unit and cell.cpp's.)
+void layer_infer(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool batch_first, const Tensor& x,
+                 const Tensor* h0_, const Tensor* c0_, const Tensor& w_ih, const Tensor& w_hh, const Tensor* b_ih,
+                 const Tensor* b_hh, Tensor& out, Tensor& h_n, Tensor& c_n);
+
+// releases the GIL for its scope (exception-safe)
+struct NoGil {
+  PyThreadState* state;
+  NoGil() : state(PyEval_SaveThread()) {}
+  ~NoGil() { PyEval_RestoreThread(state); }
+  NoGil(const NoGil&) = delete;
+  NoGil& operator=(const NoGil&) = delete;
+};
+
+PyObject *k_weight_ih_l0, *k_weight_hh_l0, *k_bias_ih_l0, *k_bias_hh_l0;
+
+// A direct layer call's arguments, read and checked into d (N, I, H, kind, tensors) and L: null if
+// the call is plain, else why not (a Python error may be set, then the reason is "error").
+const char* read_layer(PyObject* const* args, Py_ssize_t nargs, DirectStep& d, int64_t& L, bool& batch_first) {
+  if (nargs != 7) return "expected 7 arguments (kind, input, hx, params, input_size, hidden_size, batch_first)";
+  if (!PyLong_CheckExact(args[0])) return "kind is not an int (not a fused layer)";
+  if (!PyDict_Check(args[3])) return "params is not a dict";
+  if (!PyLong_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) return "input_size/hidden_size are not ints";
+  if (!PyBool_Check(args[6])) return "batch_first is not a bool";
+  batch_first = args[6] == Py_True;
+  d.kind = PyLong_AsLong(args[0]);
+  const long in_size = PyLong_AsLong(args[4]), hid = PyLong_AsLong(args[5]);
+  if (PyErr_Occurred()) return "error";
+  if (d.kind < 0 || d.kind > 3) return "kind out of range";
+  if (in_size <= 0 || hid <= 0) return "input_size/hidden_size not positive";
+  const int gates = d.kind == 0 ? 4 : d.kind == 1 ? 3 : 1;
+  const int nstates = d.kind == 0 ? 2 : 1;
+
+  d.x = unpack(args[1]);
+  if (!d.x) return "input is not a Tensor (or is a Tensor subclass)";
+  PyObject* pd = args[3];
+  PyObject *ow_ih = PyDict_GetItemWithError(pd, k_weight_ih_l0), *ow_hh = PyDict_GetItemWithError(pd, k_weight_hh_l0);
+  PyObject *ob_ih = PyDict_GetItemWithError(pd, k_bias_ih_l0), *ob_hh = PyDict_GetItemWithError(pd, k_bias_hh_l0);
+  if (PyErr_Occurred()) return "error";
+  d.w_ih = unpack(ow_ih), d.w_hh = unpack(ow_hh);
+  if (!d.w_ih || !d.w_hh) return "weight_ih_l0/weight_hh_l0 missing or not Tensors";
+  if (ob_ih && ob_ih != Py_None && !(d.b_ih = unpack(ob_ih))) return "bias_ih_l0 is not a Tensor";
+  if (ob_hh && ob_hh != Py_None && !(d.b_hh = unpack(ob_hh))) return "bias_hh_l0 is not a Tensor";
+  PyObject* hx = args[2];
+  if (hx != Py_None) {
+    if (nstates == 2) {
+      if (!PyTuple_CheckExact(hx) && !PyList_CheckExact(hx)) return "hx is not a tuple or list";
+      if (PySequence_Fast_GET_SIZE(hx) != 2) return "hx does not hold 2 states";
+      d.st[0] = unpack(PySequence_Fast_GET_ITEM(hx, 0));
+      d.st[1] = unpack(PySequence_Fast_GET_ITEM(hx, 1));
+      if (!d.st[0] || !d.st[1]) return "a state is not a Tensor";
+    } else if (!(d.st[0] = unpack(hx))) {
+      return "hx is not a Tensor";
+    }
+  }
+
+  if (fused_disabled()) return "disabled by RNNKIT_DISABLE_FUSED";
+  if (at::hasCallbacks()) return "RecordFunction callbacks (a profiler) are active";
+  if (at::impl::torch_function_mode_enabled()) return "a __torch_function__ mode is active";
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  static const c10::DispatchKeySet default_included =
+      c10::DispatchKeySet(c10::DispatchKey::BackendSelect) | c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
+  if (!(tls.included_ - default_included).empty())
+    return "dispatch keys are included by thread-local state (a mode or transform)";
+
+  const bool grad = at::GradMode::is_enabled();
+  d.dt = d.x->scalar_type();
+  if (d.dt != at::kFloat && d.dt != at::kDouble) return "dtype is not float32/float64";
+  const Tensor* all[7] = {d.x, d.w_ih, d.w_hh, d.b_ih, d.b_hh, d.st[0], d.st[1]};
+  for (const Tensor* t : all) {
+    if (!t) continue;
+    if (!plain(*t, tls.excluded_)) return "a tensor is not a plain contiguous CPU tensor";
+    if (t->scalar_type() != d.dt) return "the tensors' dtypes differ";
+    if (grad && t->requires_grad()) return "a gradient is needed";
+  }
+
+  const int64_t G = gates * hid;
+  d.I = in_size, d.H = hid;
+  if (d.x->dim() != 3) return "input is not 3-D";
+  L = d.x->size(batch_first ? 1 : 0);
+  d.N = d.x->size(batch_first ? 0 : 1);
+  if (L < 1) return "empty sequence";
+  if (d.N < 1) return "empty batch";
+  if (d.x->size(2) != d.I) return "input's last axis is not input_size";
+  if (d.w_ih->dim() != 2 || d.w_ih->size(0) != G || d.w_ih->size(1) != d.I) return "weight_ih's shape";
+  if (d.w_hh->dim() != 2 || d.w_hh->size(0) != G || d.w_hh->size(1) != d.H) return "weight_hh's shape";
+  if ((d.b_ih && (d.b_ih->dim() != 1 || d.b_ih->size(0) != G)) ||
+      (d.b_hh && (d.b_hh->dim() != 1 || d.b_hh->size(0) != G)))
+    return "a bias's shape";
+  for (int i = 0; i < nstates; ++i) {
+    const Tensor* s = d.st[i];
+    if (s && (s->dim() != 3 || s->size(0) != 1 || s->size(1) != d.N || s->size(2) != d.H)) return "a state's shape";
+  }
+  return nullptr;
+}
+
+PyObject* layer_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  DirectStep d;
+  int64_t L = 0;
+  bool batch_first = false;
+  if (const char* why = read_layer(args, nargs, d, L, batch_first)) {
+    if (PyErr_Occurred()) return nullptr;
+    (void)why;
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const int64_t N = d.N, H = d.H;
+  const at::TensorOptions opts = d.x->options();
+  const int64_t odims[3] = {batch_first ? N : L, batch_first ? L : N, H}, sdims[3] = {1, N, H};
+  Tensor out = rk::empty(c10::IntArrayRef(odims, 3), opts), h_n = rk::empty(c10::IntArrayRef(sdims, 3), opts), c_n;
+  if (d.kind == 0) c_n = rk::empty(c10::IntArrayRef(sdims, 3), opts);
+  {
+    const NoGil no_gil;  // as an op call does: other Python threads run meanwhile
+    layer_infer(d.kind, L, N, d.I, H, batch_first, *d.x, d.st[0], d.st[1], *d.w_ih, *d.w_hh, d.b_ih, d.b_hh, out,
+                h_n, c_n);
+  }
+  PyObject* state;
+  if (d.kind == 0) {
+    state = PyTuple_New(2);
+    if (!state) return nullptr;
+    PyTuple_SET_ITEM(state, 0, THPVariable_Wrap(std::move(h_n)));
+    PyTuple_SET_ITEM(state, 1, THPVariable_Wrap(std::move(c_n)));
+  } else {
+    state = THPVariable_Wrap(std::move(h_n));
+    if (!state) return nullptr;
+  }
+  PyObject* result = PyTuple_New(2);
+  if (!result) {
+    Py_DECREF(state);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(out)));
+  PyTuple_SET_ITEM(result, 1, state);
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+// layer_run_reason(same arguments): None if layer_run would run the call, else why it answers NotImplemented.
+PyObject* layer_run_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  DirectStep d;
+  int64_t L = 0;
+  bool batch_first = false;
+  const char* why = read_layer(args, nargs, d, L, batch_first);
+  if (PyErr_Occurred()) return nullptr;
+  if (!why) Py_RETURN_NONE;
+  return PyUnicode_FromString(why);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"cell_step", (PyCFunction)(void (*)(void))cell_step, METH_FASTCALL,
      "cell_step(kind, input, hx, params, input_size, hidden_size): one plain inference step, or NotImplemented"},
     {"cell_step_reason", (PyCFunction)(void (*)(void))cell_step_reason, METH_FASTCALL,
      "cell_step_reason(same arguments): None if cell_step would run the step, else why not"},
+    {"layer_run", (PyCFunction)(void (*)(void))layer_run, METH_FASTCALL,
+     "layer_run(kind, input, hx, params, input_size, hidden_size, batch_first): one plain inference call of a "
+     "one-layer, one-direction RNN/LSTM/GRU, or NotImplemented"},
+    {"layer_run_reason", (PyCFunction)(void (*)(void))layer_run_reason, METH_FASTCALL,
+     "layer_run_reason(same arguments): None if layer_run would run the call, else why not"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME),
@@ -204,6 +371,11 @@ PyMODINIT_FUNC RNNKIT_PYINIT(TORCH_EXTENSION_NAME)(void) {
   k_bias_ih = PyUnicode_InternFromString("bias_ih");
   k_bias_hh = PyUnicode_InternFromString("bias_hh");
   if (!k_weight_ih || !k_weight_hh || !k_bias_ih || !k_bias_hh) return nullptr;
+  k_weight_ih_l0 = PyUnicode_InternFromString("weight_ih_l0");
+  k_weight_hh_l0 = PyUnicode_InternFromString("weight_hh_l0");
+  k_bias_ih_l0 = PyUnicode_InternFromString("bias_ih_l0");
+  k_bias_hh_l0 = PyUnicode_InternFromString("bias_hh_l0");
+  if (!k_weight_ih_l0 || !k_weight_hh_l0 || !k_bias_ih_l0 || !k_bias_hh_l0) return nullptr;
   return PyModule_Create(&module_def);
 }
 #endif  // TORCH_EXTENSION_NAME
