@@ -338,6 +338,28 @@ def test_build_jobs_follows_max_jobs(monkeypatch):
     assert _build.build_jobs() >= 1
 
 
+def test_a_source_saved_during_the_build_is_rebuilt_next_time(monkeypatch, tmp_path):
+    """The library is dated back to the build's start when a source changed while it ran, so
+    stale_inputs names that source at the next load (instead of a library newer than it)."""
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name, text in TINY.items():
+        (src / name).write_text(text)
+        os.utime(src / name, (1_000_000, 1_000_000))
+    monkeypatch.setattr(_build, "CSRC", src)
+    monkeypatch.setattr(_build, "SOURCE_FILES", ("a.cpp", "b.cpp"))
+    monkeypatch.setattr(_build, "HEADER_FILES", ("shared.h",))
+    library = tmp_path / "lib.so"
+    library.write_text("")
+    os.utime(library, (3_000_000, 3_000_000))  # the build finished at 3e6
+    _build._date_before_edits_during_the_build(library, 2_000_000)  # began at 2e6; nothing edited since
+    assert library.stat().st_mtime == 3_000_000 and _build.stale_inputs(library) == []
+    os.utime(src / "b.cpp", (2_500_000, 2_500_000))  # saved while it ran
+    assert _build.stale_inputs(library) == []  # what the mtime check alone would conclude
+    _build._date_before_edits_during_the_build(library, 2_000_000)
+    assert library.stat().st_mtime == 2_000_000 and _build.stale_inputs(library) == ["b.cpp"]
+
+
 def test_no_cuda_runtime_log_is_dropped_around_the_build(monkeypatch):
     # A handler on the logger itself: torch's own logging setup (torch._logging, e.g. after
     # torch.compile ran in the same process) stops propagation at the "torch" logger, so

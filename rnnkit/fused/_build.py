@@ -306,6 +306,7 @@ def _build_and_load(verbose: bool) -> Optional[str]:
             module = None  # e.g. a half-written library: rebuild it below
     compiled = module is None
     start = time.perf_counter()
+    began = time.time()
     if compiled:
         if changed:
             what = f"{', '.join(changed)} changed since the cached build; only what depends on it recompiles"
@@ -324,12 +325,24 @@ def _build_and_load(verbose: bool) -> Optional[str]:
             reason = f"building the C++ extension failed: {_first_error_line(_failure_text(e))}"
             print(f"rnnkit: {reason}", file=sys.stderr, flush=True)
             return reason
+        _date_before_edits_during_the_build(so, began)
     _state["seconds"] = time.perf_counter() - start
     _state["path"] = getattr(module, "__file__", None)
     _state["module"] = module
     if compiled:
         print(f"rnnkit: fused CPU kernels ready ({_state['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return None
+
+
+def _date_before_edits_during_the_build(library: Path, began: float) -> None:
+    """A source saved while the build ran may or may not be in the library, which is newer than
+    it: the library is dated back to the build's start, so the next load sees that source as
+    changed and rebuilds (ninja then recompiles the unit that includes it)."""
+    try:
+        if any(path.stat().st_mtime > began for path in inputs()) and library.stat().st_mtime > began:
+            os.utime(library, (began, began))
+    except OSError:
+        pass
 
 
 def module():
