@@ -101,7 +101,9 @@ def test_each_class_is_measured_once(measuring, monkeypatch):
     """dtype, lengths, grad mode and size class are parts of the class; the batch within a class is not."""
     race = fake(monkeypatch, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER)
     torch.manual_seed(0)
-    lstm = rnnkit.LSTM(32, 64)
+    # two layers: a plain no-grad call of a one-layer LSTM this small takes the inference kernel by rule
+    # (layers.AUTO_DIRECT_LSTM_MACS, tested in test_inference.py), not the measured choice
+    lstm = rnnkit.LSTM(32, 64, num_layers=2)
     lstm(torch.randn(5, 1, 32))  # lstm float32 dense fwd+bwd S: torch
     lstm(torch.randn(5, 2, 32))  # same class (batch 2 is still S)
     assert len(race.calls) == 1 and lstm.last_backend == "torch"
