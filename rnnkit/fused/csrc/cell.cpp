@@ -325,7 +325,10 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
   T* zb = rz + N * G;
   T* zh = zb + G;
   const bool gru = kind == 1;
-  cell_gates_raw<T>(rows, G, I, H, x, (const T*)nullptr, w_ih, w_hh, bi, gru ? (const T*)nullptr : bh, xp);
+  {
+    const OneThread one(serial_once(rows * G * I));  // run once per call: project.cpp's rule (kSerialOnceMacs)
+    cell_gates_raw<T>(rows, G, I, H, x, (const T*)nullptr, w_ih, w_hh, bi, gru ? (const T*)nullptr : bh, xp);
+  }
   if (gru && !bh) {
     zero_row(zb, G);
     bh = zb;
