@@ -55,10 +55,12 @@ def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 
 def _serial_projection(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
     # a larger projection too while the machine is oversubscribed (the op then runs the whole call on
-    # one thread, csrc/common.h "under load"); asked last, only when everything else allows the op
+    # one thread, csrc/common.h "under load"); asked last, only when everything else allows the op.
+    # Never under export or with symbolic sizes: comparing them would add a guard on the batch.
     return (x2.dtype == w.dtype and (b is None or b.dtype == w.dtype) and _build.load() is None
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not torch._C._get_tracing_state() and type(x2) in _PLAIN and type(w) in _PLAIN
+            and not torch.compiler.is_exporting() and all(type(n) is int for n in (*x2.shape, *w.shape))
             and (x2.shape[0] * w.shape[0] * x2.shape[1] < _ops.SERIAL_PROJECT_MACS or _ops.oversubscribed()))
 
 
