@@ -64,11 +64,20 @@ struct DirectStep {
   const Tensor* st[2] = {nullptr, nullptr};
 };
 
-// Reads cell_step's arguments into d: null if the step is plain, else why not
-// (a Python error may be set, then the reason is "error").
-const char* read_direct(PyObject* const* args, Py_ssize_t nargs, DirectStep& d) {
-  if (nargs != 6) return "expected 6 arguments (kind, input, hx, params, input_size, hidden_size)";
-  if (!PyLong_CheckExact(args[0])) return "kind is not an int (not a fused cell)";
+// The parameters' keys in the module's _parameters dict, and how the reasons name them.
+struct ParamKeys {
+  PyObject *const *w_ih, *const *w_hh, *const *b_ih, *const *b_hh;
+  const char *weights_missing, *b_ih_not_tensor, *b_hh_not_tensor;
+};
+
+// What cell_step and layer_run read alike from (kind, input, hx, params, input_size, hidden_size, ...):
+// the kind and sizes, the exact Tensor objects, the environment (nothing the dispatcher would route
+// elsewhere), the tensors (plain, one dtype, no gradient needed) and the parameters' shapes. Null
+// if all of that is plain, else why not (a Python error may be set, then the reason is "error").
+// The input's and the states' shapes are the caller's (a step's or a sequence's).
+const char* read_plain(PyObject* const* args, const char* not_kind, const ParamKeys& keys, DirectStep& d,
+                       int& nstates) {
+  if (!PyLong_CheckExact(args[0])) return not_kind;
   if (!PyDict_Check(args[3])) return "params is not a dict";
   if (!PyLong_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) return "input_size/hidden_size are not ints";
   d.kind = PyLong_AsLong(args[0]);
@@ -77,19 +86,19 @@ const char* read_direct(PyObject* const* args, Py_ssize_t nargs, DirectStep& d) 
   if (d.kind < 0 || d.kind > 3) return "kind out of range";
   if (in_size <= 0 || hid <= 0) return "input_size/hidden_size not positive";
   const int gates = d.kind == 0 ? 4 : d.kind == 1 ? 3 : 1;
-  const int nstates = d.kind == 0 ? 2 : 1;
+  nstates = d.kind == 0 ? 2 : 1;
 
   // the objects: exact Tensor/Parameter
   d.x = unpack(args[1]);
   if (!d.x) return "input is not a Tensor (or is a Tensor subclass)";
   PyObject* pd = args[3];
-  PyObject *ow_ih = PyDict_GetItemWithError(pd, k_weight_ih), *ow_hh = PyDict_GetItemWithError(pd, k_weight_hh);
-  PyObject *ob_ih = PyDict_GetItemWithError(pd, k_bias_ih), *ob_hh = PyDict_GetItemWithError(pd, k_bias_hh);
+  PyObject *ow_ih = PyDict_GetItemWithError(pd, *keys.w_ih), *ow_hh = PyDict_GetItemWithError(pd, *keys.w_hh);
+  PyObject *ob_ih = PyDict_GetItemWithError(pd, *keys.b_ih), *ob_hh = PyDict_GetItemWithError(pd, *keys.b_hh);
   if (PyErr_Occurred()) return "error";
   d.w_ih = unpack(ow_ih), d.w_hh = unpack(ow_hh);
-  if (!d.w_ih || !d.w_hh) return "weight_ih/weight_hh missing or not Tensors";
-  if (ob_ih && ob_ih != Py_None && !(d.b_ih = unpack(ob_ih))) return "bias_ih is not a Tensor";
-  if (ob_hh && ob_hh != Py_None && !(d.b_hh = unpack(ob_hh))) return "bias_hh is not a Tensor";
+  if (!d.w_ih || !d.w_hh) return keys.weights_missing;
+  if (ob_ih && ob_ih != Py_None && !(d.b_ih = unpack(ob_ih))) return keys.b_ih_not_tensor;
+  if (ob_hh && ob_hh != Py_None && !(d.b_hh = unpack(ob_hh))) return keys.b_hh_not_tensor;
   PyObject* hx = args[2];
   if (hx != Py_None) {
     if (nstates == 2) {
@@ -125,19 +134,33 @@ const char* read_direct(PyObject* const* args, Py_ssize_t nargs, DirectStep& d) 
     if (grad && t->requires_grad()) return "a gradient is needed";
   }
 
-  // the shapes
+  // the parameters' shapes
   const int64_t G = gates * hid;
   d.I = in_size, d.H = hid;
-  d.batched = d.x->dim() == 2;
-  if (!d.batched && d.x->dim() != 1) return "input is not 1-D or 2-D";
-  d.N = d.batched ? d.x->size(0) : 1;
-  if (d.N < 1) return "empty batch";
-  if (d.x->size(-1) != d.I) return "input's last axis is not input_size";
   if (d.w_ih->dim() != 2 || d.w_ih->size(0) != G || d.w_ih->size(1) != d.I) return "weight_ih's shape";
   if (d.w_hh->dim() != 2 || d.w_hh->size(0) != G || d.w_hh->size(1) != d.H) return "weight_hh's shape";
   if ((d.b_ih && (d.b_ih->dim() != 1 || d.b_ih->size(0) != G)) ||
       (d.b_hh && (d.b_hh->dim() != 1 || d.b_hh->size(0) != G)))
     return "a bias's shape";
+  return nullptr;
+}
+
+const ParamKeys cell_keys{&k_weight_ih, &k_weight_hh, &k_bias_ih, &k_bias_hh,
+                          "weight_ih/weight_hh missing or not Tensors", "bias_ih is not a Tensor",
+                          "bias_hh is not a Tensor"};
+
+// Reads cell_step's arguments into d: null if the step is plain, else why not
+// (a Python error may be set, then the reason is "error").
+const char* read_direct(PyObject* const* args, Py_ssize_t nargs, DirectStep& d) {
+  if (nargs != 6) return "expected 6 arguments (kind, input, hx, params, input_size, hidden_size)";
+  int nstates = 0;
+  if (const char* why = read_plain(args, "kind is not an int (not a fused cell)", cell_keys, d, nstates)) return why;
+  // the input's and states' shapes: (N, H_in) and (N, H), or unbatched (H_in,) and (H,)
+  d.batched = d.x->dim() == 2;
+  if (!d.batched && d.x->dim() != 1) return "input is not 1-D or 2-D";
+  d.N = d.batched ? d.x->size(0) : 1;
+  if (d.N < 1) return "empty batch";
+  if (d.x->size(-1) != d.I) return "input's last axis is not input_size";
   for (int i = 0; i < nstates; ++i) {
     const Tensor* s = d.st[i];
     if (s && (d.batched ? (s->dim() != 2 || s->size(0) != d.N || s->size(1) != d.H)
@@ -209,80 +232,25 @@ struct NoGil {
 };
 
 PyObject *k_weight_ih_l0, *k_weight_hh_l0, *k_bias_ih_l0, *k_bias_hh_l0;
+const ParamKeys layer_keys{&k_weight_ih_l0, &k_weight_hh_l0, &k_bias_ih_l0, &k_bias_hh_l0,
+                           "weight_ih_l0/weight_hh_l0 missing or not Tensors", "bias_ih_l0 is not a Tensor",
+                           "bias_hh_l0 is not a Tensor"};
 
 // A direct layer call's arguments, read and checked into d (N, I, H, kind, tensors) and L: null if
 // the call is plain, else why not (a Python error may be set, then the reason is "error").
 const char* read_layer(PyObject* const* args, Py_ssize_t nargs, DirectStep& d, int64_t& L, bool& batch_first) {
   if (nargs != 7) return "expected 7 arguments (kind, input, hx, params, input_size, hidden_size, batch_first)";
-  if (!PyLong_CheckExact(args[0])) return "kind is not an int (not a fused layer)";
-  if (!PyDict_Check(args[3])) return "params is not a dict";
-  if (!PyLong_CheckExact(args[4]) || !PyLong_CheckExact(args[5])) return "input_size/hidden_size are not ints";
   if (!PyBool_Check(args[6])) return "batch_first is not a bool";
   batch_first = args[6] == Py_True;
-  d.kind = PyLong_AsLong(args[0]);
-  const long in_size = PyLong_AsLong(args[4]), hid = PyLong_AsLong(args[5]);
-  if (PyErr_Occurred()) return "error";
-  if (d.kind < 0 || d.kind > 3) return "kind out of range";
-  if (in_size <= 0 || hid <= 0) return "input_size/hidden_size not positive";
-  const int gates = d.kind == 0 ? 4 : d.kind == 1 ? 3 : 1;
-  const int nstates = d.kind == 0 ? 2 : 1;
-
-  d.x = unpack(args[1]);
-  if (!d.x) return "input is not a Tensor (or is a Tensor subclass)";
-  PyObject* pd = args[3];
-  PyObject *ow_ih = PyDict_GetItemWithError(pd, k_weight_ih_l0), *ow_hh = PyDict_GetItemWithError(pd, k_weight_hh_l0);
-  PyObject *ob_ih = PyDict_GetItemWithError(pd, k_bias_ih_l0), *ob_hh = PyDict_GetItemWithError(pd, k_bias_hh_l0);
-  if (PyErr_Occurred()) return "error";
-  d.w_ih = unpack(ow_ih), d.w_hh = unpack(ow_hh);
-  if (!d.w_ih || !d.w_hh) return "weight_ih_l0/weight_hh_l0 missing or not Tensors";
-  if (ob_ih && ob_ih != Py_None && !(d.b_ih = unpack(ob_ih))) return "bias_ih_l0 is not a Tensor";
-  if (ob_hh && ob_hh != Py_None && !(d.b_hh = unpack(ob_hh))) return "bias_hh_l0 is not a Tensor";
-  PyObject* hx = args[2];
-  if (hx != Py_None) {
-    if (nstates == 2) {
-      if (!PyTuple_CheckExact(hx) && !PyList_CheckExact(hx)) return "hx is not a tuple or list";
-      if (PySequence_Fast_GET_SIZE(hx) != 2) return "hx does not hold 2 states";
-      d.st[0] = unpack(PySequence_Fast_GET_ITEM(hx, 0));
-      d.st[1] = unpack(PySequence_Fast_GET_ITEM(hx, 1));
-      if (!d.st[0] || !d.st[1]) return "a state is not a Tensor";
-    } else if (!(d.st[0] = unpack(hx))) {
-      return "hx is not a Tensor";
-    }
-  }
-
-  if (fused_disabled()) return "disabled by RNNKIT_DISABLE_FUSED";
-  if (at::hasCallbacks()) return "RecordFunction callbacks (a profiler) are active";
-  if (at::impl::torch_function_mode_enabled()) return "a __torch_function__ mode is active";
-  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
-  static const c10::DispatchKeySet default_included =
-      c10::DispatchKeySet(c10::DispatchKey::BackendSelect) | c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
-  if (!(tls.included_ - default_included).empty())
-    return "dispatch keys are included by thread-local state (a mode or transform)";
-
-  const bool grad = at::GradMode::is_enabled();
-  d.dt = d.x->scalar_type();
-  if (d.dt != at::kFloat && d.dt != at::kDouble) return "dtype is not float32/float64";
-  const Tensor* all[7] = {d.x, d.w_ih, d.w_hh, d.b_ih, d.b_hh, d.st[0], d.st[1]};
-  for (const Tensor* t : all) {
-    if (!t) continue;
-    if (!plain(*t, tls.excluded_)) return "a tensor is not a plain contiguous CPU tensor";
-    if (t->scalar_type() != d.dt) return "the tensors' dtypes differ";
-    if (grad && t->requires_grad()) return "a gradient is needed";
-  }
-
-  const int64_t G = gates * hid;
-  d.I = in_size, d.H = hid;
+  int nstates = 0;
+  if (const char* why = read_plain(args, "kind is not an int (not a fused layer)", layer_keys, d, nstates)) return why;
+  // the input's and states' shapes: (L, N, H_in) or (N, L, H_in), and (1, N, H)
   if (d.x->dim() != 3) return "input is not 3-D";
   L = d.x->size(batch_first ? 1 : 0);
   d.N = d.x->size(batch_first ? 0 : 1);
   if (L < 1) return "empty sequence";
   if (d.N < 1) return "empty batch";
   if (d.x->size(2) != d.I) return "input's last axis is not input_size";
-  if (d.w_ih->dim() != 2 || d.w_ih->size(0) != G || d.w_ih->size(1) != d.I) return "weight_ih's shape";
-  if (d.w_hh->dim() != 2 || d.w_hh->size(0) != G || d.w_hh->size(1) != d.H) return "weight_hh's shape";
-  if ((d.b_ih && (d.b_ih->dim() != 1 || d.b_ih->size(0) != G)) ||
-      (d.b_hh && (d.b_hh->dim() != 1 || d.b_hh->size(0) != G)))
-    return "a bias's shape";
   for (int i = 0; i < nstates; ++i) {
     const Tensor* s = d.st[i];
     if (s && (s->dim() != 3 || s->size(0) != 1 || s->size(1) != d.N || s->size(2) != d.H)) return "a state's shape";
