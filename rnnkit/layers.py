@@ -26,8 +26,15 @@ from .fused import cells as _fused_cells
 
 _compiling = torch.compiler.is_compiling
 AUTO_DIRECT_LSTM_MACS = 1 << 20
-"""``auto`` runs a plain inference LSTM sequence on the direct inference kernel below this many multiply-adds
-per step (``N * 4H * H``); at and above it the call goes to ``select`` (see ``RecurrentBase._auto_direct``)."""
+"""``auto`` runs a plain inference LSTM sequence (``L > 1``) on the direct inference kernel below this many
+multiply-adds per step (``N * 4H * H``); at and above it the call goes to ``select`` (the measured choice
+between torch.nn's op and the fused kernel; torch.nn's oneDNN op measured as fast or faster there: docs/deploy.md,
+"Inference speed"). One step, the GRU and the RNN always take the kernel. The direct entry applies the rule
+itself (its ``lstm_macs_limit`` argument), so a one-step call pays nothing for it."""
+
+_PLAIN_KIND_ATTRS = frozenset({"num_layers", "bidirectional", "proj_size", "_is_standard", "zoneout", "zoneout_cell",
+                               "training", "recurrent_dropout", "weight_drop", "cell_spec"})
+"""The attributes :attr:`RecurrentBase._plain_kind` reads: setting one recomputes ``_direct_kind``."""
 
 
 def _build_module():
@@ -47,6 +54,9 @@ class RecurrentBase(nn.Module):
 
     cell_spec: CellSpec
     _is_standard = True  # computes exactly what a torch.nn layer computes
+    _direct_kind: Optional[int] = None
+    """:attr:`_plain_kind`, kept up to date by ``__setattr__`` (forward reads it on every call; the class
+    default None, for an instance whose ``__init__`` did not run, only sends calls down the full path)."""
 
     def __init__(self, cell_spec: CellSpec, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -104,6 +114,7 @@ class RecurrentBase(nn.Module):
                 self._all_weights.append(names)
                 self._param_keys.append({n[: -len(suffix)]: n for n in names})
         self.reset_parameters()
+        self._refresh_direct_kind()
         if self.backend != "auto":
             reason = _backends.why_not(self.backend, self)
             if reason is not None:
@@ -184,6 +195,17 @@ class RecurrentBase(nn.Module):
 
     def __setattr__(self, name, value) -> None:
         nn.Module.__setattr__(self, name, value)  # torch.nn.RNNBase's also updates a flat weight list rnnkit has not
+        if name in _PLAIN_KIND_ATTRS:  # (``train()``/``eval()`` set ``training`` here too)
+            self._refresh_direct_kind()
+
+    def _refresh_direct_kind(self) -> None:
+        """Recompute ``_direct_kind`` (in ``__dict__`` directly: no ``__setattr__``); None while
+        ``__init__`` has not set every attribute :attr:`_plain_kind` reads."""
+        try:
+            kind = self._plain_kind
+        except AttributeError:
+            kind = None
+        self.__dict__["_direct_kind"] = kind
 
     def _apply(self, fn, recurse=True):
         return nn.Module._apply(self, fn, recurse)  # no flat-weight references to reset (torch.nn.RNNBase keeps some)
@@ -294,11 +316,10 @@ class RecurrentBase(nn.Module):
         if input is None:
             return _backends.select(self, None, None if lengths is None else torch.as_tensor(lengths)).name
         kind = self._plain_kind if lengths is None and type(input) is Tensor else None
-        direct = kind is not None and (self.backend == "fused" or (self.backend == "auto"
-                                                                   and self._auto_direct(input, kind)))
-        if direct and not (_compiling() or _tracing()) and _fused_cells.get_layer_run() is not None \
-                and _build_module().layer_run_reason(kind, input, None, self._parameters, self.input_size,
-                                                     self.hidden_size, self.batch_first) is None:
+        if kind is not None and (self.backend == "fused" or self.backend == "auto") and not (
+                _compiling() or _tracing()) and _fused_cells.get_layer_run() is not None and \
+                _build_module().layer_run_reason(kind, input, None, self._parameters, self.input_size,
+                                                 self.hidden_size, self.batch_first, self._direct_limit()) is None:
             return "fused"  # forward's direct inference entry runs it (see _direct_layer)
         x, _, lengths, _ = self._time_major(input, lengths)
         return _backends.select(self, x, lengths).name
@@ -341,14 +362,24 @@ class RecurrentBase(nn.Module):
             cast = _autocast.compute_dtype(self, input)
             if cast is not None:
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
-        kind = self._plain_kind if lengths is None and type(input) is Tensor else None
-        if kind is not None:
-            fast = self._direct_layer(input, hx, kind) if self.backend == "fused" or (
-                self.backend == "auto" and self._auto_direct(input, kind)) else None
-            if fast is None:
+        if lengths is None and type(input) is Tensor:
+            kind = self._direct_kind  # self._plain_kind, kept up to date by __setattr__
+            if kind is not None:
+                # the direct entry, inline (a one-step call costs a few microseconds: see _direct_layer)
+                backend = self.backend
+                if (backend == "auto" or backend == "fused") and type(hx) is not list and not _compiling() \
+                        and not _tracing():
+                    direct = _fused_cells.layer_run or _fused_cells.get_layer_run()
+                    if direct is not None:
+                        fast = direct(kind, input, hx, self._parameters, self.input_size, self.hidden_size,
+                                      self.batch_first, AUTO_DIRECT_LSTM_MACS if backend == "auto" else 0)
+                        if fast is not NotImplemented:
+                            if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than a short call
+                                self.last_backend = "fused"
+                            return fast
                 fast = self._plain_inference(input, hx, kind)
-            if fast is not None:
-                return fast
+                if fast is not None:
+                    return fast
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
         ref = self._ref_param()
         # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
@@ -393,34 +424,29 @@ class RecurrentBase(nn.Module):
             return None
         return _fused_cells.DIRECT_KIND.get(self.cell_spec.fusable)
 
-    def _direct_layer(self, input: Tensor, hx, kind: int):
+    def _direct_layer(self, input: Tensor, hx, kind: int, limit: int = 0):
         """A plain inference call (no gradient needed, batched dense contiguous input, any length, the
         parameters as registered) through the fused extension's direct layer entry: the input projection
         and the time loop of the inference-only kernel in one C++ call (no dispatcher, no saved tensors,
         no Python validation: the entry checks every type, shape, dtype, device, gradient and mode itself
         and declines anything not plain), or None: then the next path runs, with its own checks and error
-        messages. Returns what the full path returns (new tensors; ``output`` in the input's layout)."""
+        messages. Returns what the full path returns (new tensors; ``output`` in the input's layout).
+        ``limit``: the entry's ``lstm_macs_limit`` (0: none; ``auto`` passes :data:`AUTO_DIRECT_LSTM_MACS`).
+        ``forward`` runs the same steps inline (this is what ``_plain_inference`` calls)."""
         direct = _fused_cells.layer_run or _fused_cells.get_layer_run()
         if direct is None or type(hx) is list or _compiling() or _tracing():  # a list hx: the full path's checks
             return None
-        result = direct(kind, input, hx, self._parameters, self.input_size, self.hidden_size, self.batch_first)
+        result = direct(kind, input, hx, self._parameters, self.input_size, self.hidden_size, self.batch_first, limit)
         if result is NotImplemented:
             return None
         if self.last_backend != "fused":  # nn.Module.__setattr__ costs more than a short call itself
             self.last_backend = "fused"
         return result
 
-    def _auto_direct(self, input: Tensor, kind: int) -> bool:
-        """``auto``'s rule for a plain inference call: the direct inference kernel, except for an LSTM
-        sequence (``L > 1``) whose per-step recurrent product reaches :data:`AUTO_DIRECT_LSTM_MACS`
-        multiply-adds, where torch.nn's op (oneDNN) measured as fast or faster (docs/deploy.md,
-        "Inference speed"): that call goes to ``select`` (the measured choice between the two)."""
-        if kind != 0 or input.dim() != 3:
-            return True
-        seq_len, batch = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
-        if type(seq_len) is not int or type(batch) is not int:  # symbolic (export, compile): no guard on them
-            return False
-        return seq_len <= 1 or batch * 4 * self.hidden_size * self.hidden_size < AUTO_DIRECT_LSTM_MACS
+    def _direct_limit(self) -> int:
+        """The direct entry's ``lstm_macs_limit`` for this layer's backend: ``auto``'s rule
+        (:data:`AUTO_DIRECT_LSTM_MACS`), none (0) for ``backend="fused"``."""
+        return AUTO_DIRECT_LSTM_MACS if self.backend == "auto" else 0
 
     def _plain_inference(self, input: Tensor, hx, kind: int):
         """A plain inference call (no gradient, dense batched input, one layer, one direction, every

@@ -239,7 +239,15 @@ def test_auto_defers_a_large_lstm_sequence(spy, backend):
     ours, theirs = make("lstm", hidden, batch_first=True)
     ours.backend = backend
     n = -(-layers.AUTO_DIRECT_LSTM_MACS // (4 * hidden * hidden))  # the smallest batch at the bound
-    assert not ours._auto_direct(torch.randn(n, 3, H_IN), 0) and ours._auto_direct(torch.randn(n - 1, 3, H_IN), 0)
+    reason = fc._build._state["module"].layer_run_reason
+    with torch.no_grad():  # the entry applies the rule (auto's limit) at the bound, not one below, nor for one step
+        for batch, seq_len, limit, declined in [(n, 3, layers.AUTO_DIRECT_LSTM_MACS, True),
+                                                (n - 1, 3, layers.AUTO_DIRECT_LSTM_MACS, False),
+                                                (n, 1, layers.AUTO_DIRECT_LSTM_MACS, False), (n, 3, 0, False)]:
+            got = reason(0, torch.randn(batch, seq_len, H_IN), None, ours._parameters, H_IN, hidden, True, limit)
+            assert got == ("auto's rule: an LSTM sequence at or above lstm_macs_limit multiply-adds per step"
+                           if declined else None), (batch, seq_len, limit)
+    assert ours._direct_limit() == (layers.AUTO_DIRECT_LSTM_MACS if backend == "auto" else 0)
     for seq_len in (3, 1):
         x = torch.randn(n, seq_len, H_IN)
         with torch.no_grad():

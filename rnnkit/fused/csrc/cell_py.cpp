@@ -215,6 +215,8 @@ PyObject* cell_step_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 //   input (L, N, H_in), or (N, L, H_in) when batch_first is True, contiguous, L >= 1, N >= 1;
 //   hx None, a Tensor (1, N, H), or for the LSTM a tuple or list (h_0, c_0), each (1, N, H);
 //   params the module's _parameters dict (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0).
+//   lstm_macs_limit (optional, default 0: none): auto's rule (rnnkit.layers.AUTO_DIRECT_LSTM_MACS):
+//   an LSTM sequence (L > 1) with N * 4H * H >= this many multiply-adds per step is declined too.
 // Returns what the layer returns: (output, h_n), or (output, (h_n, c_n)) for the LSTM; output in
 // the input's layout, h_n and c_n (1, N, H); all new tensors.
 // (layer_infer is declared here, not in ops.h, so adding it rebuilt only this unit and cell.cpp's.)
@@ -239,9 +241,17 @@ const ParamKeys layer_keys{&k_weight_ih_l0, &k_weight_hh_l0, &k_bias_ih_l0, &k_b
 // A direct layer call's arguments, read and checked into d (N, I, H, kind, tensors) and L: null if
 // the call is plain, else why not (a Python error may be set, then the reason is "error").
 const char* read_layer(PyObject* const* args, Py_ssize_t nargs, DirectStep& d, int64_t& L, bool& batch_first) {
-  if (nargs != 7) return "expected 7 arguments (kind, input, hx, params, input_size, hidden_size, batch_first)";
+  if (nargs != 7 && nargs != 8)
+    return "expected 7 or 8 arguments (kind, input, hx, params, input_size, hidden_size, batch_first[, "
+           "lstm_macs_limit])";
   if (!PyBool_Check(args[6])) return "batch_first is not a bool";
   batch_first = args[6] == Py_True;
+  long long limit = 0;
+  if (nargs == 8) {
+    if (!PyLong_CheckExact(args[7])) return "lstm_macs_limit is not an int";
+    limit = PyLong_AsLongLong(args[7]);
+    if (PyErr_Occurred()) return "error";
+  }
   int nstates = 0;
   if (const char* why = read_plain(args, "kind is not an int (not a fused layer)", layer_keys, d, nstates)) return why;
   // the input's and states' shapes: (L, N, H_in) or (N, L, H_in), and (1, N, H)
@@ -255,6 +265,8 @@ const char* read_layer(PyObject* const* args, Py_ssize_t nargs, DirectStep& d, i
     const Tensor* s = d.st[i];
     if (s && (s->dim() != 3 || s->size(0) != 1 || s->size(1) != d.N || s->size(2) != d.H)) return "a state's shape";
   }
+  if (limit > 0 && d.kind == 0 && L > 1 && d.N * 4 * d.H * d.H >= limit)
+    return "auto's rule: an LSTM sequence at or above lstm_macs_limit multiply-adds per step";
   return nullptr;
 }
 
@@ -273,7 +285,10 @@ PyObject* layer_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int64_t odims[3] = {batch_first ? N : L, batch_first ? L : N, H}, sdims[3] = {1, N, H};
   Tensor out = rk::empty(c10::IntArrayRef(odims, 3), opts), h_n = rk::empty(c10::IntArrayRef(sdims, 3), opts), c_n;
   if (d.kind == 0) c_n = rk::empty(c10::IntArrayRef(sdims, 3), opts);
-  {
+  if (L == 1) {  // one step: a few microseconds, run holding the GIL as cell_step does (releasing costs more)
+    layer_infer(d.kind, L, N, d.I, H, batch_first, *d.x, d.st[0], d.st[1], *d.w_ih, *d.w_hh, d.b_ih, d.b_hh, out,
+                h_n, c_n);
+  } else {
     const NoGil no_gil;  // as an op call does: other Python threads run meanwhile
     layer_infer(d.kind, L, N, d.I, H, batch_first, *d.x, d.st[0], d.st[1], *d.w_ih, *d.w_hh, d.b_ih, d.b_hh, out,
                 h_n, c_n);
@@ -318,8 +333,8 @@ PyMethodDef methods[] = {
     {"cell_step_reason", (PyCFunction)(void (*)(void))cell_step_reason, METH_FASTCALL,
      "cell_step_reason(same arguments): None if cell_step would run the step, else why not"},
     {"layer_run", (PyCFunction)(void (*)(void))layer_run, METH_FASTCALL,
-     "layer_run(kind, input, hx, params, input_size, hidden_size, batch_first): one plain inference call of a "
-     "one-layer, one-direction RNN/LSTM/GRU, or NotImplemented"},
+     "layer_run(kind, input, hx, params, input_size, hidden_size, batch_first[, lstm_macs_limit]): one plain "
+     "inference call of a one-layer, one-direction RNN/LSTM/GRU, or NotImplemented"},
     {"layer_run_reason", (PyCFunction)(void (*)(void))layer_run_reason, METH_FASTCALL,
      "layer_run_reason(same arguments): None if layer_run would run the call, else why not"},
     {nullptr, nullptr, 0, nullptr}};
