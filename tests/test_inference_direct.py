@@ -219,6 +219,8 @@ def test_reason_says_why_not():
         assert reason(1, torch.randn(4, 2, H_IN), None, {}, H_IN, 10, False) == \
             "weight_ih_l0/weight_hh_l0 missing or not Tensors"
         assert reason(1, torch.randn(4, 2, H_IN), None, ours._parameters, H_IN, 10, 1) == "batch_first is not a bool"
+        assert reason(*args, 1.0) == "lstm_macs_limit is not an int"
+        assert reason(*args, 0, 0).startswith("expected 7 or 8 arguments")
 
 
 def test_which_backend_names_the_direct_path():
@@ -261,3 +263,141 @@ def test_auto_defers_a_large_lstm_sequence(spy, backend):
             assert ran == (ours.last_backend == "fused")
         for u, v in zip(got, want):
             assert_close(u, v, torch.float32, f"{backend} L{seq_len}")
+
+
+# ------------------------------------------------------------------ the one-step call (streaming's per-step call)
+
+STEP_LAYERS = ["lstm", "gru", "rnn_tanh"]
+
+
+@pytest.mark.parametrize("name", STEP_LAYERS)
+def test_step_runs_module_hooks(spy, name):
+    """nn.Module.__call__'s hooks run around the direct step as around any forward: a forward pre-hook
+    (which replaces the input), a forward hook with kwargs (which replaces the output) and a global
+    forward hook; the step still runs the direct entry and equals torch.nn on the hooked input."""
+    ours, theirs = make(name, 10)
+    x, hx = torch.randn(1, 2, H_IN), state(name, 2, 10)
+    seen = []
+    ours.register_forward_pre_hook(lambda m, args: (args[0] * 2, *args[1:]))
+    ours.register_forward_hook(lambda m, args, kwargs, out: (out[0] + 1, out[1]), with_kwargs=True)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m)))
+    try:
+        with torch.no_grad():
+            got = outputs(ours(x, hx))
+            want = outputs(theirs(x * 2, hx))
+    finally:
+        handle.remove()
+    assert spy == {"calls": 1, "ran": 1} and ours.last_backend == "fused"
+    assert seen == [type(ours), type(theirs)]
+    assert_close(got[0], want[0] + 1, torch.float32, "hooked output")
+    for u, v in zip(got[1:], want[1:]):
+        assert_close(u, v, torch.float32, "state")
+
+
+@pytest.mark.parametrize("name", STEP_LAYERS)
+def test_step_last_backend_follows_the_path(spy, name):
+    """last_backend says which path ran, call after call: the direct step ("fused"), a call that needs a
+    gradient (select's choice, which which_backend names), the direct step again."""
+    ours, theirs = make(name, 10)
+    x, hx = torch.randn(1, 3, H_IN), state(name, 3, 10)
+    with torch.no_grad():
+        ours(x, hx)
+        assert ours.last_backend == "fused" == ours.which_backend(x)
+    got = outputs(ours(x, hx))  # grad mode, parameters need a gradient: the full path
+    assert ours.last_backend == ours.which_backend(x) and got[0].requires_grad
+    with torch.no_grad():
+        ours(x, hx)
+    assert ours.last_backend == "fused" and spy["ran"] == 2
+    for u, v in zip(got, outputs(theirs(x, hx))):
+        assert_close(u.detach(), v.detach(), torch.float32, name)
+
+
+def test_direct_kind_follows_the_attributes(spy):
+    """forward reads _direct_kind (the cached _plain_kind): setting an attribute it depends on, train()/eval(),
+    a deep copy and a pickle round trip keep it equal to _plain_kind, so a regularizer switched on after
+    construction is never skipped."""
+    import copy
+    import pickle
+    ours, _ = make("lstm", 10)
+    x = torch.randn(1, 2, H_IN)
+
+    def ran_direct():
+        before = spy["ran"]
+        with torch.no_grad():
+            ours(x)
+        assert ours._direct_kind == ours._plain_kind
+        return spy["ran"] - before == 1
+
+    assert ran_direct()
+    ours.zoneout = 0.3  # changes the function in eval too: the reference backend runs it
+    assert not ran_direct()
+    ours.zoneout = 0.0
+    ours.zoneout_cell = 0.2
+    assert not ran_direct()
+    ours.zoneout_cell = 0.0
+    assert ran_direct()
+    ours.eval()
+    ours.weight_drop = 0.5  # training only
+    assert ran_direct()
+    ours.train()
+    assert not ran_direct()
+    ours.eval()
+    ours.weight_drop = 0.0
+    ours.recurrent_dropout = 0.2
+    assert ran_direct()
+    ours.train()
+    assert not ran_direct()
+    ours.recurrent_dropout = 0.0
+    assert ran_direct()
+    ours.zoneout = 0.1
+    for other in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert other._direct_kind is None is other._plain_kind
+        other.zoneout = 0.0
+        assert other._direct_kind == 0 == other._plain_kind
+
+
+def test_direct_kind_equals_plain_kind_for_every_layer():
+    """Every registered layer, constructed, in train and eval mode: the cache equals its definition."""
+    from rnnkit.registry import LAYERS as REGISTRY
+    for entry in REGISTRY.values():
+        for kw in ({}, {"num_layers": 2}):
+            m = entry.make(4, 6, **kw)
+            for mode in (True, False):
+                m.train(mode)
+                assert m._direct_kind == m._plain_kind, (entry.name, kw, mode)
+
+
+@pytest.mark.parametrize("name,case", [(name, case) for name in ("lstm", "gru")
+                                       for case in ("feature", "h_shape", "h_rank", "c_shape", "dtype", "rank4")
+                                       if case != "c_shape" or name == "lstm"])
+def test_step_errors_are_torch_nns(spy, name, case):
+    """A bad one-step call (right after a good one) raises what torch.nn raises: an instance of torch.nn's
+    exception class whose message starts with torch.nn's words; the direct entry declined it."""
+    ours, theirs = make(name, 10)
+    x, hx = torch.randn(1, 2, H_IN), state(name, 2, 10)
+    with torch.no_grad():
+        ours(x, hx)
+    h = hx[0] if name == "lstm" else hx
+    if case == "feature":
+        x = torch.randn(1, 2, 4)
+    elif case == "h_shape":
+        h = torch.randn(1, 3, 10)
+    elif case == "h_rank":
+        h = torch.randn(2, 10)
+    elif case == "c_shape":
+        hx = (hx[0], torch.randn(1, 2, 9))
+    elif case == "dtype":
+        x = x.double()
+    elif case == "rank4":
+        x = x[..., None]
+    if name == "lstm":
+        hx = (h, hx[1])
+    else:
+        hx = h
+    with torch.no_grad():
+        with pytest.raises(Exception) as want:
+            theirs(x, hx)
+        with pytest.raises(type(want.value)) as got:
+            ours(x, hx)
+    assert str(got.value).startswith(str(want.value).strip()), (str(got.value), str(want.value))
+    assert spy == {"calls": 2, "ran": 1}
