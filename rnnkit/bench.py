@@ -68,9 +68,10 @@ EPILOG = """sections:
   lengths  forward+backward with random lengths in [T/4, T]: rnnkit's lengths= path per backend vs
            torch.nn on a PackedSequence (packing and unpacking included)
   inference  forward under no_grad: rnnkit (auto, fused; layer and cell for one step) vs torch.nn vs
-           ONNX Runtime on torch.nn's exported model, LSTM and GRU: by default a length-T sequence and
-           one step at batch 1, H 64; --inference-full: the grid N 1/8/32 x H 64/256/512 (minutes).
-           Without onnxruntime its column is skipped with the reason.
+           ONNX Runtime on two exports of the same layer: torch.nn's ("onnxruntime") and rnnkit's own
+           ("ort rnnkit"; "ort rnnkit/ort" = its time / the time on torch.nn's export), LSTM and GRU:
+           by default a length-T sequence and one step at batch 1, H 64; --inference-full: the grid
+           N 1/8/32 x H 64/256/512 (minutes). Without onnxruntime its columns are skipped with the reason.
   The layer section runs every layer with vector inputs, step and lengths the LSTM, unless --cell
   is given; --all runs every registered layer (convolutional ones included) in every section.
 

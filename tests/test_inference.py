@@ -399,3 +399,28 @@ def test_inference_errors():
     result = bench.run(cells=["rnn"], sections=["inference"], quick=True, threads=1, progress=False)
     assert "not" in result["inference"]["skipped"] and "'rnn'" in result["inference"]["skipped"]
     assert "[inference] not run: the inference section times ['lstm', 'gru']" in bench.format_table(result)
+
+
+def test_bench_help_names_both_exports(capsys):
+    """`rnnkit bench --help` says the inference section runs ONNX Runtime on torch.nn's export and on rnnkit's."""
+    assert cli.main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ONNX Runtime on two exports of the same layer: torch.nn's (\"onnxruntime\") and rnnkit's own" in text
+    assert f'"{bench_inference.ORT_RNNKIT}"' in text and '"ort rnnkit/ort"' in text
+
+
+def test_readme_inference_tables_have_the_printed_columns():
+    """The README's inference tables carry the columns `rnnkit bench --section inference` prints (format_table's
+    header, the `ort rnnkit` columns included), in its order."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    result = {"settings": {"threads": 1, "repeats": 1, "ort_spinning": False},
+              "rows": [{"kind": kind, "cell": "lstm", "batch": 1, "hidden": 64, "seq_len": 1, "median_s": {},
+                        "skipped": {}} for kind in ("sequence", "step")]}
+    printed = bench_inference.format_table(result).splitlines()
+    import re
+    for kind, line in (("sequence", printed[1]), ("step", printed[3])):
+        columns = re.split(r"\s{2,}", line.strip())  # format_table pads with two spaces at least
+        assert columns[5:5 + len(bench_inference.COLUMNS[kind])] == list(bench_inference.COLUMNS[kind])
+        assert bench_inference.ORT_RNNKIT in columns and columns[-1] == "ort rnnkit/ort"
+        assert "| " + " | ".join(columns) + " |" in readme, kind
