@@ -10,6 +10,7 @@ results or the RNG state. The real timing runs only on the tiny `rnnkit calibrat
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -59,8 +60,7 @@ def measuring(monkeypatch, tmp_path):
     monkeypatch.setattr(FUSED, "_calibrator", None)
     monkeypatch.setattr(FUSED, "_table", TABLE)
     # tiny synthetic problems: the fake timer decides, the real warm-up calls only need to run
-    monkeypatch.setattr(cal, "SIZES", {"S": (1, 4, 8), "M": (2, 4, 8), "L": (3, 4, 8)})
-    monkeypatch.setattr(cal, "SEQ_LEN", {"S": 3, "M": 3, "L": 3})
+    monkeypatch.setattr(cal, "problem", lambda klass: (min(cal.parse_bucket(klass.size)[0], 3), 4, 8, 3))
     monkeypatch.setattr(cal, "MAX_WARMUP_S", 60.0)  # however busy the machine, these are measured
     return tmp_path / "cache"
 
@@ -73,7 +73,7 @@ def fake(monkeypatch, *answers) -> FakeRace:
 
 def small_lstm_and_gru():
     torch.manual_seed(0)
-    return rnnkit.LSTM(32, 64), rnnkit.GRU(32, 64), torch.randn(5, 1, 32)  # size class S
+    return rnnkit.LSTM(32, 64), rnnkit.GRU(32, 64), torch.randn(5, 1, 32)  # size bucket N1H64 (the table's S)
 
 
 # ----------------------------------------------------------------------------- auto follows the measurement
@@ -93,35 +93,38 @@ def test_auto_follows_the_measurement_not_the_table_both_ways(measuring, monkeyp
     assert lstm.which_backend(x) == "torch" and gru.which_backend(x) == "fused"
     assert len(race.calls) == 2
     best, why = FUSED.explain_choice(lstm, x)
-    assert best == "torch" and why.startswith("measured on this machine (lstm|float32|dense|fwd+bwd|S")
+    assert best == "torch" and why.startswith("measured on this machine (lstm|float32|dense|fwd+bwd|N1H64")
     assert str(cal.cache_path()) in why
 
 
 def test_each_class_is_measured_once(measuring, monkeypatch):
-    """dtype, lengths, grad mode and size class are parts of the class; the batch within a class is not."""
-    race = fake(monkeypatch, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER)
+    """dtype, lengths, grad mode and size bucket are parts of the class; the batch within a bucket is not."""
+    race = fake(monkeypatch, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER, FUSED_FASTER, TORCH_FASTER, TORCH_FASTER)
     torch.manual_seed(0)
     # two layers: a plain no-grad call of a one-layer LSTM this small takes the inference kernel by rule
     # (layers.AUTO_DIRECT_LSTM_MACS, tested in test_inference.py), not the measured choice
     lstm = rnnkit.LSTM(32, 64, num_layers=2)
-    lstm(torch.randn(5, 1, 32))  # lstm float32 dense fwd+bwd S: torch
-    lstm(torch.randn(5, 2, 32))  # same class (batch 2 is still S)
+    lstm(torch.randn(5, 3, 32))  # lstm float32 dense fwd+bwd N4H64: torch
+    lstm(torch.randn(5, 5, 32))  # same class (batch 3 to 5 round to 4)
     assert len(race.calls) == 1 and lstm.last_backend == "torch"
     with torch.no_grad():  # forward only: its own class, measured without grad
-        lstm(torch.randn(5, 1, 32))
+        lstm(torch.randn(5, 4, 32))
     assert len(race.calls) == 2 and not race.calls[1]["grad"] and lstm.last_backend == "fused"
     with torch.inference_mode():  # the same forward-only class
-        lstm(torch.randn(5, 1, 32))
+        lstm(torch.randn(5, 4, 32))
     assert len(race.calls) == 2 and lstm.last_backend == "fused"
-    lstm(torch.randn(5, 1, 32), lengths=torch.tensor([3]))  # lengths: another class
+    lstm(torch.randn(5, 4, 32), lengths=torch.tensor([3, 2, 5, 1]))  # lengths: another class
     assert len(race.calls) == 3 and lstm.last_backend == "torch"
-    rnnkit.LSTM(32, 64, dtype=torch.float64)(torch.randn(5, 1, 32, dtype=torch.float64))  # float64
+    rnnkit.LSTM(32, 64, dtype=torch.float64)(torch.randn(5, 4, 32, dtype=torch.float64))  # float64
     assert len(race.calls) == 4
-    rnnkit.LSTM(64, 128)(torch.randn(5, 16, 64))  # size class M
+    rnnkit.LSTM(64, 128)(torch.randn(5, 16, 64))  # another bucket
     assert len(race.calls) == 5
+    lstm(torch.randn(5, 8, 32))  # batch 8: another bucket of the same module
+    assert len(race.calls) == 6
     assert {str(k) for k in FUSED.calibrator().entries()} == {
-        "lstm|float32|dense|fwd+bwd|S", "lstm|float32|dense|fwd|S", "lstm|float32|lengths|fwd+bwd|S",
-        "lstm|float64|dense|fwd+bwd|S", "lstm|float32|dense|fwd+bwd|M"}
+        "lstm|float32|dense|fwd+bwd|N4H64", "lstm|float32|dense|fwd|N4H64", "lstm|float32|lengths|fwd+bwd|N4H64",
+        "lstm|float64|dense|fwd+bwd|N4H64", "lstm|float32|dense|fwd+bwd|N16H128",
+        "lstm|float32|dense|fwd+bwd|N8H64"}
 
 
 def test_no_measurement_where_torch_cannot_run(measuring, monkeypatch):
@@ -151,10 +154,10 @@ def test_a_class_too_slow_to_warm_up_is_left_to_the_table(measuring, monkeypatch
     assert lstm.last_backend == "fused" and gru.last_backend == "torch" and race.calls == []
     assert [e["how"] for e in FUSED.calibrator().entries().values()] == ["cut short", "cut short"]
     assert FUSED.calibrator().measured == 2 and not cal.cache_path().exists()
-    assert "measuring lstm|float32|dense|fwd+bwd|S was cut short" in FUSED.explain_choice(lstm, x)[1]
+    assert "measuring lstm|float32|dense|fwd+bwd|N1H64 was cut short" in FUSED.explain_choice(lstm, x)[1]
     # rnnkit calibrate has no such limit
     monkeypatch.setattr(cal, "race", FakeRace(TORCH_FASTER))
-    assert cal.measure(cal.ClassKey("lstm", "float32", False, True, "S"))["best"] == "torch"
+    assert cal.measure(cal.ClassKey("lstm", "float32", False, True, "N1H64"))["best"] == "torch"
 
 
 def test_a_failed_measurement_warns_once_and_uses_the_table(measuring, monkeypatch):
@@ -163,7 +166,7 @@ def test_a_failed_measurement_warns_once_and_uses_the_table(measuring, monkeypat
     monkeypatch.setattr(cal, "race", broken)
     monkeypatch.setattr(FUSED, "_warned_measure", False)
     lstm, gru, x = small_lstm_and_gru()
-    with pytest.warns(RuntimeWarning, match=r"could not measure fused vs torch for lstm\|float32\|dense\|fwd\+bwd\|S "
+    with pytest.warns(RuntimeWarning, match=r"could not measure fused vs torch for lstm\|float32\|dense\|fwd\+bwd\|N1H64 "
                                             r"\(RuntimeError: no timer here\); using the shipped table"):
         lstm(x)
     assert lstm.last_backend == "fused"
@@ -174,7 +177,7 @@ def test_a_failed_measurement_warns_once_and_uses_the_table(measuring, monkeypat
     lstm(x), gru(x)  # not tried again in this process, and never written
     assert calls == [] and not cal.cache_path().exists()
     assert FUSED.explain_choice(lstm, x)[1] == ("shipped table (auto_table.json): measuring lstm|float32|dense|"
-                                                "fwd+bwd|S failed (RuntimeError: no timer here), for this process")
+                                                "fwd+bwd|N1H64 failed (RuntimeError: no timer here), for this process")
 
 
 # ----------------------------------------------------------------------------- the cache file
@@ -190,7 +193,7 @@ def test_the_cache_file_is_written_and_read_by_a_new_backend(measuring, monkeypa
     assert data["format"] == cal.FORMAT and data["key"] == cal.machine_key()
     assert set(data["key"]) == {"cpu", "cpu_flags", "machine", "threads", "torch", "extension"}
     assert data["key"]["threads"] == torch.get_num_threads() and data["key"]["torch"] == torch.__version__
-    entry = data["choices"]["lstm|float32|dense|fwd+bwd|S"]
+    entry = data["choices"]["lstm|float32|dense|fwd+bwd|N1H64"]
     assert entry["best"] == "torch" and entry["torch_over_fused"] == pytest.approx(0.5)
 
     fresh = fb.FusedBackend()  # a new process, in effect: reads the file, measures nothing
@@ -231,7 +234,7 @@ def test_a_corrupt_cache_is_ignored(measuring, monkeypatch, junk):
     lstm, _, x = small_lstm_and_gru()
     lstm(x)  # no exception; measured anew
     assert lstm.last_backend == "torch" and len(race.calls) == 1
-    assert json.loads(path.read_text())["choices"]["lstm|float32|dense|fwd+bwd|S"]["best"] == "torch"  # replaced
+    assert json.loads(path.read_text())["choices"]["lstm|float32|dense|fwd+bwd|N1H64"]["best"] == "torch"  # replaced
 
 
 def test_bad_entries_of_a_cache_are_ignored(measuring, monkeypatch):
@@ -239,8 +242,8 @@ def test_bad_entries_of_a_cache_are_ignored(measuring, monkeypatch):
     path = cal.cache_path(key)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"format": cal.FORMAT, "key": key, "choices": {
-        "lstm|float32|dense|fwd+bwd|S": {"best": "banana"}, "nonsense": {"best": "torch"},
-        "gru|float32|dense|fwd+bwd|S": {"best": "fused"}}}))
+        "lstm|float32|dense|fwd+bwd|N1H64": {"best": "banana"}, "nonsense": {"best": "torch"},
+        "gru|float32|dense|fwd+bwd|N1H64": {"best": "fused"}}}))
     race = fake(monkeypatch, TORCH_FASTER)
     lstm, gru, x = small_lstm_and_gru()
     assert gru.which_backend(x) == "fused" and race.calls == []  # the good entry is used (table: torch)
@@ -351,7 +354,7 @@ def test_a_calibration_leaves_the_rng_and_grad_mode_alone():
     torch.manual_seed(3)
     state = torch.random.get_rng_state()
     with torch.no_grad():
-        entry = cal.measure(cal.ClassKey("gru", "float32", True, True, "S"), seq_len=3, repeats=1)
+        entry = cal.measure(cal.ClassKey("gru", "float32", True, True, "N1H64"), seq_len=3, repeats=1)
         assert not torch.is_grad_enabled()
     assert torch.equal(torch.random.get_rng_state(), state)
     assert entry["best"] in ("fused", "torch") and entry["fused_ms"] > 0 and entry["torch_ms"] > 0
@@ -380,14 +383,37 @@ def test_class_keys_read_the_table_as_auto_does():
                 "lstm": lambda: rnnkit.LSTM(4, 8), "lstm_proj": lambda: rnnkit.LSTM(4, 8, proj_size=2),
                 "gru": lambda: rnnkit.GRU(4, 8)}[klass.family]
         module = ctor().to(cal.DTYPES[klass.dtype])
-        batch, _, hidden = cal.SIZES[klass.size]
-        module.hidden_size = hidden  # only the size class reads it here
+        batch, hidden = cal.parse_bucket(klass.size)
+        module.hidden_size = hidden  # only the size bucket reads it here
         x = torch.zeros(2, batch, 4, dtype=cal.DTYPES[klass.dtype])
         lengths = torch.full((batch,), 2) if klass.lengths else None
         module.requires_grad_(klass.grad)
         assert cal.module_class(module, x, lengths) == klass
         assert cal.ClassKey.parse(str(klass)) == klass
         assert klass.table_prior(fastest) == FUSED.table_choice(module, x, lengths), klass
+
+
+def test_size_buckets():
+    """A class's size is the batch and hidden size rounded to powers of two (log scale), within limits."""
+    assert cal.size_bucket(1, 64) == "N1H64" and cal.size_bucket(48, 500) == "N64H512"
+    assert cal.size_bucket(3, 20) == "N4H16" and cal.size_bucket(8, 512) == "N8H512"
+    assert cal.size_bucket(100_000, 3) == "N512H8" and cal.size_bucket(0, 10_000) == "N1H4096"
+    assert cal.size_bucket(16, 128) != cal.size_bucket(8, 512)  # the two the S/M/L classes had merged
+    assert cal.parse_bucket("N8H512") == (8, 512) and cal.parse_bucket("M") == (16, 128)
+    for bad in ("N3H64", "N8H500", "N1024H64", "8x512", "N8H", "T"):
+        assert cal.parse_bucket(bad) is None and cal.ClassKey.parse(f"lstm|float32|dense|fwd|{bad}") is None
+    assert cal.bucket_name("L") == "N64H256" and cal.bucket_name("N6H300") == "N8H256"
+    with pytest.raises(ValueError, match=r"a size is S, M, L or N<batch>H<hidden> \(e.g. N8H512\), got '8x512'"):
+        cal.bucket_name("8x512")
+    # the synthetic problem: the bucket's batch and hidden size, 8 to 32 steps (fewer for more work)
+    small, large = (cal.ClassKey("lstm", "float32", False, True, s) for s in ("N1H64", "N128H1024"))
+    assert cal.problem(small) == (1, 64, 64, cal.MAX_STEPS) and cal.problem(large) == (128, 1024, 1024, cal.MIN_STEPS)
+    assert cal.problem_macs(large) == 8 * 128 * 4096 * 2048 * 3
+    # the warm-up limit grows with the work: a large layer is measured even where its calls exceed MAX_WARMUP_S
+    assert cal.warmup_limit(small, 32, 0.5) == 0.5
+    assert cal.warmup_limit(large, 8, 0.5) == pytest.approx(cal.WARMUP_FACTOR * 2 * cal.problem_macs(large)
+                                                            / cal.WARMUP_RATE)
+    assert cal.warmup_limit(large, 8, 0.5) > 10
 
 
 def test_measure_mode_reads_the_environment(monkeypatch):
@@ -416,16 +442,16 @@ def test_rnnkit_calibrate_quick_writes_the_cache(measuring, capsys, tmp_path):
     header = next(i for i, line in enumerate(lines) if line.startswith("family"))
     assert lines[header].split()[-3:] == ["torch/fused", "auto", "table"]
     rows = [line.split() for line in lines[header + 1:header + 3]]
-    assert [r[:5] for r in rows] == [["gru", "float32", "dense", "fwd+bwd", "S"],
-                                     ["gru", "float32", "dense", "fwd", "S"]]
-    assert all(r[-2] in ("fused", "torch") and r[-1] == "torch" for r in rows)  # table column: TABLE's gru S
+    assert [r[:5] for r in rows] == [["gru", "float32", "dense", "fwd+bwd", "N1H64"],
+                                     ["gru", "float32", "dense", "fwd", "N1H64"]]
+    assert all(r[-2] in ("fused", "torch") and r[-1] == "torch" for r in rows)  # table column: TABLE's gru S (N1H64)
     path = cal.cache_path()
     assert f"cache: {path}" in out
     choices = json.loads(path.read_text())["choices"]
-    assert set(choices) == {"gru|float32|dense|fwd+bwd|S", "gru|float32|dense|fwd|S"}
-    assert json.loads(report.read_text())["rows"][0]["class"] == "gru|float32|dense|fwd+bwd|S"
+    assert set(choices) == {"gru|float32|dense|fwd+bwd|N1H64", "gru|float32|dense|fwd|N1H64"}
+    assert json.loads(report.read_text())["rows"][0]["class"] == "gru|float32|dense|fwd+bwd|N1H64"
     gru = rnnkit.GRU(32, 64)
-    assert gru.which_backend(torch.randn(5, 1, 32)) == choices["gru|float32|dense|fwd+bwd|S"]["best"]
+    assert gru.which_backend(torch.randn(5, 1, 32)) == choices["gru|float32|dense|fwd+bwd|N1H64"]["best"]
 
     assert cli.main(["info"]) == 0
     assert f"measured on this machine (cache file {path}): 2 configuration classes" in capsys.readouterr().out
@@ -440,12 +466,29 @@ def test_rnnkit_calibrate_no_write_and_errors(measuring, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.strip() == \
         "rnnkit calibrate: error: --threads must be >= 1, got 0 (see rnnkit calibrate --help)"
+    code = cli.main(["calibrate", "--size", "8x512"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.strip() == ("rnnkit calibrate: error: --size: a size is S, M, L or N<batch>H<hidden> "
+                                         "(e.g. N8H512), got '8x512' (see rnnkit calibrate --help)")
     code = cli.main(["calibrate", "--family", "indrnn"])
     assert code == 2 and "invalid choice: 'indrnn'" in capsys.readouterr().err
     monkeypatch.setenv("RNNKIT_DISABLE_FUSED", "1")
     code = cli.main(["calibrate", "--quick"])
     out, err = capsys.readouterr()
     assert code == 1 and "rnnkit calibrate: failed: CalibrateError: the fused backend is unavailable" in err
+
+
+def test_rnnkit_calibrate_sizes_and_grid(measuring, capsys, monkeypatch):
+    fake(monkeypatch, *([FUSED_FASTER] * 14))
+    assert cli.main(["calibrate", "--family", "lstm", "--dtype", "float32", "--mode", "infer", "--input", "dense",
+                     "--size", "N6H300", "--size", "S", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes" in out and "N8H256" in out and "N1H64" in out
+    assert cli.main(["calibrate", "--family", "gru", "--dtype", "float32", "--mode", "infer", "--input", "dense",
+                     "--grid", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(cal.GRID_SIZES)} classes" in out and len(cal.GRID_SIZES) == 12
+    assert all(size in out for size in ("N1H64", "N8H256", "N32H1024", "N128H1024"))
 
 
 def test_info_says_where_the_choices_come_from(measuring, monkeypatch, capsys):
@@ -465,3 +508,55 @@ def test_python_dash_m_rnnkit_calibrate_help():
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "usage: rnnkit calibrate" in res.stdout and "RNNKIT_AUTO_MEASURE" in res.stdout
+
+
+# ----------------------------------------------------------------------------- benchmarks/auto_grid.py
+
+
+def _auto_grid():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("auto_grid", os.path.join(ROOT, "benchmarks", "auto_grid.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_auto_grid_covers_the_issue_grid():
+    grid = _auto_grid()
+    rows = grid.grid()
+    assert len(rows) == 48  # cell x batch x hidden x mode, one shape each
+    sizes = {(r["cell"], r["batch"], r["hidden"], r["mode"]) for r in rows}
+    assert sizes == set(itertools.product(grid.CELLS, grid.BATCHES, grid.HIDDENS, grid.MODES))
+    for key, values in (("length", grid.LENGTHS), ("layers", grid.LAYERS), ("dirs", grid.DIRECTIONS)):
+        assert {r[key] for r in rows} == set(values)
+        for batch in grid.BATCHES:  # every value with every batch and every hidden size
+            assert {r[key] for r in rows if r["batch"] == batch} == set(values), (key, batch)
+        for hidden in grid.HIDDENS:
+            assert {r[key] for r in rows if r["hidden"] == hidden} == set(values), (key, hidden)
+    small = dict(length=min(grid.LENGTHS), layers=1, dirs=1)
+    assert all(grid.gmac(**r) <= 40 or all(r[k] == v for k, v in small.items()) for r in rows)
+    assert len(grid.grid(full=True, max_gmac=1e9)) == 48 * 8
+    # gmac: LSTM, one layer, one direction, forward: L * N * 4H * (H_in + H)
+    assert grid.gmac("lstm", 2, 8, 5, 1, 1, "infer") == 5 * 2 * 32 * 16 / 1e9
+
+
+def test_auto_grid_quick_run(monkeypatch, tmp_path, capsys):
+    """The benchmark's smoke run: auto measures in a fresh cache, equals torch.nn, and is timed."""
+    monkeypatch.setenv(cal.MEASURE_ENV, "0")  # main() sets both; monkeypatch restores them afterwards
+    monkeypatch.setenv(cal.CACHE_ENV, str(tmp_path / "unused"))
+    monkeypatch.setattr(FUSED, "_calibrator", None)
+    threads = torch.get_num_threads()
+    out = tmp_path / "grid.json"
+    try:
+        assert _auto_grid().main(["--quick", "--threads", "1", "--cache", str(tmp_path / "cache"),
+                                  "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "worst auto/torch.nn" in printed
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 4 and result["machine"]["threads"] == 1
+    for r in result["rows"]:
+        assert r["picked"] in ("fused", "torch") and r["auto_ms"] > 0 and r["nn_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["auto_ms"] / r["nn_ms"]) and r["max_abs_err"] < 1e-3
+    assert list((tmp_path / "cache").glob("auto-*.json"))  # auto measured there

@@ -10,13 +10,22 @@ measuring is off or not possible.
 
 A *class* is: the kernel family (``rnn_tanh``, ``rnn_relu``, ``lstm``,
 ``lstm_proj``, ``gru``), the parameters' dtype, dense input or ``lengths``,
-forward+backward (grad enabled) or forward only, and the size class S, M or L
-of ``(batch, hidden_size)`` (:func:`rnnkit.fused.backend.size_class`). Its
-synthetic problem is one layer, one direction, at the class's benchmark size
-(:data:`rnnkit.bench.SIZES`) over a short sequence (:data:`SEQ_LEN`): a warm-up
-call of each backend, then 3 to 7 interleaved repetitions
+forward+backward (grad enabled) or forward only, and the size bucket of
+``(batch, hidden_size)``: each rounded to the nearest power of two on a log
+scale (:func:`size_bucket`; batch 1 to 512, hidden 8 to 4096), written
+``N<batch>H<hidden>`` (``N8H512``). Its synthetic problem is one layer, one
+direction, at the bucket's batch and hidden size (input size = hidden size) over a
+short sequence (:func:`problem`: 8 to 32 steps, fewer steps for more work per
+step): a warm-up call of each backend, then 3 to 7 interleaved repetitions
 (``rnnkit.bench.time_row``), the median of each; the whole class within about
-:data:`BUDGET_S` seconds on an idle machine.
+:data:`BUDGET_S` seconds on an idle machine at small sizes (a large bucket takes
+a few of its own calls).
+
+Why buckets this fine: which backend is faster turns on the batch and the hidden
+size together (the recurrent product's shape, cache sizes, the BLAS's
+small-matrix paths). On an AMD EPYC the fused LSTM beat torch at batch 16 /
+hidden 128 and lost by 1.7-2x at batch 8 / hidden 512; the earlier three size
+classes (S, M, L) put both in one class.
 
 Measuring never changes results: it runs on its own modules and tensors, with
 the global RNG state saved and restored (``torch.random.fork_rng``), autocast
@@ -46,6 +55,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import threading
@@ -63,17 +73,27 @@ from . import _build
 
 MEASURE_ENV = "RNNKIT_AUTO_MEASURE"
 CACHE_ENV = "RNNKIT_CACHE_DIR"
-FORMAT = 1  # the cache file's layout; another number is ignored
 
 FAMILIES = ("rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru")
 """The kernel families torch's op also runs: the only ones where auto has a choice to measure."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-SIZES = _bench.SIZES  # size class -> (batch, input_size, hidden_size): the benchmark's sizes
-SEQ_LEN = {"S": 32, "M": 16, "L": 8}
-"""Steps of the synthetic problem per size class: long enough that the time loop (not the call's
-fixed cost) dominates, short enough that a class takes well under 100 ms."""
+FORMAT = 2  # the cache file's layout; another number is ignored (1: the S/M/L size classes)
+SIZES = _bench.SIZES  # the benchmark's sizes S, M, L -> (batch, input_size, hidden_size): the shipped table's
+BATCH_RANGE, HIDDEN_RANGE = (1, 512), (8, 4096)
+"""The size buckets' limits: a batch or hidden size outside them measures at the nearest limit."""
+STEP_MACS = 1 << 24
+"""Multiply-adds the synthetic problem aims at over its steps (projection and recurrent product):
+the number of steps is this over one step's work, within MIN_STEPS..MAX_STEPS."""
+MIN_STEPS, MAX_STEPS = 8, 32
+"""Steps of a synthetic problem: at least 8, so per-call costs (packing the weights, allocations)
+weigh about as much against the time loop as in a real sequence of tens of steps; at most 32."""
 BUDGET_S = 0.08
 """Seconds one class may take (warm-up included) before the repetitions are cut to the minimum."""
+WARMUP_RATE = 1e10
+"""Multiply-adds per second under which a warm-up counts as slow (about a quarter of an idle 2-core
+AVX2 machine's rate): a class may warm up for MAX_WARMUP_S or WARMUP_FACTOR times its work at this
+rate, whichever is longer, before it is cut short."""
+WARMUP_FACTOR = 4.0
 MIN_REPEATS, MAX_REPEATS = 3, 7
 MAX_WARMUP_S = 0.5
 """On first use, a class whose warm-up calls alone take longer (a very busy or very slow machine) is
@@ -97,7 +117,7 @@ class ClassKey(NamedTuple):
     dtype: str  # float32, float64, bfloat16
     lengths: bool  # variable lengths (torch then packs) or dense input
     grad: bool  # forward+backward (grad enabled) or forward only
-    size: str  # S, M, L
+    size: str  # the size bucket, N<batch>H<hidden> (size_bucket)
 
     def __str__(self) -> str:
         return "|".join((self.family, self.dtype, "lengths" if self.lengths else "dense",
@@ -107,7 +127,7 @@ class ClassKey(NamedTuple):
     def parse(cls, text: str) -> Optional["ClassKey"]:
         parts = text.split("|")
         if len(parts) != 5 or parts[0] not in FAMILIES or parts[1] not in DTYPES or \
-                parts[2] not in ("lengths", "dense") or parts[3] not in ("fwd+bwd", "fwd") or parts[4] not in SIZES:
+                parts[2] not in ("lengths", "dense") or parts[3] not in ("fwd+bwd", "fwd") or parse_bucket(parts[4]) is None:
             return None
         return cls(parts[0], parts[1], parts[2] == "lengths", parts[3] == "fwd+bwd", parts[4])
 
@@ -118,16 +138,65 @@ class ClassKey(NamedTuple):
         key = self.family + ("_bfloat16" if self.dtype == "bfloat16" else "")
         if self.lengths and f"{key}_lengths" in fastest:
             key = f"{key}_lengths"
-        return fastest.get(key, {}).get(self.size)
+        from .backend import size_class
+        return fastest.get(key, {}).get(size_class(*parse_bucket(self.size)))
 
 
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 
 
+def _pow2(value: int, lo: int, hi: int) -> int:
+    value = min(max(int(value), lo), hi)
+    return 1 << int(round(math.log2(value)))
+
+
 @lru_cache(maxsize=1024)
-def _size_class(batch: int, hidden: int) -> str:
-    from .backend import size_class
-    return size_class(batch, hidden)
+def size_bucket(batch: int, hidden: int) -> str:
+    """``N<batch>H<hidden>``: each rounded to the nearest power of two on a log scale (batch within
+    BATCH_RANGE, hidden within HIDDEN_RANGE). ``size_bucket(48, 500) == "N64H512"``."""
+    return f"N{_pow2(batch, *BATCH_RANGE)}H{_pow2(hidden, *HIDDEN_RANGE)}"
+
+
+def parse_bucket(text: str) -> Optional[Tuple[int, int]]:
+    """``(batch, hidden)`` of a bucket name (:func:`size_bucket`), also of the benchmark's S, M, L;
+    None when ``text`` is neither."""
+    if text in SIZES:
+        return SIZES[text][0], SIZES[text][2]
+    m = re.fullmatch(r"N(\d+)H(\d+)", text)
+    if m is None:
+        return None
+    batch, hidden = int(m.group(1)), int(m.group(2))
+    if size_bucket(batch, hidden) != text:  # not a power of two, or out of range
+        return None
+    return batch, hidden
+
+
+def bucket_name(text: str) -> str:
+    """The bucket of a size given as S/M/L or ``N<batch>H<hidden>`` (any batch and hidden: rounded)."""
+    if text in SIZES:
+        return size_bucket(SIZES[text][0], SIZES[text][2])
+    m = re.fullmatch(r"N(\d+)H(\d+)", text)
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"a size is S, M, L or N<batch>H<hidden> (e.g. N8H512), got {text!r}")
+    return size_bucket(int(m.group(1)), int(m.group(2)))
+
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "lstm_proj": 4, "gru": 3}
+
+
+def problem(klass: "ClassKey") -> Tuple[int, int, int, int]:
+    """``(batch, input_size, hidden_size, steps)`` of the class's synthetic problem."""
+    batch, hidden = parse_bucket(klass.size)
+    step = 2 * batch * GATES[klass.family] * hidden * hidden  # the projection and the recurrent product
+    steps = min(MAX_STEPS, max(MIN_STEPS, STEP_MACS // max(step, 1)))
+    return batch, hidden, hidden, steps
+
+
+def problem_macs(klass: "ClassKey") -> int:
+    """Multiply-adds of one call of the synthetic problem (forward+backward: three times the forward)."""
+    batch, h_in, hidden, steps = problem(klass)
+    gates = GATES[klass.family] * hidden
+    return steps * batch * gates * (h_in + hidden) * (3 if klass.grad else 1)
 
 
 def module_class(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[ClassKey]:
@@ -145,15 +214,22 @@ def module_class(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Opti
     batch = x.shape[1] if x is not None and x.dim() >= 2 else 1
     grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
         (x is not None and x.requires_grad) or any(p.requires_grad for p in params))
-    return ClassKey(family, dtype, lengths is not None, grad, _size_class(batch, module.hidden_size))
+    return ClassKey(family, dtype, lengths is not None, grad, size_bucket(batch, module.hidden_size))
 
 
 def every_class(families: Iterable[str] = FAMILIES, dtypes: Iterable[str] = ("float32", "bfloat16"),
                 lengths: Iterable[bool] = (False, True), grads: Iterable[bool] = (True, False),
                 sizes: Iterable[str] = tuple(SIZES)) -> List[ClassKey]:
-    """The classes ``rnnkit calibrate`` measures (by default float32 and bfloat16, both input kinds and modes)."""
+    """The classes ``rnnkit calibrate`` measures (by default float32 and bfloat16, both input kinds and modes,
+    the buckets of the benchmark's sizes S, M, L); ``sizes`` are S/M/L or ``N<batch>H<hidden>``."""
+    buckets = list(dict.fromkeys(bucket_name(s) for s in sizes))
     return [ClassKey(f, d, ln, g, s) for f in families for d in dtypes for ln in lengths for g in grads
-            for s in sizes]
+            for s in buckets]
+
+
+GRID_SIZES = tuple(f"N{n}H{h}" for n in (1, 8, 32, 128) for h in (64, 256, 1024))
+"""``rnnkit calibrate --grid``: the buckets of the grid auto is held to (issue 13: batch 1 to 128, hidden
+64 to 1024; benchmarks/auto_grid.py)."""
 
 
 # ----------------------------------------------------------------------------- when to measure
@@ -305,7 +381,7 @@ def _measuring():
 def _synthetic(klass: ClassKey, seq_len: int):
     """``{backend: call}``: one layer of the class on each backend, same weights, same input."""
     from ..layers import GRU, LSTM, RNN
-    batch, h_in, hidden = SIZES[klass.size]
+    batch, h_in, hidden, _ = problem(klass)
     cls, kw = {"rnn_tanh": (RNN, {"nonlinearity": "tanh"}), "rnn_relu": (RNN, {"nonlinearity": "relu"}),
                "lstm": (LSTM, {}), "lstm_proj": (LSTM, {"proj_size": hidden // 2}), "gru": (GRU, {})}[klass.family]
     dtype = DTYPES[klass.dtype]
@@ -333,6 +409,14 @@ def _synthetic(klass: ClassKey, seq_len: int):
     return {name: make(m) for name, m in mods.items()}
 
 
+def warmup_limit(klass: ClassKey, seq_len: int, max_warmup_s: float) -> float:
+    """Seconds the two warm-up calls may take before measuring ``klass`` is cut short on first use:
+    ``max_warmup_s``, or :data:`WARMUP_FACTOR` times what its work takes at :data:`WARMUP_RATE`,
+    whichever is longer (a large layer's own calls take longer than MAX_WARMUP_S on any machine)."""
+    work = 2 * problem_macs(klass) * seq_len / problem(klass)[3]  # both backends, at this many steps
+    return max(max_warmup_s, WARMUP_FACTOR * work / WARMUP_RATE)
+
+
 def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int] = None,
             repeats: Optional[int] = None, budget_s: float = BUDGET_S,
             max_warmup_s: Optional[float] = None) -> dict:
@@ -345,14 +429,14 @@ def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int]
     Runs with the RNG state saved and restored, autocast off and grad on or off as the class says;
     it does not touch any tensor but its own."""
     start = time.perf_counter()
-    seq_len = seq_len or SEQ_LEN[klass.size]
+    seq_len = seq_len or problem(klass)[3]
     with _measuring(), torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False), \
             torch.inference_mode(False), torch.set_grad_enabled(klass.grad):
         fns = _synthetic(klass, seq_len)
         # the warm-up call (allocations, oneDNN primitives, the kernels' first call), timed: a cold call,
         # an overestimate, which only sets how many rounds fit the budget
         once = {name: _bench._time_calls(fn, 1) for name, fn in fns.items()}
-        if max_warmup_s is not None and sum(once.values()) > max_warmup_s:
+        if max_warmup_s is not None and sum(once.values()) > warmup_limit(klass, seq_len, max_warmup_s):
             return _entry(klass, prior if prior in ("fused", "torch") else "fused", "cut short", once, seq_len, 0,
                           start)
         if repeats is None:
@@ -374,7 +458,7 @@ def _entry(klass: ClassKey, best: str, how: str, times: Dict[str, float], seq_le
     fused, torch_ = times["fused"], times["torch"]
     return {"best": best, "how": how, "fused_ms": fused * 1e3, "torch_ms": torch_ * 1e3,
             "torch_over_fused": torch_ / fused if fused > 0 else float("inf"), "seq_len": seq_len, "repeats": repeats,
-            "batch": SIZES[klass.size][0], "input_size": SIZES[klass.size][1], "hidden_size": SIZES[klass.size][2],
+            "batch": problem(klass)[0], "input_size": problem(klass)[1], "hidden_size": problem(klass)[2],
             "seconds": time.perf_counter() - start, "load_average": _load_average(),
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -501,12 +585,13 @@ DESCRIPTION = ("Measure now, on this machine, whether rnnkit's fused kernels or 
                "to this machine's cache file, which auto then reads instead of measuring on first use.")
 EPILOG = """classes:
   family  rnn_tanh, rnn_relu, lstm, lstm_proj (proj_size = hidden/2), gru: the cells torch's op also runs
-  size    S (batch 1, H_in 32, H 64), M (16, 64, 128), L (64, 256, 256); a layer belongs to the size
-          nearest its (batch, hidden_size) on a log scale
+  size    N<batch>H<hidden>: a layer's batch and hidden size, each rounded to the nearest power of two
+          (log scale; batch 1-512, hidden 8-4096); S, M, L name the benchmark's sizes N1H64, N16H128,
+          N64H256 (the default), --grid the 12 buckets batch 1/8/32/128 x hidden 64/256/1024
   mode    train: forward+backward (grad enabled); infer: forward only (no_grad / inference_mode)
   input   dense, or lengths (variable lengths: torch packs, fused takes lengths)
-  Each class: one layer, one direction, T = 32 (S), 16 (M), 8 (L) steps, a warm-up call, then the
-  median of 3 to 7 interleaved calls of each backend. On a busy machine the figures are noisy:
+  Each class: one layer, one direction, input size = hidden size, 8 to 32 steps (fewer for more work
+  per step), a warm-up call, then the median of 3 to 7 interleaved calls of each backend. On a busy machine the figures are noisy:
   calibrate when it is quiet.
 
 columns:
@@ -522,6 +607,8 @@ environment:
 examples:
   rnnkit calibrate                          # every class, float32 and bfloat16 (about a minute)
   rnnkit calibrate --family lstm --size L   # the large LSTMs only
+  rnnkit calibrate --size N8H512            # one bucket (batch about 8, hidden about 512)
+  rnnkit calibrate --grid --dtype float32   # the 12 grid buckets
   rnnkit calibrate --threads 8              # the choices for 8 torch threads (the cache is per thread count)
   rnnkit calibrate --clear                  # forget this machine's measurements"""
 
@@ -537,8 +624,12 @@ class CalibrateArgumentError(ValueError):
 def add_arguments(parser) -> None:
     parser.add_argument("--family", action="append", choices=FAMILIES, metavar="FAMILY",
                         help=f"cell family to measure (repeatable; default: all of {', '.join(FAMILIES)})")
-    parser.add_argument("--size", action="append", choices=list(SIZES), help="size class S, M or L (repeatable; "
-                        "default: all)")
+    parser.add_argument("--size", action="append", metavar="SIZE",
+                        help="size bucket: S, M, L (the benchmark's sizes) or N<batch>H<hidden> such as N8H512, "
+                             "rounded to powers of two (repeatable; default: S, M and L)")
+    parser.add_argument("--grid", action="store_true",
+                        help=f"the buckets of auto's grid: batch 1/8/32/128 x hidden 64/256/1024 "
+                             f"({len(GRID_SIZES)} buckets) instead of S, M, L")
     parser.add_argument("--dtype", action="append", choices=list(DTYPES),
                         help="parameter dtype (repeatable; default: float32 and bfloat16)")
     parser.add_argument("--mode", action="append", choices=("train", "infer"),
@@ -561,7 +652,7 @@ def add_arguments(parser) -> None:
 
 
 def _fmt_row(cells: List[str]) -> str:
-    widths = (10, 9, 8, 8, 5, 4, 5, 5, 4, 9, 9, 12, 6, 6)
+    widths = (10, 9, 8, 8, 10, 4, 5, 5, 4, 9, 9, 12, 6, 6)
     return "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
 
@@ -597,12 +688,18 @@ def _run(args, backend) -> int:
     if reason is not None:
         raise CalibrateError(f"the fused backend is unavailable ({reason}): auto runs torch, nothing to measure")
     quick = args.quick
+    sizes = list(args.size or ()) + (list(GRID_SIZES) if args.grid else [])
+    for size in sizes:
+        try:
+            bucket_name(size)
+        except ValueError as err:
+            raise CalibrateArgumentError(f"--size: {err}") from None
     classes = every_class(families=args.family or FAMILIES,
                           dtypes=args.dtype or (("float32",) if quick else ("float32", "bfloat16")),
                           lengths=[v == "lengths" for v in (args.input or (("dense",) if quick else
                                                                            ("dense", "lengths")))],
                           grads=[v == "train" for v in (args.mode or (("train",) if quick else ("train", "infer")))],
-                          sizes=args.size or (("S",) if quick else tuple(SIZES)))
+                          sizes=sizes or (("S",) if quick else tuple(SIZES)))
     repeats = args.repeats or (MIN_REPEATS if quick else None)
     fastest = backend.table().get("fastest", {})
     print(f"rnnkit calibrate: fused vs torch on this machine, {len(classes)} classes; one layer per class, median "

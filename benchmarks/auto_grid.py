@@ -1,0 +1,180 @@
+"""backend='auto' against torch.nn over the grid it is held to (issue 13, item 3): LSTM and GRU,
+batch 1 to 128, hidden 64 to 1024, length 50 to 500, 1-2 layers, both directions, forward+backward
+(training) and forward only (no_grad). Target: auto never more than 5% slower than torch.nn.
+
+Each row builds an rnnkit layer with ``backend="auto"`` and the torch.nn layer of the same weights,
+runs each once (auto measures its class on this machine on its first call: that call's time is the
+``first ms`` column, calibration included), checks that auto's output equals torch.nn's, then times
+the two interleaved (``rnnkit.bench.time_row``: the order rotates every round), median of the rounds.
+``auto/nn`` above 1 means auto is slower. auto measures in a fresh cache folder (``--cache``, default
+a temporary one), so the run shows what a new machine gets.
+
+The grid: every (cell, batch, hidden, mode) with one (length, layers, directions) per row, rotated so
+that each length, depth and direction appears with every batch and hidden size across the cells and
+modes (the full product, 384 rows with calls of minutes at batch 128 / hidden 1024 / length 500 /
+2 bidirectional layers, does not fit a run). ``--full`` runs the product up to ``--max-gmac``.
+
+    PYTHONPATH=$PWD python benchmarks/auto_grid.py                    # the grid, about 5-10 min idle
+    PYTHONPATH=$PWD python benchmarks/auto_grid.py --json out.json --threads 2
+    PYTHONPATH=$PWD python benchmarks/auto_grid.py --quick             # tiny sizes: a smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+CELLS = ("lstm", "gru")
+BATCHES = (1, 8, 32, 128)
+HIDDENS = (64, 256, 1024)
+LENGTHS = (50, 500)
+LAYERS = (1, 2)
+DIRECTIONS = (1, 2)
+MODES = ("train", "infer")
+SHAPES = list(itertools.product(LENGTHS, LAYERS, DIRECTIONS))  # (length, layers, directions): 8
+TARGET = 1.05
+
+
+def gmac(cell: str, batch: int, hidden: int, length: int, layers: int, dirs: int, mode: str) -> float:
+    """Multiply-adds of one call, in billions (input size = hidden size)."""
+    gates = {"lstm": 4, "gru": 3}[cell] * hidden
+    per_layer = length * batch * gates * 2 * hidden * dirs  # projection + recurrent product
+    extra = (layers - 1) * length * batch * gates * (dirs * hidden) * dirs  # wider input of layer 2+
+    return (per_layer * layers + extra) * (3 if mode == "train" else 1) / 1e9
+
+
+def grid(full: bool = False, max_gmac: float = 40.0) -> List[dict]:
+    """The rows: see the module docstring. A row over ``max_gmac`` billion multiply-adds per call runs at
+    length 50, then with one layer, then in one direction, until it fits (or is the smallest)."""
+    rows = []
+    k = 0
+    for cell, batch, hidden, mode in itertools.product(CELLS, BATCHES, HIDDENS, MODES):
+        shapes = SHAPES if full else [SHAPES[k % len(SHAPES)]]
+        k += 1 if full else 3  # a stride coprime with 8 spreads the shapes over the sizes and cells
+        for length, layers, dirs in shapes:
+            row = dict(cell=cell, batch=batch, hidden=hidden, length=length, layers=layers, dirs=dirs, mode=mode)
+            for key, small in (("length", min(LENGTHS)), ("layers", 1), ("dirs", 1)):
+                if gmac(**row) > max_gmac:  # too long a call: shorter, then shallower, then one direction
+                    row[key] = small
+            rows.append(row)
+    return rows
+
+
+def quick_grid() -> List[dict]:
+    return [dict(cell=c, batch=b, hidden=h, length=6, layers=l, dirs=d, mode=m)
+            for c, b, h, l, d, m in [("lstm", 1, 8, 1, 1, "train"), ("gru", 3, 16, 2, 2, "infer"),
+                                      ("lstm", 4, 8, 2, 1, "infer"), ("gru", 2, 8, 1, 2, "train")]]
+
+
+def run_row(row: dict, repeats: int, seed: int = 0) -> dict:
+    import rnnkit
+    from rnnkit.bench import time_row, _time_calls
+    torch.manual_seed(seed)
+    cls_nn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[row["cell"]]
+    cls_rk = {"lstm": rnnkit.LSTM, "gru": rnnkit.GRU}[row["cell"]]
+    h = row["hidden"]
+    kw = dict(num_layers=row["layers"], bidirectional=row["dirs"] == 2)
+    ref = cls_nn(h, h, **kw)
+    auto = cls_rk(h, h, backend="auto", **kw)
+    auto.load_state_dict(ref.state_dict())
+    x = torch.randn(row["length"], row["batch"], h)
+    train = row["mode"] == "train"
+    xg = x.clone().requires_grad_(train)
+
+    def call(module):
+        if train:
+            def fn():
+                module.zero_grad(set_to_none=True)
+                xg.grad = None
+                out, _ = module(xg)
+                out.sum().backward()
+        else:
+            def fn():
+                with torch.no_grad():
+                    module(x)
+        return fn
+
+    fns = {"auto": call(auto), "torch.nn": call(ref)}
+    first = _time_calls(fns["auto"], 1)  # auto's first call: its class is measured here
+    # the check: auto computes torch.nn's function (outputs, and the input gradient in training)
+    with torch.set_grad_enabled(train):
+        a, b = xg.clone().detach().requires_grad_(train), xg.clone().detach().requires_grad_(train)
+        out_a, out_b = auto(a)[0], ref(b)[0]
+        err = (out_a - out_b).abs().max().item()
+        if train:
+            out_a.sum().backward(), out_b.sum().backward()
+            err = max(err, (a.grad - b.grad).abs().max().item())
+    if not err < 1e-3:
+        raise AssertionError(f"auto differs from torch.nn by {err:g} on {row}")
+    mins, medians = time_row(fns, repeats, 0.0)
+    return {**row, "gmac": gmac(**row), "picked": auto.last_backend, "first_ms": first * 1e3,
+            "auto_ms": medians["auto"] * 1e3, "nn_ms": medians["torch.nn"] * 1e3,
+            "auto_min_ms": mins["auto"] * 1e3, "nn_min_ms": mins["torch.nn"] * 1e3,
+            "ratio": medians["auto"] / medians["torch.nn"], "ratio_min": mins["auto"] / mins["torch.nn"],
+            "max_abs_err": err}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per row (median; default 5)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    p.add_argument("--full", action="store_true", help="every (length, layers, directions) of each size")
+    p.add_argument("--max-gmac", type=float, default=40.0,
+                   help="rows over this many billion multiply-adds per call run at length 50, then with one layer, "
+                        "then in one direction (default 40)")
+    p.add_argument("--cache", help="auto's cache folder (default: a fresh temporary folder)")
+    p.add_argument("--json", help="write every figure here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache = args.cache or tempfile.mkdtemp(prefix="rnnkit-auto-grid-")
+    os.environ["RNNKIT_CACHE_DIR"] = cache
+    os.environ["RNNKIT_AUTO_MEASURE"] = "1"
+    from rnnkit.backends import BACKENDS
+    from rnnkit.bench import cpu_name
+    reason = BACKENDS["fused"].unavailable()  # builds the extension now, not inside a row's first call
+    if reason is not None:
+        print(f"note: the fused backend is unavailable ({reason}): auto runs torch", flush=True)
+    rows = quick_grid() if args.quick else grid(args.full, args.max_gmac)
+    start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    print(f"auto vs torch.nn: {len(rows)} rows, {args.threads} threads, {cpu_name()}, torch {torch.__version__}, "
+          f"load {load0:.2f}; auto's cache {cache}", flush=True)
+    head = f"{'cell':5} {'mode':5} {'N':>4} {'H':>5} {'L':>4} {'lay':>3} {'dir':>3} {'picked':7} {'first ms':>9} " \
+           f"{'auto ms':>9} {'nn ms':>9} {'auto/nn':>8} {'min':>6}"
+    print(head, flush=True)
+    results = []
+    for row in rows:
+        r = run_row(row, 2 if args.quick else args.repeats)
+        results.append(r)
+        flag = "  <-- over 1.05" if r["ratio"] > TARGET else ""
+        print(f"{r['cell']:5} {r['mode']:5} {r['batch']:>4} {r['hidden']:>5} {r['length']:>4} {r['layers']:>3} "
+              f"{r['dirs']:>3} {r['picked']:7} {r['first_ms']:9.1f} {r['auto_ms']:9.2f} {r['nn_ms']:9.2f} "
+              f"{r['ratio']:8.3f} {r['ratio_min']:6.3f}{flag}", flush=True)
+    seconds = time.perf_counter() - start
+    worst = max(results, key=lambda r: r["ratio"])
+    over = [r for r in results if r["ratio"] > TARGET]
+    load1 = os.getloadavg()[0]
+    print(f"worst auto/torch.nn {worst['ratio']:.3f} ({worst['cell']} {worst['mode']} N{worst['batch']} "
+          f"H{worst['hidden']} L{worst['length']} layers {worst['layers']} dirs {worst['dirs']}, picked "
+          f"{worst['picked']}); {len(over)} of {len(results)} rows over {TARGET}; median ratio "
+          f"{sorted(r['ratio'] for r in results)[len(results) // 2]:.3f}; {seconds:.0f} s; load {load0:.2f} -> "
+          f"{load1:.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+                                   "load_start": load0, "load_end": load1},
+                       "seconds": seconds, "rows": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
