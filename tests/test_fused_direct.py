@@ -347,6 +347,13 @@ def test_a_torch_with_another_tensor_layout_fails_the_import(tmp_path):
     assert run.returncode != 0
     assert "ImportError: rnnkit's fused extension (cell_py.cpp) does not match this torch's Tensor objects: " \
            "the at::Tensor after a Tensor object's PyObject header is not its tensor" in run.stderr
+    # through the loader: the fused backend is off, with that reason (no crash, no misread Tensor)
+    load = "from rnnkit.fused import _build\nprint('REASON:', _build.load())\n"
+    run = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "REASON: building the C++ extension failed: rnnkit's fused extension (cell_py.cpp) does not match this " \
+           "torch's Tensor objects: the at::Tensor after a Tensor object's PyObject header is not its tensor" \
+           in run.stdout, run.stdout + run.stderr
     env.pop("RNNKIT_FUSED_TEST_LAYOUT_MISMATCH")
     run = subprocess.run([sys.executable, "-c", code + "print('loaded')"], env=env, capture_output=True, text=True,
                          timeout=120)
