@@ -336,25 +336,14 @@ def test_the_layout_check_names_its_arguments():
         check(torch.randn(2), "not an address")
 
 
-def test_a_torch_with_another_tensor_layout_fails_the_import(tmp_path):
-    """The load verifies the layout on a Tensor torch wraps: a mismatch (simulated) is an ImportError
-    naming it, so the build's loader reports it instead of running on a misread Tensor."""
-    path = _build._state["path"]
-    code = ("import torch, sys\nfrom rnnkit.fused import _build\n"
-            f"_build._import_built({_build.extension_name()!r}, __import__('pathlib').Path({path!r}))\n")
+def test_a_torch_with_another_tensor_layout_fails_the_import():
+    """The load verifies the layout on a Tensor torch wraps: a mismatch (simulated) fails the module's
+    import with an ImportError naming it, which the loader reports as the fused backend's reason,
+    instead of running on a misread Tensor. (Without the simulation this process loaded it.)"""
     env = dict(os.environ, RNNKIT_FUSED_TEST_LAYOUT_MISMATCH="1")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
-    assert "ImportError: rnnkit's fused extension (cell_py.cpp) does not match this torch's Tensor objects: " \
-           "the at::Tensor after a Tensor object's PyObject header is not its tensor" in run.stderr
-    # through the loader: the fused backend is off, with that reason (no crash, no misread Tensor)
     load = "from rnnkit.fused import _build\nprint('REASON:', _build.load())\n"
     run = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "REASON: building the C++ extension failed: rnnkit's fused extension (cell_py.cpp) does not match this " \
            "torch's Tensor objects: the at::Tensor after a Tensor object's PyObject header is not its tensor" \
            in run.stdout, run.stdout + run.stderr
-    env.pop("RNNKIT_FUSED_TEST_LAYOUT_MISMATCH")
-    run = subprocess.run([sys.executable, "-c", code + "print('loaded')"], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "loaded", run.stderr

@@ -3,7 +3,7 @@
 //
 // Light on purpose: torch's Python headers (torch/csrc/autograd/python_variable.h pulls in pybind11
 // and torch/csrc/Exceptions.h; ATen/record_function.h) cost ~25 s of CPU to parse, three times all the
-// rest of this file, for four names. They are declared here instead, exactly as torch declares them
+// rest of this file, for five names. They are declared here instead, exactly as torch declares them
 // (exported from libtorch_python / libtorch_cpu: a renamed or removed one fails the load with an
 // undefined symbol), and the one layout this file assumes, a Tensor object's `at::Tensor` right after
 // its PyObject header (torch's THPVariable), is verified when the module loads (tensor_layout_reason):
@@ -52,7 +52,7 @@ TORCH_API bool hasCallbacks();
 
 // What HANDLE_TH_ERRORS / END_HANDLE_TH_ERRORS do with an exception: torch's own translation (a
 // c10::Error becomes RuntimeError, c10::ValueError ValueError, ...; a python_error restores its
-// Python error). (Their C++-warning buffer is left out: nothing these entries run warns.)
+// Python error). (Their C++-warning buffer is left out: the kernels these entries run never warn.)
 #define RK_HANDLE_ERRORS try {
 #define RK_END_HANDLE_ERRORS                                        \
   }                                                                 \
