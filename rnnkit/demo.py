@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -64,6 +65,34 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _warm_up(task: str) -> None:
+    """Pays now the one-time costs of the task's first use of its libraries, which the training would
+    otherwise pay: importing scikit-learn's datasets (digits), matplotlib and tqdm, and torch.optim's
+    first optimizer calls (torch imports torch._dynamo for them: ~3 s). Changes no state the task reads
+    (no random numbers drawn; the optimizer has a parameter of its own, without a gradient)."""
+    if task == "digits":
+        from sklearn.datasets import load_digits  # noqa: F401
+    _plt()
+    from tqdm.auto import tqdm  # noqa: F401
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    opt.zero_grad()
+    opt.step()  # no gradient: a no-op, but the first step's imports happen
+
+
+def _load_fused_meanwhile(task: str) -> None:
+    """Builds (or loads) the fused kernels with their own messages, while :func:`_warm_up` runs here:
+    a first-use compile is a ninja subprocess (the GIL stays free), so the task's imports overlap it
+    instead of following it. Returns when both are done, before any training or progress bar."""
+    from .fused import load as _load_fused
+
+    builder = threading.Thread(target=_load_fused, name="rnnkit-fused-build", daemon=True)
+    builder.start()
+    try:
+        _warm_up(task)
+    finally:
+        builder.join()
 
 
 def _bar(total: int, desc: str, quiet: bool):
@@ -309,9 +338,9 @@ def run(task: str = "digits", cells: Optional[Sequence[str]] = None, backend: st
         raise DemoArgumentError(str(err)) from err
     if backend in ("auto", "fused"):
         # build (or load) the fused kernels now, with their own message, so that a first-use compile is
-        # neither counted as training time nor shown as a progress bar's stalled first step
-        from .fused import load as _load_fused
-        _load_fused()
+        # neither counted as training time nor shown as a progress bar's stalled first step; the task's
+        # imports run meanwhile
+        _load_fused_meanwhile(task)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -221,3 +221,80 @@ def test_adding_gated_cells_beat_the_mean_and_the_plain_rnn(tmp_path):
     baseline = 1 / 6
     assert res["mse"]["gru"] < 0.1 * baseline and res["mse"]["lstm"] < 0.1 * baseline, res["result"]
     assert res["mse"]["rnn"] > 2 * max(res["mse"]["gru"], res["mse"]["lstm"]), res["result"]
+
+
+# ----------------------------------------------------------------------------- the first-use compile
+
+
+def _fake_build(monkeypatch):
+    """rnnkit.fused.load replaced by a stand-in that announces itself as the real build does and waits
+    (up to 60 s) for the demo's warm-up to start, so that it can only finish if the two overlap."""
+    import sys
+    import threading
+    import rnnkit.fused
+    seen = {"done": False, "overlapped": False, "thread": None}
+    warm_started = threading.Event()
+
+    def fake_load():
+        seen["thread"] = threading.current_thread().name
+        print("rnnkit: compiling the fused CPU kernels (fake)...", file=sys.stderr, flush=True)
+        seen["overlapped"] = warm_started.wait(60)
+        print("rnnkit: fused CPU kernels ready (0 s)", file=sys.stderr, flush=True)
+        seen["done"] = True
+
+    real_warm_up = demo._warm_up
+
+    def warm_up(task):
+        warm_started.set()
+        real_warm_up(task)
+
+    monkeypatch.setattr(rnnkit.fused, "load", fake_load)
+    monkeypatch.setattr(demo, "_warm_up", warm_up)
+    return seen
+
+
+def test_the_build_overlaps_the_warm_up_and_ends_before_training_and_the_bar(monkeypatch, capsys, tmp_path):
+    seen = _fake_build(monkeypatch)
+    real_digits, at_training = demo.digits, {}
+
+    def digits(*args, **kwargs):
+        at_training["built"] = seen["done"]
+        return real_digits(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "digits", digits)
+    res = demo.run("digits", epochs=1, hidden_size=8, out=str(tmp_path), quiet=False)
+    err = capsys.readouterr().err
+    assert seen["thread"] == "rnnkit-fused-build" and seen["overlapped"]
+    assert at_training == {"built": True}  # the compile is not training time
+    assert err.index("compiling the fused CPU kernels") < err.index("ready (0 s)") < err.index("digits/lstm")
+    assert 0 <= res["accuracy"] <= 1
+
+
+def test_a_failing_warm_up_still_waits_for_the_build(monkeypatch, tmp_path):
+    seen = _fake_build(monkeypatch)
+    real_warm_up = demo._warm_up
+
+    def warm_up(task):
+        try:
+            real_warm_up(task)  # the stand-in: sets the event the fake build waits for
+        finally:
+            raise ImportError("No module named 'sklearn' (simulated)")
+
+    monkeypatch.setattr(demo, "_warm_up", warm_up)
+    with pytest.raises(ImportError, match="simulated"):
+        demo.run("digits", epochs=1, hidden_size=8, out=str(tmp_path), quiet=True)
+    assert seen["done"] and seen["overlapped"]
+
+
+def test_the_warm_up_draws_no_random_numbers():
+    before = torch.get_rng_state()
+    for task in demo.TASKS:
+        demo._warm_up(task)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_no_build_and_no_warm_up_without_the_fused_backend(monkeypatch, tmp_path, backend):
+    seen = _fake_build(monkeypatch)
+    demo.run("sine", ["rnn"], backend=backend, steps=2, hidden_size=8, out=str(tmp_path), quiet=True)
+    assert seen["thread"] is None

@@ -315,8 +315,9 @@ def test_one_core_compiles_one_unity_unit_and_an_edit_rebuilds_it(monkeypatch, t
 @pytest.mark.parametrize("jobs", [1, 2, 3, 4, 8, 16])
 def test_unity_groups_partition_the_sources(jobs):
     """Every source in exactly one unit, at most `jobs` units (and MAX_UNITS), the heavy files of
-    an anchor never split, and with enough cores cell_py.cpp (torch's Python headers, the longest
-    single compile) in a unit of its own."""
+    an anchor never split, with enough cores register.cpp + aten.cpp (torch.library and ATen's op
+    headers, the longest single compile) in a unit of their own, and on 2 cores two units whose
+    estimated work differs by less than the largest kernel file's."""
     groups = _build.unity_groups(jobs)
     flat = [f for g in groups for f in g]
     assert sorted(flat) == sorted(_build.SOURCE_FILES) and len(flat) == len(set(flat))
@@ -324,7 +325,14 @@ def test_unity_groups_partition_the_sources(jobs):
     for anchor in _build.ANCHORS:
         assert sum(1 for g in groups if set(anchor) & set(g)) == 1, anchor
     if jobs >= 3:
-        assert ["cell_py.cpp"] in groups
+        assert ["register.cpp", "aten.cpp"] in groups
+    if jobs == 2:
+        work = []
+        for g in groups:
+            anchor = [i for i, a in enumerate(_build.ANCHORS) if a[0] in g]
+            work.append((_build.ANCHOR_SECONDS[anchor[0]] if anchor else _build.KERNEL_PARSE_SECONDS)
+                        + sum(_build.CODE_SECONDS[f] for f in g if f in _build.CODE_SECONDS))
+        assert len(work) == 2 and abs(work[0] - work[1]) < max(_build.CODE_SECONDS.values()), (groups, work)
     if jobs == 1:
         assert groups == [list(_build.SOURCE_FILES)]
 

@@ -10,6 +10,10 @@ path does (same result, or the same error message)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -289,3 +293,57 @@ def test_declined_bad_input_keeps_the_full_paths_error(case, exc, match, why):
         else:
             with pytest.raises(exc, match=match):
                 ours(x, hx)
+
+
+# ------------------------------------------------------------------ how the entry reads a Tensor object
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _tensor_objects():
+    base = torch.randn(4, 6, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    return {"float32": torch.randn(3), "float64 matrix": base, "view": base[1:, ::2], "transposed": base.t(),
+            "0-d": torch.tensor(2.0), "empty": torch.empty(0, 5), "int64": torch.arange(5),
+            "requires_grad": torch.randn(2, requires_grad=True), "Parameter": w, "Parameter's grad-free view": w.detach(),
+            "module weight": torch.nn.Linear(2, 3).weight, "non-leaf": torch.randn(2, requires_grad=True) * 2}
+
+
+@pytest.mark.parametrize("what", list(_tensor_objects()))
+def test_the_entry_reads_the_at_tensor_that_torch_holds(what):
+    """cell_py.cpp reads a Tensor object's at::Tensor as torch lays it out (a PyObject header, then the
+    at::Tensor), without torch's Python headers; oracle: torch's own Tensor._cdata (its TensorImpl's address)."""
+    t = _tensor_objects()[what]
+    check = _build._state["module"]._tensor_layout_reason
+    assert check(t, t._cdata) is None
+    wrong = "the at::Tensor after a Tensor object's PyObject header is not its tensor"
+    assert check(t, t._cdata + 8) == wrong and check(t, 0) == wrong
+
+
+@pytest.mark.parametrize("obj", [_Sub(torch.randn(2)), [1.0], None, torch.nn.Linear(2, 3)],
+                         ids=["subclass", "list", "None", "module"])
+def test_the_layout_check_takes_exact_tensors_only(obj):
+    assert _build._state["module"]._tensor_layout_reason(obj, 0) == \
+        "the object is not a torch.Tensor or torch.nn.Parameter"
+
+
+def test_the_layout_check_names_its_arguments():
+    check = _build._state["module"]._tensor_layout_reason
+    with pytest.raises(TypeError, match=r"_tensor_layout_reason\(\) takes 2 arguments \(tensor, impl_address\), got 1"):
+        check(torch.randn(2))
+    with pytest.raises(TypeError):
+        check(torch.randn(2), "not an address")
+
+
+def test_a_torch_with_another_tensor_layout_fails_the_import():
+    """The load verifies the layout on a Tensor torch wraps: a mismatch (simulated) fails the module's
+    import with an ImportError naming it, which the loader reports as the fused backend's reason,
+    instead of running on a misread Tensor. (Without the simulation this process loaded it.)"""
+    env = dict(os.environ, RNNKIT_FUSED_TEST_LAYOUT_MISMATCH="1")
+    load = "from rnnkit.fused import _build\nprint('REASON:', _build.load())\n"
+    run = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "REASON: building the C++ extension failed: rnnkit's fused extension (cell_py.cpp) does not match this " \
+           "torch's Tensor objects: the at::Tensor after a Tensor object's PyObject header is not its tensor" \
+           in run.stdout, run.stdout + run.stderr

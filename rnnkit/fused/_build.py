@@ -36,8 +36,10 @@ CSRC = Path(__file__).with_name("csrc")
 # One .cpp per cell family plus the op registration; the shared headers are common.h (BLAS, threading
 # by work, GEMM helpers, SIMD activations, checks), gates.h (the gate math several families share) and
 # ops.h (the ops register.cpp registers). The kernel files include only common.h's light ATen headers
-# (aten.cpp wraps the few ATen functions they call); the "heavy" files include torch's Python headers
-# (cell_py.cpp), torch.library (register.cpp) or ATen's per-op headers (aten.cpp). See unity_groups.
+# (aten.cpp wraps the few ATen functions they call); the "heavy" files include torch.library
+# (register.cpp) or ATen's per-op headers (aten.cpp). cell_py.cpp, the CPython entry, includes Python.h
+# (first in its unit, as Python asks) but none of torch's Python headers (it declares the four names it
+# uses; see the file). See unity_groups.
 KERNEL_FILES = ("cell.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp", "conv.cpp", "peephole.cpp", "ln_gru.cpp", "ln_lstm.cpp",
                 "indrnn.cpp", "project.cpp")
 ANCHORS = (("cell_py.cpp",), ("register.cpp", "aten.cpp"))  # each starts a unit of its own
@@ -46,8 +48,9 @@ SOURCE_FILES = HEAVY_FILES + KERNEL_FILES
 HEADER_FILES = ("common.h", "gates.h", "ops.h")
 # CPU seconds measured one compile at a time (2-core AMD EPYC, g++ -O3, load ~3; only the proportions
 # matter): each anchor alone, a unit's header parsing without one, and each kernel file's own code.
-# (All in one unit: 73 s; the whole kernel set in one unit: 25 s; cell_py.cpp alone: 32 s.)
-ANCHOR_SECONDS = (32.0, 20.0)
+# (All in one unit: 73 s; the whole kernel set in one unit: 25 s; cell_py.cpp alone: 7.8 s, 32 s with
+# torch's Python headers. 2026-12-02, load ~4: units of (8, 20) 32.4 s and 30.7 s; see docs/fused.md.)
+ANCHOR_SECONDS = (8.0, 20.0)
 KERNEL_PARSE_SECONDS = 6.0
 CODE_SECONDS = {"cell.cpp": 3.9, "lstm.cpp": 3.2, "gru.cpp": 2.7, "rnn.cpp": 2.5, "conv.cpp": 2.4,
                 "peephole.cpp": 2.2, "ln_gru.cpp": 1.9, "ln_lstm.cpp": 1.4, "indrnn.cpp": 1.1, "project.cpp": 0.4}
@@ -78,7 +81,7 @@ def compile_flags() -> list:
     return flags
 
 
-COMPILE_TIME = "about 1 min on 2 cores"  # measured from an empty cache (docs/fused.md, "Building")
+COMPILE_TIME = "about 30 s on 2 cores"  # from an empty cache (docs/fused.md, "Building", "Measured")
 
 
 def sources() -> list:

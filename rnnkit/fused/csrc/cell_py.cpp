@@ -1,6 +1,14 @@
-// rnnkit's fused CPU kernels: the direct CPython entry `cell_step` (the extension module's only
-// Python-facing part; its kernels are cell.cpp's direct_step). Kept apart from the kernels because
-// torch's Python headers cost more to parse than all the kernel code.
+// rnnkit's fused CPU kernels: the direct CPython entries `cell_step` and `layer_run` (the extension
+// module's only Python-facing part; its kernels are cell.cpp's direct_step and layer_infer).
+//
+// Light on purpose: torch's Python headers (torch/csrc/autograd/python_variable.h pulls in pybind11
+// and torch/csrc/Exceptions.h; ATen/record_function.h) cost ~25 s of CPU to parse, three times all the
+// rest of this file, for five names. They are declared here instead, exactly as torch declares them
+// (exported from libtorch_python / libtorch_cpu: a renamed or removed one fails the load with an
+// undefined symbol), and the one layout this file assumes, a Tensor object's `at::Tensor` right after
+// its PyObject header (torch's THPVariable), is verified when the module loads (tensor_layout_reason):
+// a torch that moves it fails the import with that reason, never reads a wrong Tensor.
+#include <Python.h>
 
 #include "common.h"
 #include "ops.h"
@@ -22,12 +30,36 @@
 // __torch_function__ modes, autocast), no profiler callbacks, and the backend
 // not disabled by RNNKIT_DISABLE_FUSED.
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/record_function.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/Export.h>
 
 #include <cstdlib>
+#include <exception>
 #include <vector>
+
+// torch's own declarations (torch/csrc/autograd/python_variable.h, torch/csrc/Exceptions.h,
+// ATen/record_function.h), repeated word for word
+TORCH_PYTHON_API extern PyObject* THPVariableClass;  // torch.Tensor
+TORCH_PYTHON_API extern PyObject* ParameterClass;    // torch.nn.Parameter
+TORCH_PYTHON_API PyObject* THPVariable_Wrap(at::TensorBase&& var);
+namespace torch {
+TORCH_PYTHON_API void translate_exception_to_python(const std::exception_ptr&);
+}  // namespace torch
+namespace at {
+TORCH_API bool hasCallbacks();
+}  // namespace at
+
+// What HANDLE_TH_ERRORS / END_HANDLE_TH_ERRORS do with an exception: torch's own translation (a
+// c10::Error becomes RuntimeError, c10::ValueError ValueError, ...; a python_error restores its
+// Python error). (Their C++-warning buffer is left out: the kernels these entries run never warn.)
+#define RK_HANDLE_ERRORS try {
+#define RK_END_HANDLE_ERRORS                                        \
+  }                                                                 \
+  catch (const std::exception&) {                                   \
+    torch::translate_exception_to_python(std::current_exception()); \
+    return nullptr;                                                 \
+  }
 
 namespace rnnkit_fused::cell {
 
@@ -48,10 +80,33 @@ bool plain(const Tensor& t, c10::DispatchKeySet excluded) {
          t.device().is_cpu() && t.layout() == at::kStrided && t.is_contiguous();
 }
 
-// the Tensor held by obj if it is an exact Tensor or Parameter, else null
+// A Tensor object as torch lays it out (torch's THPVariable: the PyObject header, then the at::Tensor;
+// its hook fields follow). Verified when the module loads, see tensor_layout_reason.
+struct TensorObject {
+  PyObject_HEAD
+  Tensor cdata;
+};
+
+// the Tensor held by obj if it is an exact Tensor or Parameter (torch's THPVariable_CheckExact), else null
 const Tensor* unpack(PyObject* obj) {
-  if (!obj || !THPVariable_CheckExact(obj)) return nullptr;
-  return &THPVariable_Unpack(obj);
+  if (!obj) return nullptr;
+  PyTypeObject* const type = Py_TYPE(obj);
+  if (type != (PyTypeObject*)THPVariableClass && type != (PyTypeObject*)ParameterClass) return nullptr;
+  return &reinterpret_cast<TensorObject*>(obj)->cdata;
+}
+
+// Null if unpack reads, from the Tensor object obj, the Tensor whose TensorImpl is at `impl` (what
+// torch's Tensor._cdata gives), else why not. The load checks it on a Tensor it wraps with torch's
+// THPVariable_Wrap; tests on Tensors and Parameters made in Python.
+const char* tensor_layout_reason(PyObject* obj, const void* impl) {
+  if (!THPVariableClass || !ParameterClass) return "torch.Tensor/torch.nn.Parameter are not initialised (torch._C)";
+  if (!obj || (Py_TYPE(obj) != (PyTypeObject*)THPVariableClass && Py_TYPE(obj) != (PyTypeObject*)ParameterClass))
+    return "the object is not a torch.Tensor or torch.nn.Parameter";
+  if (((PyTypeObject*)THPVariableClass)->tp_basicsize < (Py_ssize_t)sizeof(TensorObject))
+    return "torch.Tensor's objects are smaller than a PyObject header and an at::Tensor";
+  if (reinterpret_cast<TensorObject*>(obj)->cdata.unsafeGetTensorImpl() != impl)
+    return "the at::Tensor after a Tensor object's PyObject header is not its tensor";
+  return nullptr;
 }
 
 // A direct call's arguments, read and checked.
@@ -171,7 +226,7 @@ const char* read_direct(PyObject* const* args, Py_ssize_t nargs, DirectStep& d) 
 }
 
 PyObject* cell_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  RK_HANDLE_ERRORS
   DirectStep d;
   if (const char* why = read_direct(args, nargs, d)) {
     if (PyErr_Occurred()) return nullptr;
@@ -191,18 +246,18 @@ PyObject* cell_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(h_new)));
   PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(c_new)));
   return out;
-  END_HANDLE_TH_ERRORS
+  RK_END_HANDLE_ERRORS
 }
 
 // cell_step_reason(same arguments): None if cell_step would run the step, else why it answers NotImplemented.
 PyObject* cell_step_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  RK_HANDLE_ERRORS
   DirectStep d;
   const char* why = read_direct(args, nargs, d);
   if (PyErr_Occurred()) return nullptr;
   if (!why) Py_RETURN_NONE;
   return PyUnicode_FromString(why);
-  END_HANDLE_TH_ERRORS
+  RK_END_HANDLE_ERRORS
 }
 
 // ---------------------------------------------------------------- the direct layer entry
@@ -271,7 +326,7 @@ const char* read_layer(PyObject* const* args, Py_ssize_t nargs, DirectStep& d, i
 }
 
 PyObject* layer_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  RK_HANDLE_ERRORS
   DirectStep d;
   int64_t L = 0;
   bool batch_first = false;
@@ -311,12 +366,12 @@ PyObject* layer_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(out)));
   PyTuple_SET_ITEM(result, 1, state);
   return result;
-  END_HANDLE_TH_ERRORS
+  RK_END_HANDLE_ERRORS
 }
 
 // layer_run_reason(same arguments): None if layer_run would run the call, else why it answers NotImplemented.
 PyObject* layer_run_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
+  RK_HANDLE_ERRORS
   DirectStep d;
   int64_t L = 0;
   bool batch_first = false;
@@ -324,7 +379,40 @@ PyObject* layer_run_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (PyErr_Occurred()) return nullptr;
   if (!why) Py_RETURN_NONE;
   return PyUnicode_FromString(why);
-  END_HANDLE_TH_ERRORS
+  RK_END_HANDLE_ERRORS
+}
+
+// _tensor_layout_reason(tensor, impl_address): None if this module reads tensor's at::Tensor (the
+// one whose TensorImpl is at impl_address, what tensor._cdata gives), else why not (tests).
+PyObject* tensor_layout_reason_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_Format(PyExc_TypeError, "_tensor_layout_reason() takes 2 arguments (tensor, impl_address), got %zd", nargs);
+    return nullptr;
+  }
+  void* impl = PyLong_AsVoidPtr(args[1]);
+  if (PyErr_Occurred()) return nullptr;
+  const char* why = tensor_layout_reason(args[0], impl);
+  if (!why) Py_RETURN_NONE;
+  return PyUnicode_FromString(why);
+}
+
+// The load-time check: a Tensor made here and wrapped by torch (THPVariable_Wrap) must read back as
+// itself. Null if so, else why not (a Python error may be set). RNNKIT_FUSED_TEST_LAYOUT_MISMATCH=1
+// makes it expect another TensorImpl, so tests can see the import fail as it would on such a torch.
+const char* check_tensor_layout() {
+  try {
+    Tensor probe = rk::empty(c10::IntArrayRef({1}), at::TensorOptions().dtype(at::kFloat));
+    const char* simulate = std::getenv("RNNKIT_FUSED_TEST_LAYOUT_MISMATCH");
+    const void* impl = reinterpret_cast<const char*>(probe.unsafeGetTensorImpl()) + (simulate && *simulate ? 1 : 0);
+    PyObject* obj = THPVariable_Wrap(std::move(probe));
+    if (!obj) return "torch could not wrap a Tensor";
+    const char* why = tensor_layout_reason(obj, impl);
+    Py_DECREF(obj);
+    return why;
+  } catch (const std::exception&) {
+    torch::translate_exception_to_python(std::current_exception());
+    return "error";
+  }
 }
 
 PyMethodDef methods[] = {
@@ -337,6 +425,9 @@ PyMethodDef methods[] = {
      "inference call of a one-layer, one-direction RNN/LSTM/GRU, or NotImplemented"},
     {"layer_run_reason", (PyCFunction)(void (*)(void))layer_run_reason, METH_FASTCALL,
      "layer_run_reason(same arguments): None if layer_run would run the call, else why not"},
+    {"_tensor_layout_reason", (PyCFunction)(void (*)(void))tensor_layout_reason_py, METH_FASTCALL,
+     "_tensor_layout_reason(tensor, impl_address): None if the direct entries read tensor's at::Tensor (the one "
+     "at tensor._cdata), else why not"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME),
@@ -359,6 +450,14 @@ PyMODINIT_FUNC RNNKIT_PYINIT(TORCH_EXTENSION_NAME)(void) {
   k_bias_ih_l0 = PyUnicode_InternFromString("bias_ih_l0");
   k_bias_hh_l0 = PyUnicode_InternFromString("bias_hh_l0");
   if (!k_weight_ih_l0 || !k_weight_hh_l0 || !k_bias_ih_l0 || !k_bias_hh_l0) return nullptr;
+  if (const char* why = check_tensor_layout()) {
+    if (!PyErr_Occurred())
+      PyErr_Format(PyExc_ImportError,
+                   "rnnkit's fused extension (cell_py.cpp) does not match this torch's Tensor objects: %s; "
+                   "its direct entries read a Tensor object as torch's THPVariable lays it out "
+                   "(a PyObject header, then the at::Tensor)", why);
+    return nullptr;
+  }
   return PyModule_Create(&module_def);
 }
 #endif  // TORCH_EXTENSION_NAME
