@@ -7,7 +7,7 @@ call, then `steps` products; the layout is included, amortized over the steps).
 
 Shapes: LSTM (cols, k) = (4H, H) and GRU (3H, H), forward (trans: h W_hh^T) and backward (no trans:
 dG W_hh, (cols, k) = (H, 4H) / (H, 3H)). Prints microseconds per product (median of the repeats,
-interleaved: every variant once per repeat) and blas/panel (> 1: the panel GEMM is faster). The
+interleaved: every variant once per repeat; --stat min for a loaded machine) and blas/panel (> 1: the panel GEMM is faster). The
 under-load policy is forced to 'parallel' so that 2 threads mean 2 threads; the load average is printed.
 
 --layers: whole layers end to end, T=100, 2 threads (the first --threads), side by side in one process:
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", default=["lstm", "gru"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--stat", default="median", choices=["median", "min"])
     ap.add_argument("--no-mm", action="store_true", help="skip torch.mm")
     ap.add_argument("--layers", action="store_true", help="whole layers vs torch.nn instead of the product")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -61,8 +62,9 @@ def main() -> None:
 
 
 def layers(args, dt) -> None:
+    stat = statistics.median if args.stat == "median" else min
     torch.set_num_threads(args.threads[0])
-    print(f"threads {args.threads[0]}, T={args.steps}; ms, median of {args.reps}; ratios fused/torch.nn", flush=True)
+    print(f"threads {args.threads[0]}, T={args.steps}; ms, {args.stat} of {args.reps}; ratios fused/torch.nn", flush=True)
     print(f"{'cell':>4} {'N':>4} {'H':>5} {'mode':>4} {'nn_ms':>8} {'blas_ms':>8} {'rule_ms':>8} "
           f"{'blas/nn':>7} {'rule/nn':>7} {'rule/blas':>9}", flush=True)
     for cell in [c.upper() for c in args.cells]:
@@ -97,13 +99,14 @@ def layers(args, dt) -> None:
                             s = time.perf_counter()
                             g()
                             ts[v].append((time.perf_counter() - s) * 1e3)
-                    m = {v: statistics.median(t) for v, t in ts.items()}
+                    m = {v: stat(t) for v, t in ts.items()}
                     print(f"{cell:>4} {N:>4} {H:>5} {name:>4} {m['nn']:>8.2f} {m['blas']:>8.2f} {m['rule']:>8.2f} "
                           f"{m['blas'] / m['nn']:>7.2f} {m['rule'] / m['nn']:>7.2f} {m['rule'] / m['blas']:>9.2f}",
                           flush=True)
 
 
 def product(args, dt) -> None:
+    stat = statistics.median if args.stat == "median" else min
     print(f"{'thr':>3} {'cell':>4} {'dir':>3} {'rows':>4} {'H':>5} {'cols':>5} {'k':>5} {'steps':>5} "
           f"{'blas_us':>9} {'panel_us':>9} {'mm_us':>9} {'blas/panel':>10} {'mm/panel':>8}", flush=True)
     for nt in args.threads:
@@ -135,7 +138,7 @@ def product(args, dt) -> None:
                                 s = time.perf_counter()
                                 f()
                                 ts[name].append((time.perf_counter() - s) / steps * 1e6)
-                        m = {name: statistics.median(v) for name, v in ts.items()}
+                        m = {name: stat(v) for name, v in ts.items()}
                         mm = m.get("mm", float("nan"))
                         print(f"{nt:>3} {cell:>4} {'fwd' if trans else 'bwd':>3} {rows:>4} {H:>5} {cols:>5} {k:>5} "
                               f"{steps:>5} {m['blas']:>9.1f} {m['panel']:>9.1f} {mm:>9.1f} "

@@ -467,6 +467,9 @@ Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
 // Few rows (a batch of 1 to 3): a register-blocked kernel beats BLAS, whose
 // call and packing overhead dominates a matrix-vector product of this size.
 constexpr int64_t kSmallRows = 4;
+// The inference kernel (cell.cpp, layer_infer_raw) lays a batch of 1 to 3 out for the panel GEMM only for
+// sequences of at least this many steps (the layout, one pass over W_hh, costs about two products' time).
+constexpr int64_t kPanelMinSteps = 4;
 
 // C (rows x cols) = beta * C + A (rows x k) * B, B is (k x cols) row-major; beta 0 or 1.
 template <typename T>
@@ -655,11 +658,32 @@ inline void panel_tile(int64_t k, const T* A, int64_t lda, const T* P, bool add,
   if constexpr (MR > 3) panel_store_row(c30, c31, c32, C + 3 * ldc, w, add);
 }
 
+// One row through two whole panels P and P + k * NR at once (6 accumulators: one row's 3 FMA chains would
+// wait on the FMA latency), into C (2 * NR columns).
+template <typename T>
+inline void panel_tile_1x2(int64_t k, const T* a, const T* P, bool add, T* C) {
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size(), NR = 3 * VS;
+  const T* Q = P + k * NR;
+  V c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0)), c4(T(0)), c5(T(0));
+  for (int64_t kk = 0; kk < k; ++kk, P += NR, Q += NR) {
+    const V x(a[kk]);
+    c0 = at::vec::fmadd(x, V::loadu(P), c0), c1 = at::vec::fmadd(x, V::loadu(P + VS), c1);
+    c2 = at::vec::fmadd(x, V::loadu(P + 2 * VS), c2), c3 = at::vec::fmadd(x, V::loadu(Q), c3);
+    c4 = at::vec::fmadd(x, V::loadu(Q + VS), c4), c5 = at::vec::fmadd(x, V::loadu(Q + 2 * VS), c5);
+  }
+  panel_store_row(c0, c1, c2, C, NR, add);
+  panel_store_row(c3, c4, c5, C + NR, NR, add);
+}
+
 // C (rows x cols) [+]= A (rows x k) op(B) for the panels [p0, p1) of the packed op(B); k > 0.
 template <typename T>
 void panel_gemm(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, const T* packed, bool add, T* C,
                 int64_t ldc, int64_t p0, int64_t p1) {
   constexpr int64_t NR = panel_width<T>();
+  if (rows == 1)  // a batch of one: whole panels in pairs, the last (maybe partial) one alone below
+    for (; p0 + 1 < p1 && (p0 + 2) * NR <= cols; p0 += 2)
+      panel_tile_1x2(k, A, packed + p0 * k * NR, add, C + p0 * NR);
   for (int64_t p = p0; p < p1; ++p) {
     const T* P = packed + p * k * NR;
     const int64_t j0 = p * NR, w = std::min(NR, cols - j0);
@@ -837,11 +861,35 @@ inline std::atomic<int>& recurrent_kernel_mode() {
   return mode;
 }
 
-// The rule: the panel GEMM for a product of rows x cols x k, else the BLAS path.
+// The rule: the panel GEMM for a product of rows x cols x k (trans: forward, op(B) = B^T), else the BLAS path.
+// Measured on the 2-core AMD EPYC of docs/fused.md (Zen 3 KVM guest, AVX2, 1 MiB L2, torch 2.13 with MKL,
+// which on this CPU is memory- or latency-bound on these shapes), 2026-12-02, load average 4 to 7 (other
+// helpers' builds and tests: the minimum of 5 to 7 interleaved repeats), float32, one product in a step loop
+// (the layout amortized over up to 100 steps), `python benchmarks/recurrent_gemm.py --stat min`; MKL time /
+// panel time, LSTM (4H x H) and GRU (3H x H), forward and backward:
+//  * 1 thread, rows 4 to 64, H 64 to 1024: 1.09 to 5.9 (rows 8, H 512: 2.02 forward, 1.60 backward);
+//    rows 128 to 512, H 64 to 512: 0.88 to 1.83 (one below 1: 0.88 at rows 128, H 256 forward);
+//  * 2 threads, rows 4 to 128: 1.04 to 15 (rows 8, H 512: 2.99 / 2.69);
+//  * rows 1 to 3 against the few-rows kernel (small_gemm_ab): 1.1 to 5.3 but a single row backward
+//    (B as it is, no transposed copy) below 2^17 weights: H 64 0.77 to 0.98, H 128 0.79 to 0.88; H 256 1.11 to 4.35.
+// So the panel GEMM everywhere but there, and up to kPanelMaxRows rows (the most measured; above it MKL's
+// blocking for large products). On Intel CPUs, where MKL takes its tuned paths, re-measure before relying
+// on this rule (the panel GEMM's results are correct everywhere; the tests cover it on every machine).
+constexpr int64_t kPanelOneRowBwdElems = int64_t(1) << 17;
+constexpr int64_t kPanelMaxRows = 512;
 template <typename T>
-inline bool use_panel(int64_t rows, int64_t cols, int64_t k) {
-  (void)rows, (void)cols, (void)k;
+inline bool use_panel(int64_t rows, int64_t cols, int64_t k, bool trans) {
+  if (rows > kPanelMaxRows) return false;
+  if (rows == 1 && !trans && cols * k < kPanelOneRowBwdElems) return false;
   return true;
+}
+
+// Whether a Recurrent built now with `kernel` (a RecurrentKernel, or -1: the process-wide setting) takes the
+// panel GEMM.
+template <typename T>
+inline bool panel_chosen(int64_t rows, int64_t cols, int64_t k, bool trans, int kernel = -1) {
+  const int mode = kernel >= 0 ? kernel : recurrent_kernel_mode().load(std::memory_order_relaxed);
+  return mode == kPanel || (mode == kByRule && use_panel<T>(rows, cols, k, trans));
 }
 
 // The recurrent product of one step, C (rows x cols) = beta C + A (rows x k) op(B), beta 0 or 1,
@@ -862,8 +910,7 @@ struct Recurrent {
   Recurrent(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w, int kernel = -1)
       : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<T>()), serial(serial_gemm(rows_, cols_, k_)) {
     if (rows == 0 || cols == 0 || k == 0) return;
-    const int mode = kernel >= 0 ? kernel : recurrent_kernel_mode().load(std::memory_order_relaxed);
-    if (mode == kPanel || (mode == kByRule && use_panel<T>(rows, cols, k))) {
+    if (panel_chosen<T>(rows, cols, k, trans, kernel)) {
       const int64_t np = panel_count<T>(cols);
       keep = rk::empty({np * k * panel_width<T>()}, w.options());
       T* dst = keep.data_ptr<T>();
