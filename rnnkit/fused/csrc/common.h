@@ -467,9 +467,6 @@ Tensor view_of(const T* p, int64_t rows, int64_t cols, int64_t ld) {
 // Few rows (a batch of 1 to 3): a register-blocked kernel beats BLAS, whose
 // call and packing overhead dominates a matrix-vector product of this size.
 constexpr int64_t kSmallRows = 4;
-// The inference kernel (cell.cpp, layer_infer_raw) lays a batch of 1 to 3 out for the panel GEMM only for
-// sequences of at least this many steps (the layout, one pass over W_hh, costs about two products' time).
-constexpr int64_t kPanelMinSteps = 4;
 
 // C (rows x cols) = beta * C + A (rows x k) * B, B is (k x cols) row-major; beta 0 or 1.
 template <typename T>
