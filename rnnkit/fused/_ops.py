@@ -663,3 +663,20 @@ def load_policy(mode: str = "", fake_others: float = -1.0, fake_cpus: int = 0) -
     v = _ops().load_policy(mode, float(fake_others), int(fake_cpus))
     return {"mode": {-1: "unread", 0: "auto", 1: "serial", 2: "parallel"}[int(v[0])], "serial": bool(v[1]),
             "others": v[2], "online": int(v[3]), "usable": int(v[4]), "samples": int(v[5]), "waited": bool(v[6])}
+
+
+def recurrent_kernel(mode: str = "") -> str:
+    """The kernel of the fused ops' per-step recurrent product (csrc/common.h, ``Recurrent``) for
+    every op call from now on: ``"rule"`` (the default: the panel GEMM or MKL by size), ``"blas"``
+    (MKL's packed GEMM, the few-rows kernel below 4 rows) or ``"panel"`` (the panel GEMM always);
+    ``""`` leaves it. Returns the setting before the call. For benchmarks and tests."""
+    return _ops().recurrent_kernel(mode)
+
+
+def recurrent_mm(a: Tensor, w: Tensor, c: Tensor, trans: bool, beta: float = 0.0, kernel: int = -1,
+                 steps: int = 1) -> None:
+    """``steps`` recurrent products ``c = beta c + a op(w)`` in place, as a fused step loop runs them
+    (``w`` laid out once): ``op(w) = w^T`` with ``w (cols, k)`` when ``trans``, else ``w (k, cols)``;
+    ``a (rows, k)``, ``c (rows, cols)`` (unit column stride, any row stride); ``kernel`` -1 (the
+    :func:`recurrent_kernel` setting), 0 (the rule), 1 (BLAS) or 2 (panel). For benchmarks and tests."""
+    _ops().recurrent_mm(a, w, c, bool(trans), float(beta), int(kernel), int(steps))

@@ -548,6 +548,181 @@ void gemm_ab(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, con
   }
 }
 
+// ---------------------------------------------------------------- the panel GEMM
+//
+// The recurrent product of one step is skinny: a batch of rows (1 to ~128) times a weight of
+// cols x k (4H x H for an LSTM). The weight is laid out once per op call into column panels of
+// kPanelVecs vectors (24 float32 / 12 float64 columns under AVX2; 48 / 24 where at::vec is
+// AVX-512), k-contiguous within a panel and zero-padded to the panel width, so each step reads
+// the weight once, linearly. A micro-kernel keeps an up to kPanelRows x panel block of C in
+// registers (4 x 3 vectors: 12 accumulators, 3 weight loads and 4 broadcasts of A per k) and
+// walks k; the rows of a step go through the panel in blocks of kPanelRows while the panel
+// stays in L1/L2. Every output element is one sum over k in the same order whatever the block,
+// the thread or the thread count (a thread takes whole panels), so results are bit-identical
+// for 1 and 2 threads. See docs/fused.md, "The recurrent product".
+constexpr int64_t kPanelVecs = 3;
+constexpr int64_t kPanelRows = 4;
+template <typename T>
+constexpr int64_t panel_width() {
+  return kPanelVecs * Vec<T>::size();
+}
+template <typename T>
+inline int64_t panel_count(int64_t cols) {
+  return (cols + panel_width<T>() - 1) / panel_width<T>();
+}
+
+// Panels [p0, p1) of op(B) (k x cols) into dst (panel p at dst + p * k * NR, element (kk, jj) at
+// kk * NR + jj). trans: B is (cols x k) row-major (op(B) = B^T), else B is (k x cols) row-major.
+template <typename T>
+void panel_pack(bool trans, int64_t cols, int64_t k, const T* B, T* dst, int64_t p0, int64_t p1) {
+  constexpr int64_t NR = panel_width<T>();
+  for (int64_t p = p0; p < p1; ++p) {
+    T* d = dst + p * k * NR;
+    const int64_t j0 = p * NR, w = std::min(NR, cols - j0);
+    if (trans) {
+      if (w < NR)
+        for (int64_t kk = 0; kk < k; ++kk) std::fill(d + kk * NR + w, d + kk * NR + NR, T(0));
+      for (int64_t jj = 0; jj < w; ++jj) {
+        const T* b = B + (j0 + jj) * k;
+        for (int64_t kk = 0; kk < k; ++kk) d[kk * NR + jj] = b[kk];
+      }
+    } else {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        std::copy(B + kk * cols + j0, B + kk * cols + j0 + w, d + kk * NR);
+        std::fill(d + kk * NR + w, d + kk * NR + NR, T(0));
+      }
+    }
+  }
+}
+
+// one row of a tile, w <= NR columns, into c (added to c's when add)
+template <typename T>
+inline void panel_store_row(Vec<T> x0, Vec<T> x1, Vec<T> x2, T* c, int64_t w, bool add) {
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size();
+  if (w == 3 * VS) {
+    if (add) {
+      x0 = x0 + V::loadu(c);
+      x1 = x1 + V::loadu(c + VS);
+      x2 = x2 + V::loadu(c + 2 * VS);
+    }
+    x0.store(c), x1.store(c + VS), x2.store(c + 2 * VS);
+    return;
+  }
+  // the last panel's w < NR columns
+  const V x[3] = {x0, x1, x2};
+  for (int64_t v = 0; v < 3 && v * VS < w; ++v) {
+    const int64_t cnt = std::min<int64_t>(VS, w - v * VS);
+    V y = x[v];
+    if (add) y = y + V::loadu(c + v * VS, cnt);
+    y.store(c + v * VS, cnt);
+  }
+}
+
+// C (MR x w) = [C +] A (MR x k) P (k x NR), w <= NR columns of the panel P stored. The accumulators are
+// named variables, not arrays: GCC kept arrays of Vectorized in memory, storing all 12 every k.
+template <typename T, int MR>
+inline void panel_tile(int64_t k, const T* A, int64_t lda, const T* P, bool add, T* C, int64_t ldc, int64_t w) {
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size();
+  static_assert(kPanelVecs == 3 && kPanelRows == 4 && MR >= 1 && MR <= 4, "panel_tile: 1 to 4 rows x 3 vectors");
+  V c00(T(0)), c01(T(0)), c02(T(0)), c10(T(0)), c11(T(0)), c12(T(0));
+  V c20(T(0)), c21(T(0)), c22(T(0)), c30(T(0)), c31(T(0)), c32(T(0));
+  const T* a0 = A;
+  const T* a1 = A + (MR > 1 ? lda : 0);
+  const T* a2 = A + (MR > 2 ? 2 * lda : 0);
+  const T* a3 = A + (MR > 3 ? 3 * lda : 0);
+  for (int64_t kk = 0; kk < k; ++kk, P += 3 * VS) {
+    const V b0 = V::loadu(P), b1 = V::loadu(P + VS), b2 = V::loadu(P + 2 * VS);
+    const V x0(a0[kk]);
+    c00 = at::vec::fmadd(x0, b0, c00), c01 = at::vec::fmadd(x0, b1, c01), c02 = at::vec::fmadd(x0, b2, c02);
+    if constexpr (MR > 1) {
+      const V x1(a1[kk]);
+      c10 = at::vec::fmadd(x1, b0, c10), c11 = at::vec::fmadd(x1, b1, c11), c12 = at::vec::fmadd(x1, b2, c12);
+    }
+    if constexpr (MR > 2) {
+      const V x2(a2[kk]);
+      c20 = at::vec::fmadd(x2, b0, c20), c21 = at::vec::fmadd(x2, b1, c21), c22 = at::vec::fmadd(x2, b2, c22);
+    }
+    if constexpr (MR > 3) {
+      const V x3(a3[kk]);
+      c30 = at::vec::fmadd(x3, b0, c30), c31 = at::vec::fmadd(x3, b1, c31), c32 = at::vec::fmadd(x3, b2, c32);
+    }
+  }
+  panel_store_row(c00, c01, c02, C, w, add);
+  if constexpr (MR > 1) panel_store_row(c10, c11, c12, C + ldc, w, add);
+  if constexpr (MR > 2) panel_store_row(c20, c21, c22, C + 2 * ldc, w, add);
+  if constexpr (MR > 3) panel_store_row(c30, c31, c32, C + 3 * ldc, w, add);
+}
+
+// One row through two whole panels P and P + k * NR at once (6 accumulators: one row's 3 FMA chains would
+// wait on the FMA latency), into C (2 * NR columns).
+template <typename T>
+inline void panel_tile_1x2(int64_t k, const T* a, const T* P, bool add, T* C) {
+  using V = Vec<T>;
+  constexpr int64_t VS = V::size(), NR = 3 * VS;
+  const T* Q = P + k * NR;
+  V c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0)), c4(T(0)), c5(T(0));
+  for (int64_t kk = 0; kk < k; ++kk, P += NR, Q += NR) {
+    const V x(a[kk]);
+    c0 = at::vec::fmadd(x, V::loadu(P), c0), c1 = at::vec::fmadd(x, V::loadu(P + VS), c1);
+    c2 = at::vec::fmadd(x, V::loadu(P + 2 * VS), c2), c3 = at::vec::fmadd(x, V::loadu(Q), c3);
+    c4 = at::vec::fmadd(x, V::loadu(Q + VS), c4), c5 = at::vec::fmadd(x, V::loadu(Q + 2 * VS), c5);
+  }
+  panel_store_row(c0, c1, c2, C, NR, add);
+  panel_store_row(c3, c4, c5, C + NR, NR, add);
+}
+
+// C (rows x cols) [+]= A (rows x k) op(B) for the panels [p0, p1) of the packed op(B); k > 0.
+template <typename T>
+void panel_gemm(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, const T* packed, bool add, T* C,
+                int64_t ldc, int64_t p0, int64_t p1) {
+  constexpr int64_t NR = panel_width<T>();
+  if (rows == 1)  // a batch of one: whole panels in pairs, the last (maybe partial) one alone below
+    for (; p0 + 1 < p1 && (p0 + 2) * NR <= cols; p0 += 2)
+      panel_tile_1x2(k, A, packed + p0 * k * NR, add, C + p0 * NR);
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* P = packed + p * k * NR;
+    const int64_t j0 = p * NR, w = std::min(NR, cols - j0);
+    int64_t r = 0;
+    for (; r + kPanelRows <= rows; r += kPanelRows)
+      panel_tile<T, kPanelRows>(k, A + r * lda, lda, P, add, C + r * ldc + j0, ldc, w);
+    switch (rows - r) {
+      case 3: panel_tile<T, 3>(k, A + r * lda, lda, P, add, C + r * ldc + j0, ldc, w); break;
+      case 2: panel_tile<T, 2>(k, A + r * lda, lda, P, add, C + r * ldc + j0, ldc, w); break;
+      case 1: panel_tile<T, 1>(k, A + r * lda, lda, P, add, C + r * ldc + j0, ldc, w); break;
+      default: break;
+    }
+  }
+}
+
+// fn(p0, p1) over the panels [0, panels), split into contiguous ranges over up to `threads` threads of torch's own
+// OpenMP pool (raw GOMP_parallel, as lstm_rows in lstm.cpp: this extension is built without -fopenmp); serial for
+// one thread, inside another parallel region, or without libgomp's symbols.
+template <typename F>
+void over_panels(int64_t panels, int64_t threads, const F& fn) {
+  const int64_t nt = threads < 2 || panels < 2 || !GOMP_parallel || !omp_get_thread_num || !omp_get_num_threads ||
+                             at::in_parallel_region()
+                         ? 1
+                         : std::min(threads, panels);
+  if (nt < 2) {
+    fn(int64_t(0), panels);
+    return;
+  }
+  struct Ctx {
+    const F* fn;
+    int64_t panels;
+  } ctx{&fn, panels};
+  GOMP_parallel(
+      [](void* p) {
+        const Ctx* c = static_cast<const Ctx*>(p);
+        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t b = c->panels * tid / nt, e = c->panels * (tid + 1) / nt;
+        if (b < e) (*c->fn)(b, e);
+      },
+      &ctx, (unsigned)nt, 0);
+}
+
 // ---------------------------------------------------------------- helpers
 
 // Gate activations. float64 uses Sleef's 1-ulp exp/tanh (parity to 1e-10);
@@ -674,23 +849,72 @@ inline void check_same(const Tensor& ref, const Tensor& t, const char* what, at:
   TORCH_CHECK(t.sizes() == shape, "rnnkit_fused: ", what, " has shape ", t.sizes(), ", expected ", shape);
 }
 
-// The recurrent product of one step, C (rows x cols) = beta C + A (rows x k) op(B),
-// with B (a weight) laid out once before the time loop: transposed for the
-// few-rows kernel, packed for MKL, or left as is for plain BLAS.
+// Which kernel the recurrent product uses: by the rule below (0), the BLAS path (1: the few-rows kernel
+// below kSmallRows rows, else MKL's packed GEMM, or plain BLAS), or the panel GEMM (2). A process-wide
+// switch for the benchmarks and tests (rnnkit_fused::recurrent_kernel); read once per Recurrent.
+enum RecurrentKernel : int { kByRule = 0, kBlas = 1, kPanel = 2 };
+inline std::atomic<int>& recurrent_kernel_mode() {
+  static std::atomic<int> mode{kByRule};
+  return mode;
+}
+
+// The rule: the panel GEMM for a product of rows x cols x k (trans: forward, op(B) = B^T), else the BLAS path.
+// Measured on the 2-core AMD EPYC of docs/fused.md (Zen 3 KVM guest, AVX2, 1 MiB L2, torch 2.13 with MKL,
+// which on this CPU is memory- or latency-bound on these shapes), 2026-12-02, load average 4 to 7 (other
+// helpers' builds and tests: the minimum of 5 to 7 interleaved repeats), float32, one product in a step loop
+// (the layout amortized over up to 100 steps), `python benchmarks/recurrent_gemm.py --stat min`; MKL time /
+// panel time, LSTM (4H x H) and GRU (3H x H), forward and backward:
+//  * 1 thread, rows 4 to 64, H 64 to 1024: 1.09 to 5.9 (rows 8, H 512: 2.02 forward, 1.60 backward);
+//    rows 128 to 512, H 64 to 512: 0.88 to 1.83 (one below 1: 0.88 at rows 128, H 256 forward);
+//  * 2 threads, rows 4 to 128: 1.04 to 15 (rows 8, H 512: 2.99 / 2.69);
+//  * rows 1 to 3 against the few-rows kernel (small_gemm_ab): 1.1 to 5.3 but a single row backward
+//    (B as it is, no transposed copy) below 2^17 weights: H 64 0.77 to 0.98, H 128 0.79 to 0.88; H 256 1.11 to 4.35.
+// So the panel GEMM everywhere but there, and up to kPanelMaxRows rows (the most measured; above it MKL's
+// blocking for large products). On Intel CPUs, where MKL takes its tuned paths, re-measure before relying
+// on this rule (the panel GEMM's results are correct everywhere; the tests cover it on every machine).
+constexpr int64_t kPanelOneRowBwdElems = int64_t(1) << 17;
+constexpr int64_t kPanelMaxRows = 512;
+template <typename T>
+inline bool use_panel(int64_t rows, int64_t cols, int64_t k, bool trans) {
+  if (rows > kPanelMaxRows) return false;
+  if (rows == 1 && !trans && cols * k < kPanelOneRowBwdElems) return false;
+  return true;
+}
+
+// Whether a Recurrent built now with `kernel` (a RecurrentKernel, or -1: the process-wide setting) takes the
+// panel GEMM.
+template <typename T>
+inline bool panel_chosen(int64_t rows, int64_t cols, int64_t k, bool trans, int kernel = -1) {
+  const int mode = kernel >= 0 ? kernel : recurrent_kernel_mode().load(std::memory_order_relaxed);
+  return mode == kPanel || (mode == kByRule && use_panel<T>(rows, cols, k, trans));
+}
+
+// The recurrent product of one step, C (rows x cols) = beta C + A (rows x k) op(B), beta 0 or 1,
+// with B (a weight) laid out once before the time loop: in panels for the panel GEMM, transposed
+// for the few-rows kernel, packed for MKL, or left as is for plain BLAS.
 template <typename T>
 struct Recurrent {
   int64_t rows, cols, k;
   bool trans;  // op(B) = B^T, B is (cols x k); else op(B) = B, B is (k x cols)
   const T* B;
   Tensor keep;      // the laid-out copy
+  const T* panels = nullptr;  // op(B) in panels for the panel GEMM
   const T* small = nullptr;   // (k x cols) for the few-rows kernel
   const T* packed = nullptr;  // MKL packed B
   bool serial;                // one step's product is too small for more than one thread
 
-  Recurrent(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w)
+  // kernel: a RecurrentKernel, or -1 for the process-wide setting (recurrent_kernel_mode)
+  Recurrent(int64_t rows_, int64_t cols_, int64_t k_, bool trans_, const Tensor& w, int kernel = -1)
       : rows(rows_), cols(cols_), k(k_), trans(trans_), B(w.data_ptr<T>()), serial(serial_gemm(rows_, cols_, k_)) {
     if (rows == 0 || cols == 0 || k == 0) return;
-    if (rows < kSmallRows) {
+    if (panel_chosen<T>(rows, cols, k, trans, kernel)) {
+      const int64_t np = panel_count<T>(cols);
+      keep = rk::empty({np * k * panel_width<T>()}, w.options());
+      T* dst = keep.data_ptr<T>();
+      const OneThread one(serial_elems(cols * k));
+      over_panels(np, at::get_num_threads(), [&](int64_t p0, int64_t p1) { panel_pack(trans, cols, k, B, dst, p0, p1); });
+      panels = dst;
+    } else if (rows < kSmallRows) {
       if (trans) {
         keep = w.t().contiguous();
         small = keep.data_ptr<T>();
@@ -708,7 +932,12 @@ struct Recurrent {
 
   void operator()(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
     if (rows == 0 || cols == 0) return;
-    if (small && k > 0) small_gemm_ab(rows, cols, k, A, lda, small, cols, beta, C, ldc);
+    if (panels) {
+      TORCH_INTERNAL_ASSERT(beta == T(0) || beta == T(1));
+      over_panels(panel_count<T>(cols), serial ? 1 : at::get_num_threads(), [&](int64_t p0, int64_t p1) {
+        panel_gemm(rows, cols, k, A, lda, panels, beta != T(0), C, ldc, p0, p1);
+      });
+    } else if (small && k > 0) small_gemm_ab(rows, cols, k, A, lda, small, cols, beta, C, ldc);
     else if (packed) {
       const OneThread one(serial);
       packed_compute((int)rows, (int)cols, (int)k, A, (int)lda, packed, beta, C, (int)ldc);
