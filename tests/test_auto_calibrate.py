@@ -405,15 +405,15 @@ def test_size_buckets():
     assert cal.bucket_name("L") == "N64H256" and cal.bucket_name("N6H300") == "N8H256"
     with pytest.raises(ValueError, match=r"a size is S, M, L or N<batch>H<hidden> \(e.g. N8H512\), got '8x512'"):
         cal.bucket_name("8x512")
-    # the synthetic problem: the bucket's batch and hidden size, 8 to 32 steps (fewer for more work)
+    # the synthetic problem: the bucket's batch and hidden size, 16 to 64 steps (fewer for more work)
     small, large = (cal.ClassKey("lstm", "float32", False, True, s) for s in ("N1H64", "N128H1024"))
     assert cal.problem(small) == (1, 64, 64, cal.MAX_STEPS) and cal.problem(large) == (128, 1024, 1024, cal.MIN_STEPS)
-    assert cal.problem_macs(large) == 8 * 128 * 4096 * 2048 * 3
+    assert cal.problem_macs(large) == cal.MIN_STEPS * 128 * 4096 * 2048 * 3
     # the warm-up limit grows with the work: a large layer is measured even where its calls exceed MAX_WARMUP_S
-    assert cal.warmup_limit(small, 32, 0.5) == 0.5
-    assert cal.warmup_limit(large, 8, 0.5) == pytest.approx(cal.WARMUP_FACTOR * 2 * cal.problem_macs(large)
+    assert cal.warmup_limit(small, cal.MAX_STEPS, 0.5) == 0.5
+    assert cal.warmup_limit(large, cal.MIN_STEPS, 0.5) == pytest.approx(cal.WARMUP_FACTOR * 2 * cal.problem_macs(large)
                                                             / cal.WARMUP_RATE)
-    assert cal.warmup_limit(large, 8, 0.5) > 10
+    assert cal.warmup_limit(large, cal.MIN_STEPS, 0.5) > 10
 
 
 def test_measure_mode_reads_the_environment(monkeypatch):
