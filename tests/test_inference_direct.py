@@ -97,6 +97,33 @@ def test_direct_layer_matches_torch_nn(spy, name, dtype, n, hidden, seq_len, bat
     assert len(set(ptrs)) == len(ptrs) and not set(ptrs) & {t.data_ptr() for t in inputs}
 
 
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("n", [1, 3])
+def test_small_batch_product_split_over_threads(spy, name, n):
+    """A batch of 1-3 with a product over the serial threshold (kSerialStepMacs, 2^17) splits W_hh's rows
+    over threads (cell.cpp, layer_infer_raw): it equals torch.nn, and one thread's result bit for bit
+    (each output row is computed by one thread either way). Hidden sizes with G * H over 2^17 and G not a
+    multiple of the block of 8 rows, H not a multiple of the vector width."""
+    hidden = {"lstm": 203, "gru": 211}.get(name, 403)
+    ours, theirs = make(name, hidden)
+    x = torch.randn(6, n, H_IN)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                results.append(outputs(ours(x)))
+        with torch.no_grad():
+            want = outputs(theirs(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert spy == {"calls": 2, "ran": 2}
+    for one, two, ref in zip(*results, want):
+        assert torch.equal(one, two)
+        assert_close(two, ref, torch.float32, name)
+
+
 def test_inference_mode_and_frozen_parameters(spy):
     """torch.inference_mode, and grad mode on with nothing that needs a gradient, run the direct entry."""
     ours, theirs = make("gru", 10)
