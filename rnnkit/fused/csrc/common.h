@@ -697,7 +697,7 @@ void panel_gemm(int64_t rows, int64_t cols, int64_t k, const T* A, int64_t lda, 
 }
 
 // fn(p0, p1) over the panels [0, panels), split into contiguous ranges over up to `threads` threads of torch's own
-// OpenMP pool (raw GOMP_parallel, as lstm_rows in lstm.cpp: this extension is built without -fopenmp); serial for
+// OpenMP pool (raw GOMP_parallel: this extension is built without -fopenmp; lstm.cpp's lstm_rows splits rows with it); serial for
 // one thread, inside another parallel region, or without libgomp's symbols.
 template <typename F>
 void over_panels(int64_t panels, int64_t threads, const F& fn) {

@@ -12,32 +12,14 @@ namespace rnnkit_fused::lstm {
 // OpenMP path compiles to a serial loop here: the gate math of every step ran on
 // one thread. lstm_rows runs fn(begin, end) over the rows [0, N) (H cell units
 // each) split across a region of torch's own OpenMP pool (libgomp, which
-// libtorch_cpu links), called directly, with as many threads as get at least
+// libtorch_cpu links), called directly by common.h's over_panels, with as many threads as get at least
 // kLstmSplitUnitsPerThread units and a row each, at most torch's thread count
 // (measured on 2 cores, T=100, fwd+bwd: the split loses 2-37% at N*H <= 1024,
 // gains 3-7% at 1536-4096 and 6% at N=64, H=256; see "threading by work").
 // Serial for one thread, inside another region, or without those symbols.
 template <typename F>
 void lstm_rows(int64_t N, int64_t H, const F& fn) {
-  const int64_t nt = N < 2 || !GOMP_parallel || !omp_get_thread_num || !omp_get_num_threads || at::in_parallel_region()
-                         ? 1
-                         : std::min<int64_t>({at::get_num_threads(), N, N * H / kLstmSplitUnitsPerThread});
-  if (nt < 2) {
-    fn(0, N);
-    return;
-  }
-  struct Ctx {
-    const F* fn;
-    int64_t N;
-  } ctx{&fn, N};
-  GOMP_parallel(
-      [](void* p) {
-        const Ctx* c = static_cast<const Ctx*>(p);
-        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int64_t chunk = (c->N + nt - 1) / nt, b = tid * chunk;
-        if (b < c->N) (*c->fn)(b, std::min(c->N, b + chunk));
-      },
-      &ctx, (unsigned)nt, 0);
+  over_panels(N, std::min<int64_t>(at::get_num_threads(), N * H / kLstmSplitUnitsPerThread), fn);  // rows as panels
 }
 
 
