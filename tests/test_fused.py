@@ -132,6 +132,12 @@ def _op_samples():
         (ops.rnn_cell.default, (r(N, 3, grad=False), r(N, H, grad=False), r(H, 3, grad=False),
                                 r(H, H, grad=False), r(H, grad=False), r(H, grad=False), 0)),
     ]
+    samples += [(ops.lstm_infer.default, (r(L, N, 3, grad=False), r(4 * H, 3, grad=False), r(4 * H, grad=False),
+                                          r(4 * H, H, grad=False), None, r(N, H, grad=False), r(N, H, grad=False),
+                                          lengths)),
+                (ops.lstm_infer.default, (r(L, N, 3, grad=False), r(4 * H, 3, grad=False), None,
+                                          r(4 * H, P, grad=False), r(P, H, grad=False), r(N, P, grad=False),
+                                          r(N, H, grad=False), None))]
     out, h_n, c_n, gates, cs, ms = ops.lstm_fwd(r(L, N, 4 * H, grad=False), r(4 * H, H, grad=False), None,
                                                 r(N, H, grad=False), r(N, H, grad=False), lengths)
     samples.append((ops.lstm_bwd.default, (r(L, N, H, grad=False), r(N, H, grad=False), r(N, H, grad=False),

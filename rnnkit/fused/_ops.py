@@ -11,6 +11,8 @@ built and loaded on first use, adds their CPU kernels:
   backward needs (gate activations, cell states), which the wrappers below drop.
 * ``rnn_bwd / lstm_bwd / gru_bwd / peephole_bwd / ln_lstm_bwd / indrnn_bwd``: backpropagation through time.
 * ``ln_gru_fwd / ln_gru_bwd``: the LayerNorm GRU, the same way.
+* ``lstm_infer``: the LSTM's ``out`` and final state from the unprojected input, for a call that needs no
+  gradient (no autograd): nothing saved, the input projected in chunks of steps inside the op.
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
@@ -61,6 +63,12 @@ def _fake_lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths):
     ms = xp.new_empty(L, N, H) if w_hr is not None else xp.new_empty(0)
     return (xp.new_empty(L, N, P), xp.new_empty(N, P), xp.new_empty(N, H), xp.new_empty(L, N, G, dtype=_saved(xp)),
             xp.new_empty(L, N, H, dtype=_saved(xp)), ms)
+
+
+def _fake_lstm_infer(x, w_ih, b, w_hh, w_hr, h0, c0, lengths):
+    L, N = x.shape[0], x.shape[1]
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    return x.new_empty(L, N, P), x.new_empty(N, P), x.new_empty(N, H)
 
 
 def _fake_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, out, gates, cs, ms):
@@ -408,6 +416,8 @@ SCHEMAS = {
                "int act) -> (Tensor, Tensor, Tensor)",
     "lstm_fwd": "lstm_fwd(Tensor xp, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0, Tensor? lengths) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "lstm_infer": "lstm_infer(Tensor x, Tensor w_ih, Tensor? b, Tensor w_hh, Tensor? w_hr, Tensor h0, Tensor c0, "
+                  "Tensor? lengths) -> (Tensor, Tensor, Tensor)",
     "lstm_bwd": "lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_hr, Tensor h0, "
                 "Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor ms) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -510,7 +520,7 @@ def register() -> None:
         return
     define()
     for name, fn in [("rnn_fwd", _fake_rnn_fwd), ("rnn_bwd", _fake_rnn_bwd), ("lstm_fwd", _fake_lstm_fwd),
-                     ("lstm_bwd", _fake_lstm_bwd), ("gru_fwd", _fake_gru_fwd), ("gru_bwd", _fake_gru_bwd),
+                     ("lstm_bwd", _fake_lstm_bwd), ("lstm_infer", _fake_lstm_infer), ("gru_fwd", _fake_gru_fwd), ("gru_bwd", _fake_gru_bwd),
                      ("peephole_fwd", _fake_peephole_fwd), ("peephole_bwd", _fake_peephole_bwd),
                      ("ln_lstm_fwd", _fake_ln_lstm_fwd), ("ln_lstm_bwd", _fake_ln_lstm_bwd),
                      ("indrnn_fwd", _fake_indrnn_fwd), ("indrnn_bwd", _fake_indrnn_bwd),
@@ -542,6 +552,13 @@ def lstm_sequence(xp: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, 
     ``xp = x W_ih^T + b_ih + b_hh``, gates ``i, f, g, o``."""
     out, h_n, c_n, _, _, _ = apply("lstm_fwd", xp, w_hh, w_hr, h0, c0, lengths)
     return out, h_n, c_n
+
+
+def lstm_infer(x: Tensor, w_ih: Tensor, b: Optional[Tensor], w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor,
+               c0: Tensor, lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_sequence` of ``xp = x W_ih^T + b`` for a call that needs no gradient (the op has no
+    autograd): nothing saved for a backward, the input projected in chunks of steps inside the op."""
+    return _ops().lstm_infer(x, w_ih, b, w_hh, w_hr, h0, c0, lengths)
 
 
 def lstm_reg_sequence(xp: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], h0: Tensor, c0: Tensor,

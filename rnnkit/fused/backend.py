@@ -67,6 +67,19 @@ def _serial_projection(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def _inference(x: Tensor, p: Params, state: State) -> bool:
+    """Whether this call may run the LSTM's ``lstm_infer`` op: no gradient is needed, float32/float64
+    plain tensors of one dtype, and nothing that should see the op's ATen parts as its own (autocast,
+    a tracer, torch.compile or export keep ``lstm_fwd``, whose projection is ``addmm``)."""
+    tensors = [x, *state, *(t for t in p.values() if isinstance(t, Tensor))]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return (x.dtype in (torch.float32, torch.float64) and all(t.dtype == x.dtype for t in tensors)
+            and all(type(t) in _PLAIN for t in tensors) and not torch.is_autocast_enabled("cpu")
+            and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
+
+
 def _lengths(lengths: Optional[Tensor]) -> Optional[Tensor]:
     return None if lengths is None else lengths.to(device="cpu", dtype=torch.int64)
 
@@ -78,6 +91,10 @@ def scan_rnn(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Option
 
 
 def scan_lstm(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    if _inference(x, p, state):
+        out, h_n, c_n = _ops.lstm_infer(x, p["weight_ih"], _bias_sum(p), p["weight_hh"], p.get("weight_hr"),
+                                        state[0].contiguous(), state[1].contiguous(), _lengths(lengths))
+        return out, (h_n, c_n)
     xp = _project(x, p["weight_ih"], _bias_sum(p))
     out, h_n, c_n = _ops.lstm_sequence(xp, p["weight_hh"], p.get("weight_hr"), state[0].contiguous(),
                                        state[1].contiguous(), _lengths(lengths))

@@ -46,6 +46,11 @@ def lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths):
     return _scan("lstm", lstm_step, {"weight_hh": w_hh, "weight_hr": w_hr}, xp, (h0, c0), lengths)
 
 
+def lstm_infer(x, w_ih, b, w_hh, w_hr, h0, c0, lengths):
+    xp = torch.matmul(x, w_ih.t()) if b is None else torch.matmul(x, w_ih.t()) + b
+    return lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths)
+
+
 def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
     """The LSTM step loop of the reference scan with the runner's regularizers as
     :func:`rnnkit.runner.apply_regularizers` applies them, on given masks: ``rd_mask`` in

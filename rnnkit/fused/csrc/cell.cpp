@@ -277,8 +277,9 @@ void direct_step(long kind, int64_t N, int64_t I, int64_t H, const Tensor& x, co
 // (L, N, I) or, batch_first, (N, L, I), contiguous; out has x's layout with H features; h_n/c_n
 // (N, H); h0_/c0_/b_ih/b_hh may be null (zeros). Row (t, n) of x, the projection and out is
 // row n * L + t (batch_first) or t * N + n.
-//  * the input projection of every step first, in one product (BLAS; the small kernel for fewer
-//    than kSmallRows rows), with b_ih + b_hh (LSTM, RNN) or b_ih (GRU) folded in;
+//  * the input projection in chunks of steps (common.h, project_chunk) into one reused buffer, each
+//    chunk before its steps (BLAS; the small kernel for fewer than kSmallRows rows), with b_ih + b_hh
+//    (LSTM, RNN) or b_ih (GRU) folded in;
 //  * each step's recurrent product on the small register-blocked GEMV of the cells for a batch
 //    under kSmallRows (BLAS's per-call cost dominates there; W_hh read as torch stores it, so no
 //    transposed copy per call), else MKL's packed GEMM (Recurrent, packed once per call);
@@ -314,11 +315,12 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
     return;
   }
   const int64_t rows = L * N;
-  const int64_t xstride = batch_first ? L : 1, tstride = batch_first ? 1 : N;  // row of (t, n): t * tstride + n * xstride
-  // the projection (rows, G) in a tensor of its own (freed after the call); scratch: the step's gates (N, G),
+  const int64_t tstride = batch_first ? 1 : N;  // row (t, n) of x and out: t * tstride + n * (batch_first ? L : 1)
+  // the projection of a chunk of steps (C N, G) in a tensor of its own (freed after the call); scratch: the step's gates (N, G),
   // two cell-state buffers (N, H) (LSTM; the GRU's hn (N, H) in one), the GRU's r/z/n (N, G), a zero b_hh (G)
   // and a zero h0 (N, H)
-  const Tensor xp_keep = rk::empty({rows, G}, w_hh_.options());
+  const int64_t C = project_chunk(L, N, G);  // steps per chunk of the projection (common.h)
+  const Tensor xp_keep = rk::empty({C * N, G}, w_hh_.options());
   T* xp = xp_keep.data_ptr<T>();
   T* g = scratch<T>(N * G + 2 * N * H + N * G + G + N * H);
   T* ca = g + N * G;
@@ -327,10 +329,20 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
   T* zb = rz + N * G;
   T* zh = zb + G;
   const bool gru = kind == 1;
-  {
-    const OneThread one(serial_once(rows * G * I));  // run once per call: project.cpp's rule (kSerialOnceMacs)
-    cell_gates_raw<T>(rows, G, I, H, x, (const T*)nullptr, w_ih, w_hh, bi, gru ? (const T*)nullptr : bh, xp);
-  }
+  const bool serial_projection = serial_once(rows * G * I);  // project.cpp's rule (kSerialOnceMacs), per call
+  // the projection of steps [t0, t1) into xp: row (t, n) at ((t - t0) N + n) G, or (batch_first, where a
+  // row's steps are contiguous in x) at (n (t1 - t0) + t - t0) G
+  auto project = [&](int64_t t0, int64_t t1) {
+    const OneThread one(serial_projection);
+    const T* b2 = gru ? (const T*)nullptr : bh;
+    if (!batch_first) {
+      cell_gates_raw<T>((t1 - t0) * N, G, I, H, x + t0 * N * I, (const T*)nullptr, w_ih, w_hh, bi, b2, xp);
+    } else {
+      for (int64_t n = 0; n < N; ++n)
+        cell_gates_raw<T>(t1 - t0, G, I, H, x + (n * L + t0) * I, (const T*)nullptr, w_ih, w_hh, bi, b2,
+                          xp + n * (t1 - t0) * G);
+    }
+  };
   if (gru && !bh) {
     zero_row(zb, G);
     bh = zb;
@@ -350,7 +362,12 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
     if (c0) copy_row(cp, c0, N * H);
     else zero_row(cp, N * H);
   }
+  int64_t t0 = 0, t1 = 0;  // the chunk of steps whose projection xp holds
   for (int64_t t = 0; t < L; ++t) {
+    if (t == t1) {
+      t0 = t, t1 = std::min(L, t + C);
+      project(t0, t1);
+    }
     const T* hp = t == 0 ? h0 : out + (t - 1) * tstride * H;  // row n at hp + n * ldh (h0: n * H)
     const int64_t ldp = t == 0 ? H : ldh;
     T* ot = out + t * tstride * H;
@@ -374,7 +391,7 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
     }
     T* cn_t = cp == ca ? cb : ca;
     for (int64_t n = 0; n < N; ++n) {
-      const T* xr = xp + (t * tstride + n * xstride) * G;
+      const T* xr = xp + (batch_first ? n * (t1 - t0) + t - t0 : (t - t0) * N + n) * G;
       if (kind == 0) {
         lstm_row(g + n * G, xr, cp + n * H, cn_t + n * H, ot + n * ldh, H);
       } else if (kind == 1) {

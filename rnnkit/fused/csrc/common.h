@@ -831,6 +831,28 @@ inline const int64_t* lengths_ptr(const std::optional<Tensor>& lengths, int64_t 
   return keep.data_ptr<int64_t>();
 }
 
+// An inference call projects its input in chunks of steps into one reused buffer of about
+// kProjectChunkElems elements (at least 64 rows per product), each chunk consumed by its steps
+// before the next: a whole-sequence projection of a long call (L N G elements) is written and
+// read back from memory, and a fresh buffer of tens of MB is a fresh mapping, its pages faulted
+// in on every call (measured, LSTM N=32 H=256 L=500: the (16000, 1024) projection into a fresh
+// tensor 134 ms, into a reused one 86 ms; docs/fused.md, "Inference without saved gates").
+constexpr int64_t kProjectChunkElems = int64_t(1) << 18;
+inline int64_t project_chunk(int64_t L, int64_t N, int64_t G) {
+  const int64_t steps = std::max(kProjectChunkElems / std::max<int64_t>(N * G, 1), (64 + N - 1) / std::max<int64_t>(N, 1));
+  return std::clamp<int64_t>(steps, 1, std::max<int64_t>(L, 1));
+}
+
+// dst (rows, G) = b (G; null: zeros) + x (rows, I, leading dimension ldx) W^T, W (G, I) as torch stores it
+template <typename T>
+void project_rows(int64_t rows, int64_t G, int64_t I, const T* x, int64_t ldx, const T* w, const T* b, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (b) copy_row(dst + r * G, b, G);
+    else zero_row(dst + r * G, G);
+  }
+  gemm_abt<T>(rows, G, I, x, ldx, w, I, T(1), dst, G);
+}
+
 inline void check_seq(const Tensor& xp, const char* op, int64_t G) {
   TORCH_CHECK(xp.dim() == 3, "rnnkit_fused::", op, ": xp must be (L, N, G), got ", xp.sizes());
   TORCH_CHECK(xp.size(2) == G, "rnnkit_fused::", op, ": xp's last axis must be G = ", G, ", got ", xp.size(2));

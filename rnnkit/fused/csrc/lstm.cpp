@@ -23,6 +23,35 @@ void lstm_rows(int64_t N, int64_t H, const F& fn) {
 }
 
 
+// One step t of the LSTM time loop, lstm_fwd's and lstm_infer's: the gates gt (N, 4H) = h_{t-1} W_hh^T,
+// then each row's gate math on gt and the projected input xt (N, 4H) into c_t (ct) and h_t (mt; with w_hr,
+// m_t, and then h_t = m_t W_hr^T into ot); a row past its length (check: some row may be) holds its state.
+template <typename T>
+void lstm_fwd_step(const Recurrent<T>& rec, const Recurrent<T>& rec_r, int64_t N, int64_t H, int64_t P,
+                   const int64_t* len, bool check, int64_t t, const T* xt, const T* hp, const T* cp, T* gt, T* ct,
+                   T* mt, T* ot) {
+  const int64_t G = 4 * H;
+  const bool proj = mt != ot;
+  rec(hp, P, T(0), gt, G);
+  lstm_rows(N, H, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      if (check && t >= len[n]) {
+        copy_row(ct + n * H, cp + n * H, H);
+        if (proj) zero_row(mt + n * H, H);
+        else copy_row(ot + n * H, hp + n * H, H);
+      } else {
+        lstm_row(gt + n * G, xt + n * G, cp + n * H, ct + n * H, mt + n * H, H);
+      }
+    }
+  });
+  if (proj) {
+    rec_r(mt, H, T(0), ot, P);
+    if (check)
+      for (int64_t n = 0; n < N; ++n)
+        if (t >= len[n]) copy_row(ot + n * P, hp + n * P, P);
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& xp_, const Tensor& w_hh_,
                                                                     const std::optional<Tensor>& w_hr_,
                                                                     const Tensor& h0_, const Tensor& c0_,
@@ -57,30 +86,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * P;
       const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
-      T* gt = gs + t * N * G;
-      T* ct = c + t * N * H;
       T* ot = o + t * N * P;
-      T* mt = proj ? m + t * N * H : ot;
-      rec(hp, P, T(0), gt, G);
-      const T* xt = x + t * N * G;
-      const bool check = len && t >= min_len;
-      lstm_rows(N, H, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) {
-          if (check && t >= len[n]) {
-            copy_row(ct + n * H, cp + n * H, H);
-            if (proj) zero_row(mt + n * H, H);
-            else copy_row(ot + n * H, hp + n * H, H);
-          } else {
-            lstm_row(gt + n * G, xt + n * G, cp + n * H, ct + n * H, mt + n * H, H);
-          }
-        }
-      });
-      if (proj) {
-        rec_r(mt, H, T(0), ot, P);
-        if (check)
-          for (int64_t n = 0; n < N; ++n)
-            if (t >= len[n]) copy_row(ot + n * P, hp + n * P, P);
-      }
+      lstm_fwd_step<T>(rec, rec_r, N, H, P, len, len && t >= min_len, t, x + t * N * G, hp, cp, gs + t * N * G,
+                       c + t * N * H, proj ? m + t * N * H : ot, ot);
     }
   });
   Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
@@ -164,6 +172,71 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   Tensor grad_w_hh = weight_grad(dG, previous_states(h0, out, len));
   Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : rk::empty({0}, out.options());
   return {dG, grad_w_hh, grad_w_hr, dh_a, dc};
+}
+
+// ================================================================ LSTM inference (no saved gates)
+// lstm_infer: lstm_fwd's visible results (out, h_n, c_n) from the unprojected input x (L, N, I), for a
+// call that needs no gradient: nothing is kept for a backward (the gates of one step and the cell
+// states of two live in small buffers), and the input is projected (b + x W_ih^T, b = b_ih + b_hh or
+// null) in chunks of steps into one reused buffer (common.h, project_chunk), so that neither the
+// projection nor the gates of a long call go through memory as fresh tensors of L N 4H elements.
+// float32 and float64 (the bfloat16 path keeps lstm_fwd).
+std::tuple<Tensor, Tensor, Tensor> lstm_infer(const Tensor& x_, const Tensor& w_ih_, const std::optional<Tensor>& b_,
+                                              const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
+                                              const Tensor& h0_, const Tensor& c0_,
+                                              const std::optional<Tensor>& lengths) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) % 4 == 0,
+              "rnnkit_fused::lstm_infer: w_hh must be (4H, H_out), got ", w_hh_.sizes());
+  TORCH_CHECK(x_.dim() == 3, "rnnkit_fused::lstm_infer: x must be (L, N, I), got ", x_.sizes());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
+              "rnnkit_fused::lstm_infer: float32 or float64 only, got ", x_.scalar_type());
+  const int64_t H = w_hh_.size(0) / 4, P = w_hh_.size(1), G = 4 * H;
+  const int64_t L = x_.size(0), N = x_.size(1), I = x_.size(2);
+  const bool proj = w_hr_.has_value() && w_hr_->defined(), bias = b_.has_value() && b_->defined();
+  Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  Tensor b = bias ? b_->contiguous() : Tensor(), w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_same(x, w_ih, "w_ih", {G, I});
+  if (bias) check_same(x, b, "b", {G});
+  check_same(x, w_hh, "w_hh", {G, P});
+  if (proj) check_same(x, w_hr, "w_hr", {P, H});
+  else TORCH_CHECK(P == H, "rnnkit_fused::lstm_infer: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
+  check_same(x, h0, "h0", {N, P});
+  check_same(x, c0, "c0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = rk::empty({L, N, P}, x.options());
+  if (L == 0) return {out, h0.clone(), c0.clone()};
+  const int64_t C = project_chunk(L, N, G);
+  Tensor buf = rk::empty({C * N * G + N * G + 2 * N * H + (proj ? N * H : 0)}, x.options());
+  Tensor c_n;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_infer", [&] {
+    using T = scalar_t;
+    const Recurrent<T> rec(N, G, P, true, w_hh);
+    const Recurrent<T> rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
+    T* xb = buf.data_ptr<T>();  // the chunk's projection (C N, G), then the step's gates, 2 cell states, m_t
+    T* gt = xb + C * N * G;
+    T* cs[2] = {gt + N * G, gt + N * G + N * H};
+    T* mt = proj ? cs[1] + N * H : nullptr;
+    const T *xs = x.data_ptr<T>(), *wi = w_ih.data_ptr<T>(), *bb = bias ? b.data_ptr<T>() : nullptr;
+    const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    const int64_t min_len = min_length(len, N, L);
+    for (int64_t t0 = 0; t0 < L; t0 += C) {
+      const int64_t t1 = std::min(L, t0 + C);
+      project_rows<T>((t1 - t0) * N, G, I, xs + t0 * N * I, I, wi, bb, xb);
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* hp = t == 0 ? h_init : o + (t - 1) * N * P;
+        const T* cp = t == 0 ? c_init : cs[(t - 1) & 1];
+        T* ot = o + t * N * P;
+        lstm_fwd_step<T>(rec, rec_r, N, H, P, len, len && t >= min_len, t, xb + (t - t0) * N * G, hp, cp, gt,
+                         cs[t & 1], proj ? mt : ot, ot);
+      }
+    }
+    c_n = rk::empty({N, H}, x.options());
+    copy_row(c_n.data_ptr<T>(), (const T*)cs[(L - 1) & 1], N * H);
+  });
+  return {out, out[L - 1].clone(), c_n};
 }
 
 // ---------------------------------------------------------------- LSTM, bf16

@@ -31,6 +31,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_entry(
     const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
     const Tensor& out, const Tensor& gates, const Tensor& cs, const Tensor& ms);
+// inference: lstm_fwd's out, h_n, c_n from the unprojected input, nothing saved (see lstm.cpp, "LSTM inference")
+std::tuple<Tensor, Tensor, Tensor> lstm_infer(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b,
+                                              const Tensor& w_hh, const std::optional<Tensor>& w_hr, const Tensor& h0,
+                                              const Tensor& c0, const std::optional<Tensor>& lengths);
 // with zoneout and recurrent dropout (the runner's masks; see lstm.cpp, "LSTM with zoneout and recurrent dropout")
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_fwd(
     const Tensor& xp_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const Tensor& h0_, const Tensor& c0_,

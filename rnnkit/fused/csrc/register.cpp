@@ -128,6 +128,7 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("rnn_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::rnn::rnn_bwd_entry>::call);
   m.impl("lstm_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::lstm::lstm_fwd_entry>::call);
   m.impl("lstm_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::lstm::lstm_bwd_entry>::call);
+  m.impl("lstm_infer", &rnnkit_fused::PerCall<&rnnkit_fused::lstm::lstm_infer>::call);
   m.impl("gru_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_fwd_entry>::call);
   m.impl("gru_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_bwd_entry>::call);
   m.impl("peephole_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::peephole::peephole_fwd>::call);

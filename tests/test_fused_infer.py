@@ -1,0 +1,144 @@
+"""The LSTM's inference op ``lstm_infer`` (rnnkit/fused/csrc/lstm.cpp, "LSTM inference"): what a
+no-grad call of a fused LSTM layer runs in the runner (any number of layers and directions, lengths,
+``proj_size``): nothing saved for a backward, the input projected in chunks of steps inside the op.
+
+Oracles: the op's reference twin (rnnkit/fused/twins.py, float64 to 1e-10) at sizes whose length
+crosses the projection's chunks, and torch.nn's LSTM for whole layers; a spy says which op ran.
+No speed is asserted (benchmarks/auto_grid.py measures it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit.backends import BACKENDS
+from rnnkit.fused import _ops, twins
+from helpers import assert_close, flatten_states
+
+REASON = BACKENDS["fused"].unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
+DT = torch.float64
+
+
+def chunk_steps(n, gates):
+    return max(2 ** 18 // (n * gates), -(-64 // n))  # common.h, project_chunk
+
+
+def _args(L, N, I, H, P=0, bias=True, lengths=None, dtype=DT, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.rand(*shape, generator=g, dtype=dtype) - 0.5)
+    out_size = P or H
+    return (r(L, N, I), r(4 * H, I), r(4 * H) if bias else None, r(4 * H, out_size), r(out_size, H) if P else None,
+            r(N, out_size), r(N, H), lengths)
+
+
+@pytest.mark.parametrize("N,H,P,bias,with_lengths", [(3, 40, 0, True, True), (2, 33, 7, True, False),
+                                                     (5, 16, 0, False, True), (1, 9, 4, False, True)])
+def test_op_equals_its_twin_across_chunks(N, H, P, bias, with_lengths):
+    L = 2 * chunk_steps(N, 4 * H) + 5  # two full chunks and a partial one
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(0, L + 1, (N,), generator=torch.Generator().manual_seed(3))
+        lengths[0] = L
+    args = _args(L, N, 6, H, P, bias, lengths)
+    got = torch.ops.rnnkit_fused.lstm_infer(*args)
+    want = twins.lstm_infer(*args)
+    for u, v, what in zip(got, want, ("out", "h_n", "c_n")):
+        assert u.shape == v.shape, what
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+def test_empty_sequence_returns_the_initial_state():
+    args = _args(0, 2, 3, 4)
+    out, h_n, c_n = torch.ops.rnnkit_fused.lstm_infer(*args)
+    assert out.shape == (0, 2, 4)
+    assert torch.equal(h_n, args[5]) and torch.equal(c_n, args[6])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("x_2d", r"lstm_infer: x must be \(L, N, I\), got \[5, 6\]"),
+    ("w_ih", r"w_ih has shape \[16, 5\], expected \[16, 6\]"),
+    ("b", r"b has shape \[15\], expected \[16\]"),
+    ("h0", r"h0 has shape \[3, 5\], expected \[3, 4\]"),
+    ("dtype", r"w_hh has dtype Float, expected Double"),
+    ("int", r"float32 or float64 only, got Long"),
+])
+def test_bad_arguments_name_what_they_got(case, message):
+    x, w_ih, b, w_hh, w_hr, h0, c0, lengths = _args(5, 3, 6, 4)
+    if case == "x_2d":
+        x = x[:, 0]
+    elif case == "w_ih":
+        w_ih = w_ih[:, :5]
+    elif case == "b":
+        b = b[:15]
+    elif case == "h0":
+        h0 = torch.zeros(3, 5, dtype=DT)
+    elif case == "dtype":
+        w_hh = w_hh.float()
+    elif case == "int":
+        x = x.long()
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.rnnkit_fused.lstm_infer(x, w_ih, b, w_hh, w_hr, h0, c0, lengths)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    counts = {"lstm_infer": 0}
+    real = _ops.lstm_infer
+
+    def spy(*args):
+        counts["lstm_infer"] += 1
+        return real(*args)
+    monkeypatch.setattr(_ops, "lstm_infer", spy)
+    return counts
+
+
+@pytest.mark.parametrize("kw", [dict(num_layers=2, bidirectional=True), dict(proj_size=5, bidirectional=True),
+                                dict(num_layers=2, batch_first=True)], ids=["2layer-bidir", "proj-bidir", "2layer-bf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_grad_layers_run_it_and_equal_torch_nn(calls, kw, dtype):
+    """A no-grad call of a fused LSTM that the direct entry does not take (layers, directions, proj_size,
+    lengths) runs lstm_infer in every layer-direction, and equals torch.nn (with lengths: packed)."""
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(6, 12, dtype=dtype, **kw)
+    ours = rnnkit.LSTM(6, 12, dtype=dtype, backend="fused", **kw)
+    ours.load_state_dict(theirs.state_dict())
+    N, L = 4, 2 * chunk_steps(4, 48) + 3
+    x = torch.randn((N, L, 6) if kw.get("batch_first") else (L, N, 6), dtype=dtype)
+    lengths = torch.tensor([L, L - 1, 70, 1])
+    layers_dirs = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    with torch.no_grad():
+        got = ours(x)
+        want = theirs(x)
+        assert calls["lstm_infer"] == layers_dirs
+        got_l = ours(x, lengths=lengths)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=bool(kw.get("batch_first")),
+                                                         enforce_sorted=False)
+        out_p, h_p = theirs(packed)
+        want_l = (torch.nn.utils.rnn.pad_packed_sequence(out_p, batch_first=bool(kw.get("batch_first")),
+                                                         total_length=L)[0], h_p)
+    assert calls["lstm_infer"] == 2 * layers_dirs
+    for a, b in ((got, want), (got_l, want_l)):
+        for u, v in zip([a[0], *flatten_states(a[1])], [b[0], *flatten_states(b[1])]):
+            assert_close(u, v, dtype, "lstm")
+
+
+def test_a_call_that_needs_a_gradient_keeps_lstm_fwd(calls):
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(6, 12, bidirectional=True)
+    ours = rnnkit.LSTM(6, 12, bidirectional=True, backend="fused")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(9, 3, 6)
+    out, _ = ours(x)
+    out.sum().backward()
+    assert calls["lstm_infer"] == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        ours(x)  # autocast keeps the projection an ATen addmm
+    assert calls["lstm_infer"] == 0
+    with torch.no_grad():
+        x.requires_grad_()
+        ours(x)
+    assert calls["lstm_infer"] == 2
