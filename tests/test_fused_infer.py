@@ -22,21 +22,21 @@ DT = torch.float64
 
 
 def chunk_steps(n, gates):
-    return max(2 ** 18 // (n * gates), -(-64 // n))  # common.h, project_chunk
+    return max(2 ** 21 // (n * gates), -(-256 // n))  # common.h, project_chunk
 
 
 def _args(L, N, I, H, P=0, bias=True, lengths=None, dtype=DT, seed=0):
     g = torch.Generator().manual_seed(seed)
 
-    def r(*shape):
-        return (torch.rand(*shape, generator=g, dtype=dtype) - 0.5)
+    def r(*shape):  # small weights: a contracting recurrence, so that rounding does not grow over 1000s of steps
+        return (torch.rand(*shape, generator=g, dtype=dtype) - 0.5) * 0.3
     out_size = P or H
     return (r(L, N, I), r(4 * H, I), r(4 * H) if bias else None, r(4 * H, out_size), r(out_size, H) if P else None,
             r(N, out_size), r(N, H), lengths)
 
 
-@pytest.mark.parametrize("N,H,P,bias,with_lengths", [(3, 40, 0, True, True), (2, 33, 7, True, False),
-                                                     (5, 16, 0, False, True), (1, 9, 4, False, True)])
+@pytest.mark.parametrize("N,H,P,bias,with_lengths", [(3, 128, 0, True, True), (2, 161, 7, True, False),
+                                                     (5, 96, 0, False, True), (1, 200, 4, False, True)])
 def test_op_equals_its_twin_across_chunks(N, H, P, bias, with_lengths):
     L = 2 * chunk_steps(N, 4 * H) + 5  # two full chunks and a partial one
     lengths = None
@@ -103,10 +103,10 @@ def test_no_grad_layers_run_it_and_equal_torch_nn(calls, kw, dtype):
     """A no-grad call of a fused LSTM that the direct entry does not take (layers, directions, proj_size,
     lengths) runs lstm_infer in every layer-direction, and equals torch.nn (with lengths: packed)."""
     torch.manual_seed(0)
-    theirs = torch.nn.LSTM(6, 12, dtype=dtype, **kw)
-    ours = rnnkit.LSTM(6, 12, dtype=dtype, backend="fused", **kw)
+    theirs = torch.nn.LSTM(6, 64, dtype=dtype, **kw)
+    ours = rnnkit.LSTM(6, 64, dtype=dtype, backend="fused", **kw)
     ours.load_state_dict(theirs.state_dict())
-    N, L = 4, 2 * chunk_steps(4, 48) + 3
+    N, L = 4, 2 * chunk_steps(4, 256) + 3
     x = torch.randn((N, L, 6) if kw.get("batch_first") else (L, N, 6), dtype=dtype)
     lengths = torch.tensor([L, L - 1, 70, 1])
     layers_dirs = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)

@@ -1,15 +1,19 @@
 """ONNX export of every registered layer on the default backend, through both of torch's exporters
 (the default, torch.export based one, and ``dynamo=False``), checked in ONNX Runtime against eager.
 
-An ONNX export costs seconds here (the default exporter ~10 s for the smallest model), so every layer
-goes into one model, exported once per exporter (module-scoped fixtures); each layer's test then
-reads its own outputs. Batch and sequence length are dynamic: ONNX Runtime runs the model at two
+An ONNX export costs seconds here (the default exporter 3-8 s of CPU per layer), so every layer goes
+into one model per group (ONNX's own operators, loops), exported once per exporter (module-scoped
+fixtures; the default exporter's by tests/onnx_export_worker.py, in a process of its own while the
+suite runs); each layer's test then reads its own outputs. Batch and sequence length are dynamic: ONNX Runtime runs the model at two
 other (length, batch) pairs, with ``lengths=`` where a layer takes them.
 """
 
 from __future__ import annotations
 
+import functools
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,38 +121,72 @@ def _group(case):
     return "native" if name in NATIVE and not kwargs.get("proj_size") else "loop"
 
 
-SMOKE = ("lstm-2layer-bidir-batch_first", "mingru", "layernorm_gru-bidir")
-SMOKE_LENGTHS = ("lstm-2layer-bidir-batch_first",)
-"""What the default exporter checks in the default suite: it takes seconds per layer (its torch.export trace)
-on a loaded 2-core box; every other (case, default exporter) pair is marked slow (``pytest -m slow``).
-``layernorm_gru-bidir`` is the regression case of the default exporter's static batch: its two Scans went
-through one shared dynamo cache (torch's ``scan()`` wrapper), whose guards from the forward direction's
-scan (a static stride 12 = 3 gates x HID) specialized the reverse direction's ``4 * N`` at the example
-batch N = 3, so the graph ran at batch 3 only (fixed by calling ``scan_op`` directly, rnnkit/onnx.py)."""
-GROUPS = {**{g: {c: CASES[c] for c in CASES if _group(c) == g} for g in ("native", "loop")},
-          "smoke": {c: CASES[c] for c in SMOKE}}
+GROUPS = {g: {c: CASES[c] for c in CASES if _group(c) == g} for g in ("native", "loop")}
 
 
-def _group_for(exporter, case):
-    return "smoke" if exporter == "dynamo" and case in SMOKE else _group(case)
+def make_group(group):
+    torch.manual_seed(0)
+    return AllLayers(GROUPS[group]).eval()
 
 
-def _slow(exporter, group):
-    return exporter == "dynamo" and group != "smoke"
+def make_mingru():
+    torch.manual_seed(0)
+    return AllLayers({"mingru": CASES["mingru"]}).eval()
+
+
+GRAPH_SIZE_LENGTHS = (3, 9)
+WORKER = {**{f"{g}_dynamo": (functools.partial(make_group, g), EXAMPLE) for g in GROUPS},
+          **{f"mingru_{n}_dynamo": (make_mingru, (n, 3)) for n in GRAPH_SIZE_LENGTHS}}
+"""What tests/onnx_export_worker.py exports with the default exporter (name: (model, example (length, batch))),
+in a process of its own while the suite runs (conftest.py starts it): that exporter takes 3-8 s of CPU per
+layer. ``layernorm_gru-bidir`` (in the loop group) is the regression case of the default exporter's static
+batch: its two Scans went through one shared dynamo cache (torch's ``scan()`` wrapper), whose guards from the
+forward direction's scan (a static stride 12 = 3 gates x HID) specialized the reverse direction's ``4 * N`` at
+the example batch N = 3, so the graph ran at batch 3 only (fixed by calling ``scan_op`` directly,
+rnnkit/onnx.py)."""
+
+
+def _worker_file(config, name, make, example):
+    """The worker's export ``name``: its path, once the worker is done, and the model it exported (built here,
+    its weights checked against the worker's). Exported here instead when no worker runs (conftest.py
+    starts it only when a collected test needs it)."""
+    model = make()
+    job = getattr(config, "rnnkit_onnx_worker", None)
+    if job is None:
+        path = str(config.rnnkit_tmp_factory.mktemp("onnx") / f"{name}.onnx")
+        _export(model, "dynamo", path, example)
+        return path, model
+    proc, folder, log = job
+    try:
+        code = proc.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = "killed after 1800 s"
+    if code != 0:
+        pytest.fail(f"tests/onnx_export_worker.py failed ({code}); its log:\n{Path(log).read_text()[-4000:]}")
+    saved = torch.load(Path(folder) / f"{name}.pt")
+    mine = model.state_dict()
+    assert saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k]) for k in mine), \
+        f"the worker's {name} model holds other weights than this process's"
+    return str(Path(folder) / f"{name}.onnx"), model
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(request, tmp_path_factory):
     """``get(exporter, group) -> (model, ModelProto, [(inputs, ort outputs, eager outputs)] for each of RUNS)``,
-    each exported once."""
+    each exported once (the default exporter's by tests/onnx_export_worker.py)."""
     cache = {}
+    request.config.rnnkit_tmp_factory = tmp_path_factory
 
     def get(exporter, group):
         if (exporter, group) not in cache:
-            torch.manual_seed(0)
-            model = AllLayers(GROUPS[group], SMOKE_LENGTHS if group == "smoke" else WITH_LENGTHS).eval()
-            path = str(tmp_path_factory.mktemp("onnx") / f"{group}_{exporter}.onnx")
-            proto = _export(model, exporter, path)
+            if exporter == "dynamo":
+                path, model = _worker_file(request.config, f"{group}_dynamo", *WORKER[f"{group}_dynamo"])
+                proto = onnx.load(path)
+            else:
+                model = make_group(group)
+                path = str(tmp_path_factory.mktemp("onnx") / f"{group}_{exporter}.onnx")
+                proto = _export(model, exporter, path)
             session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             runs = []
             for i, (length, batch) in enumerate(RUNS):
@@ -163,14 +201,13 @@ def exported(tmp_path_factory):
     return get
 
 
-def _params(exporters, items, group_of):
-    return [pytest.param(e, c, id=f"{e}-{c}", marks=[pytest.mark.slow] if _slow(e, group_of(e, c)) else [])
-            for e in exporters for c in items]
+def _params(exporters, items):
+    return [pytest.param(e, c, id=f"{e}-{c}") for e in exporters for c in items]
 
 
-@pytest.mark.parametrize("exporter, case", _params(EXPORTERS, CASES, _group_for))
+@pytest.mark.parametrize("exporter, case", _params(EXPORTERS, CASES))
 def test_layer_runs_in_onnxruntime_at_other_batches_and_lengths(exported, exporter, case):
-    model, _, runs = exported(exporter, _group_for(exporter, case))
+    model, _, runs = exported(exporter, _group(case))
     start, stop = model.slices[case]
     for args, got, want in runs:
         for k in range(start, stop):
@@ -181,7 +218,7 @@ def test_layer_runs_in_onnxruntime_at_other_batches_and_lengths(exported, export
                                                      f"{tuple(args[0].shape[:2])}: {m}")
 
 
-@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
 def test_standard_layers_become_onnx_operators(exported, exporter):
     """RNN/LSTM/GRU and the peephole LSTM are ONNX's own operators (one per layer, both directions in it),
     with ``sequence_lens`` where the layer got ``lengths``, and no loop."""
@@ -196,17 +233,7 @@ def test_standard_layers_become_onnx_operators(exported, exporter):
     assert len(with_lens) == sum(CASES[k][1].get("num_layers", 1) for k in WITH_LENGTHS if _group(k) == "native")
 
 
-def test_default_exporter_makes_native_operators_and_scans(exported):
-    """The default exporter's smoke model: a 2-layer bidirectional LSTM, called without and with lengths
-    (4 LSTM nodes, 2 with sequence_lens), a MinGRU (1 Scan) and a bidirectional LayerNormGRU (2 Scans)."""
-    _, proto, _ = exported("dynamo", "smoke")
-    ops = _ops(proto)
-    assert (ops.count("LSTM"), ops.count("Scan"), ops.count("Loop")) == (4, 3, 0)
-    assert sum(1 for n in proto.graph.node if n.op_type == "LSTM" and len(n.input) > 4 and n.input[4]) == 2
-
-
-@pytest.mark.parametrize("exporter, group", [("dynamo", "smoke"), ("torchscript", "loop"),
-                                             pytest.param("dynamo", "loop", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("exporter, group", _params(EXPORTERS, GROUPS))
 def test_batch_and_length_stay_symbolic_in_the_graph(exported, exporter, group):
     """Every input's length and batch axis is a named dimension of the ONNX graph, not the example's size (the
     default exporter silently retries with a static batch when the model's trace specializes it)."""
@@ -217,7 +244,7 @@ def test_batch_and_length_stay_symbolic_in_the_graph(exported, exporter, group):
         assert all(isinstance(d, str) and d for d in axes), f"{inp.name}: {dims} ({exporter}, {group})"
 
 
-@pytest.mark.parametrize("exporter, group", _params(EXPORTERS, ["loop"], lambda e, g: g))
+@pytest.mark.parametrize("exporter, group", _params(EXPORTERS, ["loop"]))
 def test_every_other_layer_is_one_loop_per_layer_direction(exported, exporter, group):
     model, proto, _ = exported(exporter, group)
     ops = _ops(proto)
@@ -227,12 +254,16 @@ def test_every_other_layer_is_one_loop_per_layer_direction(exported, exporter, g
     assert not {"LSTM", "GRU", "RNN"} & set(ops)
 
 
-@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])
-def test_graph_size_does_not_depend_on_the_example_length(exporter, tmp_path):
-    torch.manual_seed(0)
-    small = AllLayers({"mingru": CASES["mingru"]}).eval()
-    counts = [len(_export(small, exporter, str(tmp_path / f"{length}.onnx"), (length, 3)).graph.node)
-              for length in (3, 9)]
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_graph_size_does_not_depend_on_the_example_length(request, exporter, tmp_path):
+    counts = []
+    for length in GRAPH_SIZE_LENGTHS:
+        if exporter == "dynamo":
+            path, _ = _worker_file(request.config, f"mingru_{length}_dynamo", *WORKER[f"mingru_{length}_dynamo"])
+        else:
+            path = str(tmp_path / f"{length}.onnx")
+            _export(make_mingru(), exporter, path, (length, 3))
+        counts.append(len(onnx.load(path).graph.node))
     assert counts[0] == counts[1]
 
 
@@ -323,9 +354,7 @@ def _export_layer(module, exporter, x, hx):
 @pytest.mark.parametrize("exporter, kind, layers, bidirectional", [
     ("torchscript", "lstm", 1, False), ("torchscript", "gru", 1, False), ("torchscript", "rnn", 1, False),
     ("torchscript", "lstm", 2, True), ("torchscript", "gru", 2, True),
-    ("dynamo", "lstm", 1, False),  # the default exporter takes seconds per export: the other two run with -m slow
-    pytest.param("dynamo", "gru", 1, False, marks=pytest.mark.slow),
-    pytest.param("dynamo", "lstm", 2, True, marks=pytest.mark.slow)])
+    ("dynamo", "lstm", 1, False), ("dynamo", "gru", 1, False), ("dynamo", "lstm", 2, True)])
 def test_standard_layer_graph_has_no_node_more_than_torch_nns(exporter, kind, layers, bidirectional):
     """rnnkit's exported RNN/LSTM/GRU has no node that torch.nn's export of the same layer (``dynamo=False``, the
     one that keeps the length dynamic) does not have: ``dynamo=False`` gives the very same node types in the same

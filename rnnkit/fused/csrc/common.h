@@ -832,14 +832,17 @@ inline const int64_t* lengths_ptr(const std::optional<Tensor>& lengths, int64_t 
 }
 
 // An inference call projects its input in chunks of steps into one reused buffer of about
-// kProjectChunkElems elements (at least 64 rows per product), each chunk consumed by its steps
-// before the next: a whole-sequence projection of a long call (L N G elements) is written and
-// read back from memory, and a fresh buffer of tens of MB is a fresh mapping, its pages faulted
-// in on every call (measured, LSTM N=32 H=256 L=500: the (16000, 1024) projection into a fresh
-// tensor 134 ms, into a reused one 86 ms; docs/fused.md, "Inference without saved gates").
-constexpr int64_t kProjectChunkElems = int64_t(1) << 18;
+// kProjectChunkElems elements (8 MB in float32: the whole sequence up to that size), each chunk
+// consumed by its steps before the next: a whole-sequence projection of a long call (L N G
+// elements) is written to and read back from memory, and a fresh buffer over glibc's mmap threshold
+// (32 MB at most) is a fresh mapping whose pages are faulted in on every call (measured, LSTM N=32
+// H=256 L=500: the (16000, 1024) projection into a fresh tensor 134 ms, into a reused one 86 ms).
+// Chunks much smaller than that lose more than they gain: each one reads W_ih again, in a product
+// of fewer rows (2^18 elements: LSTM N=1 H=1024 L=500, 2 layers, bidirectional, 837 ms against 665
+// ms for the whole sequence at once). docs/fused.md, "Inference without saved gates".
+constexpr int64_t kProjectChunkElems = int64_t(1) << 21;
 inline int64_t project_chunk(int64_t L, int64_t N, int64_t G) {
-  const int64_t steps = std::max(kProjectChunkElems / std::max<int64_t>(N * G, 1), (64 + N - 1) / std::max<int64_t>(N, 1));
+  const int64_t steps = std::max(kProjectChunkElems / std::max<int64_t>(N * G, 1), (256 + N - 1) / std::max<int64_t>(N, 1));
   return std::clamp<int64_t>(steps, 1, std::max<int64_t>(L, 1));
 }
 
