@@ -22,7 +22,7 @@ DT = torch.float64
 
 
 def chunk_steps(n, gates):
-    return max(2 ** 21 // (n * gates), -(-256 // n))  # common.h, project_chunk
+    return max(2 ** 18 // (n * gates), -(-256 // n))  # common.h, project_chunk
 
 
 def _args(L, N, I, H, P=0, bias=True, lengths=None, dtype=DT, seed=0):
