@@ -21,8 +21,11 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"fused backend unava
 DT = torch.float64
 
 
-def chunk_steps(n, gates):
-    return max(2 ** 18 // (n * gates), -(-256 // n))  # common.h, project_chunk
+def long_enough(n, gates):
+    """A length whose projection is chunked (common.h, project_chunk: over 2^23 elements, chunks of 2^18
+    elements and at least 256 rows), over many chunks and ending in a partial one."""
+    chunk = max(2 ** 18 // (n * gates), -(-256 // n))
+    return (2 ** 23 // (n * gates) // chunk + 1) * chunk + chunk // 2 + 1
 
 
 def _args(L, N, I, H, P=0, bias=True, lengths=None, dtype=DT, seed=0):
@@ -35,10 +38,10 @@ def _args(L, N, I, H, P=0, bias=True, lengths=None, dtype=DT, seed=0):
             r(N, out_size), r(N, H), lengths)
 
 
-@pytest.mark.parametrize("N,H,P,bias,with_lengths", [(3, 128, 0, True, True), (2, 161, 7, True, False),
-                                                     (5, 96, 0, False, True), (1, 200, 4, False, True)])
+@pytest.mark.parametrize("N,H,P,bias,with_lengths", [(16, 128, 0, True, True), (12, 161, 7, True, False),
+                                                     (20, 96, 0, False, True), (8, 200, 4, False, True)])
 def test_op_equals_its_twin_across_chunks(N, H, P, bias, with_lengths):
-    L = 2 * chunk_steps(N, 4 * H) + 5  # two full chunks and a partial one
+    L = long_enough(N, 4 * H)
     lengths = None
     if with_lengths:
         lengths = torch.randint(0, L + 1, (N,), generator=torch.Generator().manual_seed(3))
@@ -103,12 +106,12 @@ def test_no_grad_layers_run_it_and_equal_torch_nn(calls, kw, dtype):
     """A no-grad call of a fused LSTM that the direct entry does not take (layers, directions, proj_size,
     lengths) runs lstm_infer in every layer-direction, and equals torch.nn (with lengths: packed)."""
     torch.manual_seed(0)
-    theirs = torch.nn.LSTM(6, 64, dtype=dtype, **kw)
-    ours = rnnkit.LSTM(6, 64, dtype=dtype, backend="fused", **kw)
+    theirs = torch.nn.LSTM(6, 128, dtype=dtype, **kw)
+    ours = rnnkit.LSTM(6, 128, dtype=dtype, backend="fused", **kw)
     ours.load_state_dict(theirs.state_dict())
-    N, L = 4, 2 * chunk_steps(4, 256) + 3
+    N, L = 16, long_enough(16, 512)
     x = torch.randn((N, L, 6) if kw.get("batch_first") else (L, N, 6), dtype=dtype)
-    lengths = torch.tensor([L, L - 1, 70, 1])
+    lengths = torch.tensor([L, L - 1, 70, 1] * 4)
     layers_dirs = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
     with torch.no_grad():
         got = ours(x)

@@ -98,15 +98,15 @@ def test_direct_layer_matches_torch_nn(spy, name, dtype, n, hidden, seq_len, bat
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("n,hidden,batch_first", [(5, 256, False), (5, 256, True), (3, 200, True), (1, 300, False)])
+@pytest.mark.parametrize("n,hidden,batch_first", [(8, 256, False), (8, 256, True), (6, 200, True), (1, 512, False)])
 def test_projection_in_chunks_of_steps(spy, name, n, hidden, batch_first):
-    """The kernel projects the input in chunks of steps (common.h, project_chunk: 2^18 elements of
-    N G each, at least 256 rows), each chunk just before its steps: lengths that cross two chunk
-    boundaries and end in a partial chunk, both layouts (batch_first: a row's steps are contiguous,
-    projected per row), against torch.nn."""
-    gates = {"lstm": 4, "gru": 3}.get(name, 1)
-    chunk = max(2 ** 18 // (n * gates * hidden), -(-256 // n))
-    seq_len = 2 * chunk + chunk // 2 + 1
+    """Over 2^23 elements, the kernel projects the input in chunks of steps (common.h, project_chunk:
+    2^18 elements of N G each, at least 256 rows), each chunk just before its steps: lengths over that
+    size, crossing many chunk boundaries and ending in a partial chunk, both layouts (batch_first: a
+    row's steps are contiguous, projected per row), against torch.nn."""
+    per_step = n * {"lstm": 4, "gru": 3}.get(name, 1) * hidden
+    chunk = max(2 ** 18 // per_step, -(-256 // n))
+    seq_len = (2 ** 23 // per_step // chunk + 1) * chunk + chunk // 2 + 1
     _, theirs = make(name, hidden, batch_first=batch_first)
     ours = LAYERS[name][0](H_IN, hidden, batch_first=batch_first, backend="fused", **LAYERS[name][2])
     ours.load_state_dict(theirs.state_dict())  # backend="fused": auto leaves a long LSTM call to its choice

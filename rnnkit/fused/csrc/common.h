@@ -831,18 +831,21 @@ inline const int64_t* lengths_ptr(const std::optional<Tensor>& lengths, int64_t 
   return keep.data_ptr<int64_t>();
 }
 
-// An inference call projects its input in chunks of steps into one reused buffer of about
-// kProjectChunkElems elements (1 MB in float32, an L2 here) and at least 256 rows, each chunk
-// consumed by its steps before the next: a whole-sequence projection of a long call (L N G elements,
-// 65 MB at LSTM N=32 H=256 L=500) is written to and read back from memory, and a fresh buffer over
-// glibc's mmap threshold is a fresh mapping whose pages may be faulted in on every call. Fewer rows
-// than 256 lose more than they gain: each chunk reads W_ih again (LSTM N=1 H=1024 L=500, 2 layers,
-// bidirectional: 837 ms in chunks of 64 rows against 665 ms for the whole sequence at once). Swept
-// over 2^16..2^23 elements (docs/fused.md, "Inference without saved gates"): 2^18 was the fastest or
-// within noise of it at N=32 H=256 L=500 and N=128 H=256 L=200; 2^23 (the whole sequence) 1.08-1.11x
-// torch.nn there against 0.61-0.89x.
+// An inference call projects its input in one product while the projection (L N G elements) fits
+// kProjectWholeElems (32 MB in float32: the L3 here, and glibc's largest mmap threshold, above which
+// every allocation is a fresh mapping whose pages are faulted in on every call), else in chunks of
+// steps into one reused buffer of about kProjectChunkElems elements (1 MB, an L2) and at least 256
+// rows, each chunk consumed by its steps before the next: a whole-sequence projection of a long call
+// (65 MB at LSTM N=32 H=256 L=500) is written to and read back from memory. Fewer rows than 256 lose
+// more than they gain (a product of few rows; LSTM N=1 H=1024 L=500, 2 layers, bidirectional: 837 ms
+// in chunks of 64 rows against 665 ms for the whole sequence at once). Swept over 2^16..2^23
+// elements (docs/fused.md, "Inference without saved gates"): 2^18 was the fastest or within noise of
+// it at N=32 H=256 L=500 and N=128 H=256 L=200, where the whole sequence at once took 1.08-1.11x
+// torch.nn's time against 0.61-0.89x; below 32 MB chunks measured no better than noise.
+constexpr int64_t kProjectWholeElems = int64_t(1) << 23;
 constexpr int64_t kProjectChunkElems = int64_t(1) << 18;
 inline int64_t project_chunk(int64_t L, int64_t N, int64_t G) {
+  if (L * N * G <= kProjectWholeElems) return std::max<int64_t>(L, 1);
   const int64_t steps = std::max(kProjectChunkElems / std::max<int64_t>(N * G, 1), (256 + N - 1) / std::max<int64_t>(N, 1));
   return std::clamp<int64_t>(steps, 1, std::max<int64_t>(L, 1));
 }
