@@ -138,6 +138,10 @@ def _op_samples():
                 (ops.lstm_infer.default, (r(L, N, 3, grad=False), r(4 * H, 3, grad=False), None,
                                           r(4 * H, P, grad=False), r(P, H, grad=False), r(N, P, grad=False),
                                           r(N, H, grad=False), None))]
+    samples += [(ops.gru_infer.default, (r(L, N, 3, grad=False), r(3 * H, 3, grad=False), r(3 * H, grad=False),
+                                         r(3 * H, H, grad=False), r(3 * H, grad=False), r(N, H, grad=False), lengths)),
+                (ops.gru_infer.default, (r(L, N, 3, grad=False), r(3 * H, 3, grad=False), None,
+                                         r(3 * H, H, grad=False), None, r(N, H, grad=False), None))]
     out, h_n, c_n, gates, cs, ms = ops.lstm_fwd(r(L, N, 4 * H, grad=False), r(4 * H, H, grad=False), None,
                                                 r(N, H, grad=False), r(N, H, grad=False), lengths)
     samples.append((ops.lstm_bwd.default, (r(L, N, H, grad=False), r(N, H, grad=False), r(N, H, grad=False),

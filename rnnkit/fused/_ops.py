@@ -11,8 +11,8 @@ built and loaded on first use, adds their CPU kernels:
   backward needs (gate activations, cell states), which the wrappers below drop.
 * ``rnn_bwd / lstm_bwd / gru_bwd / peephole_bwd / ln_lstm_bwd / indrnn_bwd``: backpropagation through time.
 * ``ln_gru_fwd / ln_gru_bwd``: the LayerNorm GRU, the same way.
-* ``lstm_infer``: the LSTM's ``out`` and final state from the unprojected input, for a call that needs no
-  gradient (no autograd): nothing saved, the input projected in chunks of steps inside the op.
+* ``lstm_infer``, ``gru_infer``: the LSTM's / GRU's ``out`` and final state from the unprojected input, for a
+  call that needs no gradient (no autograd): nothing saved, the input projected in chunks of steps inside the op.
 * ``rnn_cell / lstm_cell / gru_cell``: one inference step (no autograd).
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
@@ -91,6 +91,11 @@ def _fake_lstm_reg_bwd(grad_out, grad_hn, grad_cn, w_hh, w_hr, h0, c0, lengths, 
     g_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else out.new_empty(0)
     return out.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), g_hr, h0.new_empty(h0.shape), \
         c0.new_empty(c0.shape)
+
+
+def _fake_gru_infer(x, w_ih, b_ih, w_hh, b_hh, h0, lengths):
+    L, N, H = x.shape[0], x.shape[1], w_hh.shape[1]
+    return x.new_empty(L, N, H), x.new_empty(N, H)
 
 
 def _fake_gru_fwd(xp, w_hh, b_hh, h0, lengths):
@@ -421,6 +426,8 @@ SCHEMAS = {
     "lstm_bwd": "lstm_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? w_hr, Tensor h0, "
                 "Tensor c0, Tensor? lengths, Tensor out, Tensor gates, Tensor cs, Tensor ms) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gru_infer": "gru_infer(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, "
+                 "Tensor? lengths) -> (Tensor, Tensor)",
     "gru_fwd": "gru_fwd(Tensor xp, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths) "
                "-> (Tensor, Tensor, Tensor, Tensor)",
     "gru_bwd": "gru_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor h0, Tensor? lengths, Tensor out, "
@@ -520,7 +527,7 @@ def register() -> None:
         return
     define()
     for name, fn in [("rnn_fwd", _fake_rnn_fwd), ("rnn_bwd", _fake_rnn_bwd), ("lstm_fwd", _fake_lstm_fwd),
-                     ("lstm_bwd", _fake_lstm_bwd), ("lstm_infer", _fake_lstm_infer), ("gru_fwd", _fake_gru_fwd), ("gru_bwd", _fake_gru_bwd),
+                     ("lstm_bwd", _fake_lstm_bwd), ("lstm_infer", _fake_lstm_infer), ("gru_fwd", _fake_gru_fwd), ("gru_infer", _fake_gru_infer), ("gru_bwd", _fake_gru_bwd),
                      ("peephole_fwd", _fake_peephole_fwd), ("peephole_bwd", _fake_peephole_bwd),
                      ("ln_lstm_fwd", _fake_ln_lstm_fwd), ("ln_lstm_bwd", _fake_ln_lstm_bwd),
                      ("indrnn_fwd", _fake_indrnn_fwd), ("indrnn_bwd", _fake_indrnn_bwd),
@@ -581,6 +588,13 @@ def gru_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
     (``b_hh`` stays inside: its ``n`` part is gated by ``r``)."""
     out, h_n, _, _ = apply("gru_fwd", xp, w_hh, b_hh, h0, lengths)
     return out, h_n
+
+
+def gru_infer(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor,
+              lengths: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """:func:`gru_sequence` of ``xp = x W_ih^T + b_ih`` for a call that needs no gradient (the op has no
+    autograd): nothing saved for a backward, the input projected in chunks of steps inside the op."""
+    return _ops().gru_infer(x, w_ih, b_ih, w_hh, b_hh, h0, lengths)
 
 
 def gru_reg_sequence(xp: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],

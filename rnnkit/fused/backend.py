@@ -68,7 +68,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _inference(x: Tensor, p: Params, state: State) -> bool:
-    """Whether this call may run the LSTM's ``lstm_infer`` op: no gradient is needed, float32/float64
+    """Whether this call may run ``lstm_infer`` / ``gru_infer``: no gradient is needed, float32/float64
     plain tensors of one dtype, and nothing that should see the op's ATen parts as its own (autocast,
     a tracer, torch.compile or export keep ``lstm_fwd``, whose projection is ``addmm``)."""
     tensors = [x, *state, *(t for t in p.values() if isinstance(t, Tensor))]
@@ -161,6 +161,10 @@ def scan_gru_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
 
 
 def scan_gru(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
+    if _inference(x, p, state):
+        out, h_n = _ops.gru_infer(x, p["weight_ih"], p.get("bias_ih"), p["weight_hh"], p.get("bias_hh"),
+                                  state[0].contiguous(), _lengths(lengths))
+        return out, (h_n,)
     xp = _project(x, p["weight_ih"], p.get("bias_ih"))
     out, h_n = _ops.gru_sequence(xp, p["weight_hh"], p.get("bias_hh"), state[0].contiguous(), _lengths(lengths))
     return out, (h_n,)

@@ -78,6 +78,11 @@ def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate
     return (out, *state)
 
 
+def gru_infer(x, w_ih, b_ih, w_hh, b_hh, h0, lengths):
+    xp = torch.matmul(x, w_ih.t()) if b_ih is None else torch.matmul(x, w_ih.t()) + b_ih
+    return gru_fwd(xp, w_hh, b_hh, h0, lengths)
+
+
 def gru_reg_fwd(xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate):
     """The GRU step loop with the runner's regularizers on given masks (see :func:`lstm_reg_fwd`)."""
     p = {"weight_hh": w_hh, "bias_hh": b_hh}

@@ -7,6 +7,25 @@
 
 namespace rnnkit_fused::gru {
 
+// One step t of the GRU time loop, gru_fwd's and gru_infer's: hb (N, 3H) = h_{t-1} W_hh^T, then each row's
+// gate math on hb, b_hh and the projected input xt (N, 3H) into r/z/n (rzt), the n gate's W_hh h + b_hh
+// part (hnt) and h_t (ot); a row past its length (check: some row may be) holds its state.
+template <typename T>
+void gru_fwd_step(const Recurrent<T>& rec, int64_t N, int64_t H, const int64_t* len, bool check, int64_t t,
+                  const T* xt, const T* hp, const T* bh, T* hb, T* rzt, T* hnt, T* ot) {
+  const int64_t G = 3 * H;
+  rec(hp, H, T(0), hb, G);
+  at::parallel_for(0, N, row_grain(G), [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      if (check && t >= len[n]) {  // held: the saved gates are unused, zeroed to stay deterministic
+        copy_row(ot + n * H, hp + n * H, H);
+        zero_row(rzt + n * G, G);
+        zero_row(hnt + n * H, H);
+      } else gru_row(xt + n * G, hb + n * G, bh, hp + n * H, rzt + n * G, hnt + n * H, ot + n * H, H);
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd(const Tensor& xp_, const Tensor& w_hh_,
                                                    const std::optional<Tensor>& b_hh_, const Tensor& h0_,
                                                    const std::optional<Tensor>& lengths) {
@@ -31,22 +50,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd(const Tensor& xp_, const Tens
     const Recurrent<T> rec(N, G, H, true, w_hh);
     const T *x = xp.data_ptr<T>(), *bh = b_hh.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     T *o = out.data_ptr<T>(), *rz = rzn.data_ptr<T>(), *hn = hns.data_ptr<T>(), *hb = hh.data_ptr<T>();
-    const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
+    const int64_t min_len = min_length(len, N, L);
     for (int64_t t = 0; t < L; ++t) {
-      const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
-      rec(hp, H, T(0), hb, G);
-      const T* xt = x + t * N * G;
-      T *rzt = rz + t * N * G, *hnt = hn + t * N * H, *ot = o + t * N * H;
-      const bool check = len && t >= min_len;
-      at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) {
-          if (check && t >= len[n]) {  // held: the saved gates are unused, zeroed to stay deterministic
-            copy_row(ot + n * H, hp + n * H, H);
-            zero_row(rzt + n * G, G);
-            zero_row(hnt + n * H, H);
-          } else gru_row(xt + n * G, hb + n * G, bh, hp + n * H, rzt + n * G, hnt + n * H, ot + n * H, H);
-        }
-      });
+      gru_fwd_step<T>(rec, N, H, len, len && t >= min_len, t, x + t * N * G, t == 0 ? h_init : o + (t - 1) * N * H,
+                      bh, hb, rz + t * N * G, hn + t * N * H, o + t * N * H);
     }
   });
   Tensor h_n = L > 0 ? out[L - 1].clone() : h0.clone();
@@ -235,6 +242,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_bf16(const Tensor& grad_out_,
   return {dxp, grad_w_hh, grad_b_hh, dh_a.to(at::kBFloat16)};
 }
 // ---------------------------------------------------------------- dtype dispatch (the registered entry points)
+
+// ================================================================ GRU inference (no saved gates)
+// gru_infer: gru_fwd's out and h_n from the unprojected input x (L, N, I), for a call that needs no
+// gradient: r/z/n and the n gate's recurrent part of one step in small buffers, the input projected
+// (b_ih + x W_ih^T; b_hh stays inside, gated by r) in chunks of steps as lstm_infer does (common.h,
+// project_chunk). float32 and float64.
+std::tuple<Tensor, Tensor> gru_infer(const Tensor& x_, const Tensor& w_ih_, const std::optional<Tensor>& b_ih_,
+                                     const Tensor& w_hh_, const std::optional<Tensor>& b_hh_, const Tensor& h0_,
+                                     const std::optional<Tensor>& lengths) {
+  TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) == 3 * w_hh_.size(1),
+              "rnnkit_fused::gru_infer: w_hh must be (3H, H), got ", w_hh_.sizes());
+  TORCH_CHECK(x_.dim() == 3, "rnnkit_fused::gru_infer: x must be (L, N, I), got ", x_.sizes());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
+              "rnnkit_fused::gru_infer: float32 or float64 only, got ", x_.scalar_type());
+  const int64_t H = w_hh_.size(1), G = 3 * H, L = x_.size(0), N = x_.size(1), I = x_.size(2);
+  const bool bias = b_ih_.has_value() && b_ih_->defined();
+  Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
+  Tensor b_ih = bias ? b_ih_->contiguous() : Tensor();
+  check_same(x, w_ih, "w_ih", {G, I});
+  if (bias) check_same(x, b_ih, "b_ih", {G});
+  check_same(x, w_hh, "w_hh", {G, H});
+  Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : rk::zeros({G}, x.options());
+  check_same(x, b_hh, "b_hh", {G});
+  check_same(x, h0, "h0", {N, H});
+  Tensor len_keep;
+  const int64_t* len = lengths_ptr(lengths, N, len_keep);
+  Tensor out = rk::empty({L, N, H}, x.options());
+  if (L == 0) return {out, h0.clone()};
+  const int64_t C = project_chunk(L, N, G);
+  Tensor buf = rk::empty({C * N * G + 2 * N * G + N * H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_infer", [&] {
+    using T = scalar_t;
+    const Recurrent<T> rec(N, G, H, true, w_hh);
+    T* xb = buf.data_ptr<T>();  // the chunk's projection (C N, G), then hb (N, G), r/z/n (N, G), hn (N, H)
+    T *hb = xb + C * N * G, *rz = hb + N * G, *hn = rz + N * G;
+    const T *xs = x.data_ptr<T>(), *wi = w_ih.data_ptr<T>(), *bi = bias ? b_ih.data_ptr<T>() : nullptr;
+    const T *bh = b_hh.data_ptr<T>(), *h_init = h0.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    const int64_t min_len = min_length(len, N, L);
+    for (int64_t t0 = 0; t0 < L; t0 += C) {
+      const int64_t t1 = std::min(L, t0 + C);
+      project_rows<T>((t1 - t0) * N, G, I, xs + t0 * N * I, I, wi, bi, xb);
+      for (int64_t t = t0; t < t1; ++t)
+        gru_fwd_step<T>(rec, N, H, len, len && t >= min_len, t, xb + (t - t0) * N * G,
+                        t == 0 ? h_init : o + (t - 1) * N * H, bh, hb, rz, hn, o + t * N * H);
+    }
+  });
+  return {out, out[L - 1].clone()};
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd_entry(const Tensor& xp, const Tensor& w_hh,
                                                          const std::optional<Tensor>& b_hh, const Tensor& h0,

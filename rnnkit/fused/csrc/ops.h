@@ -49,6 +49,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
 }  // namespace lstm
 
 namespace gru {  // gru.cpp
+// inference: gru_fwd's out and h_n from the unprojected input, nothing saved (see gru.cpp, "GRU inference")
+std::tuple<Tensor, Tensor> gru_infer(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
+                                     const Tensor& w_hh, const std::optional<Tensor>& b_hh, const Tensor& h0,
+                                     const std::optional<Tensor>& lengths);
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd_entry(const Tensor& xp, const Tensor& w_hh,
                                                          const std::optional<Tensor>& b_hh, const Tensor& h0,
                                                          const std::optional<Tensor>& lengths);

@@ -131,6 +131,7 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("lstm_infer", &rnnkit_fused::PerCall<&rnnkit_fused::lstm::lstm_infer>::call);
   m.impl("gru_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_fwd_entry>::call);
   m.impl("gru_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_bwd_entry>::call);
+  m.impl("gru_infer", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_infer>::call);
   m.impl("peephole_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::peephole::peephole_fwd>::call);
   m.impl("peephole_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::peephole::peephole_bwd>::call);
   m.impl("indrnn_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::indrnn::indrnn_fwd>::call);
