@@ -1,9 +1,9 @@
-"""No-grad LSTM layers on the fused backend: ``lstm_infer`` (nothing saved, the input projected in chunks of
-steps inside the op) against the path it replaced (the whole-sequence projection, then ``lstm_fwd``, which
-saves the gates of every step) and torch.nn, side by side in one process, plus the projection alone into a
+"""No-grad LSTM and GRU layers on the fused backend: ``lstm_infer`` / ``gru_infer`` (nothing saved, the input
+projected inside the op, in chunks of steps above 32 MB) against the path they replaced (the whole-sequence
+projection, then ``lstm_fwd`` / ``gru_fwd``, which save the gates of every step) and torch.nn, side by side in one process, plus the projection alone into a
 fresh tensor and into a reused one (the cost of a fresh buffer's page faults).
 
-    python benchmarks/lstm_infer.py [--threads 2] [--reps 9]
+    python benchmarks/infer_ops.py [--threads 2] [--reps 9]
 
 Prints ms (median of the interleaved repeats) and each time / torch.nn's (< 1: faster than torch.nn).
 """
@@ -24,8 +24,10 @@ from torch import nn  # noqa: E402
 import rnnkit  # noqa: E402
 from rnnkit.fused import backend as fb  # noqa: E402
 
-ROWS = [(32, 256, 500, 1, True), (1, 1024, 500, 2, True), (128, 64, 50, 1, True), (8, 256, 50, 2, True),
-        (1, 64, 50, 2, True), (32, 256, 500, 1, False)]  # (N, H, L, layers, bidirectional)
+ROWS = [("lstm", 32, 256, 500, 1, True), ("lstm", 1, 1024, 500, 2, True), ("lstm", 128, 64, 50, 1, True),
+        ("lstm", 8, 256, 50, 2, True), ("lstm", 1, 64, 50, 2, True), ("lstm", 32, 256, 500, 1, False),
+        ("lstm", 128, 256, 200, 1, True), ("gru", 32, 256, 500, 1, True), ("gru", 8, 256, 50, 2, True),
+        ("gru", 128, 256, 200, 1, True)]  # (cell, N, H, L, layers, bidirectional)
 
 
 def timed(fns, reps):
@@ -49,12 +51,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("RNNKIT_AUTO_MEASURE", "0")
     real = fb._inference
     print(f"{args.threads} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}")
-    print(f"{'N':>4} {'H':>5} {'L':>4} lay dir {'torch.nn':>9} {'infer':>9} {'before':>9}  infer/nn before/nn")
+    print(f"cell {'N':>4} {'H':>5} {'L':>4} lay dir {'torch.nn':>9} {'infer':>9} {'before':>9}  infer/nn before/nn")
     with torch.no_grad():
-        for N, H, L, layers, bidir in ROWS:
+        for cell, N, H, L, layers, bidir in ROWS:
             torch.manual_seed(0)
-            theirs = nn.LSTM(H, H, layers, bidirectional=bidir)
-            ours = rnnkit.LSTM(H, H, layers, bidirectional=bidir, backend="fused")
+            theirs = getattr(nn, cell.upper())(H, H, layers, bidirectional=bidir)
+            ours = getattr(rnnkit, cell.upper())(H, H, layers, bidirectional=bidir, backend="fused")
             ours.load_state_dict(theirs.state_dict())
             x = torch.randn(L, N, H)
             torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-4, atol=1e-5)
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
                 finally:
                     fb._inference = real
             t = timed({"nn": lambda: theirs(x), "infer": lambda: ours(x), "before": before}, args.reps)
-            print(f"{N:4d} {H:5d} {L:4d} {layers:3d} {2 if bidir else 1:3d} {t['nn']:9.2f} {t['infer']:9.2f} "
+            print(f"{cell:4s} {N:4d} {H:5d} {L:4d} {layers:3d} {2 if bidir else 1:3d} {t['nn']:9.2f} {t['infer']:9.2f} "
                   f"{t['before']:9.2f}  {t['infer'] / t['nn']:8.2f} {t['before'] / t['nn']:9.2f}", flush=True)
         N, H, L = 32, 256, 500
         x2, w, b = torch.randn(L * N, H), torch.randn(4 * H, H), torch.randn(4 * H)
