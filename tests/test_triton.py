@@ -339,6 +339,29 @@ def test_second_derivatives_match_reference(cls):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("cls, kw", [(rnnkit.IndRNN, {}), (rnnkit.IndRNN, {"nonlinearity": "tanh"}),
+                                     (rnnkit.MinGRU, {}), (rnnkit.MinLSTM, {})],
+                         ids=["indrnn_relu", "indrnn_tanh", "mingru", "minlstm"])
+def test_elementwise_second_derivatives_match_reference(cls, kw):
+    """The elementwise driver (IndRNN, the Min cells) under create_graph=True: its backward runs the op's
+    reference twin, so the gradient can be differentiated again (gradient penalties, Hessian-vector products),
+    with lengths; equal to the reference backend's."""
+    torch.manual_seed(0)
+    ref = cls(3, 4, backend="reference", dtype=torch.float64, **kw)
+    tri = cls(3, 4, backend="triton", dtype=torch.float64, device=DEVICE, **kw)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    results = []
+    for m, xx in ((ref, x.clone().requires_grad_()), (tri, x.to(DEVICE).requires_grad_())):
+        out, _ = m(xx, lengths=torch.tensor([3, 2]))
+        assert m.last_backend == ("reference" if m is ref else "triton")
+        params = [p for p in m.parameters()]
+        (gx,) = torch.autograd.grad((out ** 2).sum(), xx, create_graph=True)
+        results.append([g.cpu() for g in torch.autograd.grad((gx ** 2).sum(), [xx, *params])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 def test_second_derivatives_of_combined_flags_are_refused():
     from rnnkit.triton import lstm
     op, args, _ = _op_cases()["lstm_all"]

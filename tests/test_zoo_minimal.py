@@ -190,6 +190,42 @@ def test_gradcheck(cls):
     assert torch.autograd.gradcheck(fn, (x, h0, *params))
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("case", ["last_step_loss", "lengths"])
+def test_second_derivatives_equal_step_loop(cls, case):
+    """create_graph=True through the parallel scan: finite and equal to the step loop's, also where an
+    output's gradient is 0 (a loss on the last step only; steps past a length), where torch's own
+    logcumsumexp double backward is NaN (rnnkit/zoo/minimal.py, _LogCumSumExp)."""
+    torch.manual_seed(8)
+    par, seq = _pair(cls, 3, 4, num_layers=2, bidirectional=True, dtype=F64)
+    x = torch.randn(6, 3, 3, dtype=F64)
+    results = []
+    for m in (par, seq):
+        xx = x.clone().requires_grad_()
+        if case == "lengths":
+            out, _ = m(xx, lengths=torch.tensor([6, 2, 4]))
+            loss = (out ** 2).sum()
+        else:
+            out, _ = m(xx)
+            loss = out[-1].sum()
+        (gx,) = torch.autograd.grad(loss, xx, create_graph=True)
+        results.append(torch.autograd.grad((gx ** 2).sum(), [xx, *m.parameters()]))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, F64, case)
+
+
+def test_log_space_scan_gradgradcheck_with_zero_output_gradients():
+    torch.manual_seed(9)
+    log_a = (-torch.rand(4, 2, 3, dtype=F64)).requires_grad_()
+    log_b = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    grad_out = torch.randn(4, 2, 3, dtype=F64)
+    grad_out[2:] = 0.0  # outputs the loss does not read
+    grad_out[0, 1] = 0.0
+    assert torch.autograd.gradgradcheck(log_space_scan, (log_a, log_b, h0), (grad_out,))
+
+
 # ----------------------------------------------------------------------------- lengths, streaming, layouts
 
 

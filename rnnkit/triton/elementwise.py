@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..spec import CellSpec, Params, State
-from ._common import bias_sum, project
+from ._common import bias_sum, project, twin_backward
 
 BLOCK: Optional[int] = None
 """Columns of the flattened ``(N, H)`` state per program (a power of 2), or None: 128 on a GPU (many
@@ -376,8 +376,22 @@ def _elementwise_setup(ctx, inputs, output):
     ctx.save_for_backward(xp, u, h0, lengths, output[0])
 
 
+def _elementwise_twin(xp, u, h0, lengths, cell):
+    """The op's reference twin (plain PyTorch ops, the cells' own step functions): ``(out, h_n)``."""
+    from ..fused import twins
+    from ..zoo.minimal import min_gru_step, min_lstm_step
+    if cell < 2:
+        return tuple(twins.indrnn_fwd(xp, u, h0, lengths, cell))
+    step = min_gru_step if cell == CELL_MINGRU else min_lstm_step
+    return tuple(twins._scan(("min_gru", "min_lstm")[cell - 2], step, {}, xp, (h0,), lengths))
+
+
 def _elementwise_backward(ctx, grad_out, grad_hn):
     xp, u, h0, lengths, out = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the backward must itself be differentiable: the twin's
+        inputs = (xp, u, h0, lengths, ctx.cell)
+        wanted = [i for i in range(3) if inputs[i] is not None and ctx.needs_input_grad[i]]
+        return tuple(twin_backward(_elementwise_twin, inputs, wanted, (grad_out, grad_hn)))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_hn is None:

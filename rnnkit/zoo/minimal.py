@@ -81,6 +81,45 @@ def _scan_dtype(t: Tensor) -> torch.dtype:
     return t.dtype
 
 
+def _safe_log(t: Tensor) -> Tensor:
+    """``log t`` where ``t > 0``, the dtype's lowest finite value elsewhere; its derivative is finite
+    everywhere (``log`` only ever sees positive numbers), so a ``where`` around it never makes 0 * inf."""
+    positive = t > 0
+    return torch.where(positive, torch.log(torch.where(positive, t, torch.ones_like(t))),
+                       torch.full_like(t, torch.finfo(t.dtype).min))
+
+
+class _LogCumSumExp(torch.autograd.Function):
+    """``torch.logcumsumexp(x, 0)`` with a backward written in differentiable ops that stays finite
+    where the incoming gradient is 0. torch's own backward takes ``log`` of the gradient's positive
+    and negative parts inside a ``where``, so its second derivative is NaN wherever a gradient is 0
+    (an output the loss does not read: steps past a length, a loss on the last step only)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.logcumsumexp(x, dim=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # dx_j = sum_{t >= j} grad_t exp(x_j - y_t), over grad's positive and negative parts in log space
+        x, y = ctx.saved_tensors
+
+        def tail(v):  # logsumexp over t >= j
+            return _LogCumSumExp.apply(v.flip(0)).flip(0)
+        return torch.exp(x + tail(_safe_log(grad) - y)) - torch.exp(x + tail(_safe_log(-grad) - y))
+
+
+def _logcumsumexp(x: Tensor) -> Tensor:
+    if (torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+            and not torch._C._get_tracing_state()):
+        return _LogCumSumExp.apply(x)
+    return torch.logcumsumexp(x, dim=0)
+
+
 def log_space_scan(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
     """All ``h_t`` of ``h_t = a_t * h_{t-1} + b_t`` (``a_t, b_t > 0``, any real
     ``h0``) for ``t = 1..L`` at once: ``log_a, log_b (L, N, H)``, ``h0 (N, H)``
@@ -91,7 +130,7 @@ def log_space_scan(log_a: Tensor, log_b: Tensor, h0: Tensor) -> Tensor:
     wide = _scan_dtype(log_a)
     log_a, log_b = log_a.to(wide), log_b.to(wide)
     a_star = torch.cumsum(log_a, dim=0)
-    h = torch.exp(a_star + torch.logcumsumexp(log_b - a_star, dim=0)) + torch.exp(a_star) * h0.to(wide)
+    h = torch.exp(a_star + _logcumsumexp(log_b - a_star)) + torch.exp(a_star) * h0.to(wide)
     return h.to(h0.dtype)
 
 
