@@ -878,6 +878,37 @@ inline void check_same(const Tensor& ref, const Tensor& t, const char* what, at:
   TORCH_CHECK(t.sizes() == shape, "rnnkit_fused: ", what, " has shape ", t.sizes(), ", expected ", shape);
 }
 
+// The unprojected input of an inference op (lstm_infer, gru_infer): x (L, N, I), its W_ih (G, I) and bias
+// (G; undefined: none), checked and contiguous.
+struct InferInput {
+  Tensor x, w_ih, b;
+  int64_t L, N, I;
+};
+inline InferInput infer_input(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& b, int64_t G,
+                              const char* op, const char* b_name) {
+  TORCH_CHECK(x.dim() == 3, "rnnkit_fused::", op, ": x must be (L, N, I), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "rnnkit_fused::", op,
+              ": float32 or float64 only, got ", x.scalar_type());
+  InferInput in{x.contiguous(), w_ih.contiguous(), (b.has_value() && b->defined()) ? b->contiguous() : Tensor(),
+                x.size(0), x.size(1), x.size(2)};
+  check_same(in.x, in.w_ih, "w_ih", {G, in.I});
+  if (in.b.defined()) check_same(in.x, in.b, b_name, {G});
+  return in;
+}
+
+// An inference op's time loop: step(t, xt) for t = 0 .. L - 1, xt the projected input b + x_t W_ih^T of
+// step t (N, G), projected chunk by chunk (project_chunk) into xb, (C N, G) for C = project_chunk(L, N, G).
+template <typename T, typename F>
+void over_projected_steps(const InferInput& in, int64_t G, T* xb, const F& step) {
+  const int64_t L = in.L, N = in.N, I = in.I, C = project_chunk(L, N, G);
+  const T *x = in.x.data_ptr<T>(), *w = in.w_ih.data_ptr<T>(), *b = in.b.defined() ? in.b.data_ptr<T>() : nullptr;
+  for (int64_t t0 = 0; t0 < L; t0 += C) {
+    const int64_t t1 = std::min(L, t0 + C);
+    project_rows<T>((t1 - t0) * N, G, I, x + t0 * N * I, I, w, b, xb);
+    for (int64_t t = t0; t < t1; ++t) step(t, (const T*)(xb + (t - t0) * N * G));
+  }
+}
+
 // Which kernel the recurrent product uses: by the rule below (0), the BLAS path (1: the few-rows kernel
 // below kSmallRows rows, else MKL's packed GEMM, or plain BLAS), or the panel GEMM (2). A process-wide
 // switch for the benchmarks and tests (rnnkit_fused::recurrent_kernel); read once per Recurrent.

@@ -7,6 +7,18 @@
 
 namespace rnnkit_fused::gru {
 
+// gru_fwd's and gru_infer's checks of the recurrent weights and the initial state (ref: the input, for the
+// dtype): w_hh (3H, H), b_hh (3H; none: zeros, returned), h0 (N, H).
+static Tensor check_gru(const Tensor& ref, const Tensor& w_hh, const std::optional<Tensor>& b_hh_, const Tensor& h0,
+                        int64_t N) {
+  const int64_t H = w_hh.size(1), G = 3 * H;
+  check_same(ref, w_hh, "w_hh", {G, H});
+  Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : rk::zeros({G}, ref.options());
+  check_same(ref, b_hh, "b_hh", {G});
+  check_same(ref, h0, "h0", {N, H});
+  return b_hh;
+}
+
 // One step t of the GRU time loop, gru_fwd's and gru_infer's: hb (N, 3H) = h_{t-1} W_hh^T, then each row's
 // gate math on hb, b_hh and the projected input xt (N, 3H) into r/z/n (rzt), the n gate's W_hh h + b_hh
 // part (hnt) and h_t (ot); a row past its length (check: some row may be) holds its state.
@@ -35,10 +47,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_fwd(const Tensor& xp_, const Tens
   check_seq(xp_, "gru_fwd", G);
   const int64_t L = xp_.size(0), N = xp_.size(1);
   Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
-  check_same(xp, w_hh, "w_hh", {G, H});
-  Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : rk::zeros({G}, xp.options());
-  check_same(xp, b_hh, "b_hh", {G});
-  check_same(xp, h0, "h0", {N, H});
+  Tensor b_hh = check_gru(xp, w_hh, b_hh_, h0, N);
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor out = rk::empty({L, N, H}, xp.options());
@@ -253,41 +262,29 @@ std::tuple<Tensor, Tensor> gru_infer(const Tensor& x_, const Tensor& w_ih_, cons
                                      const std::optional<Tensor>& lengths) {
   TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) == 3 * w_hh_.size(1),
               "rnnkit_fused::gru_infer: w_hh must be (3H, H), got ", w_hh_.sizes());
-  TORCH_CHECK(x_.dim() == 3, "rnnkit_fused::gru_infer: x must be (L, N, I), got ", x_.sizes());
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
-              "rnnkit_fused::gru_infer: float32 or float64 only, got ", x_.scalar_type());
-  const int64_t H = w_hh_.size(1), G = 3 * H, L = x_.size(0), N = x_.size(1), I = x_.size(2);
-  const bool bias = b_ih_.has_value() && b_ih_->defined();
-  Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
-  Tensor b_ih = bias ? b_ih_->contiguous() : Tensor();
-  check_same(x, w_ih, "w_ih", {G, I});
-  if (bias) check_same(x, b_ih, "b_ih", {G});
-  check_same(x, w_hh, "w_hh", {G, H});
-  Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : rk::zeros({G}, x.options());
-  check_same(x, b_hh, "b_hh", {G});
-  check_same(x, h0, "h0", {N, H});
+  const int64_t H = w_hh_.size(1), G = 3 * H;
+  const InferInput in = infer_input(x_, w_ih_, b_ih_, G, "gru_infer", "b_ih");
+  const int64_t L = in.L, N = in.N;
+  Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous();
+  Tensor b_hh = check_gru(in.x, w_hh, b_hh_, h0, N);
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = rk::empty({L, N, H}, x.options());
+  Tensor out = rk::empty({L, N, H}, in.x.options());
   if (L == 0) return {out, h0.clone()};
   const int64_t C = project_chunk(L, N, G);
-  Tensor buf = rk::empty({C * N * G + 2 * N * G + N * H}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_infer", [&] {
+  Tensor buf = rk::empty({C * N * G + 2 * N * G + N * H}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "gru_infer", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, G, H, true, w_hh);
     T* xb = buf.data_ptr<T>();  // the chunk's projection (C N, G), then hb (N, G), r/z/n (N, G), hn (N, H)
     T *hb = xb + C * N * G, *rz = hb + N * G, *hn = rz + N * G;
-    const T *xs = x.data_ptr<T>(), *wi = w_ih.data_ptr<T>(), *bi = bias ? b_ih.data_ptr<T>() : nullptr;
     const T *bh = b_hh.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     T* o = out.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L);
-    for (int64_t t0 = 0; t0 < L; t0 += C) {
-      const int64_t t1 = std::min(L, t0 + C);
-      project_rows<T>((t1 - t0) * N, G, I, xs + t0 * N * I, I, wi, bi, xb);
-      for (int64_t t = t0; t < t1; ++t)
-        gru_fwd_step<T>(rec, N, H, len, len && t >= min_len, t, xb + (t - t0) * N * G,
-                        t == 0 ? h_init : o + (t - 1) * N * H, bh, hb, rz, hn, o + t * N * H);
-    }
+    over_projected_steps<T>(in, G, xb, [&](int64_t t, const T* xt) {
+      gru_fwd_step<T>(rec, N, H, len, len && t >= min_len, t, xt, t == 0 ? h_init : o + (t - 1) * N * H, bh, hb, rz,
+                      hn, o + t * N * H);
+    });
   });
   return {out, out[L - 1].clone()};
 }

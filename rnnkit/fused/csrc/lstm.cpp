@@ -52,6 +52,18 @@ void lstm_fwd_step(const Recurrent<T>& rec, const Recurrent<T>& rec_r, int64_t N
   }
 }
 
+// lstm_fwd's and lstm_infer's checks of the recurrent weights and the initial state (ref: the input, for
+// the dtype): w_hh (4H, P), w_hr (P, H) or none (then P == H), h0 (N, P), c0 (N, H).
+static void check_lstm(const Tensor& ref, const Tensor& w_hh, const Tensor& w_hr, const Tensor& h0, const Tensor& c0,
+                       int64_t N, const char* op) {
+  const int64_t H = w_hh.size(0) / 4, P = w_hh.size(1);
+  check_same(ref, w_hh, "w_hh", {4 * H, P});
+  if (w_hr.defined()) check_same(ref, w_hr, "w_hr", {P, H});
+  else TORCH_CHECK(P == H, "rnnkit_fused::", op, ": without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
+  check_same(ref, h0, "h0", {N, P});
+  check_same(ref, c0, "c0", {N, H});
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& xp_, const Tensor& w_hh_,
                                                                     const std::optional<Tensor>& w_hr_,
                                                                     const Tensor& h0_, const Tensor& c0_,
@@ -64,11 +76,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor
   const bool proj = w_hr_.has_value() && w_hr_->defined();
   Tensor xp = xp_.contiguous(), w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
   Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
-  check_same(xp, w_hh, "w_hh", {G, P});
-  if (proj) check_same(xp, w_hr, "w_hr", {P, H});
-  else TORCH_CHECK(P == H, "rnnkit_fused::lstm_fwd: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
-  check_same(xp, h0, "h0", {N, P});
-  check_same(xp, c0, "c0", {N, H});
+  check_lstm(xp, w_hh, w_hr, h0, c0, N, "lstm_fwd");
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor out = rk::empty({L, N, P}, xp.options());
@@ -187,30 +195,21 @@ std::tuple<Tensor, Tensor, Tensor> lstm_infer(const Tensor& x_, const Tensor& w_
                                               const std::optional<Tensor>& lengths) {
   TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) % 4 == 0,
               "rnnkit_fused::lstm_infer: w_hh must be (4H, H_out), got ", w_hh_.sizes());
-  TORCH_CHECK(x_.dim() == 3, "rnnkit_fused::lstm_infer: x must be (L, N, I), got ", x_.sizes());
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
-              "rnnkit_fused::lstm_infer: float32 or float64 only, got ", x_.scalar_type());
   const int64_t H = w_hh_.size(0) / 4, P = w_hh_.size(1), G = 4 * H;
-  const int64_t L = x_.size(0), N = x_.size(1), I = x_.size(2);
-  const bool proj = w_hr_.has_value() && w_hr_->defined(), bias = b_.has_value() && b_->defined();
-  Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous();
-  Tensor b = bias ? b_->contiguous() : Tensor(), w_hr = proj ? w_hr_->contiguous() : Tensor();
-  check_same(x, w_ih, "w_ih", {G, I});
-  if (bias) check_same(x, b, "b", {G});
-  check_same(x, w_hh, "w_hh", {G, P});
-  if (proj) check_same(x, w_hr, "w_hr", {P, H});
-  else TORCH_CHECK(P == H, "rnnkit_fused::lstm_infer: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
-  check_same(x, h0, "h0", {N, P});
-  check_same(x, c0, "c0", {N, H});
+  const InferInput in = infer_input(x_, w_ih_, b_, G, "lstm_infer", "b");
+  const int64_t L = in.L, N = in.N;
+  const bool proj = w_hr_.has_value() && w_hr_->defined();
+  Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_lstm(in.x, w_hh, w_hr, h0, c0, N, "lstm_infer");
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
-  Tensor out = rk::empty({L, N, P}, x.options());
+  Tensor out = rk::empty({L, N, P}, in.x.options());
   if (L == 0) return {out, h0.clone(), c0.clone()};
   const int64_t C = project_chunk(L, N, G);
-  Tensor buf = rk::empty({C * N * G + N * G + 2 * N * H + (proj ? N * H : 0)}, x.options());
-  Tensor c_n;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_infer", [&] {
+  Tensor buf = rk::empty({C * N * G + N * G + 2 * N * H + (proj ? N * H : 0)}, in.x.options());
+  Tensor c_n = rk::empty({N, H}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "lstm_infer", [&] {
     using T = scalar_t;
     const Recurrent<T> rec(N, G, P, true, w_hh);
     const Recurrent<T> rec_r(proj ? N : 0, P, H, true, proj ? w_hr : w_hh);
@@ -218,22 +217,14 @@ std::tuple<Tensor, Tensor, Tensor> lstm_infer(const Tensor& x_, const Tensor& w_
     T* gt = xb + C * N * G;
     T* cs[2] = {gt + N * G, gt + N * G + N * H};
     T* mt = proj ? cs[1] + N * H : nullptr;
-    const T *xs = x.data_ptr<T>(), *wi = w_ih.data_ptr<T>(), *bb = bias ? b.data_ptr<T>() : nullptr;
     const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>();
     T* o = out.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L);
-    for (int64_t t0 = 0; t0 < L; t0 += C) {
-      const int64_t t1 = std::min(L, t0 + C);
-      project_rows<T>((t1 - t0) * N, G, I, xs + t0 * N * I, I, wi, bb, xb);
-      for (int64_t t = t0; t < t1; ++t) {
-        const T* hp = t == 0 ? h_init : o + (t - 1) * N * P;
-        const T* cp = t == 0 ? c_init : cs[(t - 1) & 1];
-        T* ot = o + t * N * P;
-        lstm_fwd_step<T>(rec, rec_r, N, H, P, len, len && t >= min_len, t, xb + (t - t0) * N * G, hp, cp, gt,
-                         cs[t & 1], proj ? mt : ot, ot);
-      }
-    }
-    c_n = rk::empty({N, H}, x.options());
+    over_projected_steps<T>(in, G, xb, [&](int64_t t, const T* xt) {
+      T* ot = o + t * N * P;
+      lstm_fwd_step<T>(rec, rec_r, N, H, P, len, len && t >= min_len, t, xt, t == 0 ? h_init : o + (t - 1) * N * P,
+                       t == 0 ? c_init : cs[(t - 1) & 1], gt, cs[t & 1], proj ? mt : ot, ot);
+    });
     copy_row(c_n.data_ptr<T>(), (const T*)cs[(L - 1) & 1], N * H);
   });
   return {out, out[L - 1].clone(), c_n};
