@@ -95,6 +95,8 @@ class _LogCumSumExp(torch.autograd.Function):
     and negative parts inside a ``where``, so its second derivative is NaN wherever a gradient is 0
     (an output the loss does not read: steps past a length, a loss on the last step only)."""
 
+    generate_vmap_rule = True  # torch.func's vmap and jacrev (forward and backward are plain torch ops)
+
     @staticmethod
     def forward(x: Tensor) -> Tensor:
         return torch.logcumsumexp(x, dim=0)
