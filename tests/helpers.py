@@ -78,3 +78,24 @@ def assert_modules_match(fused, ref, x, dtype):
         assert_close(a, b, dtype, "final state")
     for a, b in zip(g1, g2):
         assert_close(a, b, dtype, "grad")
+
+
+def spy_layer_run(monkeypatch):
+    """Replaces the fused extension's direct layer entry (``rnnkit.fused.cells.layer_run``) with a counter of its
+    calls and of how many it ran (its result not NotImplemented); returns the counts. Loads the extension first."""
+    import rnnkit
+    from rnnkit.fused import cells as fc
+    with torch.no_grad():
+        rnnkit.LSTMCell(2, 3)(torch.randn(1, 2))  # loads the extension and looks the entry up
+    real = fc.get_layer_run()
+    assert real is not None
+    counts = {"calls": 0, "ran": 0}
+
+    def entry(*args):
+        counts["calls"] += 1
+        out = real(*args)
+        counts["ran"] += out is not NotImplemented
+        return out
+
+    monkeypatch.setattr(fc, "layer_run", entry)
+    return counts

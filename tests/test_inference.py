@@ -15,8 +15,7 @@ import torch
 import rnnkit
 from rnnkit import bench, bench_inference, cli
 from rnnkit.backends import BACKENDS
-from rnnkit.fused import cells as fc
-from helpers import assert_close, flatten_states
+from helpers import assert_close, flatten_states, spy_layer_run
 
 REASON = BACKENDS["fused"].unavailable()
 needs_fused = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
@@ -47,20 +46,7 @@ def state(name, n, hidden=11, dtype=torch.float32):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the direct layer entry's calls and how many it ran (not NotImplemented)."""
-    with torch.no_grad():
-        rnnkit.LSTMCell(2, 3)(torch.randn(1, 2))  # loads the extension and looks the entry up
-    real = fc.get_layer_run()
-    assert real is not None
-    counts = {"calls": 0, "ran": 0}
-
-    def entry(*args):
-        counts["calls"] += 1
-        out = real(*args)
-        counts["ran"] += out is not NotImplemented
-        return out
-
-    monkeypatch.setattr(fc, "layer_run", entry)
-    return counts
+    return spy_layer_run(monkeypatch)
 
 
 def outputs(result):

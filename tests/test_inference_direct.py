@@ -14,7 +14,7 @@ import torch
 import rnnkit
 from rnnkit.backends import BACKENDS
 from rnnkit.fused import cells as fc
-from helpers import assert_close, flatten_states
+from helpers import assert_close, flatten_states, spy_layer_run
 
 REASON = BACKENDS["fused"].unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"fused backend unavailable: {REASON}")
@@ -51,20 +51,7 @@ def outputs(result):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the direct layer entry's calls and how many it ran (not NotImplemented)."""
-    with torch.no_grad():
-        rnnkit.LSTM(2, 3)(torch.randn(1, 1, 2))  # loads the extension
-    real = fc.get_layer_run()
-    assert real is not None
-    counts = {"calls": 0, "ran": 0}
-
-    def entry(*args):
-        counts["calls"] += 1
-        out = real(*args)
-        counts["ran"] += out is not NotImplemented
-        return out
-
-    monkeypatch.setattr(fc, "layer_run", entry)
-    return counts
+    return spy_layer_run(monkeypatch)
 
 
 # (N, H, L, batch_first, h0 given, bias): N < 4 (the small GEMV) and N >= 4 (BLAS); H on and off the float32
