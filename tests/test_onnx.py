@@ -146,14 +146,14 @@ the example batch N = 3, so the graph ran at batch 3 only (fixed by calling ``sc
 rnnkit/onnx.py)."""
 
 
-def _worker_file(config, name, make, example):
+def _worker_file(config, folder, name, make, example):
     """The worker's export ``name``: its path, once the worker is done, and the model it exported (built here,
-    its weights checked against the worker's). Exported here instead when no worker runs (conftest.py
+    its weights checked against the worker's). Exported here, into ``folder``, when no worker runs (conftest.py
     starts it only when a collected test needs it)."""
     model = make()
     job = getattr(config, "rnnkit_onnx_worker", None)
     if job is None:
-        path = str(config.rnnkit_tmp_factory.mktemp("onnx") / f"{name}.onnx")
+        path = str(Path(folder) / f"{name}.onnx")
         _export(model, "dynamo", path, example)
         return path, model
     proc, folder, log = job
@@ -176,12 +176,12 @@ def exported(request, tmp_path_factory):
     """``get(exporter, group) -> (model, ModelProto, [(inputs, ort outputs, eager outputs)] for each of RUNS)``,
     each exported once (the default exporter's by tests/onnx_export_worker.py)."""
     cache = {}
-    request.config.rnnkit_tmp_factory = tmp_path_factory
 
     def get(exporter, group):
         if (exporter, group) not in cache:
             if exporter == "dynamo":
-                path, model = _worker_file(request.config, f"{group}_dynamo", *WORKER[f"{group}_dynamo"])
+                path, model = _worker_file(request.config, tmp_path_factory.mktemp("onnx"), f"{group}_dynamo",
+                                           *WORKER[f"{group}_dynamo"])
                 proto = onnx.load(path)
             else:
                 model = make_group(group)
@@ -259,7 +259,8 @@ def test_graph_size_does_not_depend_on_the_example_length(request, exporter, tmp
     counts = []
     for length in GRAPH_SIZE_LENGTHS:
         if exporter == "dynamo":
-            path, _ = _worker_file(request.config, f"mingru_{length}_dynamo", *WORKER[f"mingru_{length}_dynamo"])
+            path, _ = _worker_file(request.config, tmp_path, f"mingru_{length}_dynamo",
+                                   *WORKER[f"mingru_{length}_dynamo"])
         else:
             path = str(tmp_path / f"{length}.onnx")
             _export(make_mingru(), exporter, path, (length, 3))

@@ -527,7 +527,8 @@ def register() -> None:
         return
     define()
     for name, fn in [("rnn_fwd", _fake_rnn_fwd), ("rnn_bwd", _fake_rnn_bwd), ("lstm_fwd", _fake_lstm_fwd),
-                     ("lstm_bwd", _fake_lstm_bwd), ("lstm_infer", _fake_lstm_infer), ("gru_fwd", _fake_gru_fwd), ("gru_infer", _fake_gru_infer), ("gru_bwd", _fake_gru_bwd),
+                     ("lstm_bwd", _fake_lstm_bwd), ("lstm_infer", _fake_lstm_infer), ("gru_fwd", _fake_gru_fwd),
+                     ("gru_infer", _fake_gru_infer), ("gru_bwd", _fake_gru_bwd),
                      ("peephole_fwd", _fake_peephole_fwd), ("peephole_bwd", _fake_peephole_bwd),
                      ("ln_lstm_fwd", _fake_ln_lstm_fwd), ("ln_lstm_bwd", _fake_ln_lstm_bwd),
                      ("indrnn_fwd", _fake_indrnn_fwd), ("indrnn_bwd", _fake_indrnn_bwd),

@@ -58,13 +58,19 @@ def _serial_projection(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
     # one thread, csrc/common.h "under load"); asked last, only when everything else allows the op.
     # Never under export or with symbolic sizes: comparing them would add a guard on the batch.
     return (x2.dtype == w.dtype and (b is None or b.dtype == w.dtype) and _build.load() is None
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch._C._get_tracing_state() and type(x2) in _PLAIN and type(w) in _PLAIN
-            and not torch.compiler.is_exporting() and all(type(n) is int for n in (*x2.shape, *w.shape))
+            and _plain_eager(x2, w) and all(type(n) is int for n in (*x2.shape, *w.shape))
             and (x2.shape[0] * w.shape[0] * x2.shape[1] < _ops.SERIAL_PROJECT_MACS or _ops.oversubscribed()))
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """Plain tensors (no subclass) in plain eager mode: nothing that should see an op's ATen parts as its
+    own (autocast, a tracer, torch.compile, export) is active, so a fused op may stand in for them."""
+    return (all(type(t) in _PLAIN for t in tensors) and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
+            and not torch.compiler.is_exporting())
 
 
 def _inference(x: Tensor, p: Params, state: State) -> bool:
@@ -75,9 +81,7 @@ def _inference(x: Tensor, p: Params, state: State) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return (x.dtype in (torch.float32, torch.float64) and all(t.dtype == x.dtype for t in tensors)
-            and all(type(t) in _PLAIN for t in tensors) and not torch.is_autocast_enabled("cpu")
-            and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting())
+            and _plain_eager(*tensors))
 
 
 def _lengths(lengths: Optional[Tensor]) -> Optional[Tensor]:

@@ -46,9 +46,13 @@ def lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths):
     return _scan("lstm", lstm_step, {"weight_hh": w_hh, "weight_hr": w_hr}, xp, (h0, c0), lengths)
 
 
+def _projected(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """``x (L, N, I) -> (L, N, G)``: :func:`project_fwd` over every step."""
+    return project_fwd(x.reshape(-1, x.shape[-1]), w, b)[0].view(*x.shape[:-1], w.shape[0])
+
+
 def lstm_infer(x, w_ih, b, w_hh, w_hr, h0, c0, lengths):
-    xp = torch.matmul(x, w_ih.t()) if b is None else torch.matmul(x, w_ih.t()) + b
-    return lstm_fwd(xp, w_hh, w_hr, h0, c0, lengths)
+    return lstm_fwd(_projected(x, w_ih, b), w_hh, w_hr, h0, c0, lengths)
 
 
 def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
@@ -79,8 +83,7 @@ def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate
 
 
 def gru_infer(x, w_ih, b_ih, w_hh, b_hh, h0, lengths):
-    xp = torch.matmul(x, w_ih.t()) if b_ih is None else torch.matmul(x, w_ih.t()) + b_ih
-    return gru_fwd(xp, w_hh, b_hh, h0, lengths)
+    return gru_fwd(_projected(x, w_ih, b_ih), w_hh, b_hh, h0, lengths)
 
 
 def gru_reg_fwd(xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate):
@@ -129,6 +132,16 @@ def indrnn_fwd(xp, u, h0, lengths, act):
     from ..zoo.indrnn import indrnn_step
     return _scan(f"indrnn_{act}", functools.partial(indrnn_step, act=_ACTS[act]), {"weight_hh": u}, xp, (h0,),
                  lengths)
+
+
+def min_gru_fwd(xp, h0, lengths):
+    from ..zoo.minimal import min_gru_step
+    return _scan("min_gru", min_gru_step, {}, xp, (h0,), lengths)
+
+
+def min_lstm_fwd(xp, h0, lengths):
+    from ..zoo.minimal import min_lstm_step
+    return _scan("min_lstm", min_lstm_step, {}, xp, (h0,), lengths)
 
 
 def conv_lstm_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths):

@@ -379,11 +379,9 @@ def _elementwise_setup(ctx, inputs, output):
 def _elementwise_twin(xp, u, h0, lengths, cell):
     """The op's reference twin (plain PyTorch ops, the cells' own step functions): ``(out, h_n)``."""
     from ..fused import twins
-    from ..zoo.minimal import min_gru_step, min_lstm_step
-    if cell < 2:
+    if cell < 2:  # CELL_INDRNN_TANH, CELL_INDRNN_RELU: the fused twin's act 0 (tanh), 1 (relu)
         return tuple(twins.indrnn_fwd(xp, u, h0, lengths, cell))
-    step = min_gru_step if cell == CELL_MINGRU else min_lstm_step
-    return tuple(twins._scan(("min_gru", "min_lstm")[cell - 2], step, {}, xp, (h0,), lengths))
+    return tuple((twins.min_gru_fwd if cell == CELL_MINGRU else twins.min_lstm_fwd)(xp, h0, lengths))
 
 
 def _elementwise_backward(ctx, grad_out, grad_hn):
