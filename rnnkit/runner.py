@@ -12,6 +12,7 @@ All tensors here are time-major: ``x`` is ``(L, N, *F)``, a state is
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -67,10 +68,13 @@ def reference_scan(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: 
     else:
         masked_from = int(lengths.min())
     outputs = []
+    # a parameter under PER_STEP keys is (L, ...): each step reads its row t (zoneout's masks)
+    per_step = {k: v.unbind(0) for k, v in p.items() if k.startswith(PER_STEP)}
     # one unbind (one backward node that stacks the step gradients) instead of xp[t] per step, whose
     # backward each fills a zero tensor of xp's full size: O(L^2) time for L steps
     for t, xp_t in enumerate(xp.unbind(0)):
-        new = spec.step(xp_t, state, p)
+        p_t = {**p, **{k: v[t] for k, v in per_step.items()}} if per_step else p
+        new = spec.step(xp_t, state, p_t)
         if t >= masked_from:
             keep = _per_row(t < lengths, new[0])
             new = tuple(torch.where(keep, n, s) for n, s in zip(new, state))
@@ -102,7 +106,7 @@ def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan:
             k = layer * num_dirs + direction
             s0 = tuple(s[k] for s in state0)
             p = module._layer_params(k)
-            spec_k, p = apply_regularizers(spec, p, s0, rates, module.training)
+            spec_k, p = apply_regularizers(spec, p, s0, rates, module.training, layer_input.shape[0])
             if direction == 0:
                 out, s_n = scan(spec_k, p, layer_input, s0, lengths)
             else:
@@ -179,8 +183,21 @@ def bernoulli_mask(shape, prob: float, like: Tensor, what: str) -> Tensor:
     """A ``{0, 1}`` tensor of ``shape`` (dtype and device of ``like``) whose
     elements are 1 with probability ``prob``, from torch's global generator (so
     ``torch.manual_seed`` reproduces it). ``what`` names the use
-    (``"recurrent_dropout"``, ``"zoneout_h"``, ``"zoneout_c"``, ``"weight_drop"``)."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(prob)
+    (``"recurrent_dropout"``, ``"zoneout_h"``, ``"zoneout_c"``, ``"weight_drop"``).
+
+    Each element compares 32 random bits with ``prob * 2**32`` (so ``prob`` is
+    honoured to ``2**-32``, finer than ``torch.rand``'s 24 bits), two elements per
+    64-bit draw: on a CPU that is a third of ``bernoulli_``'s time, whose generator
+    draws one number per element (``benchmarks/fused_regularizers.py``, ``masks``)."""
+    numel = math.prod(shape)
+    threshold = round(prob * 2.0 ** 32) - 2 ** 31  # u (uniform int32) < threshold w.p. prob
+    if threshold <= -(2 ** 31) or threshold >= 2 ** 31:
+        return torch.full(shape, float(threshold > 0), dtype=like.dtype, device=like.device)
+    # [-2^63, 2^63 - 1): 64 random bits (torch.compile traces randint, not random_)
+    words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((numel + 1) // 2,), dtype=torch.int64, device=like.device)
+    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
+    torch.lt(words.view(torch.int32)[:numel].view(shape), threshold, out=mask)  # no bool tensor in between
+    return mask
 
 
 def drop_connect(weight: Tensor, rate: float) -> Tensor:
@@ -188,9 +205,20 @@ def drop_connect(weight: Tensor, rate: float) -> Tensor:
     return weight * bernoulli_mask(weight.shape, 1.0 - rate, weight, "weight_drop") / (1.0 - rate)
 
 
+PER_STEP = "per_step:"
+"""The prefix of a parameter that holds one row per step, ``(L, ...)``: the reference
+scan hands the step its row ``t`` under the same key (zoneout's masks,
+:func:`zoneout_mask_key`)."""
+
+
+def zoneout_mask_key(state_name: str) -> str:
+    """The key of state ``state_name``'s zoneout masks ``(L, *S)`` in a regularized ``p``."""
+    return f"{PER_STEP}zoneout_{state_name}"
+
+
 def apply_regularizers(spec: CellSpec, p: Params, state0: State, rates: Optional[RegularizerRates],
-                       training: bool) -> Tuple[CellSpec, Params]:
-    """The spec and params one layer-direction runs with, under ``rates``.
+                       training: bool, seq_len: int) -> Tuple[CellSpec, Params]:
+    """The spec and params one layer-direction runs with, under ``rates``, over ``seq_len`` steps.
 
     * recurrent dropout (training only): one mask ``m / (1 - rate)`` of
       ``state0[0]``'s shape ``(N, H_out)``, put into ``p`` under
@@ -198,14 +226,16 @@ def apply_regularizers(spec: CellSpec, p: Params, state0: State, rates: Optional
     * zoneout: the step is wrapped so that state ``j`` becomes
       ``k * s_{t-1} + (1 - k) * s_t`` with a fresh mask ``k ~ Bernoulli(rate_j)``
       at each step in training, and ``rate_j * s_{t-1} + (1 - rate_j) * s_t``
-      (the expectation) in eval.
+      (the expectation) in eval. In training the masks of all steps are drawn
+      here, one :func:`bernoulli_mask` call per state (``h`` then ``c``) of shape
+      ``(seq_len, *S)``, into ``p`` under :func:`zoneout_mask_key`; the reference
+      scan hands step ``t`` its row (:data:`PER_STEP`).
 
     A regularized spec has no ``sequence`` scan and no ``fusable`` kernel, so
     every scan loops its (wrapped) step, except a scan that runs the
     regularizers itself: the spec's ``extra[REGULARIZED]`` (an
-    :class:`AppliedRegularizers`) says what was applied to which kernel family
-    (the fused backend's LSTM draws its zoneout masks with :func:`bernoulli_mask`
-    in the wrapped step's order, so a seed gives both the same masks).
+    :class:`AppliedRegularizers`) says what was applied to which kernel family,
+    and it reads the same masks from ``p`` (so a seed gives both the same masks).
     """
     if rates is None:
         return spec, p
@@ -216,6 +246,11 @@ def apply_regularizers(spec: CellSpec, p: Params, state0: State, rates: Optional
         p = {**p, RECURRENT_MASK: bernoulli_mask(h0.shape, keep, h0, "recurrent_dropout") / keep}
         changes.update(sequence=None, fusable=None)
     if rates.any_zoneout():
+        if training:
+            p = dict(p)
+            for name, s0, rate in zip(spec.state_names, state0, rates.zoneout):
+                if rate > 0:
+                    p[zoneout_mask_key(name)] = bernoulli_mask((seq_len, *s0.shape), rate, s0, f"zoneout_{name}")
         changes.update(step=_zoneout_step(spec, rates.zoneout, training), sequence=None, fusable=None)
     if changes:
         applied = AppliedRegularizers(spec.fusable, rates.zoneout if rates.any_zoneout() else (), training)
@@ -234,7 +269,7 @@ def _zoneout_step(spec: CellSpec, zoneout: Tuple[float, ...], training: bool):
             if rate == 0:
                 mixed.append(s_new)
             elif training:
-                keep = bernoulli_mask(s_new.shape, rate, s_new, f"zoneout_{name}")
+                keep = p[zoneout_mask_key(name)]  # this step's row of the masks apply_regularizers drew
                 mixed.append(keep * s_prev + (1 - keep) * s_new)
             else:
                 mixed.append(rate * s_prev + (1 - rate) * s_new)

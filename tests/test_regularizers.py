@@ -40,6 +40,10 @@ class FixedMasks:
     def of(self, what):
         return [m for w, m in self.calls if w == what]
 
+    def steps(self, what):
+        """Per-step masks: each zoneout draw is one ``(L, *S)`` block per layer-direction."""
+        return [row for m in self.of(what) for row in m.unbind(0)]
+
 
 @pytest.fixture
 def masks(monkeypatch):
@@ -187,8 +191,9 @@ def test_zoneout_formula_lstm_training(masks):
     layer = rnnkit.LSTM(3, 4, zoneout=0.3, zoneout_cell=0.6, dtype=F64)
     x, h0, c0 = _data()
     out, (h, c) = layer(x, (h0, c0))
-    k_h, k_c = masks.of("zoneout_h"), masks.of("zoneout_c")
-    assert len(k_h) == len(k_c) == 5 and k_h[0].shape == (3, 4)  # a fresh mask per step
+    assert [m.shape for m in masks.of("zoneout_h") + masks.of("zoneout_c")] == [(5, 3, 4)] * 2  # one draw per state
+    k_h, k_c = masks.steps("zoneout_h"), masks.steps("zoneout_c")  # a fresh mask per step
+    assert not torch.equal(k_h[0], k_h[1])
     ref_out, ref_h, ref_c = hand_lstm(x, h0[0], c0[0], _p(layer), zo=list(zip(k_h, k_c)))
     torch.testing.assert_close(out, ref_out, **TOL64)
     torch.testing.assert_close(h[0], ref_h, **TOL64)
@@ -199,7 +204,7 @@ def test_zoneout_formula_gru_training(masks):
     layer = rnnkit.GRU(3, 4, zoneout=0.5, dtype=F64)
     x, h0, _ = _data()
     out, h = layer(x, h0)
-    ref_out, _ = hand_gru(x, h0[0], _p(layer), zo=masks.of("zoneout_h"))
+    ref_out, _ = hand_gru(x, h0[0], _p(layer), zo=masks.steps("zoneout_h"))
     torch.testing.assert_close(out, ref_out, **TOL64)
 
 
@@ -251,7 +256,7 @@ def test_all_regularizers_together_formula(masks):
     out, (h, c) = layer(x, (h0, c0))
     (wd,) = masks.of("weight_drop")
     (rd,) = masks.of("recurrent_dropout")
-    zo = list(zip(masks.of("zoneout_h"), masks.of("zoneout_c")))
+    zo = list(zip(masks.steps("zoneout_h"), masks.steps("zoneout_c")))
     ref_out, _, ref_c = hand_lstm(x, h0[0], c0[0], _p(layer), rd=rd / 0.8, zo=zo, w_hh=layer.weight_hh_l0 * wd / 0.6)
     torch.testing.assert_close(out, ref_out, **TOL64)
     torch.testing.assert_close(c[0], ref_c, **TOL64)
@@ -267,8 +272,8 @@ def test_all_regularizers_with_proj_size(masks):
     out, (h, c) = layer(x, (h0, c0))
     (wd,) = masks.of("weight_drop")
     (rd,) = masks.of("recurrent_dropout")
-    assert wd.shape == (16, 2) and rd.shape == (3, 2) and masks.of("zoneout_c")[0].shape == (3, 4)
-    zo = list(zip(masks.of("zoneout_h"), masks.of("zoneout_c")))
+    assert wd.shape == (16, 2) and rd.shape == (3, 2) and masks.of("zoneout_c")[0].shape == (5, 3, 4)
+    zo = list(zip(masks.steps("zoneout_h"), masks.steps("zoneout_c")))
     ref_out, _, ref_c = hand_lstm(x, h0[0], c0[0], _p(layer), rd=rd / 0.8, zo=zo, w_hh=layer.weight_hh_l0 * wd / 0.6,
                                   w_hr=layer.weight_hr_l0)
     torch.testing.assert_close(out, ref_out, **TOL64)
@@ -289,6 +294,34 @@ class Spy:
         mask = self.real(shape, prob, like, what)
         self.calls.append((what, mask))
         return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1,), (0, 4), (2, 64)])
+def test_bernoulli_mask_values_shape_and_seed(shape, dtype):
+    """The one mask sampler: {0, 1} in ``like``'s dtype, any shape (odd element counts use half
+    of the last 64-bit draw), reproducible under ``torch.manual_seed``, and the extreme rates exact."""
+    like = torch.empty(0, dtype=dtype)
+    torch.manual_seed(3)
+    m = runner.bernoulli_mask(shape, 0.4, like, "zoneout_h")
+    assert m.shape == shape and m.dtype == dtype and bool(((m == 0) | (m == 1)).all())
+    torch.manual_seed(3)
+    assert torch.equal(runner.bernoulli_mask(shape, 0.4, like, "zoneout_h"), m)
+    for prob, value in ((0.0, 0), (1e-12, 0), (1.0, 1), (1 - 1e-12, 1)):
+        assert torch.equal(runner.bernoulli_mask(shape, prob, like, "x"), torch.full(shape, value, dtype=dtype))
+
+
+@pytest.mark.parametrize("prob", [0.1, 0.25, 0.75])
+def test_bernoulli_mask_rate_and_independence(prob):
+    """Measured on 400,000 elements (std of a rate ~0.0007): the rate is ``prob``, and the two
+    elements drawn from one 64-bit number (even and odd positions) are independent:
+    both are 1 with probability ``prob ** 2``; neighbours across draws likewise."""
+    torch.manual_seed(0)
+    m = runner.bernoulli_mask((400_000,), prob, torch.empty(0), "zoneout_h").double()
+    assert abs(m.mean().item() - prob) < 0.004
+    pairs = m.view(-1, 2)
+    assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - prob ** 2) < 0.004  # one 64-bit draw
+    assert abs((pairs[:-1, 1] * pairs[1:, 0]).mean().item() - prob ** 2) < 0.004  # consecutive draws
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])

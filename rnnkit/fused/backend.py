@@ -108,46 +108,28 @@ def scan_lstm(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Optio
 def scan_lstm_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
                           lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
     """The LSTM with the runner's zoneout and recurrent dropout inside the C++ time loop. The
-    recurrent-dropout mask is the one :func:`rnnkit.runner.apply_regularizers` put into ``p``; the
-    zoneout masks are drawn here with :func:`rnnkit.runner.bernoulli_mask`, per step, ``h`` then
-    ``c``, in the shapes and order of the reference backend's wrapped step (so a seed, or a patched
-    ``bernoulli_mask``, gives both backends the same masks); in eval the op takes the rates."""
+    recurrent-dropout mask and the zoneout masks ``(L, N, ...)`` are the ones
+    :func:`rnnkit.runner.apply_regularizers` drew into ``p``, which the reference backend's wrapped
+    step reads row by row (so a seed, or a patched ``bernoulli_mask``, gives both backends the same
+    masks); in eval the op takes the rates."""
     applied = spec.extra[runner.REGULARIZED]
     xp = _project(x, p["weight_ih"], _bias_sum(p))
     h0, c0 = state[0].contiguous(), state[1].contiguous()
-    rates = tuple(applied.zoneout) + (0.0,) * (2 - len(applied.zoneout))
-    masks: List[Optional[Tensor]] = [None, None]
-    scalars = [0.0, 0.0]
-    if applied.training:
-        draws: List[List[Tensor]] = [[], []]
-        shapes = [h0.shape, c0.shape]
-        for _ in range(xp.shape[0] if any(rates) else 0):
-            for j, name in enumerate(("h", "c")):
-                if rates[j] > 0:
-                    draws[j].append(runner.bernoulli_mask(shapes[j], rates[j], state[j], f"zoneout_{name}"))
-        masks = [torch.stack(d) if d else None for d in draws]
-    else:
-        scalars = [float(r) for r in rates]
+    masks, scalars = _zoneout_masks(applied, p, ("h", "c"))
     rd = p.get(RECURRENT_MASK)
     out, h_n, c_n = _ops.lstm_reg_sequence(xp, p["weight_hh"], p.get("weight_hr"), h0, c0, _lengths(lengths),
                                            None if rd is None else rd.contiguous(), masks[0], masks[1], *scalars)
     return out, (h_n, c_n)
 
 
-def _zoneout_masks(applied, shapes, states, seq_len: int):
-    """Per state: the stacked per-step keep masks (training; drawn as the reference's wrapped step
-    draws them: per step, state after state, by ``rnnkit.runner.bernoulli_mask``) or None, and the
-    constant rates (eval) or 0."""
-    names = ("h", "c")[:len(shapes)]
-    rates = tuple(applied.zoneout) + (0.0,) * (len(shapes) - len(applied.zoneout))
+def _zoneout_masks(applied, p: Params, names):
+    """Per state: its zoneout masks ``(L, N, ...)`` (training: the ones
+    :func:`rnnkit.runner.apply_regularizers` drew into ``p``) or None, and the constant rates (eval)
+    or 0."""
+    rates = tuple(applied.zoneout) + (0.0,) * (len(names) - len(applied.zoneout))
     if not applied.training:
-        return [None] * len(shapes), [float(r) for r in rates]
-    draws: List[List[Tensor]] = [[] for _ in shapes]
-    for _ in range(seq_len if any(rates) else 0):
-        for j, name in enumerate(names):
-            if rates[j] > 0:
-                draws[j].append(runner.bernoulli_mask(shapes[j], rates[j], states[j], f"zoneout_{name}"))
-    return [torch.stack(d) if d else None for d in draws], [0.0] * len(shapes)
+        return [None] * len(names), [float(r) for r in rates]
+    return [p.get(runner.zoneout_mask_key(name)) for name in names], [0.0] * len(names)
 
 
 def scan_gru_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
@@ -157,7 +139,7 @@ def scan_gru_regularized(spec: CellSpec, p: Params, x: Tensor, state: State,
     applied = spec.extra[runner.REGULARIZED]
     xp = _project(x, p["weight_ih"], p.get("bias_ih"))
     h0 = state[0].contiguous()
-    masks, scalars = _zoneout_masks(applied, [h0.shape], state, xp.shape[0])
+    masks, scalars = _zoneout_masks(applied, p, ("h",))
     rd = p.get(RECURRENT_MASK)
     out, h_n = _ops.gru_reg_sequence(xp, p["weight_hh"], p.get("bias_hh"), h0, _lengths(lengths),
                                      None if rd is None else rd.contiguous(), masks[0], scalars[0])
