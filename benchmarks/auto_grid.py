@@ -74,7 +74,7 @@ def quick_grid() -> List[dict]:
                                       ("lstm", 4, 8, 2, 1, "infer"), ("gru", 2, 8, 1, 2, "train")]]
 
 
-def run_row(row: dict, repeats: int, seed: int = 0) -> dict:
+def run_row(row: dict, repeats: int, seed: int = 0, both: bool = False) -> dict:
     import rnnkit
     from rnnkit.bench import time_row, _time_calls
     torch.manual_seed(seed)
@@ -104,6 +104,11 @@ def run_row(row: dict, repeats: int, seed: int = 0) -> dict:
 
     fns = {"auto": call(auto), "torch.nn": call(ref)}
     first = _time_calls(fns["auto"], 1)  # auto's first call: its class is measured here
+    if both:  # the diagnosis: each of auto's candidates pinned, timed in the same rounds
+        for name in ("fused", "torch"):
+            pinned = cls_rk(h, h, backend=name, **kw)
+            pinned.load_state_dict(ref.state_dict())
+            fns[name] = call(pinned)
     # the check: auto computes torch.nn's function (outputs, and the input gradient in training)
     with torch.set_grad_enabled(train):
         a, b = xg.clone().detach().requires_grad_(train), xg.clone().detach().requires_grad_(train)
@@ -114,8 +119,10 @@ def run_row(row: dict, repeats: int, seed: int = 0) -> dict:
             err = max(err, (a.grad - b.grad).abs().max().item())
     if not err < 1e-3:
         raise AssertionError(f"auto differs from torch.nn by {err:g} on {row}")
+    from rnnkit.fused import _ops
     mins, medians = time_row(fns, repeats, 0.0)
-    return {**row, "gmac": gmac(**row), "picked": auto.last_backend, "first_ms": first * 1e3,
+    pinned = {f"{name}_ms": medians[name] * 1e3 for name in ("fused", "torch") if name in medians}
+    return {**row, **pinned, "serial": _ops.load_policy()["serial"], "gmac": gmac(**row), "picked": auto.last_backend, "first_ms": first * 1e3,
             "auto_ms": medians["auto"] * 1e3, "nn_ms": medians["torch.nn"] * 1e3,
             "auto_min_ms": mins["auto"] * 1e3, "nn_min_ms": mins["torch.nn"] * 1e3,
             "ratio": medians["auto"] / medians["torch.nn"], "ratio_min": mins["auto"] / mins["torch.nn"],
@@ -133,6 +140,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "then in one direction (default 40)")
     p.add_argument("--cache", help="auto's cache folder (default: a fresh temporary folder)")
     p.add_argument("--json", help="write every figure here")
+    p.add_argument("--both", action="store_true",
+                   help="also time rnnkit pinned to backend='fused' and to backend='torch' in the same rounds "
+                        "(columns fused/nn and torch/nn: was auto's pick the faster one, what rnnkit's own "
+                        "wrapper of torch's op costs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = args.cache or tempfile.mkdtemp(prefix="rnnkit-auto-grid-")
@@ -153,12 +164,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(head, flush=True)
     results = []
     for row in rows:
-        r = run_row(row, 2 if args.quick else args.repeats)
+        r = run_row(row, 2 if args.quick else args.repeats, both=args.both)
         results.append(r)
         flag = "  <-- over 1.05" if r["ratio"] > TARGET else ""
         print(f"{r['cell']:5} {r['mode']:5} {r['batch']:>4} {r['hidden']:>5} {r['length']:>4} {r['layers']:>3} "
               f"{r['dirs']:>3} {r['picked']:7} {r['first_ms']:9.1f} {r['auto_ms']:9.2f} {r['nn_ms']:9.2f} "
-              f"{r['ratio']:8.3f} {r['ratio_min']:6.3f}{flag}", flush=True)
+              f"{r['ratio']:8.3f} {r['ratio_min']:6.3f}"
+              + (f" fused/nn {r['fused_ms'] / r['nn_ms']:6.3f} torch/nn {r['torch_ms'] / r['nn_ms']:6.3f}"
+                 if args.both else "") + (" serial" if r["serial"] else "") + flag, flush=True)
     seconds = time.perf_counter() - start
     worst = max(results, key=lambda r: r["ratio"])
     over = [r for r in results if r["ratio"] > TARGET]

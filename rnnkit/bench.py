@@ -708,7 +708,8 @@ def run_contended(args) -> int:
     if args.quick:  # a smoke run for tests: one tiny row, few short samples
         configs, samples, sample_ms, budget_s = ("rnn_s",), 3, 2.0, 2.0
     else:
-        configs, samples, sample_ms, budget_s = under_load.CONTENDED, max(15, 3 * args.repeats), 20.0, 30.0
+        # --repeats unset (None): 15 samples per backend and phase
+        configs, samples, sample_ms, budget_s = under_load.CONTENDED, max(15, 3 * (args.repeats or 0)), 20.0, 30.0
     result = under_load.run(configs, args.busy, samples, sample_ms, args.threads, max_busy_s=600.0,
                             budget_s=budget_s, progress=not args.quiet)
     if args.json:

@@ -40,3 +40,21 @@ def test_bench_contended_refuses_no_busy_process(capsys):
     assert cli.main(["bench", "--contended", "--busy", "0"]) == 2
     err = capsys.readouterr().err
     assert "--busy must be at least 1 busy process, got 0" in err
+
+
+@pytest.mark.parametrize("argv, samples", [([], 15), (["--repeats", "7"], 21)])
+def test_bench_contended_default_run_settings(monkeypatch, capsys, argv, samples):
+    """The full run's settings (without --quick): the S and M rows, 15 samples per backend and phase
+    unless --repeats asks for more (the run itself is the benchmark's, minutes long: faked here)."""
+    seen = {}
+
+    def fake_run(configs, busy, n_samples, sample_ms, threads, **kw):
+        seen.update(configs=configs, busy=busy, samples=n_samples)
+        return {"fake": True}
+
+    monkeypatch.setattr(under_load, "run", fake_run)
+    monkeypatch.setattr(under_load, "format_table", lambda result: "table")
+    monkeypatch.setattr("rnnkit.bench._fused_reason", lambda: None)
+    assert cli.main(["bench", "--contended", *argv]) == 0
+    assert seen == {"configs": under_load.CONTENDED, "busy": 3, "samples": samples}
+    assert capsys.readouterr().out.strip() == "table"

@@ -59,6 +59,31 @@ def test_decision_on_faked_samples(policy, others, cpus, threads, serial):
         assert state["others"] == pytest.approx(others) and state["online"] == cpus and state["usable"] == cpus
 
 
+def test_others_are_the_least_of_the_last_three_samples(policy):
+    """Threads runnable only now and then (kernel threads during a large call, a sample racing this
+    process's own threads) never turn calls serial, and a burst of them does not keep them serial:
+    the count that decides is the least of the last 3 samples, so a busy neighbour (runnable in every
+    sample) turns calls serial from its third sample, and one idle sample turns them back."""
+    torch.set_num_threads(2)
+    policy.load_policy("auto", fake_others=0, fake_cpus=2)
+
+    def sample(others):
+        policy.load_policy(fake_others=others)  # the next op call samples this, the window is kept
+        serial = policy.oversubscribed()
+        state = policy.load_policy()
+        assert state["last"] == others and state["serial"] is serial
+        return serial, state["others"]
+
+    assert sample(0) == (False, 0)
+    # sporadic threads (the pattern that held an exponential average at 0.25-0.3): never serial
+    assert [sample(v)[0] for v in (1, 0, 1, 1, 0, 2, 0, 1)] == [False] * 8
+    assert sample(0) == (False, 0)
+    # a neighbour runnable in every sample: serial from the third
+    assert [sample(1) for _ in range(3)] == [(False, 0), (False, 0), (True, 1)]
+    assert sample(3) == (True, 1)
+    assert sample(0) == (False, 0)  # it stopped: parallel at once
+
+
 def test_sampled_at_most_every_half_second(policy):
     torch.set_num_threads(2)
     first = policy.load_policy("auto", fake_others=0, fake_cpus=2)["samples"]

@@ -690,11 +690,15 @@ def load_policy(mode: str = "", fake_others: float = -1.0, fake_cpus: int = 0) -
     """The under-load policy's state, and its hook for tests and the benchmark. ``mode``: ``""``
     leaves it, ``"env"`` reads ``RNNKIT_FUSED_UNDER_LOAD`` again, ``"auto"`` / ``"serial"`` /
     ``"parallel"`` set it; ``fake_others >= 0`` replaces the sampled runnable threads of other
-    processes and ``fake_cpus > 0`` the machine's cores (else both are sampled). A call that sets
-    anything forgets past samples; ``load_policy()`` only reads. Returns the state as a dict."""
+    processes and ``fake_cpus > 0`` the machine's cores (else both are sampled). A call that sets the
+    mode or the cores forgets past samples; one that sets only ``fake_others`` keeps them and makes the
+    next op call sample (a sequence of samples, for tests); ``load_policy()`` only reads. Returns the state as a dict: ``others``
+    is the least of the last 3 samples' runnable threads of other processes (what decides), ``last`` the
+    last sample's."""
     v = _ops().load_policy(mode, float(fake_others), int(fake_cpus))
     return {"mode": {-1: "unread", 0: "auto", 1: "serial", 2: "parallel"}[int(v[0])], "serial": bool(v[1]),
-            "others": v[2], "online": int(v[3]), "usable": int(v[4]), "samples": int(v[5]), "waited": bool(v[6])}
+            "others": v[2], "online": int(v[3]), "usable": int(v[4]), "samples": int(v[5]), "waited": bool(v[6]),
+            "last": v[7]}
 
 
 def recurrent_kernel(mode: str = "") -> str:

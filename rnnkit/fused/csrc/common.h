@@ -252,10 +252,17 @@ class OneThread {
 // The signal: the machine's runnable threads right now (/proc/loadavg's fourth field, the kernel's
 // nr_running: the instantaneous count the load average averages) minus this process's own runnable
 // threads (state R in /proc/self/task/*/stat) = the threads of other processes that want a core,
-// smoothed over about a second (an exponential average of the samples, time constant kTauS). The
-// machine is oversubscribed for a call on `team` threads (torch's thread count) when those others
-// plus the team exceed the online cores by more than kEnter (kLeave to go back: hysteresis), or
-// when the team is larger than the cores this process may use (affinity, cgroup v2 cpu.max quota).
+// taken as the least of the last kWindow samples (about 1 to 1.5 s of op calls). A busy process is
+// runnable in every sample; what is runnable only now and then (kernel threads: memory compaction,
+// page-cache writeback, a kworker; a sample that races this process's own thread switching state)
+// is not load a team waits for, and the least of a few samples drops it. An exponential average
+// (time constant 1 s) was used before: on an idle 2-core machine such short-lived threads held it
+// at 0.25-0.3 during large calls, so one burst above kEnter turned calls serial and the hysteresis
+// kept them there (LSTM N32 H1024 T50 forward+backward, 2 threads: median 1.44x torch.nn's time,
+// every serial call about 1.9x the parallel one). The machine is oversubscribed for a call on
+// `team` threads (torch's thread count) when those others plus the team exceed the online cores
+// by more than kEnter (kLeave to go back: hysteresis), or when the team is larger than the cores
+// this process may use (affinity, cgroup v2 cpu.max quota).
 // A second trigger covers what a machine-wide count cannot see (a process pinned, with its busy
 // neighbours, to a few cores of a big machine): the sampling thread's own run-queue wait
 // (/proc/thread-self/schedstat: time on a CPU, time waiting for one) since its previous sample; a
@@ -275,14 +282,16 @@ namespace under_load {
 
 enum Mode : int { kUnread = -1, kAuto = 0, kSerial = 1, kParallel = 2 };
 constexpr int64_t kSampleNs = 500000000;  // 0.5 s
-constexpr double kTauS = 1.0, kEnter = 0.5, kLeave = 0.25;
+constexpr int kWindow = 3;  // samples whose least is the others' count
+constexpr double kEnter = 0.5, kLeave = 0.25;
 constexpr double kWaitShare = 0.3;
 constexpr int64_t kWaitMinNs = 20000000;  // 20 ms of wanting to run in the interval
 
 struct State {
   std::atomic<int> mode{kUnread};
   std::atomic<int64_t> next_ns{0};   // the next sample is due at this steady-clock time
-  std::atomic<double> others{0.0};   // smoothed runnable threads of other processes
+  std::atomic<double> others{0.0};   // runnable threads of other processes: the least of the window
+  std::atomic<double> last{0.0};     // the last sample's count
   std::atomic<int> online{1};        // online cores of the machine
   std::atomic<int> limit{1 << 20};   // cores this process may use (affinity, cgroup quota)
   std::atomic<bool> serial{false};   // the last decision (for the hysteresis)
@@ -290,6 +299,8 @@ struct State {
   std::atomic<int64_t> samples{0};
   std::mutex sampling;               // one sampler at a time; guards the fields below
   int64_t last_ns = 0;               // 0: no sample yet
+  double window[kWindow] = {};       // the last samples (a ring), `filled` of them valid
+  int filled = 0, at = 0;
   double fake_others = -1;           // test hook (load_policy): others instead of /proc, when >= 0
   int fake_cpus = 0;                 // test hook: online cores and limit, when > 0
 };
@@ -411,9 +422,14 @@ inline void sample(State& s, int64_t now) {
     waited = own_wait_share() > kWaitShare;
   }
   s.waited.store(waited, std::memory_order_relaxed);
-  const double a = s.last_ns ? 1.0 - std::exp(-double(now - s.last_ns) * 1e-9 / kTauS) : 1.0;
-  const double smoothed = s.others.load(std::memory_order_relaxed);
-  s.others.store(smoothed + a * (others - smoothed), std::memory_order_relaxed);
+  if (!s.last_ns) s.filled = s.at = 0;  // forgotten (load_policy): a fresh window
+  s.window[s.at] = others;
+  s.at = (s.at + 1) % kWindow;
+  s.filled = std::min(s.filled + 1, kWindow);
+  double least = others;
+  for (int i = 0; i < s.filled; ++i) least = std::min(least, s.window[i]);
+  s.last.store(others, std::memory_order_relaxed);
+  s.others.store(least, std::memory_order_relaxed);
   s.online.store(online, std::memory_order_relaxed);
   s.limit.store(limit, std::memory_order_relaxed);
   s.samples.fetch_add(1, std::memory_order_relaxed);

@@ -31,10 +31,11 @@ bool oversubscribed() { return under_load::oversubscribed(); }
 // The under-load policy's state, and its test hook. `mode`: "" leaves it, "env" reads
 // RNNKIT_FUSED_UNDER_LOAD again at the next call, "auto" / "serial" / "parallel" set it.
 // `fake_others` >= 0 replaces the sampled runnable threads of other processes, `fake_cpus` > 0 the
-// machine's online and usable cores (negative / 0: sample them). A call that sets anything forgets
-// past samples (the next op call samples afresh); ("", -1, 0) only reads the state. Returns [mode (0 auto, 1 serial, 2 parallel, -1 unread),
-// the last decision (0/1), smoothed other processes' threads, online cores, usable cores, samples,
-// whether the last sampling thread waited for a core].
+// machine's online and usable cores (negative / 0: sample them). A call that sets the mode or the cores
+// forgets past samples (the next op call samples afresh); one that sets only `fake_others` keeps them
+// and makes the next op call sample (a test feeds a sequence of samples so); ("", -1, 0) only reads. Returns [mode (0 auto, 1 serial, 2 parallel, -1 unread),
+// the last decision (0/1), other processes' runnable threads (the least of the window), online cores,
+// usable cores, samples, whether the last sampling thread waited for a core, the last sample's count].
 std::vector<double> load_policy(const std::string& mode, double fake_others, int64_t fake_cpus) {
   using namespace under_load;
   State& s = state();
@@ -44,18 +45,23 @@ std::vector<double> load_policy(const std::string& mode, double fake_others, int
                       "', expected '', 'env', 'auto', 'serial' or 'parallel'");
     s.mode.store(m);
   }
-  if (!mode.empty() || fake_others >= 0 || fake_cpus > 0) {
+  if (!mode.empty() || fake_cpus > 0) {
     std::lock_guard<std::mutex> lock(s.sampling);
     s.fake_others = fake_others;
     s.fake_cpus = int(std::max<int64_t>(fake_cpus, 0));
     s.last_ns = 0;
     s.others.store(0.0);
+    s.last.store(0.0);
     s.serial.store(false);
     s.waited.store(false);
     s.next_ns.store(0);
+  } else if (fake_others >= 0) {  // the next samples read this instead of /proc; the window is kept
+    std::lock_guard<std::mutex> lock(s.sampling);
+    s.fake_others = fake_others;
+    s.next_ns.store(0);  // the next op call samples
   }
   return {double(s.mode.load()), s.serial.load() ? 1.0 : 0.0, s.others.load(), double(s.online.load()),
-          double(s.limit.load()), double(s.samples.load()), s.waited.load() ? 1.0 : 0.0};
+          double(s.limit.load()), double(s.samples.load()), s.waited.load() ? 1.0 : 0.0, s.last.load()};
 }
 
 
