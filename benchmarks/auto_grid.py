@@ -5,7 +5,8 @@ batch 1 to 128, hidden 64 to 1024, length 50 to 500, 1-2 layers, both directions
 Each row builds an rnnkit layer with ``backend="auto"`` and the torch.nn layer of the same weights,
 runs each once (auto measures its class on this machine on its first call: that call's time is the
 ``first ms`` column, calibration included), checks that auto's output equals torch.nn's, then times
-the two interleaved (``rnnkit.bench.time_row``: the order rotates every round), median of the rounds.
+the two interleaved (``rnnkit.bench.time_row``: the order rotates every round; a sample is the mean of
+back-to-back calls lasting about ``--sample-s``, one call for a longer one), median of the rounds.
 ``auto/nn`` above 1 means auto is slower. auto measures in a fresh cache folder (``--cache``, default
 a temporary one), so the run shows what a new machine gets.
 
@@ -74,7 +75,7 @@ def quick_grid() -> List[dict]:
                                       ("lstm", 4, 8, 2, 1, "infer"), ("gru", 2, 8, 1, 2, "train")]]
 
 
-def run_row(row: dict, repeats: int, seed: int = 0, both: bool = False) -> dict:
+def run_row(row: dict, repeats: int, seed: int = 0, both: bool = False, target_s: float = 0.0) -> dict:
     import rnnkit
     from rnnkit.bench import time_row, _time_calls
     torch.manual_seed(seed)
@@ -120,7 +121,7 @@ def run_row(row: dict, repeats: int, seed: int = 0, both: bool = False) -> dict:
     if not err < 1e-3:
         raise AssertionError(f"auto differs from torch.nn by {err:g} on {row}")
     from rnnkit.fused import _ops
-    mins, medians = time_row(fns, repeats, 0.0)
+    mins, medians = time_row(fns, repeats, target_s)  # a sample: back-to-back calls of about target_s
     pinned = {f"{name}_ms": medians[name] * 1e3 for name in ("fused", "torch") if name in medians}
     return {**row, **pinned, "serial": _ops.load_policy()["serial"], "gmac": gmac(**row), "picked": auto.last_backend, "first_ms": first * 1e3,
             "auto_ms": medians["auto"] * 1e3, "nn_ms": medians["torch.nn"] * 1e3,
@@ -133,6 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per row (median; default 5)")
+    p.add_argument("--sample-s", type=float, default=0.1,
+                   help="seconds per sample: a call shorter than this is repeated back to back and the mean taken "
+                        "(default 0.1; single calls of a few ms scatter by 10-30%% on a shared machine)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     p.add_argument("--full", action="store_true", help="every (length, layers, directions) of each size")
     p.add_argument("--max-gmac", type=float, default=40.0,
@@ -164,7 +168,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(head, flush=True)
     results = []
     for row in rows:
-        r = run_row(row, 2 if args.quick else args.repeats, both=args.both)
+        r = run_row(row, 2 if args.quick else args.repeats, both=args.both,
+                    target_s=0.0 if args.quick else args.sample_s)
         results.append(r)
         flag = "  <-- over 1.05" if r["ratio"] > TARGET else ""
         print(f"{r['cell']:5} {r['mode']:5} {r['batch']:>4} {r['hidden']:>5} {r['length']:>4} {r['layers']:>3} "

@@ -351,6 +351,55 @@ def test_conv_gru_step_opcheck_and_gradcheck():
                                     atol=1e-7, fast_mode=True)
 
 
+@pytest.mark.parametrize("peep", [True, False], ids=["peephole", "plain"])
+def test_conv_lstm_step_second_derivatives(peep):
+    """create_graph=True: the step op's backward runs its reference twin (the cell's own gate math,
+    rnnkit.zoo.conv.conv_lstm_update), so it can be differentiated again: gradgradcheck in float64,
+    with a row held past its length."""
+    args = _conv_lstm_args(peep)
+    tensors = [a.requires_grad_() for a in args[:7] if a is not None]
+    lens, t = args[7], args[8]
+
+    def f(*ts):
+        xp, hc, h, c, *ws = ts
+        return C.conv_lstm_step(xp, hc, h, c, *(ws or [None] * 3), lens, t)
+
+    assert torch.autograd.gradgradcheck(f, tensors, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_conv_gru_step_second_derivatives():
+    args = _conv_gru_args()
+    tensors = [a.requires_grad_() for a in args[:3]]
+    lens, t = args[3], args[4]
+    assert torch.autograd.gradgradcheck(lambda xp, hc, h: C.conv_gru_step(xp, hc, h, lens, t), tensors, eps=1e-6,
+                                        atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("cell", ["convlstm1d_per_position_peephole", "convgru1d"])
+def test_conv_layer_second_derivatives_match_reference(cell):
+    """A gradient penalty through a ConvLSTM / ConvGRU layer run by the triton scans (the convolutions
+    torch's, the step op differentiable through its twin) equals the reference scan's, with lengths."""
+    torch.manual_seed(0)
+    module = CONV[cell](2, 2).to(DEVICE, F64)
+    if module.peephole:
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.startswith(("weight_ci", "weight_cf", "weight_co")):
+                    p.uniform_(-0.8, 0.8)
+    x = torch.randn(3, 2, 2, *CONV_SPATIAL[cell], dtype=F64, device=DEVICE)
+    states = _states(module, 2, (2, *CONV_SPATIAL[cell]), 1)
+    lengths = torch.tensor([3, 2], device=DEVICE)
+    results = []
+    for scan in (reference_scan, triton_scan):
+        xx = x.clone().requires_grad_()
+        out, _ = run_stack(module, xx, states, lengths, scan)
+        out = mask_padding(out, lengths, 0.0)
+        (gx,) = torch.autograd.grad((out ** 2).sum(), xx, create_graph=True)
+        results.append(torch.autograd.grad((gx ** 2).sum(), [xx, *module.parameters()]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)
+
+
 # ----------------------------------------------------------------------------- error paths
 
 

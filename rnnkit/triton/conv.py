@@ -39,8 +39,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..spec import CellSpec, Params, State
-from ..zoo.conv import conv_same
-from ._common import bias_sum
+from ..zoo.conv import conv_gru_update, conv_lstm_update, conv_same
+from ._common import bias_sum, twin_backward
 from .elementwise import _accum_dtype, _lengths_arg, block_size, compute_dtype, sigmoid, tanh
 
 # ----------------------------------------------------------------------------- gate math (jit functions)
@@ -347,14 +347,33 @@ def _(grad_h, grad_c, xp_t, hc, c, w_ci, w_cf, w_co, lengths, t):
     return (torch.empty_like(xp_t), torch.empty_like(c), torch.empty_like(c), *dws)
 
 
+def _held(new: Tensor, old: Tensor, lengths: Optional[Tensor], t: int) -> Tensor:
+    """``new`` where step ``t`` is inside the row's length, ``old`` (held) past it."""
+    if lengths is None:
+        return new
+    inside = (t < lengths.to(new.device)).view(-1, *([1] * (new.dim() - 1)))
+    return torch.where(inside, new, old)
+
+
+def _conv_lstm_twin(xp_t, hc, h, c, w_ci, w_cf, w_co, lengths, t):
+    """:func:`conv_lstm_step`'s reference twin (the cell's own gate math, plain PyTorch ops): ``(h', c')``."""
+    p = {} if w_ci is None else {"weight_ci": w_ci, "weight_cf": w_cf, "weight_co": w_co}
+    h_new, c_new = conv_lstm_update(xp_t + hc, c, p)
+    return _held(h_new, h, lengths, t), _held(c_new, c, lengths, t)
+
+
 def _conv_lstm_setup(ctx, inputs, output):
     xp_t, hc, h, c, w_ci, w_cf, w_co, lengths, t = inputs
     ctx.t = t
-    ctx.save_for_backward(xp_t, hc, c, w_ci, w_cf, w_co, lengths)
+    ctx.save_for_backward(xp_t, hc, h, c, w_ci, w_cf, w_co, lengths)
 
 
 def _conv_lstm_backward(ctx, grad_h, grad_c):
-    xp_t, hc, c, w_ci, w_cf, w_co, lengths = ctx.saved_tensors
+    xp_t, hc, h, c, w_ci, w_cf, w_co, lengths = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the backward must itself be differentiable (create_graph=True): the twin's
+        inputs = (xp_t, hc, h, c, w_ci, w_cf, w_co, lengths, ctx.t)
+        wanted = [i for i in range(7) if inputs[i] is not None and ctx.needs_input_grad[i]]
+        return tuple(twin_backward(_conv_lstm_twin, inputs, wanted, (grad_h, grad_c)))
     grad_h = torch.zeros_like(c) if grad_h is None else grad_h
     grad_c = torch.zeros_like(c) if grad_c is None else grad_c
     dgates, dh, dc, dw_ci, dw_cf, dw_co = conv_lstm_step_bwd(grad_h, grad_c, xp_t, hc, c, w_ci, w_cf, w_co,
@@ -408,6 +427,11 @@ def _(grad_h, xp_t, hc, h, lengths, t):
     return torch.empty_like(xp_t), torch.empty_like(hc), torch.empty_like(h)
 
 
+def _conv_gru_twin(xp_t, hc, h, lengths, t):
+    """:func:`conv_gru_step`'s reference twin (the cell's own gate math, plain PyTorch ops): ``(h',)``."""
+    return (_held(conv_gru_update(xp_t, hc, h), h, lengths, t),)
+
+
 def _conv_gru_setup(ctx, inputs, output):
     xp_t, hc, h, lengths, t = inputs
     ctx.t = t
@@ -416,6 +440,10 @@ def _conv_gru_setup(ctx, inputs, output):
 
 def _conv_gru_backward(ctx, grad_h):
     xp_t, hc, h, lengths = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the backward must itself be differentiable (create_graph=True): the twin's
+        inputs = (xp_t, hc, h, lengths, ctx.t)
+        wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+        return tuple(twin_backward(_conv_gru_twin, inputs, wanted, (grad_h,)))
     dxp, dhc, dh = conv_gru_step_bwd(grad_h, xp_t, hc, h, lengths, ctx.t)
     return dxp, dhc, dh, None, None
 

@@ -97,7 +97,14 @@ def conv_lstm_step(xp: Tensor, state: State, p: Params) -> State:
     (``weight_ci``, ``weight_cf``, ``weight_co`` in ``p``) ``i`` and ``f`` see
     ``c_{t-1}`` and ``o`` sees ``c_t``, element-wise."""
     h, c = state
-    i, f, g, o = (xp + conv_same(h, p["weight_hh"], p.get("bias_hh"))).chunk(4, dim=1)
+    return conv_lstm_update(xp + conv_same(h, p["weight_hh"], p.get("bias_hh")), c, p)
+
+
+def conv_lstm_update(gates: Tensor, c: Tensor, p: Params) -> State:
+    """The ConvLSTM step after its convolutions (:func:`conv_lstm_step`'s gate math and state
+    update, also the Triton step op's twin): ``gates = xp + U * h_{t-1} + b_hh`` ``(N, 4 hidden,
+    *S')`` and ``c_{t-1}`` give ``(h_t, c_t)``; the peepholes, if any, from ``p``."""
+    i, f, g, o = gates.chunk(4, dim=1)
     w_ci = p.get("weight_ci")
     if w_ci is not None:
         i = i + w_ci * c
@@ -113,12 +120,19 @@ def conv_gru_step(xp: Tensor, state: State, p: Params) -> State:
     """One ConvGRU step, gates ``r, z, n`` as torch.nn.GRU (``r`` multiplies the
     convolved state): ``n = tanh(x_n + r * (U_n * h + b_hn))``, ``h' = (1 - z) n + z h``."""
     (h,) = state
+    return (conv_gru_update(xp, conv_same(h, p["weight_hh"], p.get("bias_hh")), h),)
+
+
+def conv_gru_update(xp: Tensor, hc: Tensor, h: Tensor) -> Tensor:
+    """The ConvGRU step after its convolutions (:func:`conv_gru_step`'s gate math and state update,
+    also the Triton step op's twin): ``xp (N, 3 hidden, *S')``, ``hc = U * h + b_hh`` of the same
+    shape and ``h`` give ``h'``."""
     x_r, x_z, x_n = xp.chunk(3, dim=1)
-    h_r, h_z, h_n = conv_same(h, p["weight_hh"], p.get("bias_hh")).chunk(3, dim=1)
+    h_r, h_z, h_n = hc.chunk(3, dim=1)
     r = torch.sigmoid(x_r + h_r)
     z = torch.sigmoid(x_z + h_z)
     n = torch.tanh(x_n + r * h_n)
-    return (n + z * (h - n),)
+    return n + z * (h - n)
 
 
 CONV_LSTM_SPEC = CellSpec("conv_lstm", 4, ("h", "c"), conv_project, conv_lstm_step, fusable="conv_lstm")
