@@ -393,12 +393,30 @@ def test_class_keys_read_the_table_as_auto_does():
         module = ctor().to(cal.DTYPES[klass.dtype])
         batch, hidden = cal.parse_bucket(klass.size)
         module.hidden_size = hidden  # only the size bucket reads it here
-        x = torch.zeros(2, batch, 4, dtype=cal.DTYPES[klass.dtype])
+        x = torch.zeros(2, batch, 4, dtype=cal.DTYPES[klass.dtype]).requires_grad_(klass.input_grad)
         lengths = torch.full((batch,), 2) if klass.lengths else None
         module.requires_grad_(klass.grad)
         assert cal.module_class(module, x, lengths) == klass
         assert cal.ClassKey.parse(str(klass)) == klass
         assert klass.table_prior(fastest) == FUSED.table_choice(module, x, lengths), klass
+
+
+def test_the_input_gradient_is_a_class_of_its_own(measuring, monkeypatch):
+    """Forward+backward with and without the input's gradient are measured apart (torch's op computes it
+    either way, the fused backend only when asked), and the synthetic problem asks as the call does."""
+    race = fake(monkeypatch, TORCH_FASTER, FUSED_FASTER)
+    lstm, _, x = small_lstm_and_gru()
+    lstm(x)  # the input without a gradient: the first measurement (torch faster)
+    assert lstm.last_backend == "torch"
+    xg = x.clone().requires_grad_()
+    lstm(xg)[0].sum().backward()  # a class of its own: measured again (fused faster)
+    assert lstm.last_backend == "fused" and xg.grad is not None and len(race.calls) == 2
+    assert set(map(str, FUSED.calibrator().entries())) == {"lstm|float32|dense|fwd+bwd|N1H64",
+                                                          "lstm|float32|dense|fwd+bwd+dx|N1H64"}
+    assert cal.ClassKey.parse("lstm|float32|dense|fwd+bwd+dx|N1H64").input_grad
+    fns = cal._synthetic(cal.ClassKey("lstm", "float32", False, True, "N1H64", True), 4)
+    fns["fused"]()  # the synthetic input wants its gradient: no error, and it gets one
+    assert cal.ClassKey("lstm", "float32", False, False, "N1H64", True).mode == "fwd"  # no grad: no input grad
 
 
 def test_size_buckets():

@@ -10,7 +10,8 @@ measuring is off or not possible.
 
 A *class* is: the kernel family (``rnn_tanh``, ``rnn_relu``, ``lstm``,
 ``lstm_proj``, ``gru``), the parameters' dtype, dense input or ``lengths``,
-forward+backward (grad enabled) or forward only, and the size bucket of
+forward+backward (grad enabled; the input's gradient wanted too or not) or
+forward only, and the size bucket of
 ``(batch, hidden_size)``: each rounded to the nearest power of two on a log
 scale (:func:`size_bucket`; batch 1 to 512, hidden 8 to 4096), written
 ``N<batch>H<hidden>`` (``N8H512``). Its synthetic problem is one layer, one
@@ -117,6 +118,13 @@ _local = threading.local()
 # ----------------------------------------------------------------------------- the class of a configuration
 
 
+MODES = {(False, False): "fwd", (True, False): "fwd+bwd", (True, True): "fwd+bwd+dx"}
+"""A class's mode by (grad, input_grad). The input's gradient is its own class: torch's op computes it
+whether it is wanted or not, the fused backend skips the input projection's backward product without it,
+so the two compare differently (LSTM batch 32 / hidden 1024, 16 steps: fused 1.25-1.47x faster without
+the input's gradient, 0.95x with it)."""
+
+
 class ClassKey(NamedTuple):
     """One configuration class auto measures."""
 
@@ -125,18 +133,25 @@ class ClassKey(NamedTuple):
     lengths: bool  # variable lengths (torch then packs) or dense input
     grad: bool  # forward+backward (grad enabled) or forward only
     size: str  # the size bucket, N<batch>H<hidden> (size_bucket)
+    input_grad: bool = False  # forward+backward: the input's gradient too (a second layer's, an embedding's)
+
+    @property
+    def mode(self) -> str:
+        """``fwd``, ``fwd+bwd`` (the parameters' gradients) or ``fwd+bwd+dx`` (the input's too)."""
+        return MODES[(self.grad, self.grad and self.input_grad)]
 
     def __str__(self) -> str:
-        return "|".join((self.family, self.dtype, "lengths" if self.lengths else "dense",
-                         "fwd+bwd" if self.grad else "fwd", self.size))
+        return "|".join((self.family, self.dtype, "lengths" if self.lengths else "dense", self.mode, self.size))
 
     @classmethod
     def parse(cls, text: str) -> Optional["ClassKey"]:
         parts = text.split("|")
+        modes = {mode: key for key, mode in MODES.items()}
         if len(parts) != 5 or parts[0] not in FAMILIES or parts[1] not in DTYPES or \
-                parts[2] not in ("lengths", "dense") or parts[3] not in ("fwd+bwd", "fwd") or parse_bucket(parts[4]) is None:
+                parts[2] not in ("lengths", "dense") or parts[3] not in modes or parse_bucket(parts[4]) is None:
             return None
-        return cls(parts[0], parts[1], parts[2] == "lengths", parts[3] == "fwd+bwd", parts[4])
+        grad, input_grad = modes[parts[3]]
+        return cls(parts[0], parts[1], parts[2] == "lengths", grad, parts[4], input_grad)
 
     def table_prior(self, fastest: Dict[str, dict]) -> Optional[str]:
         """The shipped table's choice for this class (``fastest``: the table's ``"fastest"`` map), read as
@@ -221,17 +236,20 @@ def module_class(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Opti
     batch = x.shape[1] if x is not None and x.dim() >= 2 else 1
     grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
         (x is not None and x.requires_grad) or any(p.requires_grad for p in params))
-    return ClassKey(family, dtype, lengths is not None, grad, size_bucket(batch, module.hidden_size))
+    input_grad = grad and x is not None and x.requires_grad
+    return ClassKey(family, dtype, lengths is not None, grad, size_bucket(batch, module.hidden_size), input_grad)
 
 
 def every_class(families: Iterable[str] = FAMILIES, dtypes: Iterable[str] = ("float32", "bfloat16"),
-                lengths: Iterable[bool] = (False, True), grads: Iterable[bool] = (True, False),
+                lengths: Iterable[bool] = (False, True), modes: Iterable[str] = ("fwd+bwd", "fwd+bwd+dx", "fwd"),
                 sizes: Iterable[str] = tuple(SIZES)) -> List[ClassKey]:
-    """The classes ``rnnkit calibrate`` measures (by default float32 and bfloat16, both input kinds and modes,
-    the buckets of the benchmark's sizes S, M, L); ``sizes`` are S/M/L or ``N<batch>H<hidden>``."""
+    """The classes ``rnnkit calibrate`` measures (by default float32 and bfloat16, both input kinds, the
+    three modes of :data:`MODES`, the buckets of the benchmark's sizes S, M, L); ``sizes`` are S/M/L or
+    ``N<batch>H<hidden>``."""
     buckets = list(dict.fromkeys(bucket_name(s) for s in sizes))
-    return [ClassKey(f, d, ln, g, s) for f in families for d in dtypes for ln in lengths for g in grads
-            for s in buckets]
+    keys = {mode: key for key, mode in MODES.items()}
+    return [ClassKey(f, d, ln, keys[m][0], s, keys[m][1]) for f in families for d in dtypes for ln in lengths
+            for m in modes for s in buckets]
 
 
 GRID_SIZES = tuple(f"N{n}H{h}" for n in (1, 8, 32, 128) for h in (64, 256, 1024))
@@ -393,12 +411,17 @@ def _synthetic(klass: ClassKey, seq_len: int):
                "lstm": (LSTM, {}), "lstm_proj": (LSTM, {"proj_size": hidden // 2}), "gru": (GRU, {})}[klass.family]
     dtype = DTYPES[klass.dtype]
     gen = torch.Generator().manual_seed(0)
+    # torch.nn's own initialization, U(-1/sqrt(H), 1/sqrt(H)), and a unit-variance input: values as a layer
+    # meets them. Weights of +-0.1 at hidden 1024 saturated the gates, and the near-zero (subnormal)
+    # gradients that follow slowed torch's op by up to 1.6x, not the fused kernels: LSTM batch 32 /
+    # hidden 1024 forward+backward measured fused 1.3-1.5x faster, where it is 0.93-0.95x as fast.
+    bound = 1.0 / math.sqrt(hidden)
     mods = {name: cls(h_in, hidden, backend=name, dtype=dtype, **kw) for name in ("fused", "torch")}
     with torch.no_grad():
         for p, q in zip(mods["fused"].parameters(), mods["torch"].parameters()):
-            p.copy_(torch.rand(p.shape, generator=gen) * 0.2 - 0.1)
+            p.copy_(torch.rand(p.shape, generator=gen) * (2 * bound) - bound)
             q.copy_(p)
-    x = (torch.rand(seq_len, batch, h_in, generator=gen) * 2 - 1).to(dtype)
+    x = torch.randn(seq_len, batch, h_in, generator=gen).to(dtype).requires_grad_(klass.input_grad)
     lengths = None
     if klass.lengths:
         lengths = torch.randint(max(1, seq_len // 2), seq_len + 1, (batch,), generator=gen)
@@ -408,6 +431,7 @@ def _synthetic(klass: ClassKey, seq_len: int):
         if klass.grad:
             def call():
                 module.zero_grad(set_to_none=True)
+                x.grad = None
                 module(x, lengths=lengths)[0].float().sum().backward()
         else:
             def call():
@@ -595,7 +619,8 @@ EPILOG = """classes:
   size    N<batch>H<hidden>: a layer's batch and hidden size, each rounded to the nearest power of two
           (log scale; batch 1-512, hidden 8-4096); S, M, L name the benchmark's sizes N1H64, N16H128,
           N64H256 (the default), --grid the 12 buckets batch 1/8/32/128 x hidden 64/256/1024
-  mode    train: forward+backward (grad enabled); infer: forward only (no_grad / inference_mode)
+  mode    train: forward+backward (grad enabled, the input without a gradient), train-dx: the input's
+          gradient too (a second layer, an embedding's output), infer: forward only (no_grad / inference_mode)
   input   dense, or lengths (variable lengths: torch packs, fused takes lengths)
   Each class: one layer, one direction, input size = hidden size, 16 to 64 steps (fewer for more work
   per step), a warm-up call, then the median of 3 to 7 interleaved calls of each backend. On a busy machine the figures are noisy:
@@ -639,8 +664,9 @@ def add_arguments(parser) -> None:
                              f"({len(GRID_SIZES)} buckets) instead of S, M, L")
     parser.add_argument("--dtype", action="append", choices=list(DTYPES),
                         help="parameter dtype (repeatable; default: float32 and bfloat16)")
-    parser.add_argument("--mode", action="append", choices=("train", "infer"),
-                        help="train: forward+backward, infer: forward only (repeatable; default: both)")
+    parser.add_argument("--mode", action="append", choices=tuple(CLI_MODES),
+                        help="train: forward+backward (the parameters' gradients), train-dx: the input's "
+                             "gradient too, infer: forward only (repeatable; default: all three)")
     parser.add_argument("--input", action="append", choices=("dense", "lengths"),
                         help="dense input or variable lengths (repeatable; default: both)")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -658,8 +684,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write every figure here")
 
 
+CLI_MODES = {"train": "fwd+bwd", "train-dx": "fwd+bwd+dx", "infer": "fwd"}
+"""``rnnkit calibrate --mode``: the class modes (:data:`MODES`)."""
+
+
 def _fmt_row(cells: List[str]) -> str:
-    widths = (10, 9, 8, 8, 10, 4, 5, 5, 4, 9, 9, 12, 6, 6)
+    widths = (10, 9, 8, 11, 10, 4, 5, 5, 4, 9, 9, 12, 6, 6)
     return "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
 
@@ -705,7 +735,7 @@ def _run(args, backend) -> int:
                           dtypes=args.dtype or (("float32",) if quick else ("float32", "bfloat16")),
                           lengths=[v == "lengths" for v in (args.input or (("dense",) if quick else
                                                                            ("dense", "lengths")))],
-                          grads=[v == "train" for v in (args.mode or (("train",) if quick else ("train", "infer")))],
+                          modes=[CLI_MODES[v] for v in (args.mode or (("train",) if quick else tuple(CLI_MODES)))],
                           sizes=sizes or (("S",) if quick else tuple(SIZES)))
     repeats = args.repeats or (MIN_REPEATS if quick else None)
     fastest = backend.table().get("fastest", {})
@@ -734,7 +764,7 @@ def _run(args, backend) -> int:
         entries[klass] = entry
         rows.append({"class": str(klass), "table": prior, **entry})
         print(_fmt_row([klass.family, klass.dtype, "lengths" if klass.lengths else "dense",
-                        "fwd+bwd" if klass.grad else "fwd", klass.size, str(entry["batch"]),
+                        klass.mode, klass.size, str(entry["batch"]),
                         str(entry["input_size"]), str(entry["hidden_size"]), str(entry["seq_len"]),
                         f"{entry['fused_ms']:.3f}", f"{entry['torch_ms']:.3f}",
                         f"{entry['torch_over_fused']:.2f}" + (" (tie)" if entry["how"] == "tie" else ""),
