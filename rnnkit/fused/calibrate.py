@@ -412,9 +412,8 @@ def _synthetic(klass: ClassKey, seq_len: int):
     dtype = DTYPES[klass.dtype]
     gen = torch.Generator().manual_seed(0)
     # torch.nn's own initialization, U(-1/sqrt(H), 1/sqrt(H)), and a unit-variance input: values as a layer
-    # meets them. Weights of +-0.1 at hidden 1024 saturated the gates, and the near-zero (subnormal)
-    # gradients that follow slowed torch's op by up to 1.6x, not the fused kernels: LSTM batch 32 /
-    # hidden 1024 forward+backward measured fused 1.3-1.5x faster, where it is 0.93-0.95x as fast.
+    # meets them (the weights of +-0.1 used before saturate the gates at hidden 1024; measured again with
+    # these, the verdicts did not move: what had skewed them was the input's gradient, see MODES)
     bound = 1.0 / math.sqrt(hidden)
     mods = {name: cls(h_in, hidden, backend=name, dtype=dtype, **kw) for name in ("fused", "torch")}
     with torch.no_grad():
