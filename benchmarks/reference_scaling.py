@@ -1,6 +1,7 @@
 """How the reference backend's forward+backward time grows with the sequence length.
 
     PYTHONPATH=. python benchmarks/reference_scaling.py [--lengths 2000,5000,10000,20000] [--repeat 3]
+    PYTHONPATH=. python benchmarks/reference_scaling.py --regularized   # zoneout + recurrent dropout
 
 GRU(8, 32) on ``backend="reference"``, batch 4, float32, one thread; each row is the
 fastest of ``--repeat`` calls of ``out.sum().backward()`` after the forward. The
@@ -35,9 +36,10 @@ import torch  # noqa: E402
 import rnnkit  # noqa: E402
 
 
-def measure(seq_len: int, repeat: int, batch: int = 4, input_size: int = 8, hidden_size: int = 32) -> float:
+def measure(seq_len: int, repeat: int, batch: int = 4, input_size: int = 8, hidden_size: int = 32,
+            regularizers: dict = None) -> float:
     torch.manual_seed(0)
-    gru = rnnkit.GRU(input_size, hidden_size, backend="reference")
+    gru = rnnkit.GRU(input_size, hidden_size, backend="reference", **(regularizers or {}))
     x = torch.randn(seq_len, batch, input_size, requires_grad=True)
     best = float("inf")
     for _ in range(repeat):
@@ -54,12 +56,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="2000,5000,10000,20000", help="comma-separated sequence lengths")
     parser.add_argument("--repeat", type=int, default=3, help="calls per length; the fastest is reported")
+    parser.add_argument("--regularized", action="store_true",
+                        help="with zoneout=0.1 and recurrent_dropout=0.25 in training (the runner's per-step masks)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread; GRU(8, 32) backend='reference', batch 4, float32, fwd+bwd")
+    reg = dict(zoneout=0.1, recurrent_dropout=0.25) if args.regularized else None
+    print(f"torch {torch.__version__}, 1 thread; GRU(8, 32) backend='reference', batch 4, float32, fwd+bwd"
+          + (f", {reg}" if reg else ""))
     print(f"{'T':>8} {'seconds':>9} {'ms/step':>8}")
     for seq_len in (int(v) for v in args.lengths.split(",")):
-        sec = measure(seq_len, args.repeat)
+        sec = measure(seq_len, args.repeat, regularizers=reg)
         print(f"{seq_len:>8} {sec:>9.3f} {1000 * sec / seq_len:>8.3f}", flush=True)
     return 0
 
