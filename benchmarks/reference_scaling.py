@@ -17,6 +17,13 @@ call each, before and after run back to back at each length:
     before   2.89    20.5    94.0     not run (an earlier try passed 7.8 min and was stopped)
     after    1.21    2.91    5.42     10.35     (0.60, 0.58, 0.54, 0.52 ms per step)
 
+With ``--regularized`` (2026-12-02, idle, same machine; the zoneout masks of all steps drawn up front, each
+step reading its row), fastest of 2-3 calls, three runs: T=4,000 1.78 / 1.91 / 1.56 s (gc off), T=20,000
+10.12 / 10.62 / 10.73 s: 5.5-6.9x for 5x the steps, the time per step growing by 12-38% (0.45 -> 0.51 ms)
+with the autograd graph's memory, not with an O(T^2) term. Cloning each step's mask row instead gave 2.25 /
+10.56 s (4.7x, slower at T=4,000), and the code before the up-front masks 2.35 / 11.18 s (4.8x). Without
+regularizers, the same runs: 1.49 / 7.61 s (5.1x).
+
 Before: ``xp[t]`` per step, whose backward (SelectBackward) fills a zero tensor of
 ``xp``'s full (T, N, G) size at every step, O(T^2) time and memory traffic. After:
 ``xp.unbind(0)``, one backward node that stacks the T step gradients once.
