@@ -471,7 +471,15 @@ def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int]
                           start)
         if repeats is None:
             left = budget_s - (time.perf_counter() - start)
-            repeats = int(left / max(sum(once.values()), 1e-9))
+            per_round = sum(once.values())
+            if MIN_REPEATS * per_round < left:
+                # a cheap class: its cold call (allocations, oneDNN primitives) overstates a round several
+                # times over, which cut such classes to MIN_REPEATS calls of a few ms, where one noisy call
+                # decides a median of 3; a warm call of each sizes the rounds instead
+                once = {name: _bench._time_calls(fn, 1) for name, fn in fns.items()}
+                per_round = sum(once.values())
+                left = budget_s - (time.perf_counter() - start)
+            repeats = int(left / max(per_round, 1e-9))
         repeats = max(MIN_REPEATS, min(MAX_REPEATS, repeats))
         medians = race(fns, repeats, once)
     fused, torch_ = medians["fused"], medians["torch"]
