@@ -106,7 +106,10 @@ def run_row(row: dict, repeats: int, seed: int = 0, both: bool = False, target_s
     fns = {"auto": call(auto), "torch.nn": call(ref)}
     first = _time_calls(fns["auto"], 1)  # auto's first call: its class is measured here
     if both:  # the diagnosis: each of auto's candidates pinned, timed in the same rounds
+        from rnnkit.backends import why_not
         for name in ("fused", "torch"):
+            if why_not(name, auto, x) is not None:  # not here (no compiler): no column
+                continue
             pinned = cls_rk(h, h, backend=name, **kw)
             pinned.load_state_dict(ref.state_dict())
             fns[name] = call(pinned)
@@ -120,10 +123,11 @@ def run_row(row: dict, repeats: int, seed: int = 0, both: bool = False, target_s
             err = max(err, (a.grad - b.grad).abs().max().item())
     if not err < 1e-3:
         raise AssertionError(f"auto differs from torch.nn by {err:g} on {row}")
-    from rnnkit.fused import _ops
+    from rnnkit.fused import _build, _ops
     mins, medians = time_row(fns, repeats, target_s)  # a sample: back-to-back calls of about target_s
     pinned = {f"{name}_ms": medians[name] * 1e3 for name in ("fused", "torch") if name in medians}
-    return {**row, **pinned, "serial": _ops.load_policy()["serial"], "gmac": gmac(**row), "picked": auto.last_backend, "first_ms": first * 1e3,
+    serial = _build.load() is None and _ops.load_policy()["serial"]  # the under-load policy, after the rounds
+    return {**row, **pinned, "serial": serial, "gmac": gmac(**row), "picked": auto.last_backend, "first_ms": first * 1e3,
             "auto_ms": medians["auto"] * 1e3, "nn_ms": medians["torch.nn"] * 1e3,
             "auto_min_ms": mins["auto"] * 1e3, "nn_min_ms": mins["torch.nn"] * 1e3,
             "ratio": medians["auto"] / medians["torch.nn"], "ratio_min": mins["auto"] / mins["torch.nn"],
@@ -175,8 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{r['cell']:5} {r['mode']:5} {r['batch']:>4} {r['hidden']:>5} {r['length']:>4} {r['layers']:>3} "
               f"{r['dirs']:>3} {r['picked']:7} {r['first_ms']:9.1f} {r['auto_ms']:9.2f} {r['nn_ms']:9.2f} "
               f"{r['ratio']:8.3f} {r['ratio_min']:6.3f}"
-              + (f" fused/nn {r['fused_ms'] / r['nn_ms']:6.3f} torch/nn {r['torch_ms'] / r['nn_ms']:6.3f}"
-                 if args.both else "") + (" serial" if r["serial"] else "") + flag, flush=True)
+              + "".join(f" {name}/nn {r[name + '_ms'] / r['nn_ms']:6.3f}" for name in ("fused", "torch")
+                        if name + "_ms" in r) + (" serial" if r["serial"] else "") + flag, flush=True)
     seconds = time.perf_counter() - start
     worst = max(results, key=lambda r: r["ratio"])
     over = [r for r in results if r["ratio"] > TARGET]

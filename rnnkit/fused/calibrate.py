@@ -123,6 +123,8 @@ MODES = {(False, False): "fwd", (True, False): "fwd+bwd", (True, True): "fwd+bwd
 whether it is wanted or not, the fused backend skips the input projection's backward product without it,
 so the two compare differently (LSTM batch 32 / hidden 1024, 16 steps: fused 1.25-1.47x faster without
 the input's gradient, 0.95x with it)."""
+MODE_KEYS = {mode: key for key, mode in MODES.items()}
+"""(grad, input_grad) by a class's mode: :data:`MODES` read backwards."""
 
 
 class ClassKey(NamedTuple):
@@ -146,11 +148,10 @@ class ClassKey(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> Optional["ClassKey"]:
         parts = text.split("|")
-        modes = {mode: key for key, mode in MODES.items()}
         if len(parts) != 5 or parts[0] not in FAMILIES or parts[1] not in DTYPES or \
-                parts[2] not in ("lengths", "dense") or parts[3] not in modes or parse_bucket(parts[4]) is None:
+                parts[2] not in ("lengths", "dense") or parts[3] not in MODE_KEYS or parse_bucket(parts[4]) is None:
             return None
-        grad, input_grad = modes[parts[3]]
+        grad, input_grad = MODE_KEYS[parts[3]]
         return cls(parts[0], parts[1], parts[2] == "lengths", grad, parts[4], input_grad)
 
     def table_prior(self, fastest: Dict[str, dict]) -> Optional[str]:
@@ -247,8 +248,7 @@ def every_class(families: Iterable[str] = FAMILIES, dtypes: Iterable[str] = ("fl
     three modes of :data:`MODES`, the buckets of the benchmark's sizes S, M, L); ``sizes`` are S/M/L or
     ``N<batch>H<hidden>``."""
     buckets = list(dict.fromkeys(bucket_name(s) for s in sizes))
-    keys = {mode: key for key, mode in MODES.items()}
-    return [ClassKey(f, d, ln, keys[m][0], s, keys[m][1]) for f in families for d in dtypes for ln in lengths
+    return [ClassKey(f, d, ln, MODE_KEYS[m][0], s, MODE_KEYS[m][1]) for f in families for d in dtypes for ln in lengths
             for m in modes for s in buckets]
 
 

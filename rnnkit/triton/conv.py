@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..runner import _per_row
 from ..spec import CellSpec, Params, State
 from ..zoo.conv import conv_gru_update, conv_lstm_update, conv_same
 from ._common import bias_sum, twin_backward
@@ -348,11 +349,10 @@ def _(grad_h, grad_c, xp_t, hc, c, w_ci, w_cf, w_co, lengths, t):
 
 
 def _held(new: Tensor, old: Tensor, lengths: Optional[Tensor], t: int) -> Tensor:
-    """``new`` where step ``t`` is inside the row's length, ``old`` (held) past it."""
+    """``new`` where step ``t`` is inside the row's length, ``old`` (held) past it (as the reference scan)."""
     if lengths is None:
         return new
-    inside = (t < lengths.to(new.device)).view(-1, *([1] * (new.dim() - 1)))
-    return torch.where(inside, new, old)
+    return torch.where(_per_row(t < lengths.to(new.device), new), new, old)
 
 
 def _conv_lstm_twin(xp_t, hc, h, c, w_ci, w_cf, w_co, lengths, t):
