@@ -14,6 +14,7 @@ with its reason. New backends join with :func:`register_backend`.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -127,8 +128,16 @@ def select(module, x: Optional[Tensor] = None, lengths: Optional[Tensor] = None)
         return EXPORT_BACKEND
     requested = module.backend
     if requested == "auto":
-        for name in auto_order(module, x, lengths):
+        key = _auto_key(module, x, lengths)
+        if key is not None:
+            cached = module.__dict__.get(AUTO_CHOICE)
+            if cached is not None and cached[0] == key and cached[1] in BACKENDS:
+                return BACKENDS[cached[1]]
+        order, settled = _auto_plan(module, x, lengths)
+        for name in order:
             if why_not(name, module, x) is None:
+                if settled and key is not None:  # keyed after planning: a measurement made now counts
+                    module.__dict__[AUTO_CHOICE] = (_auto_key(module, x, lengths), name)  # not __setattr__
                 return BACKENDS[name]
         raise RuntimeError("no backend can run this module")  # reference runs everything
     reason = why_not(requested, module, x)
@@ -143,14 +152,42 @@ def select(module, x: Optional[Tensor] = None, lengths: Optional[Tensor] = None)
 def auto_order(module, x: Optional[Tensor], lengths: Optional[Tensor] = None):
     """Backends in the order ``auto`` tries them; the fused backend reorders
     this from its measured table where it has one."""
-    order = AUTO_ORDER
+    return _auto_plan(module, x, lengths)[0]
+
+
+def _auto_plan(module, x: Optional[Tensor], lengths: Optional[Tensor]):
+    """``(auto_order(...), settled)``: settled when the order is final for this configuration."""
+    order, settled = AUTO_ORDER, True
     preference = BACKENDS.get("fused")
-    if preference is not None and hasattr(preference, "auto_order"):
-        order = preference.auto_order(module, x, AUTO_ORDER, lengths)
+    if preference is not None and hasattr(preference, "auto_plan"):
+        order, settled = preference.auto_plan(module, x, AUTO_ORDER, lengths)
+    elif preference is not None and hasattr(preference, "auto_order"):
+        order, settled = preference.auto_order(module, x, AUTO_ORDER, lengths), False
     gpu = BACKENDS.get("triton")
     if gpu is not None and x is not None and x.device.type == "cuda":  # never on the CPU
-        order = gpu.auto_order(module, x, order, lengths)
-    return order
+        order, settled = gpu.auto_order(module, x, order, lengths), False
+    return order, settled
+
+
+AUTO_CHOICE = "_auto_choice"
+"""Where :func:`select` keeps ``auto``'s last settled choice in a module's ``__dict__``: ``(key, name)``.
+Choosing costs tens of microseconds (the measured class, every candidate's checks), as much as a short
+call's whole work; a repeated call with the same :func:`_auto_key` takes the remembered name.
+``RecurrentBase.__setattr__`` and ``_apply`` (``.to()``, ``.double()``) drop it."""
+
+
+def _auto_key(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[tuple]:
+    """Everything ``auto``'s choice depends on besides the module's attributes, or None where the choice
+    is never remembered (no input, a GPU input, tracing, torch.compile or export)."""
+    if x is None or x.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._get_tracing_state():
+        return None
+    fused = BACKENDS.get("fused")
+    cal = getattr(fused, "_calibrator", None)
+    params = module._parameters
+    return (type(x), x.dtype, x.shape[1:], x.requires_grad, lengths is None, torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(), any(p is not None and p.requires_grad for p in params.values()),
+            torch.get_num_threads(), os.environ.get("RNNKIT_AUTO_MEASURE"), id(getattr(fused, "_table", None)),
+            id(cal), getattr(cal, "epoch", 0))
 
 
 def describe_backends() -> Dict[str, str]:

@@ -35,6 +35,8 @@ itself (its ``lstm_macs_limit`` argument), so a one-step call pays nothing for i
 _PLAIN_KIND_ATTRS = frozenset({"num_layers", "bidirectional", "proj_size", "_is_standard", "zoneout", "zoneout_cell",
                                "training", "recurrent_dropout", "weight_drop", "cell_spec"})
 """The attributes :attr:`RecurrentBase._plain_kind` reads: setting one recomputes ``_direct_kind``."""
+_FORWARD_ATTRS = frozenset({"last_backend", "_dropped_weights"})
+"""What ``forward`` itself sets: they leave ``auto``'s remembered choice (``backends.AUTO_CHOICE``) alone."""
 
 
 def _build_module():
@@ -195,6 +197,8 @@ class RecurrentBase(nn.Module):
 
     def __setattr__(self, name, value) -> None:
         nn.Module.__setattr__(self, name, value)  # torch.nn.RNNBase's also updates a flat weight list rnnkit has not
+        if name not in _FORWARD_ATTRS:  # any other attribute may change auto's choice
+            self.__dict__.pop(_backends.AUTO_CHOICE, None)
         if name in _PLAIN_KIND_ATTRS:  # (``train()``/``eval()`` set ``training`` here too)
             self._refresh_direct_kind()
 
@@ -208,6 +212,7 @@ class RecurrentBase(nn.Module):
         self.__dict__["_direct_kind"] = kind
 
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop(_backends.AUTO_CHOICE, None)  # a new dtype or device may change auto's choice
         return nn.Module._apply(self, fn, recurse)  # no flat-weight references to reset (torch.nn.RNNBase keeps some)
 
     # ------------------------------------------------------------------ layout hooks

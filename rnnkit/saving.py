@@ -45,6 +45,7 @@ from typing import Any, Dict, List
 
 from torch import nn
 
+from .backends import AUTO_CHOICE
 from .functional import ACTIVATIONS
 
 FORMAT_KEY = "_rnnkit_pickle_format"
@@ -66,6 +67,7 @@ def module_state(module: nn.Module) -> Dict[str, Any]:
     ACTIVATIONS function replaced by its name."""
     state = nn.Module.__getstate__(module)
     state.update({k: v for k, v in _TRANSIENT.items() if k in state})
+    state.pop(AUTO_CHOICE, None)  # auto's remembered choice (backends.AUTO_CHOICE): this process's, made again
     if "cell_spec" in state and _rebuilds(module, state["cell_spec"]):
         del state["cell_spec"]
     by_name = {}

@@ -199,7 +199,7 @@ def test_the_cache_file_is_written_and_read_by_a_new_backend(measuring, monkeypa
     assert path.parent == measuring and path.name.startswith("auto-") and path.suffix == ".json"
     data = json.loads(path.read_text())
     assert data["format"] == cal.FORMAT and data["key"] == cal.machine_key()
-    assert set(data["key"]) == {"cpu", "cpu_flags", "machine", "threads", "torch", "extension"}
+    assert set(data["key"]) == {"cpu", "cpu_flags", "machine", "threads", "torch", "extension", "python"}
     assert data["key"]["threads"] == torch.get_num_threads() and data["key"]["torch"] == torch.__version__
     entry = data["choices"]["lstm|float32|dense|fwd+bwd|N1H64"]
     assert entry["best"] == "torch" and entry["torch_over_fused"] == pytest.approx(0.5)
@@ -600,3 +600,113 @@ def test_auto_grid_quick_run(monkeypatch, tmp_path, capsys):
         assert r["picked"] in ("fused", "torch") and r["auto_ms"] > 0 and r["nn_ms"] > 0
         assert r["ratio"] == pytest.approx(r["auto_ms"] / r["nn_ms"]) and r["max_abs_err"] < 1e-3
     assert list((tmp_path / "cache").glob("auto-*.json"))  # auto measured there
+
+
+# ----------------------------------------------------------------------------- auto remembers its choice per module
+
+
+def test_a_settled_choice_is_remembered_and_dropped_by_any_change(measuring, monkeypatch):
+    """select() keeps auto's measured choice in the module (rnnkit.backends.AUTO_CHOICE) and takes it
+    again for the same kind of call; an attribute change, .to(), another grad mode, another batch
+    or a new measurement decide afresh."""
+    from rnnkit import backends
+    plans = []
+    plan = backends._auto_plan
+    monkeypatch.setattr(backends, "_auto_plan", lambda *a: plans.append(1) or plan(*a))
+    fake(monkeypatch, TORCH_FASTER, FUSED_FASTER, FUSED_FASTER, TORCH_FASTER)
+    torch.manual_seed(0)
+    lstm = rnnkit.LSTM(32, 64, num_layers=2)  # two layers: no direct inference entry under no_grad
+    x = torch.randn(5, 1, 32)
+    lstm(x)
+    assert lstm.last_backend == "torch" and len(plans) == 1
+    for _ in range(3):
+        lstm(x)
+    assert len(plans) == 1 and lstm.last_backend == "torch"  # remembered
+    lstm(torch.randn(7, 1, 32))  # another length: the same choice
+    assert len(plans) == 1
+    with torch.no_grad():  # another class: measured, fused
+        lstm(x)
+    assert len(plans) == 2 and lstm.last_backend == "fused"
+    lstm(x)  # back to grad: the key differs, the class was measured: no new race
+    assert len(plans) == 3 and lstm.last_backend == "torch"
+    lstm.eval()  # any attribute set drops it
+    assert backends.AUTO_CHOICE not in lstm.__dict__
+    lstm(x)
+    assert len(plans) == 4
+    lstm.double()  # .to(): dropped, and float64 is a class of its own (measured: fused)
+    assert backends.AUTO_CHOICE not in lstm.__dict__
+    lstm(x.double())
+    assert len(plans) == 5 and lstm.last_backend == "fused"
+    lstm(x.double())
+    assert len(plans) == 5
+    lstm(torch.randn(5, 16, 32, dtype=torch.float64))  # another batch bucket: measured (torch)
+    assert len(plans) == 6 and lstm.last_backend == "torch"
+    # a measurement changes what lookup() answers: the remembered choice is not trusted past it
+    FUSED.calibrator().record(cal.module_class(lstm, torch.randn(5, 16, 32, dtype=torch.float64), None),
+                              {"best": "fused", "how": "measured"}, persist=False)
+    lstm(torch.randn(5, 16, 32, dtype=torch.float64))
+    assert len(plans) == 7 and lstm.last_backend == "fused"
+    # pickling and copies do not carry it
+    import copy
+    assert backends.AUTO_CHOICE in lstm.__dict__
+    assert copy.deepcopy(lstm).__dict__.get(backends.AUTO_CHOICE) is None
+
+
+def test_an_unsettled_choice_is_not_remembered(measuring, monkeypatch):
+    """Where auto could not measure yet (here: measuring is 'cached', nothing cached), each call decides
+    again, so the first call that may measure does."""
+    from rnnkit import backends
+    monkeypatch.setenv(cal.MEASURE_ENV, "cached")
+    race = fake(monkeypatch, TORCH_FASTER)
+    torch.manual_seed(0)
+    lstm, x = rnnkit.LSTM(32, 64, num_layers=2), torch.randn(5, 1, 32)
+    lstm(x)
+    assert lstm.last_backend == "fused" and backends.AUTO_CHOICE not in lstm.__dict__  # the table: fused
+    monkeypatch.setenv(cal.MEASURE_ENV, "1")
+    lstm(x)
+    assert len(race.calls) == 1 and lstm.last_backend == "torch" and backends.AUTO_CHOICE in lstm.__dict__
+
+
+def test_the_remembered_choice_gives_the_same_results(measuring, monkeypatch):
+    fake(monkeypatch, FUSED_FASTER)
+    torch.manual_seed(0)
+    lstm, x = rnnkit.LSTM(32, 64, num_layers=2), torch.randn(5, 3, 32, requires_grad=True)
+    ref = rnnkit.LSTM(32, 64, num_layers=2, backend="reference")
+    ref.load_state_dict(lstm.state_dict())
+    for _ in range(2):  # measured, then remembered
+        out, (h, c) = lstm(x)
+        grads = torch.autograd.grad(out.sum() + h.sum() + c.sum(), (x, *lstm.parameters()))
+        assert lstm.last_backend == "fused"
+        out_r, (h_r, c_r) = ref(x)
+        grads_r = torch.autograd.grad(out_r.sum() + h_r.sum() + c_r.sum(), (x, *ref.parameters()))
+        torch.testing.assert_close(out, out_r)
+        for g, g_r in zip(grads, grads_r):
+            torch.testing.assert_close(g, g_r, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cache_key_holds_the_python_between_call_and_kernel():
+    """A change to the layer/runner/op glue measures afresh (a small call's time is mostly theirs)."""
+    assert dict(cal._static_key())["python"] == cal._glue_hash()
+    root = os.path.join(ROOT, "rnnkit")
+    assert all(os.path.exists(os.path.join(root, name)) for name in cal.GLUE)
+
+
+def test_a_verdict_far_against_the_table_is_raced_again(measuring, monkeypatch):
+    """More than STALL times against the shipped table's choice: a second race, each backend keeping its
+    faster median (a burst of load through the first race no longer decides); within STALL, or with
+    the table, one race."""
+    stalled = {"fused": 131e-3, "torch": 8e-3}
+    race = fake(monkeypatch, stalled, {"fused": 4e-3, "torch": 8.5e-3})
+    lstm, gru, x = small_lstm_and_gru()  # the table: lstm S fused
+    assert lstm.which_backend(x) == "fused" and len(race.calls) == 2
+    entry = FUSED.calibrator().lookup(cal.module_class(lstm, x, None))
+    assert entry["raced"] == 2 and entry["fused_ms"] == pytest.approx(4) and entry["torch_ms"] == pytest.approx(8)
+    # confirmed by the second race: the measurement wins over the table
+    race = fake(monkeypatch, stalled, stalled)
+    lstm2 = rnnkit.LSTM(32, 64, dtype=torch.float64)
+    assert lstm2.which_backend(x.double()) == "torch" and len(race.calls) == 2
+    # against the table by less than STALL, or with it: one race
+    race = fake(monkeypatch, {"fused": 2.9e-3, "torch": 1e-3}, {"fused": 131e-3, "torch": 1e-3})
+    assert rnnkit.LSTM(32, 64)(torch.randn(5, 3, 32)) is not None and len(race.calls) == 1  # N4H64: torch
+    assert gru.which_backend(x) == "torch" and len(race.calls) == 2  # the table says torch: no second race
+    assert "raced" not in FUSED.calibrator().lookup(cal.module_class(gru, x, None))

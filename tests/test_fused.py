@@ -405,3 +405,42 @@ def test_auto_with_lengths_reads_the_lengths_row():
     assert lstm.last_backend == table["lstm_lengths"]["M"]
     lstm_bf = rnnkit.LSTM(64, 128, batch_first=True)  # which_backend reads batch_first inputs like forward
     assert lstm_bf.which_backend(x.transpose(0, 1), lengths=[10] * 16) == table["lstm_lengths"]["M"]
+
+
+def test_eager_route_equals_the_transform_route(monkeypatch):
+    """In plain eager mode _ops.apply takes EAGER_FUNCTIONS (the op below its Python autograd kernel,
+    no setup_context); inside a torch.func transform it takes FUNCTIONS. Same outputs, same gradients,
+    and the eager route's backward is differentiable again (create_graph)."""
+    torch.manual_seed(0)
+    xp = torch.randn(4, 3, 4 * 5, dtype=torch.float64, requires_grad=True)
+    w_hh = torch.randn(4 * 5, 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(3, 5, dtype=torch.float64)
+    used = []
+    for table in ("EAGER_FUNCTIONS", "FUNCTIONS"):
+        fn = getattr(_ops, table)["lstm_fwd"]
+        monkeypatch.setitem(getattr(_ops, table), "lstm_fwd",
+                            type(fn.__name__, (fn,), {"apply": classmethod(
+                                lambda cls, *a, _t=table, _f=fn: used.append(_t) or _f.apply(*a))}))
+    out_e, h_e, c_e = _ops.lstm_sequence(xp, w_hh, None, h0, c0, None)
+    assert used == ["EAGER_FUNCTIONS"]
+    g_e = torch.autograd.grad((out_e.sin().sum() + h_e.sum() + c_e.sum()), (xp, w_hh, h0), create_graph=True)
+    gg_e = torch.autograd.grad(sum(g.square().sum() for g in g_e), (xp, w_hh, h0))
+
+    def loss(xp, w_hh, h0):
+        out, h, c = _ops.lstm_sequence(xp, w_hh, None, h0, c0, None)
+        return out.sin().sum() + h.sum() + c.sum()
+
+    g_f = torch.func.grad(loss, argnums=(0, 1, 2))(xp, w_hh, h0)
+    assert used[-1] == "FUNCTIONS"
+    out_f = torch.func.vmap(lambda a: _ops.lstm_sequence(a, w_hh, None, h0, c0, None)[0])(xp.unsqueeze(0))[0]
+    torch.testing.assert_close(out_e, out_f, rtol=0, atol=0)
+    for a, b in zip(g_e, g_f):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ref = torch.autograd.grad(sum(g.square().sum() for g in torch.autograd.grad(
+        loss(xp, w_hh, h0), (xp, w_hh, h0), create_graph=True)), (xp, w_hh, h0))
+    for a, b in zip(gg_e, ref):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no gradient: the op below its autograd kernel, the same numbers
+        out_n = _ops.lstm_sequence(xp, w_hh, None, h0, c0, None)[0]
+    torch.testing.assert_close(out_n, out_e.detach(), rtol=0, atol=0)

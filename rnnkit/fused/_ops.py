@@ -398,12 +398,54 @@ def _function(name: str):
 FUNCTIONS = {name: _function(name) for name in BACKWARDS}
 
 
+def _eager_function(name: str):
+    """The same op and backward as :func:`_function`'s, as an autograd.Function whose ``forward``
+    takes ``ctx`` (no ``setup_context``) and calls the op's CPU kernel below the autograd key.
+    ``Function.apply`` of a ``setup_context`` Function binds its arguments through
+    ``inspect.signature`` on every call, and the op's registered autograd is Python too: together
+    about 50 us per op, the whole cost of a small layer. torch.func transforms need
+    ``setup_context``, so :func:`apply` takes this one only in plain eager mode."""
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = getattr(_ops(), name)(*args)
+        _setup(ctx, args, output)
+        return output
+
+    def backward(ctx, *grads):
+        return _backward(name, ctx, grads)
+
+    return type(f"FusedEager_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+EAGER_FUNCTIONS = {name: _eager_function(name) for name in BACKWARDS}
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Plain tensors in plain eager mode: no torch.func transform, tracer, torch.compile or export is
+    active, so the op may be called below its (Python) autograd kernel."""
+    return (all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
+
+
 def apply(name: str, *args):
     """Run op ``name`` (a ``*_fwd``), through its autograd.Function when a gradient is needed
-    (``torch.jit.trace`` records the op itself, whose registered autograd has the same formulas)."""
-    if (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
-            and not torch._C._get_tracing_state()):
-        return FUNCTIONS[name].apply(*args)
+    (``torch.jit.trace`` records the op itself, whose registered autograd has the same formulas).
+    In plain eager mode both routes skip the op's Python autograd kernel (:func:`_eager_function`)."""
+    eager = _plain_eager(args)
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        if eager:
+            return EAGER_FUNCTIONS[name].apply(*args)
+        if not torch._C._get_tracing_state():
+            return FUNCTIONS[name].apply(*args)
+    elif eager:
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(_ops(), name)(*args)
     return getattr(_ops(), name)(*args)
 
 

@@ -418,9 +418,11 @@ class FusedBackend(Backend):
 
     def _decide(self, module, x: Optional[Tensor], lengths: Optional[Tensor], measure: bool = True):
         """``(choice, klass, entry)``: ``entry`` is the measurement of ``klass`` on this machine
-        (None: the choice is the shipped table's, or None for the default order)."""
+        (None: the choice is the shipped table's, or None for the default order); ``klass`` is None
+        where the class has no measurement to make (torch's op has no such cell, or measuring is off)."""
         from . import calibrate
         mode = calibrate.measure_mode()
+        klass = None
         if mode != "off":
             klass = calibrate.module_class(module, x, lengths)
             if klass is not None:
@@ -442,7 +444,7 @@ class FusedBackend(Backend):
                         cal.record(klass, entry, persist=False)  # not tried again in this process
                 if entry is not None:
                     return entry["best"], klass, entry
-        return self.table_choice(module, x, lengths), None, None
+        return self.table_choice(module, x, lengths), klass, None
 
     def explain_choice(self, module, x: Optional[Tensor], lengths: Optional[Tensor] = None,
                        measure: bool = True) -> Tuple[Optional[str], str]:
@@ -479,6 +481,13 @@ class FusedBackend(Backend):
         (on this machine, else in the shipped table), torch goes first; unmeasured
         configurations keep ``default_order``. When the extension cannot be built,
         warn once and keep the order (the dispatcher then skips 'fused')."""
+        return self.auto_plan(module, x, default_order, lengths)[0]
+
+    def auto_plan(self, module, x: Optional[Tensor], default_order: List[str],
+                  lengths: Optional[Tensor] = None) -> Tuple[List[str], bool]:
+        """``(auto_order(...), settled)``: ``settled`` is true when the order is final for this
+        configuration (the class was measured here, or has nothing to measure), so
+        :func:`rnnkit.backends.select` may remember it; false while a later call may still measure."""
         reason = self.unavailable()
         if reason is not None:
             if not self._warned and _build.disabled() is None:
@@ -486,15 +495,16 @@ class FusedBackend(Backend):
                 warnings.warn(f"rnnkit: the fused backend is unavailable ({reason}); backend='auto' uses the "
                               "other backends. Set RNNKIT_DISABLE_FUSED=1 to silence this.", RuntimeWarning,
                               stacklevel=4)
-            return list(default_order)
+            return list(default_order), False
         if torch.compiler.is_compiling():
             # torch.compile and torch.export: the fused ops, opaque to the tracer, keep the batch size and
             # the sequence length symbolic (torch's op unrolls the time loop), whatever was measured
-            return list(default_order)
-        best = self.choice(module, x, lengths)
+            return list(default_order), False
+        best, klass, entry = self._decide(module, x, lengths)
+        settled = klass is None or entry is not None
         if best is None or best not in default_order or best == default_order[0]:
-            return list(default_order)
-        return [best] + [name for name in default_order if name != best]
+            return list(default_order), settled
+        return [best] + [name for name in default_order if name != best], settled
 
 
 def _torch_runs(module, x: Optional[Tensor]) -> bool:
