@@ -138,15 +138,15 @@ def test_no_measurement_where_torch_cannot_run(measuring, monkeypatch):
 
 
 def test_a_tie_goes_to_torch(measuring, monkeypatch):
-    """Within 5% (either way, whatever the shipped table says) torch runs: the op torch.nn runs."""
-    fake(monkeypatch, {"fused": 1.00e-3, "torch": 1.04e-3}, {"fused": 1.04e-3, "torch": 1.00e-3})
+    """Within 8% (either way, whatever the shipped table says) torch runs: the op torch.nn runs."""
+    fake(monkeypatch, {"fused": 1.00e-3, "torch": 1.07e-3}, {"fused": 1.07e-3, "torch": 1.00e-3})
     lstm, gru, x = small_lstm_and_gru()
     assert lstm.which_backend(x) == "torch" and gru.which_backend(x) == "torch"
     assert {e["how"] for e in FUSED.calibrator().entries().values()} == {"tie"}
 
 
 def test_just_outside_a_tie_the_faster_wins(measuring, monkeypatch):
-    fake(monkeypatch, {"fused": 1.00e-3, "torch": 1.06e-3}, {"fused": 1.06e-3, "torch": 1.00e-3})
+    fake(monkeypatch, {"fused": 1.00e-3, "torch": 1.09e-3}, {"fused": 1.09e-3, "torch": 1.00e-3})
     lstm, gru, x = small_lstm_and_gru()
     assert lstm.which_backend(x) == "fused" and gru.which_backend(x) == "torch"
     assert {e["how"] for e in FUSED.calibrator().entries().values()} == {"faster"}
@@ -419,18 +419,19 @@ def test_the_input_gradient_is_a_class_of_its_own(measuring, monkeypatch):
     assert cal.ClassKey("lstm", "float32", False, False, "N1H64", True).mode == "fwd"  # no grad: no input grad
 
 
-@pytest.mark.parametrize("cold_s, repeats", [(0.01, cal.MAX_REPEATS), (0.05, cal.MIN_REPEATS)])
+@pytest.mark.parametrize("cold_s, repeats", [(0.01, cal.MAX_REPEATS), (0.03, cal.MAX_REPEATS),
+                                             (0.05, cal.MIN_REPEATS)])
 def test_a_cheap_class_sizes_its_rounds_by_a_warm_call(measuring, monkeypatch, cold_s, repeats):
-    """The rounds are sized by each backend's call time: for a class whose cold first calls leave room for
-    3 rounds in the budget, by one warm call of each instead (a cold call overstates a round several times
-    over: 10 ms cold, 1 ms warm gave 4 rounds by the cold calls, 7 now); a costlier class keeps the cold
-    figure (50 ms each: the 3-round minimum, and no extra call)."""
+    """The rounds are sized by each backend's call time: for a class whose cold first calls fit the budget,
+    by one warm call of each instead (a cold call overstates a round several times over: 10 ms cold, 1 ms
+    warm gave 4 rounds by the cold calls, 7 now; 30 ms cold, the first class of a process, gave the 3-round
+    minimum); a costlier class keeps the cold figure (50 ms each: the 3-round minimum, and no extra call)."""
     times = iter([cold_s, cold_s, 1e-3, 1e-3])  # the fake timer: cold fused, cold torch, then warm calls
     monkeypatch.setattr(cal._bench, "_time_calls", lambda fn, number: next(times))
     race = fake(monkeypatch, FUSED_FASTER)
     cal.measure(cal.ClassKey("lstm", "float32", False, True, "N1H64"))
     assert race.calls[0]["repeats"] == repeats
-    assert len(list(times)) == (0 if cold_s == 0.01 else 2)  # the warm calls ran only for the cheap class
+    assert len(list(times)) == (0 if cold_s < 0.05 else 2)  # the warm calls ran only for the cheap classes
 
 
 def test_size_buckets():
