@@ -603,6 +603,30 @@ def test_auto_grid_quick_run(monkeypatch, tmp_path, capsys):
     assert list((tmp_path / "cache").glob("auto-*.json"))  # auto measured there
 
 
+def test_auto_grid_times_rows_over_the_target_again(monkeypatch, tmp_path, capsys):
+    """--confirm: each row over the target is timed again (fresh modules, the same cache); the last line
+    gives the worst row after that, and the JSON keeps both figures. Here every row is "over" (target 0)."""
+    grid = _auto_grid()
+    monkeypatch.setattr(grid, "TARGET", 0.0)
+    monkeypatch.setenv(cal.MEASURE_ENV, "0")
+    monkeypatch.setenv(cal.CACHE_ENV, str(tmp_path / "unused"))
+    monkeypatch.setattr(FUSED, "_calibrator", None)
+    threads = torch.get_num_threads()
+    out = tmp_path / "grid.json"
+    try:
+        assert grid.main(["--quick", "--threads", "1", "--cache", str(tmp_path / "cache"), "--json", str(out),
+                          "--both"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "timing the 4 rows over 0.0 again, 2 rounds each:" in printed
+    assert "after confirming: worst auto/torch.nn" in printed and "4 of 4 rows over 0.0" in printed
+    for r in json.loads(out.read_text())["rows"]:
+        c = r["confirmed"]
+        assert c["picked"] == r["picked"] and c["ratio"] == pytest.approx(c["auto_ms"] / c["nn_ms"])
+        assert c["torch_ms"] > 0
+
+
 # ----------------------------------------------------------------------------- auto remembers its choice per module
 
 
