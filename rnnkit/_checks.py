@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from .errors import RNNDeviceError, RNNShapeError, RNNTypeError, scalar_name, torch_words
 
@@ -391,3 +392,18 @@ def check_lengths(module, lengths, reading: InputReading, device: torch.device) 
                 f"the input of shape {shape_str(reading.shape)} was {reading.describe()}"
             )
     return t
+
+
+# ----------------------------------------------------------------------------- forward-mode AD
+
+
+FORWARD_AD_REASON = "forward-mode AD is active (a dual_level, torch.func.jvp, jacfwd or hessian) and the {} have no " \
+    "forward-mode (jvp) formula"
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on: inside ``torch.autograd.forward_ad.dual_level()``, or a
+    ``torch.func.jvp`` / ``jacfwd`` / ``hessian`` (they open one). The fused and triton kernels have no
+    forward-mode formula: an op without one drops a tangent silently where no input requires grad (and
+    raises where one does), so they decline then and ``auto`` runs a backend that has one."""
+    return _forward_ad._current_level >= 0

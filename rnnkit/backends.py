@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ._checks import forward_ad_active
 from .runner import reference_scan, run_stack
 from .spec import State
 
@@ -47,6 +48,15 @@ class ReferenceBackend(Backend):
         return run_stack(module, x, state0, lengths, reference_scan)
 
 
+def _onednn_lstm(module, x: Tensor) -> bool:
+    """Whether torch's op runs ``module`` on ``x`` through oneDNN's LSTM (``mkldnn_rnn_layer``, which has no
+    forward-mode AD): an LSTM on a float32 CPU input with oneDNN enabled (ATen's ``use_mkldnn``; its
+    bfloat16 path depends on the CPU, and there torch.nn's behaviour is kept). RNN and GRU run ATen's cells."""
+    return (module.cell_spec.extra.get("torch_mode") == "LSTM" and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.numel() != 0 and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled)
+
+
 _VF_LAYERS = {"RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu, "LSTM": _VF.lstm, "GRU": _VF.gru}
 
 
@@ -65,6 +75,9 @@ class TorchBackend(Backend):
             return f"PyTorch's fused op has no {extra}"
         if x is not None and not x.dtype.is_floating_point:
             return f"PyTorch's fused op needs a floating-point input, got {x.dtype}"
+        if x is not None and forward_ad_active() and _onednn_lstm(module, x):
+            return ("forward-mode AD is active and PyTorch's op runs oneDNN here (an LSTM on a float32 CPU input), "
+                    "which has no forward-mode (jvp) formula (torch.nn raises NotImplementedError)")
         return None
 
     def run(self, module, x, state0, lengths):
@@ -178,8 +191,9 @@ call's whole work; a repeated call with the same :func:`_auto_key` takes the rem
 
 def _auto_key(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[tuple]:
     """Everything ``auto``'s choice depends on besides the module's attributes, or None where the choice
-    is never remembered (no input, a GPU input, tracing, torch.compile or export)."""
-    if x is None or x.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._get_tracing_state():
+    is never remembered (no input, a GPU input, tracing, torch.compile or export, forward-mode AD)."""
+    if (x is None or x.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._get_tracing_state()
+            or forward_ad_active()):
         return None
     fused = BACKENDS.get("fused")
     cal = getattr(fused, "_calibrator", None)

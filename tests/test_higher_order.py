@@ -160,3 +160,102 @@ def test_func_per_sample_gradients_equal_torch_nn(kind, backend):
     loop = [torch.autograd.grad(theirs(xi.unsqueeze(0))[0].pow(2).sum(), list(theirs.parameters())) for xi in x]
     for j, k in enumerate(names):
         torch.testing.assert_close(got[k], torch.stack([g[j] for g in loop]), **TOL)
+
+
+# ----------------------------------------------------------------------------- forward-mode AD
+#
+# The fused and triton kernels have no forward-mode (jvp) formula. An op without one raises where an
+# input requires grad, and drops the tangent silently where none does (frozen parameters): so they
+# decline under forward-mode AD and auto runs a backend that has one. torch's op has none either on its
+# oneDNN path (CPU float32/bfloat16: torch.nn raises NotImplementedError there), so the torch backend
+# declines there too and auto runs the reference backend.
+
+def _tangents(module, x, t, frozen):
+    """The output's and final states' tangents along ``t`` (input only): through a dual_level with the
+    parameters frozen, else through torch.func.jvp with the parameters requiring grad."""
+    module.requires_grad_(not frozen)
+    if frozen:
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            out, h = module(fwAD.make_dual(x, t))
+            return [fwAD.unpack_dual(o).tangent for o in [out, *flatten_states(h)]]
+
+    def f(x):
+        out, h = module(x)
+        return (out, *flatten_states(h))
+    return list(torch.func.jvp(f, (x,), (t,))[1])
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["dual_level-frozen", "func.jvp"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_mode_ad_equals_the_reference_or_declines(name, backend, frozen):
+    module, ref, x = _build(name, backend)
+    module(x)  # an ordinary call first: auto keeps its choice, which must not carry into forward-mode AD
+    t = torch.randn_like(x)
+    want = _tangents(ref, x, t, frozen)
+    if backend in ("fused", "triton"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' cannot run this configuration: forward-mode AD "
+                                             "is active"):
+            _tangents(module, x, t, frozen)
+        return
+    got = _tangents(module, x, t, frozen)
+    assert module.last_backend in ("reference", "torch")
+    for a, b in zip(got, want):
+        assert a is not None, "the tangent was dropped"
+        torch.testing.assert_close(a, b, **TOL)
+    assert any(a.abs().sum() > 0 for a in got)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
+def test_forward_mode_ad_in_float32(kind):
+    """float32 on the CPU. torch.nn's LSTM runs oneDNN, which has no forward-mode AD (torch.nn raises):
+    auto runs the reference backend, equal to torch.nn's float64 tangent, and backend='torch' says why not.
+    RNN and GRU run ATen's cells, which have it: auto runs torch's op there."""
+    torch.manual_seed(0)
+    ours = getattr(rnnkit, kind)(3, 5)
+    theirs = getattr(torch.nn, kind)(3, 5, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    x, t = torch.randn(6, 2, 3), torch.randn(6, 2, 3)
+    plain = getattr(torch.nn, kind)(3, 5)
+    if kind == "LSTM":
+        with pytest.raises(NotImplementedError):
+            _tangents(plain, x, t, True)  # what torch.nn does in float32
+    got = _tangents(ours, x, t, True)
+    assert ours.last_backend == ("reference" if kind == "LSTM" else "torch")
+    want = _tangents(theirs, x.double(), t.double(), True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5)
+    ours.backend = "torch"
+    if kind == "LSTM":
+        with pytest.raises(ValueError, match="forward-mode AD is active and PyTorch's op runs oneDNN here"):
+            _tangents(ours, x, t, True)
+    else:
+        for a, b in zip(_tangents(ours, x, t, True), want):
+            torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "torch", "reference"])
+@pytest.mark.parametrize("kind", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cell_forward_mode_ad_equals_torch_nn(kind, backend):
+    """A cell's plain no-grad step goes to the fused C++ step: not under forward-mode AD (frozen
+    parameters, a dual input: the tangent was dropped)."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    ours = getattr(rnnkit, kind)(3, 5, dtype=F64, backend=backend).requires_grad_(False)
+    theirs = getattr(torch.nn, kind)(3, 5, dtype=F64).requires_grad_(False)
+    theirs.load_state_dict(ours.state_dict())
+    x, t = torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64)
+    ours(x)  # the direct step, outside forward-mode AD
+
+    def tangents(cell):
+        with fwAD.dual_level():
+            new = cell(fwAD.make_dual(x, t))
+            return [fwAD.unpack_dual(s).tangent for s in (new if isinstance(new, tuple) else (new,))]
+    if backend == "fused":
+        with pytest.raises(ValueError, match="forward-mode AD is active"):
+            tangents(ours)
+        return
+    for a, b in zip(tangents(ours), tangents(theirs)):
+        assert a is not None, "the tangent was dropped"
+        torch.testing.assert_close(a, b, **TOL)

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._checks import FORWARD_AD_REASON, forward_ad_active
 from ..backends import Backend
 from ..runner import run_stack
 from ..spec import CellSpec, Params, State
@@ -149,6 +150,8 @@ class TritonBackend(Backend):
 
     def unsupported(self, module, x: Optional[Tensor]) -> Optional[str]:
         spec = module.cell_spec
+        if x is not None and forward_ad_active():
+            return FORWARD_AD_REASON.format("triton kernels")
         fam = family(spec)
         if fam not in KERNELS:
             return f"no triton kernel for the '{spec.name}' cell"
