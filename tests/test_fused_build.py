@@ -404,3 +404,47 @@ def test_load_never_raises(monkeypatch):
     monkeypatch.setattr(_build, "torch", types.SimpleNamespace(ops=types.SimpleNamespace(), _C=no_kernel))
     reason = _build.load()
     assert reason is not None and "ZeroDivisionError" in reason
+
+
+FIRST_CALL = r"""
+import json, sys, warnings
+import torch
+import rnnkit
+from rnnkit.fused import _build
+warnings.simplefilter("always")
+first = sys.argv[1]
+x = torch.randn(3, 2, 3)
+with warnings.catch_warnings(record=True) as caught:
+    if first == "export":
+        torch.export.export(rnnkit.LSTM(3, 4), (x,))
+    elif first == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            reason = rnnkit.BACKENDS["fused"].unavailable()
+            assert reason is None, reason
+    elif first == "compile":
+        torch._dynamo.config.allow_rnn = True
+        m = rnnkit.GRU(3, 4)
+        out = torch.compile(m, backend="eager", fullgraph=True)(x)[0]
+        assert m.last_backend == "torch" and torch.allclose(out, m(x)[0], atol=1e-6)
+later = rnnkit.LSTM(3, 4)
+later(x)
+print(json.dumps({"fused": rnnkit.describe_backends()["fused"], "later": later.last_backend,
+                  "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}))
+"""
+
+
+@pytest.mark.parametrize("first", ["export", "fake", "compile"])
+def test_a_first_load_inside_export_fake_mode_or_compile_keeps_the_kernels(first):
+    """The process's first use of the kernels inside torch.export or a FakeTensorMode: loading runs the
+    extension's checks on real tensors (dispatch modes set aside), so it no longer fails (and with it the
+    fused backend, for the rest of the process). Inside torch.compile(fullgraph=True) nothing loads (dynamo
+    cannot trace the build): auto runs torch's op there, with no warning, and the next eager call loads."""
+    if _build.load() is not None:
+        pytest.skip(f"fused backend unavailable: {_build.load()}")
+    env = {k: v for k, v in os.environ.items() if k != _build.DISABLE_ENV}  # this process's build cache: no rebuild
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = _run(["-c", FIRST_CALL, first], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"fused": "ready", "later": "fused", "warnings": []}, (result, proc.stderr[-2000:])

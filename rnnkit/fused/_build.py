@@ -252,6 +252,20 @@ def disabled() -> Optional[str]:
     return None
 
 
+NOT_WHILE_COMPILING = ("not loaded yet: the fused kernels build and load on the first call outside torch.compile "
+                       "(or python -m rnnkit.fused build)")
+
+
+@contextlib.contextmanager
+def _plain_tensors():
+    """Loading runs the extension's own checks on real tensors: with every TorchDispatchMode (FakeTensorMode,
+    which torch.export runs) and TorchFunctionMode set aside, a first load inside one no longer fails (and
+    with it, the fused backend for the rest of the process)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        yield
+
+
 def load(verbose: bool = False) -> Optional[str]:
     """Build (if needed) and load the extension. Returns None when the ops are
     registered under ``torch.ops.rnnkit_fused``, else the reason why not."""
@@ -260,6 +274,8 @@ def load(verbose: bool = False) -> Optional[str]:
     reason = disabled()
     if reason:
         return reason
+    if torch.compiler.is_compiling():  # dynamo cannot trace the lock or the build: not now, and not for good
+        return NOT_WHILE_COMPILING
     with _lock:
         if _state["loaded"]:
             return None
@@ -269,7 +285,8 @@ def load(verbose: bool = False) -> Optional[str]:
             _state["loaded"] = True  # the kernels are already loaded in this process (e.g. by another copy)
             return None
         try:
-            _state["reason"] = _build_and_load(verbose)
+            with _plain_tensors():
+                _state["reason"] = _build_and_load(verbose)
         except Exception as e:  # never out of load(): every failure is the reason
             _state["reason"] = f"loading the C++ extension failed: {type(e).__name__}: {_first_line(str(e))}"
         if _state["reason"] is None:

@@ -491,6 +491,11 @@ class FusedBackend(Backend):
         """``(auto_order(...), settled)``: ``settled`` is true when the order is final for this
         configuration (the class was measured here, or has nothing to measure), so
         :func:`rnnkit.backends.select` may remember it; false while a later call may still measure."""
+        if torch.compiler.is_compiling():
+            # torch.compile and torch.export: the fused ops, opaque to the tracer, keep the batch size and
+            # the sequence length symbolic (torch's op unrolls the time loop), whatever was measured; where the
+            # kernels are not loaded yet (the process's first call is compiled) torch's op runs, and no warning
+            return list(default_order), False
         reason = self.unavailable()
         if reason is not None:
             if not self._warned and _build.disabled() is None:
@@ -498,10 +503,6 @@ class FusedBackend(Backend):
                 warnings.warn(f"rnnkit: the fused backend is unavailable ({reason}); backend='auto' uses the "
                               "other backends. Set RNNKIT_DISABLE_FUSED=1 to silence this.", RuntimeWarning,
                               stacklevel=4)
-            return list(default_order), False
-        if torch.compiler.is_compiling():
-            # torch.compile and torch.export: the fused ops, opaque to the tracer, keep the batch size and
-            # the sequence length symbolic (torch's op unrolls the time loop), whatever was measured
             return list(default_order), False
         best, klass, entry = self._decide(module, x, lengths)
         settled = klass is None or entry is not None
