@@ -121,6 +121,19 @@ def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan:
     return layer_input, tuple(torch.stack(acc) for acc in finals)
 
 
+def own_output(module, out: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """``out`` of a fast backend's :func:`run_stack`, for the caller: a copy where it is the last
+    layer's op output that the op's backward reads (training, one direction, no ``lengths``: two
+    directions are concatenated and ``lengths`` are masked into new tensors anyway). So a caller may
+    change the output in place before the backward (``F.relu(out, inplace=True)``), as with torch.nn's
+    op, instead of autograd's "modified by an inplace operation" error. Not while ``torch.jit.trace``
+    records (the graph must not depend on the grad mode) or torch.compile/export trace (functionalized)."""
+    if (out.requires_grad and module.num_directions == 1 and lengths is None and not torch._C._get_tracing_state()
+            and not torch.compiler.is_compiling()):
+        return out.clone()
+    return out
+
+
 def mask_padding(out: Tensor, lengths: Optional[Tensor], padding_value: float) -> Tensor:
     """Set the output at ``t >= lengths[n]`` to ``padding_value`` (no gradient flows there)."""
     if lengths is None:

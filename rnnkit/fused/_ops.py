@@ -26,6 +26,8 @@ built and loaded on first use, adds their CPU kernels:
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Tuple
 
 import torch
@@ -336,8 +338,21 @@ BACKWARDS = {
 """Each ``*_fwd`` op's first-order backward: ``(inputs, outputs, grads of the outputs) -> grads of the inputs``."""
 
 
-def _setup(ctx, inputs, output) -> None:
+UNREAD_OUTPUTS = {
+    "rnn_fwd": (1,), "indrnn_fwd": (1,), "gru_fwd": (1,), "gru_reg_fwd": (1,), "conv_gru_fwd": (1,),
+    "ln_gru_fwd": (1,), "lstm_fwd": (1, 2), "lstm_reg_fwd": (1, 2), "peephole_fwd": (1, 2), "ln_lstm_fwd": (1, 2),
+    "conv_lstm_fwd": (1, 2), "project_fwd": (0,),
+}
+"""Each ``*_fwd`` op's outputs that its backward does not read (the final states; ``project_fwd``'s only
+output): saved as None, so that a caller may change them in place before the backward, as torch.nn's
+final states (a fused cell returns them as its new state). The sequence output ``out`` (index 0) is read
+(the backward needs every step's ``h``): the backends hand the caller a copy (``own_output``)."""
+
+
+def _setup(ctx, inputs, output, name: str = "") -> None:
     output = output if isinstance(output, tuple) else (output,)  # project_fwd returns one tensor
+    unread = UNREAD_OUTPUTS.get(name, ())
+    output = tuple(None if i in unread else t for i, t in enumerate(output))
     tensors = [t if isinstance(t, Tensor) else None for t in (*inputs, *output)]
     ctx.save_for_backward(*tensors)
     ctx.plain = [None if isinstance(t, Tensor) else t for t in inputs]  # act, eps: not tensors
@@ -385,7 +400,7 @@ def _function(name: str):
         return getattr(_ops(), name)(*args)
 
     def setup_context(ctx, inputs, output):
-        _setup(ctx, inputs, output)
+        _setup(ctx, inputs, output, name)
 
     def backward(ctx, *grads):
         return _backward(name, ctx, grads)
@@ -409,7 +424,7 @@ def _eager_function(name: str):
     def forward(ctx, *args):
         with torch._C._AutoDispatchBelowAutograd():
             output = getattr(_ops(), name)(*args)
-        _setup(ctx, args, output)
+        _setup(ctx, args, output, name)
         return output
 
     def backward(ctx, *grads):
@@ -583,7 +598,8 @@ def register() -> None:
                      ("gru_reg_fwd", _fake_gru_reg_fwd), ("gru_reg_bwd", _fake_gru_reg_bwd)]:
         torch.library.register_fake(f"rnnkit_fused::{name}", fn, lib=_LIB)
     for name in BACKWARDS:  # calling the op itself with a gradient (the layers go through FUNCTIONS)
-        torch.library.register_autograd(f"rnnkit_fused::{name}", _registered_backward(name), setup_context=_setup,
+        torch.library.register_autograd(f"rnnkit_fused::{name}", _registered_backward(name),
+                                        setup_context=functools.partial(_setup, name=name),
                                         lib=_LIB)
     _registered = True
 

@@ -391,7 +391,8 @@ class FusedBackend(Backend):
         return None
 
     def run(self, module, x, state0, lengths):
-        return run_stack(module, x, state0, lengths, fused_scan)
+        out, states = run_stack(module, x, state0, lengths, fused_scan)
+        return runner.own_output(module, out, lengths), states
 
     # -- auto
     def table(self) -> dict:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._checks import FORWARD_AD_REASON, forward_ad_active
 from ..backends import Backend
-from ..runner import run_stack
+from ..runner import own_output, run_stack
 from ..spec import CellSpec, Params, State
 from . import _common as C
 
@@ -171,7 +171,8 @@ class TritonBackend(Backend):
         return None
 
     def run(self, module, x, state0, lengths):
-        return run_stack(module, x, state0, lengths, triton_scan)
+        out, states = run_stack(module, x, state0, lengths, triton_scan)
+        return own_output(module, out, lengths), states
 
     # -- auto (CUDA only)
     def table(self) -> dict:
