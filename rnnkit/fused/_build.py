@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 CSRC = Path(__file__).with_name("csrc")
 # One .cpp per cell family plus the op registration; the shared headers are common.h (BLAS, threading
@@ -252,6 +253,8 @@ def disabled() -> Optional[str]:
     return None
 
 
+_is_compiling = torch.compiler.is_compiling
+_DisableTorchFunction = torch._C.DisableTorchFunction
 NOT_WHILE_COMPILING = ("not loaded yet: the fused kernels build and load on the first call outside torch.compile "
                        "(or python -m rnnkit.fused build)")
 
@@ -261,8 +264,7 @@ def _plain_tensors():
     """Loading runs the extension's own checks on real tensors: with every TorchDispatchMode (FakeTensorMode,
     which torch.export runs) and TorchFunctionMode set aside, a first load inside one no longer fails (and
     with it, the fused backend for the rest of the process)."""
-    from torch.utils._python_dispatch import _disable_current_modes
-    with _disable_current_modes(), torch._C.DisableTorchFunction():
+    with _disable_current_modes(), _DisableTorchFunction():
         yield
 
 
@@ -274,7 +276,7 @@ def load(verbose: bool = False) -> Optional[str]:
     reason = disabled()
     if reason:
         return reason
-    if torch.compiler.is_compiling():  # dynamo cannot trace the lock or the build: not now, and not for good
+    if _is_compiling():  # dynamo cannot trace the lock or the build: not now, and not for good
         return NOT_WHILE_COMPILING
     with _lock:
         if _state["loaded"]:
