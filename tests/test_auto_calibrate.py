@@ -420,18 +420,19 @@ def test_the_input_gradient_is_a_class_of_its_own(measuring, monkeypatch):
 
 
 @pytest.mark.parametrize("cold_s, repeats", [(0.01, cal.MAX_REPEATS), (0.03, cal.MAX_REPEATS),
-                                             (0.05, cal.MIN_REPEATS)])
+                                             (0.05, cal.MAX_REPEATS), (0.3, cal.MIN_REPEATS)])
 def test_a_cheap_class_sizes_its_rounds_by_a_warm_call(measuring, monkeypatch, cold_s, repeats):
-    """The rounds are sized by each backend's call time: for a class whose cold first calls fit the budget,
-    by one warm call of each instead (a cold call overstates a round several times over: 10 ms cold, 1 ms
-    warm gave 4 rounds by the cold calls, 7 now; 30 ms cold, the first class of a process, gave the 3-round
-    minimum); a costlier class keeps the cold figure (50 ms each: the 3-round minimum, and no extra call)."""
+    """The rounds are sized by each backend's call time: for a class whose cold first calls take under
+    WARM_SIZING_S, by one warm call of each instead (a cold call overstates a round several times over: 10 ms
+    cold, 1 ms warm gave 4 rounds by the cold calls, 7 now; 30-50 ms cold, the first class of a process,
+    gave the 3-round minimum); a costlier class keeps the cold figure (300 ms each: the 3-round minimum,
+    and no extra call)."""
     times = iter([cold_s, cold_s, 1e-3, 1e-3])  # the fake timer: cold fused, cold torch, then warm calls
     monkeypatch.setattr(cal._bench, "_time_calls", lambda fn, number: next(times))
     race = fake(monkeypatch, FUSED_FASTER)
     cal.measure(cal.ClassKey("lstm", "float32", False, True, "N1H64"))
     assert race.calls[0]["repeats"] == repeats
-    assert len(list(times)) == (0 if cold_s < 0.05 else 2)  # the warm calls ran only for the cheap classes
+    assert len(list(times)) == (0 if 2 * cold_s < cal.WARM_SIZING_S else 2)  # warm calls: the cheap classes only
 
 
 def test_size_buckets():

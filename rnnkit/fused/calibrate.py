@@ -99,6 +99,9 @@ AVX2 machine's rate): a class may warm up for MAX_WARMUP_S or WARMUP_FACTOR time
 rate, whichever is longer, before it is cut short."""
 WARMUP_FACTOR = 4.0
 MIN_REPEATS, MAX_REPEATS = 3, 7
+WARM_SIZING_S = 0.5
+"""Cold calls (both backends) under this many seconds are followed by one warm call of each, which sizes the
+rounds: the first class a process measures carries the process's first-call costs in its cold calls."""
 MAX_WARMUP_S = 0.5
 """On first use, a class whose warm-up calls alone take longer (a very busy or very slow machine) is
 not measured: the prior decides for this process (nothing is written), so a forward never waits
@@ -497,12 +500,12 @@ def measure(klass: ClassKey, prior: Optional[str] = None, seq_len: Optional[int]
         if repeats is None:
             left = budget_s - (time.perf_counter() - start)
             per_round = sum(once.values())
-            if per_round < left:
+            if per_round < max(left, WARM_SIZING_S):
                 # a cheap class: its cold call (allocations, oneDNN primitives; for the first class a process
-                # measures, the process's own first-call costs too) overstates a round several times over,
-                # which cut such classes to MIN_REPEATS calls of a few ms, where one noisy call decides a
-                # median of 3; a warm call of each sizes the rounds instead (at most one more cold call's
-                # time; a class whose cold calls exceed the budget keeps their figure and makes none)
+                # measures, the process's own first-call costs too, 80-100 ms on the grid's first row) overstates
+                # a round several times over, which cut such classes to MIN_REPEATS calls of a few ms, where one
+                # noisy call decides a median of 3; a warm call of each sizes the rounds instead (at most one
+                # more cold call's time; a class whose cold calls exceed WARM_SIZING_S keeps their figure)
                 once = {name: _bench._time_calls(fn, 1) for name, fn in fns.items()}
                 per_round = sum(once.values())
                 left = budget_s - (time.perf_counter() - start)
