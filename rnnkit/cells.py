@@ -14,7 +14,7 @@ from torch import Tensor, _VF, nn
 
 from . import _autocast, saving as _saving
 from ._checks import (cell_state_words, check_bool, check_cell_sizes, check_dtype_device, check_positive_int,
-                      forward_ad_active, shape_str, split_states)
+                      shape_str, split_states)
 from .errors import RNNShapeError, RNNTypeError, torch_words
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .spec import CellSpec
@@ -147,8 +147,7 @@ class CellBase(nn.Module):
         # unless all is plain (then the full path below validates, with its messages, and runs).
         direct = _fused_cells.direct_step
         if (direct is not None and self._is_standard and (self.backend == "auto" or self.backend == "fused")
-                and _fused_build._state["loaded"] and not _compiling() and not _tracing() and not forward_ad_active()
-                and self._plain_params()):
+                and _fused_build._state["loaded"] and not _fused_cells.direct_entry_off() and self._plain_params()):
             new = direct(_fused_cells.DIRECT_KIND.get(self.cell_spec.fusable), input, hx, self._parameters,
                          self.input_size, self.hidden_size)
             if new is not NotImplemented:
@@ -238,7 +237,6 @@ class CellBase(nn.Module):
         return s + f", backend={self.backend!r}"
 
 
-_compiling = torch.compiler.is_compiling
 _tracing = torch._C._get_tracing_state
 
 

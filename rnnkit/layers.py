@@ -18,13 +18,12 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _autocast, backends as _backends, saving as _saving
 from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
-                      check_size, check_states, forward_ad_active, read_input, shape_str)
+                      check_size, check_states, read_input, shape_str)
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .runner import RegularizerRates, drop_connect, mask_padding
 from .spec import CellSpec
 from .fused import cells as _fused_cells
 
-_compiling = torch.compiler.is_compiling
 AUTO_DIRECT_LSTM_MACS = 1 << 20
 """``auto`` runs a plain inference LSTM sequence (``L > 1``) on the direct inference kernel below this many
 multiply-adds per step (``N * 4H * H``); at and above it the call goes to ``select`` (the measured choice
@@ -43,7 +42,6 @@ def _build_module():
     from .fused import _build
     return _build._state["module"]
 
-_tracing = torch._C._get_tracing_state
 
 
 class RecurrentBase(nn.Module):
@@ -321,8 +319,8 @@ class RecurrentBase(nn.Module):
         if input is None:
             return _backends.select(self, None, None if lengths is None else torch.as_tensor(lengths)).name
         kind = self._plain_kind if lengths is None and type(input) is Tensor else None
-        if kind is not None and (self.backend == "fused" or self.backend == "auto") and not (
-                _compiling() or _tracing() or forward_ad_active()) and _fused_cells.get_layer_run() is not None and \
+        if kind is not None and (self.backend == "fused" or self.backend == "auto") and \
+                not _fused_cells.direct_entry_off() and _fused_cells.get_layer_run() is not None and \
                 _build_module().layer_run_reason(kind, input, None, self._parameters, self.input_size,
                                                  self.hidden_size, self.batch_first, self._direct_limit()) is None:
             return "fused"  # forward's direct inference entry runs it (see _direct_layer)
@@ -372,8 +370,8 @@ class RecurrentBase(nn.Module):
             if kind is not None:
                 # the direct entry, inline (a one-step call costs a few microseconds: see _direct_layer)
                 backend = self.backend
-                if (backend == "auto" or backend == "fused") and type(hx) is not list and not _compiling() \
-                        and not _tracing() and not forward_ad_active():  # the kernels have no forward-mode AD
+                if (backend == "auto" or backend == "fused") and type(hx) is not list \
+                        and not _fused_cells.direct_entry_off():
                     direct = _fused_cells.layer_run or _fused_cells.get_layer_run()
                     if direct is not None:
                         fast = direct(kind, input, hx, self._parameters, self.input_size, self.hidden_size,
@@ -439,8 +437,8 @@ class RecurrentBase(nn.Module):
         ``limit``: the entry's ``lstm_macs_limit`` (0: none; ``auto`` passes :data:`AUTO_DIRECT_LSTM_MACS`).
         ``forward`` runs the same steps inline (this is what ``_plain_inference`` calls)."""
         direct = _fused_cells.layer_run or _fused_cells.get_layer_run()
-        if direct is None or type(hx) is list or _compiling() or _tracing() or forward_ad_active():
-            return None  # a list hx: the full path's checks; forward-mode AD: the kernels have no formula
+        if direct is None or type(hx) is list or _fused_cells.direct_entry_off():  # a list hx: the full path's checks
+            return None
         result = direct(kind, input, hx, self._parameters, self.input_size, self.hidden_size, self.batch_first, limit)
         if result is NotImplemented:
             return None
@@ -459,7 +457,7 @@ class RecurrentBase(nn.Module):
         picks, without the full path's input reading and state checks; None for anything else (then
         the full path runs: its checks, its error messages). What it returns is what the full path
         returns."""
-        if torch.is_grad_enabled() or input.dim() != 3 or _compiling() or _tracing() or forward_ad_active():
+        if torch.is_grad_enabled() or input.dim() != 3 or _fused_cells.direct_entry_off():
             return None
         ref = self._ref_param()
         dtype, device = ref.dtype, ref.device

@@ -40,6 +40,16 @@ TORCH_NN = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
 RNNKIT = {"LSTM": rnnkit.LSTM, "GRU": rnnkit.GRU, "RNN": rnnkit.RNN}
 
 
+def with_torch_nn_twin(kind, *args, backend="auto", dtype=torch.float64, twin_dtype=None, seed=0):
+    """``(ours, theirs)``: ``rnnkit.<kind>(*args)`` on ``backend`` and ``torch.nn.<kind>(*args)`` (in
+    ``twin_dtype``, default ``dtype``) holding the same weights, made after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    ours = getattr(rnnkit, kind)(*args, dtype=dtype, backend=backend)
+    theirs = getattr(torch.nn, kind)(*args, dtype=twin_dtype or dtype)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
 def assert_compiled_matches_eager(f, x, wrt, dtype):
     """``torch.compile(f, fullgraph=True)`` gives ``f``'s value and the gradients of
     ``x`` and every tensor in ``wrt`` (the same ops, traced through their fake and

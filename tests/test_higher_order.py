@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 import rnnkit
 from rnnkit.backends import why_not
-from helpers import flatten_states, runnable_backends, weighted_sum
+from helpers import flatten_states, runnable_backends, weighted_sum, with_torch_nn_twin
 
 F64 = torch.float64
 TOL = dict(rtol=1e-8, atol=1e-10)
@@ -71,10 +71,7 @@ def test_second_derivatives_with_lengths_and_two_bidirectional_layers(name, back
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
 def test_second_derivatives_equal_torch_nn(kind, backend):
-    torch.manual_seed(0)
-    ours = getattr(rnnkit, kind)(3, 5, dtype=F64, backend=backend)
-    theirs = getattr(torch.nn, kind)(3, 5, dtype=F64)
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = with_torch_nn_twin(kind, 3, 5, backend=backend)
     x = torch.randn(6, 2, 3, dtype=F64)
     for a, b in zip(_second_order(ours, x), _second_order(theirs, x)):
         torch.testing.assert_close(a, b, **TOL)
@@ -212,10 +209,7 @@ def test_forward_mode_ad_in_float32(kind):
     """float32 on the CPU. torch.nn's LSTM runs oneDNN, which has no forward-mode AD (torch.nn raises):
     auto runs the reference backend, equal to torch.nn's float64 tangent, and backend='torch' says why not.
     RNN and GRU run ATen's cells, which have it: auto runs torch's op there."""
-    torch.manual_seed(0)
-    ours = getattr(rnnkit, kind)(3, 5)
-    theirs = getattr(torch.nn, kind)(3, 5, dtype=F64)
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = with_torch_nn_twin(kind, 3, 5, dtype=torch.float32, twin_dtype=F64)
     x, t = torch.randn(6, 2, 3), torch.randn(6, 2, 3)
     plain = getattr(torch.nn, kind)(3, 5)
     if kind == "LSTM":
@@ -241,10 +235,7 @@ def test_cell_forward_mode_ad_equals_torch_nn(kind, backend):
     """A cell's plain no-grad step goes to the fused C++ step: not under forward-mode AD (frozen
     parameters, a dual input: the tangent was dropped)."""
     import torch.autograd.forward_ad as fwAD
-    torch.manual_seed(0)
-    ours = getattr(rnnkit, kind)(3, 5, dtype=F64, backend=backend).requires_grad_(False)
-    theirs = getattr(torch.nn, kind)(3, 5, dtype=F64).requires_grad_(False)
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = (m.requires_grad_(False) for m in with_torch_nn_twin(kind, 3, 5, backend=backend))
     x, t = torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64)
     ours(x)  # the direct step, outside forward-mode AD
 

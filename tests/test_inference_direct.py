@@ -222,8 +222,8 @@ def test_declined_calls_equal_torch_nn(spy, monkeypatch, case):
             traced = torch.jit.trace(ours, (x, hx), check_trace=False)
             got = traced(x, hx)
         elif case == "compile":  # what forward asks (real torch.compile runs: test_fused.py, test_module_behaviour.py)
-            from rnnkit import layers
-            monkeypatch.setattr(layers, "_compiling", lambda: True)
+            from rnnkit.fused import cells as fused_cells
+            monkeypatch.setattr(fused_cells, "_compiling", lambda: True)
             got = ours(x, hx)
         else:
             got = ours(x, hx)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import rnnkit
 from rnnkit.backends import why_not
-from helpers import flatten_states, runnable_backends
+from helpers import flatten_states, runnable_backends, with_torch_nn_twin
 
 F64 = torch.float64
 NAMES = sorted(n for n in rnnkit.LAYERS if not n.endswith("3d"))
@@ -60,10 +60,7 @@ def test_an_output_changed_in_place_backpropagates_as_on_the_reference(name, opt
 @pytest.mark.parametrize("backend", ["auto", "fused", "torch", "reference"])
 @pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
 def test_an_output_changed_in_place_equals_torch_nn(kind, backend):
-    torch.manual_seed(0)
-    ours = getattr(rnnkit, kind)(3, 4, dtype=F64, backend=backend)
-    theirs = getattr(torch.nn, kind)(3, 4, dtype=F64)
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = with_torch_nn_twin(kind, 3, 4, backend=backend)
     x = torch.randn(5, 2, 3, dtype=F64)
     for a, b in zip(_grads_after_inplace(ours, x, {}), _grads_after_inplace(theirs, x, {})):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
@@ -72,10 +69,7 @@ def test_an_output_changed_in_place_equals_torch_nn(kind, backend):
 @pytest.mark.parametrize("backend", ["auto", "fused", "torch", "reference"])
 @pytest.mark.parametrize("kind", ["RNNCell", "LSTMCell", "GRUCell"])
 def test_a_cell_state_changed_in_place_equals_torch_nn(kind, backend):
-    torch.manual_seed(0)
-    ours = getattr(rnnkit, kind)(3, 4, dtype=F64, backend=backend)
-    theirs = getattr(torch.nn, kind)(3, 4, dtype=F64)
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = with_torch_nn_twin(kind, 3, 4, backend=backend)
     x = torch.randn(2, 3, dtype=F64)
 
     def grads(cell, inplace=True):

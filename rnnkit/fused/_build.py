@@ -253,6 +253,7 @@ def disabled() -> Optional[str]:
     return None
 
 
+# bound at import: load() must work where this module's name ``torch`` is replaced (tests/test_fused_build.py)
 _is_compiling = torch.compiler.is_compiling
 _DisableTorchFunction = torch._C.DisableTorchFunction
 NOT_WHILE_COMPILING = ("not loaded yet: the fused kernels build and load on the first call outside torch.compile "

@@ -439,20 +439,26 @@ EAGER_FUNCTIONS = {name: _eager_function(name) for name in BACKWARDS}
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
-    """Plain tensors in plain eager mode: no torch.func transform, tracer, torch.compile or export is
-    active, so the op may be called below its (Python) autograd kernel."""
-    return (all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting())
+def plain_eager(tensors) -> bool:
+    """Plain tensors (no subclass) in plain eager mode: no tracer, torch.compile or export is active.
+    The backend adds autocast to it (``backend._plain_eager``: a fused op standing in for ATen's parts),
+    :func:`apply` torch.func transforms (an op called below its autograd kernel)."""
+    return (all(type(t) in _PLAIN_TENSORS for t in tensors) and not torch._C._get_tracing_state()
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+def _below_autograd(args) -> bool:
+    """Whether the op may be called below its (Python) autograd kernel: :func:`plain_eager` with no
+    torch.func transform active."""
+    return (plain_eager([a for a in args if isinstance(a, Tensor)])
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def apply(name: str, *args):
     """Run op ``name`` (a ``*_fwd``), through its autograd.Function when a gradient is needed
     (``torch.jit.trace`` records the op itself, whose registered autograd has the same formulas).
     In plain eager mode both routes skip the op's Python autograd kernel (:func:`_eager_function`)."""
-    eager = _plain_eager(args)
+    eager = _below_autograd(args)
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         if eager:
             return EAGER_FUNCTIONS[name].apply(*args)

@@ -63,15 +63,10 @@ def _serial_projection(x2: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
             and (x2.shape[0] * w.shape[0] * x2.shape[1] < _ops.SERIAL_PROJECT_MACS or _ops.oversubscribed()))
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
 def _plain_eager(*tensors: Tensor) -> bool:
     """Plain tensors (no subclass) in plain eager mode: nothing that should see an op's ATen parts as its
     own (autocast, a tracer, torch.compile, export) is active, so a fused op may stand in for them."""
-    return (all(type(t) in _PLAIN for t in tensors) and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
-            and not torch.compiler.is_exporting())
+    return not torch.is_autocast_enabled("cpu") and _ops.plain_eager(tensors)
 
 
 def _inference(x: Tensor, p: Params, state: State) -> bool:

@@ -61,6 +61,17 @@ def _cell_ops() -> dict:
     return _CELL_OPS
 
 
+_compiling = torch.compiler.is_compiling
+_tracing = torch._C._get_tracing_state
+
+
+def direct_entry_off() -> bool:
+    """Whether the C++ direct entries (a layer's inference entry, a cell's step) must stay out: a tracer,
+    torch.compile or export should record the ops (they bypass the dispatcher), and forward-mode AD needs a
+    formula the kernels lack."""
+    return _compiling() or bool(_tracing()) or forward_ad_active()
+
+
 def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
     """Why the fused step cannot run ``cell`` (on ``x``), or None if it can.
     Asked on every step, so the common case is a few attribute reads."""
