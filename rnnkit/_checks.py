@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from .errors import RNNDeviceError, RNNShapeError, RNNTypeError, scalar_name, torch_words
+from ._autocast import MIXED_DTYPES as _MIXED_DTYPES
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -217,11 +218,13 @@ def _feature_hint(module, x: Tensor, fnd: int) -> Optional[str]:
 # ----------------------------------------------------------------------------- dtype, device
 
 
-def check_dtype_device(module, what: str, t: Tensor, ref: Tensor) -> None:
+def check_dtype_device(module, what: str, t: Tensor, ref: Tensor, any_dtype: bool = False) -> None:
     """``t`` (the input, or the state named ``what``) has ``ref``'s (a parameter's)
     dtype and device, or an :class:`RNNTypeError` / :class:`RNNDeviceError` that
-    starts with torch.nn's words for the mistake (a layer's differ from a cell's)."""
-    if t.dtype != ref.dtype:
+    starts with torch.nn's words for the mistake (a layer's differ from a cell's).
+    ``any_dtype``: a run with autocast on (:data:`rnnkit._autocast.MIXED`), where torch.nn
+    takes any mix of float32, bfloat16 and float16 (autocast casts them)."""
+    if t.dtype != ref.dtype and not (any_dtype and t.dtype in _MIXED_DTYPES and ref.dtype in _MIXED_DTYPES):
         owner = module._describe()
         if not hasattr(module, "num_layers"):  # a cell: torch.nn's matmul refuses the mix
             words = (f"mat1 and mat2 must have the same dtype, but got {scalar_name(t.dtype)} and "
@@ -272,7 +275,7 @@ def split_states(owner, hx, labels: Sequence[str], single: str = "", torch_op: O
 
 
 def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int, ...]],
-                 ref: Optional[Tensor]) -> Tuple[Tensor, ...]:
+                 ref: Optional[Tensor], any_dtype: bool = False) -> Tuple[Tensor, ...]:
     """Check the user's initial state against ``expected`` (one batched shape per
     state tensor, e.g. ``[(D*num_layers, N, H_out), (D*num_layers, N, H)]``) and
     return it batched. An unbatched input takes states without the N axis.
@@ -301,7 +304,7 @@ def check_states(module, hx, reading: InputReading, expected: Sequence[Tuple[int
                                             _state_message(module, label, s, want, reading)))
     if ref is not None:
         for label, s in zip(labels, states):
-            check_dtype_device(module, label, s, ref)
+            check_dtype_device(module, label, s, ref, any_dtype)
     return tuple(s if reading.batched else s.unsqueeze(1) for s in states)
 
 

@@ -98,7 +98,8 @@ class TorchBackend(Backend):
         out, _ = pad_packed_sequence(out_packed, total_length=x.shape[0])
         states = tuple(s.index_select(1, back) for s in result[1:])
         empty = (lengths == 0).view(1, -1, 1)
-        states = tuple(torch.where(empty, s0, s) for s0, s in zip(state0, states))
+        # (s0 in the op's result dtype: under autocast an LSTM's h may come back bfloat16 from a float32 h_0)
+        states = tuple(torch.where(empty, s0.to(s.dtype), s) for s0, s in zip(state0, states))
         return out, states
 
 
@@ -191,9 +192,11 @@ call's whole work; a repeated call with the same :func:`_auto_key` takes the rem
 
 def _auto_key(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[tuple]:
     """Everything ``auto``'s choice depends on besides the module's attributes, or None where the choice
-    is never remembered (no input, a GPU input, tracing, torch.compile or export, forward-mode AD)."""
+    is never remembered (no input, a GPU input, tracing, torch.compile or export, forward-mode AD,
+    autocast: a layer reaches a backend with autocast on only to run in mixed precision, which the fused
+    kernels decline)."""
     if (x is None or x.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._get_tracing_state()
-            or forward_ad_active()):
+            or forward_ad_active() or torch._C._is_any_autocast_enabled()):
         return None
     fused = BACKENDS.get("fused")
     cal = getattr(fused, "_calibrator", None)

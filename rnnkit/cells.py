@@ -133,21 +133,25 @@ class CellBase(nn.Module):
         raise RuntimeError(_SCRIPT_MESSAGE.format(self._describe()))
 
     def _autocast_cpu_policy(self, packed: bool) -> str:
-        """Under CPU autocast: ``"lower"`` (the autocast dtype) or ``"float32"``, as torch.nn's cells
-        (float32 for the zoo's cells on the CPU)."""
+        """Under CPU autocast: ``"lower"`` (the autocast dtype), ``"float32"`` or ``"mixed"`` (autocast left
+        on), as torch.nn's cells (float32 for the zoo's cells on the CPU)."""
         return _autocast.FLOAT32
 
     def forward(self, input: Tensor, hx=None):
+        mixed = False
         if _autocast.enabled():
             cast = _autocast.compute_dtype(self, input)
-            if cast is not None:
+            if cast is _autocast.MIXED:
+                mixed = True  # autocast stays on: torch's op or the reference step, as torch.nn's composite cell
+            elif cast is not None:
                 return _autocast.call(self, cast, input, hx)
         # The fast path: a plain inference step of a standard cell goes straight to the fused
         # extension's C++ entry, which checks everything itself and answers NotImplemented
         # unless all is plain (then the full path below validates, with its messages, and runs).
         direct = _fused_cells.direct_step
         if (direct is not None and self._is_standard and (self.backend == "auto" or self.backend == "fused")
-                and _fused_build._state["loaded"] and not _fused_cells.direct_entry_off() and self._plain_params()):
+                and _fused_build._state["loaded"] and not mixed and not _fused_cells.direct_entry_off()
+                and self._plain_params()):
             new = direct(_fused_cells.DIRECT_KIND.get(self.cell_spec.fusable), input, hx, self._parameters,
                          self.input_size, self.hidden_size)
             if new is not NotImplemented:
@@ -176,8 +180,8 @@ class CellBase(nn.Module):
         if hx is None:
             state = tuple(x.new_zeros(x.shape[0], size) for size in sizes)
         else:
-            state = self._check_hx(hx, x.shape[0], batched, sizes, ref)
-        check_dtype_device(self, "input", input, ref)  # after the shapes, as torch.nn
+            state = self._check_hx(hx, x.shape[0], batched, sizes, ref, mixed)
+        check_dtype_device(self, "input", input, ref, any_dtype=mixed)  # after the shapes, as torch.nn
         op = self._torch_op() if self.backend != "reference" else None
         if self.backend in ("auto", "fused") and _fused_unsupported(self, x) is None and (
                 self.backend == "fused" or (not _tracing() and (
@@ -202,13 +206,14 @@ class CellBase(nn.Module):
             new = tuple(s.squeeze(0) for s in new)
         return new if len(new) > 1 else new[0]
 
-    def _check_hx(self, hx, batch: int, batched: bool, sizes: List[int], ref: Tensor):
+    def _check_hx(self, hx, batch: int, batched: bool, sizes: List[int], ref: Tensor, any_dtype: bool = False):
         wants = [(batch, size) if batched else (size,) for size in sizes]
         legends = [f"(N={batch}, H={size})" if batched else f"(H={size},)" for size in sizes]
         read = shape_str((batch, self.input_size) if batched else (self.input_size,))
-        return self._check_states(_Owner(self), hx, wants, legends, read, batched, ref)
+        return self._check_states(_Owner(self), hx, wants, legends, read, batched, ref, any_dtype)
 
-    def _check_states(self, owner, hx, wants, legends, input_desc: str, batched: bool, ref: Tensor):
+    def _check_states(self, owner, hx, wants, legends, input_desc: str, batched: bool, ref: Tensor,
+                      any_dtype: bool = False):
         """``hx`` split into this cell's states, each checked against its expected
         shape (``wants``, spelled out by ``legends``), dtype and device; unbatched
         states gain the batch axis. ``input_desc`` says how the input was read."""
@@ -227,7 +232,7 @@ class CellBase(nn.Module):
                 raise RNNShapeError(torch_words(words, f"{owner}: {name} has shape {shape_str(s.shape)} but expected "
                                                 f"{shape_str(want)} = {legend} for an input of shape {input_desc}"))
         for name, s in zip(names, states):
-            check_dtype_device(self, name, s, ref)
+            check_dtype_device(self, name, s, ref, any_dtype)
         return tuple(s if batched else s.unsqueeze(0) for s in states)
 
     def extra_repr(self) -> str:
@@ -304,6 +309,9 @@ class LSTMCell(CellBase, nn.LSTMCell):
     def _make_spec(self) -> CellSpec:
         return LSTM_SPEC
 
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        return _autocast.MIXED  # as torch.nn.LSTMCell: ATen's composite cell with autocast on (products cast)
+
 
 class GRUCell(CellBase, nn.GRUCell):
     r"""A GRU cell, gates ``r, z, n``, as ``torch.nn.GRUCell``.
@@ -327,3 +335,6 @@ class GRUCell(CellBase, nn.GRUCell):
 
     def _make_spec(self) -> CellSpec:
         return GRU_SPEC
+
+    def _autocast_cpu_policy(self, packed: bool) -> str:
+        return _autocast.MIXED  # as torch.nn.GRUCell: ATen's composite cell with autocast on (products cast)

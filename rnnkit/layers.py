@@ -310,8 +310,9 @@ class RecurrentBase(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _autocast_cpu_policy(self, packed: bool) -> str:
-        """Under CPU autocast: run in the autocast dtype (``"lower"``) or in ``"float32"``
-        (see :mod:`rnnkit._autocast`: torch.nn's choice for its layers; float32 for the zoo on the CPU)."""
+        """Under CPU autocast: run in the autocast dtype (``"lower"``), in ``"float32"`` or with autocast on
+        (``"mixed"``) (see :mod:`rnnkit._autocast`: as torch.nn's layers; float32 for the zoo on the CPU).
+        ``packed``: a PackedSequence input or ``lengths``."""
         return _autocast.FLOAT32
 
     def which_backend(self, input: Optional[Tensor] = None, lengths=None) -> str:
@@ -319,6 +320,8 @@ class RecurrentBase(nn.Module):
         if input is None:
             return _backends.select(self, None, None if lengths is None else torch.as_tensor(lengths)).name
         kind = self._plain_kind if lengths is None and type(input) is Tensor else None
+        if kind is not None and _autocast.enabled() and _autocast.compute_dtype(self, input) is _autocast.MIXED:
+            kind = None  # forward runs with autocast on: no direct entry
         if kind is not None and (self.backend == "fused" or self.backend == "auto") and \
                 not _fused_cells.direct_entry_off() and _fused_cells.get_layer_run() is not None and \
                 _build_module().layer_run_reason(kind, input, None, self._parameters, self.input_size,
@@ -327,7 +330,7 @@ class RecurrentBase(nn.Module):
         x, _, lengths, _ = self._time_major(input, lengths)
         return _backends.select(self, x, lengths).name
 
-    def _time_major(self, input, lengths, padding_value: float = 0.0):
+    def _time_major(self, input, lengths, padding_value: float = 0.0, mixed: bool = False):
         """Read and check ``input`` and ``lengths`` as the backends take them.
 
         Returns ``x`` time-major ``(L, N, ...)`` (unbatched input gets ``N = 1``),
@@ -347,7 +350,7 @@ class RecurrentBase(nn.Module):
             x = input if reading.batched else input.unsqueeze(1)
             if self.batch_first and reading.batched:
                 x = x.transpose(0, 1)
-        check_dtype_device(self, "input", x, self._ref_param())
+        check_dtype_device(self, "input", x, self._ref_param(), any_dtype=mixed)
         if packed_lengths is not None:
             lengths = packed_lengths.to(x.device)
         elif lengths is not None:
@@ -361,11 +364,14 @@ class RecurrentBase(nn.Module):
         last valid step. ``lengths`` and ``padding_value`` are keyword-only."""
         if _exporter_args:
             lengths, padding_value = _exporter_defaults(self, _exporter_args, lengths, padding_value)
+        mixed = False
         if _autocast.enabled():
-            cast = _autocast.compute_dtype(self, input)
-            if cast is not None:
+            cast = _autocast.compute_dtype(self, input, lengths)
+            if cast is _autocast.MIXED:
+                mixed = True  # autocast stays on: torch's op or the reference backend, as torch.nn's composite op
+            elif cast is not None:
                 return _autocast.call(self, cast, input, hx, lengths=lengths, padding_value=padding_value)
-        if lengths is None and type(input) is Tensor:
+        if lengths is None and type(input) is Tensor and not mixed:
             kind = self._direct_kind  # self._plain_kind, kept up to date by __setattr__
             if kind is not None:
                 # the direct entry, inline (a one-step call costs a few microseconds: see _direct_layer)
@@ -383,7 +389,7 @@ class RecurrentBase(nn.Module):
                 fast = self._plain_inference(input, hx, kind)
                 if fast is not None:
                     return fast
-        x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value)
+        x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value, mixed)
         ref = self._ref_param()
         # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
         batch = x.shape[1] if torch.jit.is_tracing() else reading.batch
@@ -391,7 +397,7 @@ class RecurrentBase(nn.Module):
         if hx is None:
             state0 = tuple(x.new_zeros(shape) for shape in expected)
         else:
-            state0 = check_states(self, hx, reading, expected, ref)
+            state0 = check_states(self, hx, reading, expected, ref, any_dtype=mixed)
 
         backend = _backends.select(self, x, lengths)
         if self.last_backend != backend.name:  # nn.Module.__setattr__ is not free: set only on a change
@@ -722,7 +728,10 @@ class LSTM(RecurrentBase, nn.LSTM):
                          zoneout=zoneout, zoneout_cell=zoneout_cell, weight_drop=weight_drop)
 
     def _autocast_cpu_policy(self, packed: bool) -> str:
-        return _autocast.FLOAT32 if packed else _autocast.LOWER  # as torch.nn.LSTM (oneDNN; packed: ATen)
+        # as torch.nn.LSTM: oneDNN's op (on autocast's CPU list) where it runs, else ATen's composite cells
+        if packed or self.proj_size or not _autocast.onednn_lstm():
+            return _autocast.MIXED
+        return _autocast.LOWER
 
     def _make_spec(self) -> CellSpec:
         return LSTM_SPEC
@@ -767,7 +776,7 @@ class GRU(RecurrentBase, nn.GRU):
                          zoneout=zoneout, weight_drop=weight_drop)
 
     def _autocast_cpu_policy(self, packed: bool) -> str:
-        return _autocast.FLOAT32  # as torch.nn.GRU: its CPU op is not on autocast's lower-precision list
+        return _autocast.MIXED  # as torch.nn.GRU: ATen's composite cells, autocast on (products cast, state promoted)
 
     def _make_spec(self) -> CellSpec:
         return GRU_SPEC

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _autocast
 from .._checks import FORWARD_AD_REASON, forward_ad_active
 from ..backends import Backend
 from .. import runner
@@ -361,6 +362,8 @@ class FusedBackend(Backend):
         spec = module.cell_spec
         if x is not None and forward_ad_active():
             return FORWARD_AD_REASON.format("fused kernels")
+        if x is not None and _autocast.mixed_active(x):
+            return _autocast.MIXED_REASON.format("fused kernels")
         if spec.fusable not in KERNELS:
             if spec.name.startswith("indrnn_"):
                 return f"no fused kernel for the '{spec.name}' cell (IndRNN is fused for nonlinearity 'relu' and " \

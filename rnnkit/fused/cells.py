@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _autocast
 from .._checks import FORWARD_AD_REASON, forward_ad_active
 from . import _build, _ops
 from .backend import KERNELS, _bias_sum, _project, tensor_unsupported
@@ -84,6 +85,8 @@ def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
         direct_step = getattr(_build._state["module"], "cell_step", None)
     if x is not None and forward_ad_active():  # asked with an input: constructing a cell in a dual_level is fine
         return FORWARD_AD_REASON.format("fused kernels")
+    if x is not None and _autocast.mixed_active(x):
+        return _autocast.MIXED_REASON.format("fused kernels")
     ref = cell.weight_ih
     if (cell.cell_spec.fusable in KERNELS and cell._is_standard and ref.dtype in _FLOATS
             and ref.device.type == "cpu" and (x is None or (x.dtype in _FLOATS and x.device.type == "cpu"))):

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _autocast
 from .._checks import FORWARD_AD_REASON, forward_ad_active
 from ..backends import Backend
 from ..runner import own_output, run_stack
@@ -152,6 +153,8 @@ class TritonBackend(Backend):
         spec = module.cell_spec
         if x is not None and forward_ad_active():
             return FORWARD_AD_REASON.format("triton kernels")
+        if x is not None and _autocast.mixed_active(x):
+            return _autocast.MIXED_REASON.format("triton kernels")
         fam = family(spec)
         if fam not in KERNELS:
             return f"no triton kernel for the '{spec.name}' cell"
