@@ -335,3 +335,29 @@ def test_meta_inputs_under_cpu_autocast_run_as_without_it():
     with _autocast_ctx():
         out, h = gru(x)
     assert (out.shape, out.dtype, h.shape, h.dtype) == (want.shape, want.dtype, h_want.shape, h_want.dtype)
+
+
+class _UnderAutocast(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with _autocast_ctx():
+            return _tensors(self.layer(x))
+
+
+@pytest.mark.parametrize("how", ["compile", "export"])
+@pytest.mark.parametrize("kind, kwargs", [("GRU", {}), ("LSTM", dict(proj_size=2))], ids=["GRU", "LSTM-proj"])
+def test_mixed_precision_under_compile_and_export(kind, kwargs, how):
+    """torch.compile (fullgraph) and torch.export of a layer called under CPU autocast give torch.nn's eager
+    dtypes and values (the mixed-precision run is ordinary ops under autocast)."""
+    ours, theirs = _twins(kind, kwargs, "auto")
+    x = torch.randn(5, 3, 4)
+    want = _UnderAutocast(theirs)(x)
+    if how == "compile":
+        with torch._dynamo.config.patch(allow_rnn=True):
+            got = torch.compile(_UnderAutocast(ours), backend="aot_eager", fullgraph=True)(x)
+    else:
+        got = torch.export.export(_UnderAutocast(ours), (x,)).module()(x)
+    _compare(got, want, f"{kind} {how}")
