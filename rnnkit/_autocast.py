@@ -29,8 +29,6 @@ Float64 modules and inputs are not cast (autocast leaves float64 alone).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence

@@ -650,8 +650,8 @@ def format_table(result: Dict[str, object]) -> str:
     out.append("checked: before timing, each contestant's outputs and gradients matched torch.nn's (the reference "
                "backend's where torch.nn has no equivalent)" +
                (f"; unchecked (no oracle ran): {', '.join(unchecked)}" if unchecked else ""))
-    out.append(f"n/a: the backend cannot run this layer (reasons in --json); torch.nn/best = torch.nn time / "
-               f"best rnnkit time (above 1: rnnkit is faster)")
+    out.append("n/a: the backend cannot run this layer (reasons in --json); torch.nn/best = torch.nn time / "
+               "best rnnkit time (above 1: rnnkit is faster)")
     cpu = result.get("cpu_seconds")
     out.append(f"total {result['seconds']:.0f} s" + (f" (CPU time {cpu:.0f} s)" if cpu is not None else ""))
     return "\n".join(out)

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _autocast, backends as _backends, saving as _saving
 from ._checks import (check_bool, check_dtype_device, check_lengths, check_positive_int, check_probability,
-                      check_size, check_states, read_input, shape_str)
+                      check_size, check_states, read_input)
 from .functional import GRU_SPEC, LSTM_SPEC, Activation, resolve_activation, rnn_spec
 from .runner import RegularizerRates, drop_connect, mask_padding
 from .spec import CellSpec
