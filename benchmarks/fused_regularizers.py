@@ -1,22 +1,25 @@
-"""Zoneout and recurrent dropout on the fused LSTM kernels: what they cost in training.
+"""Zoneout and recurrent dropout on the fused kernels: what they cost in training.
 
-    PYTHONPATH=. python benchmarks/fused_regularizers.py [--size M] [--seq-len 100] [--repeats 9]
+    PYTHONPATH=. python benchmarks/fused_regularizers.py [--layer lstm] [--size M] [--seq-len 100] [--repeats 9]
 
-LSTM forward+backward (``out.sum().backward()``) at a bench size (``rnnkit.bench.SIZES``: M is
+A layer's forward+backward (``out.sum().backward()``) at a bench size (``rnnkit.bench.SIZES``: M is
 batch 16, input 64, hidden 128), float32, training mode, side by side and interleaved
 (``rnnkit.bench.time_row``: each repeat times every contestant once, in a rotating order; min and
-median over the repeats):
+median over the repeats). ``--layer``: ``lstm``, ``gru``, ``peephole_lstm``, ``layernorm_lstm``,
+``layernorm_gru``.
 
-* ``fused``: the plain LSTM on the fused backend;
-* ``fused+reg``: the same LSTM with ``zoneout=0.1, recurrent_dropout=0.25`` on the fused backend
-  (the masks drawn per step by ``rnnkit.runner.bernoulli_mask``, the time loop in C++);
-* ``reference+reg``: the regularized LSTM on the reference backend (what ``auto`` ran before);
+* ``fused``: the plain layer on the fused backend;
+* ``fused+reg``: the same layer with ``zoneout=0.1, recurrent_dropout=0.25`` on the fused backend
+  (the masks drawn by ``rnnkit.runner.bernoulli_mask``, the time loop in C++);
+* ``reference+reg``: the regularized layer on the reference backend (what ``auto`` ran before);
+* ``lstm``: the plain ``rnnkit.LSTM`` of the same size on the fused backend, the yardstick of "every
+  variant nearly as fast as a plain LSTM" (only for another ``--layer``);
 * ``masks``: drawing the zoneout masks alone, as ``rnnkit.runner.apply_regularizers`` draws them
   (one ``bernoulli_mask`` call of ``(T, N, H)`` per state), and ``bernoulli_``: the same elements
   drawn by torch's ``Tensor.bernoulli_`` (what ``bernoulli_mask`` used before; one random number
   per element where ``bernoulli_mask`` takes 32 bits of a 64-bit draw).
 
-The target (issue 13, item 5): ``fused+reg`` at most 1.3x ``fused`` at size M.
+The target (issue 13, item 5): ``fused+reg`` at most 1.3x ``fused`` at size M (the LSTM).
 """
 
 from __future__ import annotations
@@ -35,15 +38,21 @@ from rnnkit import bench, runner  # noqa: E402
 REG = dict(zoneout=0.1, recurrent_dropout=0.25)
 
 
-def contestants(size: str, seq_len: int, reference: bool = True):
+LAYERS = {"lstm": "LSTM", "gru": "GRU", "peephole_lstm": "PeepholeLSTM", "layernorm_lstm": "LayerNormLSTM",
+          "layernorm_gru": "LayerNormGRU"}
+
+
+def contestants(size: str, seq_len: int, reference: bool = True, layer: str = "lstm"):
     batch, h_in, hidden = bench.SIZES[size]
     torch.manual_seed(0)
     x = torch.randn(seq_len, batch, h_in, requires_grad=True)
-    plain = rnnkit.LSTM(h_in, hidden, backend="fused")
-    reg = rnnkit.LSTM(h_in, hidden, backend="fused", **REG)
+    cls = getattr(rnnkit, LAYERS[layer])
+    plain = cls(h_in, hidden, backend="fused")
+    reg = cls(h_in, hidden, backend="fused", **REG)
     reg.load_state_dict(plain.state_dict())
-    ref = rnnkit.LSTM(h_in, hidden, backend="reference", **REG)
+    ref = cls(h_in, hidden, backend="reference", **REG)
     ref.load_state_dict(plain.state_dict())
+    lstm = rnnkit.LSTM(h_in, hidden, backend="fused")
 
     def fwd_bwd(module):
         def call():
@@ -65,12 +74,15 @@ def contestants(size: str, seq_len: int, reference: bool = True):
     fns = {"fused": fwd_bwd(plain), "fused+reg": fwd_bwd(reg)}
     if reference:
         fns["reference+reg"] = fwd_bwd(ref)
+    if layer != "lstm":
+        fns["lstm"] = fwd_bwd(lstm)
     fns.update({"masks": masks, "bernoulli_": torch_bernoulli})
     return fns
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layer", default="lstm", choices=list(LAYERS))
     parser.add_argument("--size", default="M", choices=list(bench.SIZES))
     parser.add_argument("--seq-len", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=9)
@@ -80,12 +92,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fns = contestants(args.size, args.seq_len, reference=not args.no_reference)
+    fns = contestants(args.size, args.seq_len, reference=not args.no_reference, layer=args.layer)
     mins, medians = bench.time_row(fns, args.repeats, args.target_s)
     batch, h_in, hidden = bench.SIZES[args.size]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"LSTM({h_in}, {hidden}) batch {batch}, T={args.seq_len}, float32, training, fwd+bwd; "
+    print(f"{LAYERS[args.layer]}({h_in}, {hidden}) batch {batch}, T={args.seq_len}, float32, training, fwd+bwd; "
           f"regularized: {REG}; {args.repeats} interleaved repeats")
     print(f"{'contestant':>14} {'min ms':>9} {'median ms':>10} {'min / fused':>12} {'median / fused':>15}")
     for name in fns:

@@ -298,29 +298,26 @@ def test_ln_gru_op_shape_errors_name_what_was_received():
 # ------------------------------------------------------------------ what the backend declines
 
 @needs_fused
-def test_backend_declines_regularized_layernorm_lstm():
-    with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: the fused kernels have "
-                                         r"no zoneout \(zoneout=0.1"):
-        rnnkit.LayerNormLSTM(3, 4, backend="fused", zoneout=0.1)
-    assert rnnkit.LayerNormLSTM(3, 4, zoneout=0.1).which_backend(torch.randn(2, 1, 3)) == "reference"
-    assert rnnkit.LayerNormLSTM(3, 4).which_backend(torch.randn(2, 1, 3)) == "fused"
+def test_regularized_layernorm_lstm_runs_fused():
+    """Zoneout and recurrent dropout run inside the fused kernels (tests/test_fused_zoo_regularizers.py checks
+    the values); bfloat16 still declines them."""
+    x = torch.randn(2, 1, 3)
+    for kw in (dict(zoneout=0.1), dict(recurrent_dropout=0.2), dict(zoneout_cell=0.1)):
+        assert rnnkit.LayerNormLSTM(3, 4, **kw).which_backend(x) == "fused"
+        rnnkit.LayerNormLSTM(3, 4, backend="fused", **kw)(x)
+    assert rnnkit.LayerNormLSTM(3, 4).which_backend(x) == "fused"
 
 
 @needs_fused
-def test_backend_declines_regularized_layernorm_gru():
-    """Zoneout (always) and recurrent dropout (in training) change the step: the
-    LN-GRU layer then runs its step function; weight-drop alone stays fused."""
-    with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: the fused kernels have "
-                                         r"no zoneout \(zoneout=0.1"):
-        rnnkit.LayerNormGRU(3, 4, backend="fused", zoneout=0.1)
+def test_regularized_layernorm_gru_runs_fused():
+    """Zoneout (always) and recurrent dropout (in training) run inside the fused kernels, weight-drop too."""
     x = torch.randn(2, 1, 3)
-    assert rnnkit.LayerNormGRU(3, 4, zoneout=0.1).which_backend(x) == "reference"
+    assert rnnkit.LayerNormGRU(3, 4, zoneout=0.1).which_backend(x) == "fused"
     gru = rnnkit.LayerNormGRU(3, 4, recurrent_dropout=0.2)
-    assert gru.which_backend(x) == "reference"  # training mode
+    assert gru.which_backend(x) == "fused"  # training mode
     assert gru.eval().which_backend(x) == "fused"
     assert rnnkit.LayerNormGRU(3, 4, weight_drop=0.3).which_backend(x) == "fused"
-    with pytest.raises(ValueError, match=r"no recurrent dropout \(recurrent_dropout=0.2, in training mode\)"):
-        rnnkit.LayerNormGRU(3, 4, recurrent_dropout=0.2, backend="fused")(x)
+    rnnkit.LayerNormGRU(3, 4, recurrent_dropout=0.2, backend="fused")(x)
 
 
 @needs_fused

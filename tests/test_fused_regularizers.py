@@ -200,25 +200,17 @@ def test_auto_picks_fused_for_a_regularized_lstm():
 
 
 def test_declined_where_not_fused():
-    """The zoo keeps declining zoneout and recurrent dropout; bfloat16 too."""
-    with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: the fused kernels have "
-                                         r"no zoneout \(zoneout=0.1"):
-        rnnkit.PeepholeLSTM(3, 4, zoneout=0.1, backend="fused")
-    assert rnnkit.PeepholeLSTM(3, 4, recurrent_dropout=0.2).which_backend(torch.randn(2, 1, 3)) == "reference"
+    """bfloat16 with zoneout or recurrent dropout is declined (the zoo's regularized layers:
+    tests/test_fused_zoo_regularizers.py)."""
     bf = rnnkit.LSTM(3, 4, zoneout=0.1, dtype=torch.bfloat16)
     assert FUSED.unsupported(bf, torch.randn(2, 1, 3, dtype=torch.bfloat16)) == (
         "the fused kernels run zoneout (zoneout=0.1; it changes the function in eval mode too) in float32 and "
         "float64 only, got parameters of dtype torch.bfloat16")
     assert bf.which_backend(torch.randn(2, 1, 3, dtype=torch.bfloat16)) == "reference"
-
-
-def test_fused_scan_refuses_a_regularized_spec_it_has_no_kernel_for():
-    gru = rnnkit.PeepholeLSTM(3, 4, zoneout=0.1)
-    p = gru._layer_params(0)
-    s0 = (torch.zeros(1, 4), torch.zeros(1, 4))
-    spec, p = runner.apply_regularizers(gru.cell_spec, p, s0, gru._regularizer_rates(), True, 2)
-    with pytest.raises(RuntimeError, match=r"no fused kernel for the 'peephole_lstm' cell with these regularizers"):
-        fb.fused_scan(spec, p, torch.zeros(2, 1, 3), s0, None)
+    with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: the fused kernels run "
+                                         r"zoneout \(zoneout=0.1"):
+        rnnkit.LSTM(3, 4, zoneout=0.1, dtype=torch.bfloat16, backend="fused")(torch.randn(2, 1, 3,
+                                                                                            dtype=torch.bfloat16))
 
 
 def test_op_errors_name_what_was_received():

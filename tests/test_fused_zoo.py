@@ -258,13 +258,12 @@ def test_peephole_op_shape_errors_name_what_was_received():
 # ------------------------------------------------------------------ what the backend declines
 
 @needs_fused
-def test_backend_declines_regularized_peephole():
-    with pytest.raises(ValueError, match=r"backend='fused' cannot run this configuration: the fused kernels have "
-                                         r"no zoneout \(zoneout=0.1"):
-        rnnkit.PeepholeLSTM(3, 4, backend="fused", zoneout=0.1)
-    lstm = rnnkit.PeepholeLSTM(3, 4, zoneout=0.1)
-    assert lstm.which_backend(torch.randn(2, 1, 3)) == "reference"
-    assert rnnkit.PeepholeLSTM(3, 4).which_backend(torch.randn(2, 1, 3)) == "fused"
+def test_regularized_peephole_runs_fused():
+    """Zoneout and recurrent dropout run inside the fused kernels (values: tests/test_fused_zoo_regularizers.py)."""
+    x = torch.randn(2, 1, 3)
+    assert rnnkit.PeepholeLSTM(3, 4, zoneout=0.1).which_backend(x) == "fused"
+    rnnkit.PeepholeLSTM(3, 4, backend="fused", zoneout=0.1, recurrent_dropout=0.2)(x)
+    assert rnnkit.PeepholeLSTM(3, 4).which_backend(x) == "fused"
 
 
 @needs_fused

@@ -17,7 +17,8 @@ built and loaded on first use, adds their CPU kernels:
 * ``conv_lstm_fwd/bwd``, ``conv_gru_fwd/bwd``: ConvLSTM / ConvGRU on their input convolution
   ``xp (L, N, G, *S)``; the recurrent convolution runs inside the op's time loop (ATen from C++).
 * ``lstm_reg_fwd / lstm_reg_bwd``, ``gru_reg_fwd / gru_reg_bwd``: the LSTM and GRU with zoneout and recurrent dropout (the runner's masks as
-  arguments, see :func:`lstm_reg_sequence`).
+  arguments, see :func:`lstm_reg_sequence`); ``peephole_reg_*``, ``ln_lstm_reg_*``, ``ln_gru_reg_*``: the peephole
+  and LayerNorm cells the same way (their plain ops are the same time loop without regularizers, csrc/regularize.h).
 * ``project_fwd / project_bwd``: the input projection ``x W^T + b`` and its backward, ATen's
   products run on the calling thread when small (threading by work; see :func:`project`).
 
@@ -130,6 +131,37 @@ def _fake_peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths):
 def _fake_peephole_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs):
     return gates.new_empty(gates.shape), w_hh.new_empty(w_hh.shape), w_ci.new_empty(w_ci.shape), \
         w_cf.new_empty(w_cf.shape), w_co.new_empty(w_co.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_peephole_reg_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
+    L, N, G = xp.shape
+    cn = xp.new_empty(L, N, G // 4) if (zo_c is not None or zo_c_rate > 0) else xp.new_empty(0)
+    return (*_fake_peephole_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths), cn)
+
+
+def _fake_peephole_reg_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs, cn,
+                           rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
+    return _fake_peephole_bwd(grad_out, grad_hn, grad_cn, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates, cs)
+
+
+def _fake_ln_lstm_reg_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps, rd_mask, zo_h, zo_c, zo_h_rate,
+                          zo_c_rate):
+    return _fake_ln_lstm_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps)
+
+
+def _fake_ln_lstm_reg_bwd(grad_out, grad_hn, grad_cn, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates, cs,
+                          nz, nc, rstd, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
+    return _fake_ln_lstm_bwd(grad_out, grad_hn, grad_cn, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out, gates,
+                             cs, nz, nc, rstd)
+
+
+def _fake_ln_gru_reg_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps, rd_mask, zo_h, zo_h_rate):
+    return _fake_ln_gru_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps)
+
+
+def _fake_ln_gru_reg_bwd(grad_out, grad_hn, w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd, rd_mask, zo_h,
+                         zo_h_rate):
+    return _fake_ln_gru_bwd(grad_out, grad_hn, w_hh, ln_w_hh, shift, h0, lengths, out, gates, nz, rstd)
 
 
 def _fake_ln_lstm_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps):
@@ -286,6 +318,32 @@ def _bwd_ln_lstm(inputs, outputs, grads):
     return (*grads, None, None)
 
 
+def _bwd_peephole_reg(inputs, outputs, grads):
+    xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate = inputs
+    out, _, _, gates, cs, cn = outputs
+    grads = _ops().peephole_reg_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0),
+                                    _zeros_if_none(grads[2], c0), w_hh, w_ci, w_cf, w_co, h0, c0, lengths, out, gates,
+                                    cs, cn, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate)
+    return (*grads, None, None, None, None, None, None)
+
+
+def _bwd_ln_lstm_reg(inputs, outputs, grads):
+    xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate = inputs
+    out, _, _, gates, cs, nz, nc, rstd = outputs
+    grads = _ops().ln_lstm_reg_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0),
+                                   _zeros_if_none(grads[2], c0), w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, out,
+                                   gates, cs, nz, nc, rstd, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+def _bwd_ln_gru_reg(inputs, outputs, grads):
+    xp, w_hh, ln_w_hh, shift, h0, lengths, eps, rd_mask, zo_h, zo_h_rate = inputs
+    out, _, gates, nz, rstd = outputs
+    grads = _ops().ln_gru_reg_bwd(_zeros_if_none(grads[0], out), _zeros_if_none(grads[1], h0), w_hh, ln_w_hh, shift,
+                                  h0, lengths, out, gates, nz, rstd, rd_mask, zo_h, zo_h_rate)
+    return (*grads, None, None, None, None, None)
+
+
 def _bwd_indrnn(inputs, outputs, grads):
     xp, u, h0, lengths, act = inputs
     out = outputs[0]
@@ -333,7 +391,8 @@ BACKWARDS = {
     "rnn_fwd": _bwd_rnn, "lstm_fwd": _bwd_lstm, "gru_fwd": _bwd_gru, "peephole_fwd": _bwd_peephole,
     "ln_lstm_fwd": _bwd_ln_lstm, "indrnn_fwd": _bwd_indrnn, "conv_lstm_fwd": _bwd_conv_lstm,
     "conv_gru_fwd": _bwd_conv_gru, "ln_gru_fwd": _bwd_ln_gru, "project_fwd": _bwd_project,
-    "lstm_reg_fwd": _bwd_lstm_reg, "gru_reg_fwd": _bwd_gru_reg,
+    "lstm_reg_fwd": _bwd_lstm_reg, "gru_reg_fwd": _bwd_gru_reg, "peephole_reg_fwd": _bwd_peephole_reg,
+    "ln_lstm_reg_fwd": _bwd_ln_lstm_reg, "ln_gru_reg_fwd": _bwd_ln_gru_reg,
 }
 """Each ``*_fwd`` op's first-order backward: ``(inputs, outputs, grads of the outputs) -> grads of the inputs``."""
 
@@ -341,7 +400,8 @@ BACKWARDS = {
 UNREAD_OUTPUTS = {
     "rnn_fwd": (1,), "indrnn_fwd": (1,), "gru_fwd": (1,), "gru_reg_fwd": (1,), "conv_gru_fwd": (1,),
     "ln_gru_fwd": (1,), "lstm_fwd": (1, 2), "lstm_reg_fwd": (1, 2), "peephole_fwd": (1, 2), "ln_lstm_fwd": (1, 2),
-    "conv_lstm_fwd": (1, 2), "project_fwd": (0,),
+    "conv_lstm_fwd": (1, 2), "project_fwd": (0,), "peephole_reg_fwd": (1, 2), "ln_lstm_reg_fwd": (1, 2),
+    "ln_gru_reg_fwd": (1,),
 }
 """Each ``*_fwd`` op's outputs that its backward does not read (the final states; ``project_fwd``'s only
 output): saved as None, so that a caller may change them in place before the backward, as torch.nn's
@@ -543,6 +603,28 @@ SCHEMAS = {
                     "Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, float zo_h_rate, float zo_c_rate) "
                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "project_bwd": "project_bwd(Tensor grad, Tensor x, Tensor w, bool[3] mask) -> (Tensor, Tensor, Tensor)",
+    "peephole_reg_fwd": "peephole_reg_fwd(Tensor xp, Tensor w_hh, Tensor w_ci, Tensor w_cf, Tensor w_co, Tensor h0, "
+                        "Tensor c0, Tensor? lengths, Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, float zo_h_rate, "
+                        "float zo_c_rate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "peephole_reg_bwd": "peephole_reg_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor w_ci, "
+                        "Tensor w_cf, Tensor w_co, Tensor h0, Tensor c0, Tensor? lengths, Tensor out, Tensor gates, "
+                        "Tensor cs, Tensor cn, Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, float zo_h_rate, "
+                        "float zo_c_rate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "ln_lstm_reg_fwd": "ln_lstm_reg_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor ln_w_c, Tensor ln_b_c, "
+                       "Tensor h0, Tensor c0, Tensor? lengths, float eps, Tensor? rd_mask, Tensor? zo_h, Tensor? zo_c, "
+                       "float zo_h_rate, float zo_c_rate) "
+                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "ln_lstm_reg_bwd": "ln_lstm_reg_bwd(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, "
+                       "Tensor ln_w_hh, Tensor ln_w_c, Tensor ln_b_c, Tensor h0, Tensor c0, Tensor? lengths, "
+                       "Tensor out, Tensor gates, Tensor cs, Tensor nz, Tensor nc, Tensor rstd, Tensor? rd_mask, "
+                       "Tensor? zo_h, Tensor? zo_c, float zo_h_rate, float zo_c_rate) "
+                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "ln_gru_reg_fwd": "ln_gru_reg_fwd(Tensor xp, Tensor w_hh, Tensor ln_w_hh, Tensor shift, Tensor h0, "
+                      "Tensor? lengths, float eps, Tensor? rd_mask, Tensor? zo_h, float zo_h_rate) "
+                      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "ln_gru_reg_bwd": "ln_gru_reg_bwd(Tensor grad_out, Tensor grad_hn, Tensor w_hh, Tensor ln_w_hh, Tensor shift, "
+                      "Tensor h0, Tensor? lengths, Tensor out, Tensor gates, Tensor nz, Tensor rstd, "
+                      "Tensor? rd_mask, Tensor? zo_h, float zo_h_rate) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 """Every tensor op's schema. They are defined when rnnkit is imported (so a ``torch.export`` or
 ``torch.jit`` artifact that calls them loads in a fresh process after ``import rnnkit``); the C++
@@ -601,7 +683,10 @@ def register() -> None:
                      ("ln_gru_fwd", _fake_ln_gru_fwd), ("ln_gru_bwd", _fake_ln_gru_bwd),
                      ("project_fwd", _fake_project_fwd), ("project_bwd", _fake_project_bwd),
                      ("lstm_reg_fwd", _fake_lstm_reg_fwd), ("lstm_reg_bwd", _fake_lstm_reg_bwd),
-                     ("gru_reg_fwd", _fake_gru_reg_fwd), ("gru_reg_bwd", _fake_gru_reg_bwd)]:
+                     ("gru_reg_fwd", _fake_gru_reg_fwd), ("gru_reg_bwd", _fake_gru_reg_bwd),
+                     ("peephole_reg_fwd", _fake_peephole_reg_fwd), ("peephole_reg_bwd", _fake_peephole_reg_bwd),
+                     ("ln_lstm_reg_fwd", _fake_ln_lstm_reg_fwd), ("ln_lstm_reg_bwd", _fake_ln_lstm_reg_bwd),
+                     ("ln_gru_reg_fwd", _fake_ln_gru_reg_fwd), ("ln_gru_reg_bwd", _fake_ln_gru_reg_bwd)]:
         torch.library.register_fake(f"rnnkit_fused::{name}", fn, lib=_LIB)
     for name in BACKWARDS:  # calling the op itself with a gradient (the layers go through FUNCTIONS)
         torch.library.register_autograd(f"rnnkit_fused::{name}", _registered_backward(name),
@@ -679,6 +764,35 @@ def peephole_sequence(xp: Tensor, w_hh: Tensor, w_ci: Tensor, w_cf: Tensor, w_co
     through ``w_ci, w_cf``, ``o`` sees ``c_t`` through ``w_co`` (each ``(H,)``)."""
     out, h_n, c_n, _, _ = apply("peephole_fwd", xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths)
     return out, h_n, c_n
+
+
+def peephole_reg_sequence(xp: Tensor, w_hh: Tensor, w_ci: Tensor, w_cf: Tensor, w_co: Tensor, h0: Tensor, c0: Tensor,
+                          lengths: Optional[Tensor], rd_mask: Optional[Tensor], zo_h: Optional[Tensor],
+                          zo_c: Optional[Tensor], zo_h_rate: float, zo_c_rate: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`peephole_sequence` with the runner's regularizers inside the time loop (as
+    :func:`lstm_reg_sequence`; the output gate's peephole sees the pre-zoneout ``c~_t``)."""
+    out, h_n, c_n, *_ = apply("peephole_reg_fwd", xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, rd_mask, zo_h, zo_c,
+                              zo_h_rate, zo_c_rate)
+    return out, h_n, c_n
+
+
+def ln_lstm_reg_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, ln_w_c: Tensor, ln_b_c: Tensor, h0: Tensor,
+                         c0: Tensor, lengths: Optional[Tensor], eps: float, rd_mask: Optional[Tensor],
+                         zo_h: Optional[Tensor], zo_c: Optional[Tensor], zo_h_rate: float,
+                         zo_c_rate: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`ln_lstm_sequence` with the runner's regularizers inside the time loop (as :func:`lstm_reg_sequence`)."""
+    out, h_n, c_n, *_ = apply("ln_lstm_reg_fwd", xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps, rd_mask,
+                              zo_h, zo_c, zo_h_rate, zo_c_rate)
+    return out, h_n, c_n
+
+
+def ln_gru_reg_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, shift: Tensor, h0: Tensor,
+                        lengths: Optional[Tensor], eps: float, rd_mask: Optional[Tensor], zo_h: Optional[Tensor],
+                        zo_h_rate: float) -> Tuple[Tensor, Tensor]:
+    """:func:`ln_gru_sequence` with the runner's regularizers inside the time loop (as :func:`gru_reg_sequence`:
+    ``rd_mask`` in the recurrent product only)."""
+    out, h_n, *_ = apply("ln_gru_reg_fwd", xp, w_hh, ln_w_hh, shift, h0, lengths, eps, rd_mask, zo_h, zo_h_rate)
+    return out, h_n
 
 
 def ln_lstm_sequence(xp: Tensor, w_hh: Tensor, ln_w_hh: Tensor, ln_w_c: Tensor, ln_b_c: Tensor, h0: Tensor,

@@ -153,11 +153,25 @@ def scan_gru(spec: CellSpec, p: Params, x: Tensor, state: State, lengths: Option
     return out, (h_n,)
 
 
+def _regularizer_args(spec: CellSpec, p: Params, names) -> list:
+    """The regularizer arguments of a family's ``*_reg_fwd`` op for a regularized spec (see
+    :func:`scan_lstm_regularized`): the recurrent-dropout mask, then per state its zoneout masks, then per
+    state its constant rate; None for an unregularized spec."""
+    applied = spec.extra.get(runner.REGULARIZED)
+    if applied is None:
+        return None
+    masks, scalars = _zoneout_masks(applied, p, names)
+    rd = p.get(RECURRENT_MASK)
+    return [None if rd is None else rd.contiguous(), *masks, *scalars]
+
+
 def scan_peephole_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
                        lengths: Optional[Tensor]) -> Tuple[Tensor, State]:
     xp = _project(x, p["weight_ih"], _bias_sum(p))
-    out, h_n, c_n = _ops.peephole_sequence(xp, p["weight_hh"], p["weight_ci"], p["weight_cf"], p["weight_co"],
-                                           state[0].contiguous(), state[1].contiguous(), _lengths(lengths))
+    args = (xp, p["weight_hh"], p["weight_ci"], p["weight_cf"], p["weight_co"], state[0].contiguous(),
+            state[1].contiguous(), _lengths(lengths))
+    reg = _regularizer_args(spec, p, ("h", "c"))
+    out, h_n, c_n = _ops.peephole_sequence(*args) if reg is None else _ops.peephole_reg_sequence(*args, *reg)
     return out, (h_n, c_n)
 
 
@@ -182,8 +196,10 @@ def scan_layernorm_lstm(spec: CellSpec, p: Params, x: Tensor, state: State,
     ln_b_c = p.get("ln_bias_c")
     if ln_b_c is None:
         ln_b_c = p["ln_weight_c"].new_zeros(p["ln_weight_c"].shape)
-    out, h_n, c_n = _ops.ln_lstm_sequence(xp, p["weight_hh"], p["ln_weight_hh"], p["ln_weight_c"], ln_b_c,
-                                          state[0].contiguous(), state[1].contiguous(), _lengths(lengths), eps)
+    args = (xp, p["weight_hh"], p["ln_weight_hh"], p["ln_weight_c"], ln_b_c, state[0].contiguous(),
+            state[1].contiguous(), _lengths(lengths), eps)
+    reg = _regularizer_args(spec, p, ("h", "c"))
+    out, h_n, c_n = _ops.ln_lstm_sequence(*args) if reg is None else _ops.ln_lstm_reg_sequence(*args, *reg)
     return out, (h_n, c_n)
 
 
@@ -196,8 +212,9 @@ def scan_layernorm_gru(spec: CellSpec, p: Params, x: Tensor, state: State,
     shift = _ln_hh_shift(p)
     if shift is None:
         shift = p["ln_weight_hh"].new_zeros(p["ln_weight_hh"].shape)
-    out, h_n = _ops.ln_gru_sequence(xp, p["weight_hh"], p["ln_weight_hh"], shift, state[0].contiguous(),
-                                    _lengths(lengths), eps)
+    args = (xp, p["weight_hh"], p["ln_weight_hh"], shift, state[0].contiguous(), _lengths(lengths), eps)
+    reg = _regularizer_args(spec, p, ("h",))
+    out, h_n = _ops.ln_gru_sequence(*args) if reg is None else _ops.ln_gru_reg_sequence(*args, *reg)
     return out, (h_n,)
 
 
@@ -255,6 +272,9 @@ LSTM, peephole, IndRNN...) joins by adding its C++ ops and a scan here."""
 REGULARIZED_KERNELS: Dict[str, Callable[..., Tuple[Tensor, State]]] = {
     "lstm": scan_lstm_regularized,
     "gru": scan_gru_regularized,
+    "peephole_lstm": scan_peephole_lstm,
+    "layernorm_lstm": scan_layernorm_lstm,
+    "layernorm_gru": scan_layernorm_gru,
 }
 """Families whose kernels run zoneout and recurrent dropout themselves (see
 :func:`rnnkit.runner.apply_regularizers`); the others decline those configurations."""

@@ -55,31 +55,38 @@ def lstm_infer(x, w_ih, b, w_hh, w_hr, h0, c0, lengths):
     return lstm_fwd(_projected(x, w_ih, b), w_hh, w_hr, h0, c0, lengths)
 
 
-def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
-    """The LSTM step loop of the reference scan with the runner's regularizers as
-    :func:`rnnkit.runner.apply_regularizers` applies them, on given masks: ``rd_mask`` in
-    the recurrent product, zoneout ``k s_{t-1} + (1 - k) s_t`` with ``zo_h[t]``/``zo_c[t]``
-    (or the constant rate where a mask is None), rows past their length held."""
-    p = {"weight_hh": w_hh, "weight_hr": w_hr}
+def _regularized(step: Callable, p: dict, xp: Tensor, state: Tuple[Tensor, ...], lengths: Optional[Tensor],
+                 rd_mask: Optional[Tensor], zo_masks, zo_rates) -> Tuple[Tensor, ...]:
+    """A cell's step loop with the runner's regularizers as :func:`rnnkit.runner.apply_regularizers`
+    applies them, on given masks: ``rd_mask`` in the recurrent product (under
+    :data:`rnnkit.functional.RECURRENT_MASK`), zoneout ``k s_{t-1} + (1 - k) s_t`` per state with
+    ``zo_masks[j][t]`` (or the constant ``zo_rates[j]`` where a mask is None), rows past their length held."""
     if rd_mask is not None:
-        p[RECURRENT_MASK] = rd_mask
+        p = {**p, RECURRENT_MASK: rd_mask}
 
     def mix(prev, new, masks, rate, t):
         if masks is not None:
             return masks[t] * prev + (1 - masks[t]) * new
         return rate * prev + (1 - rate) * new if rate > 0 else new
 
-    state, outputs = (h0, c0), []
+    outputs = []
     for t, xp_t in enumerate(xp.unbind(0)):
-        h, c = lstm_step(xp_t, state, p)
-        new = (mix(state[0], h, zo_h, zo_h_rate, t), mix(state[1], c, zo_c, zo_c_rate, t))
+        new = step(xp_t, state, p)
+        new = tuple(mix(s, n, m, r, t) for s, n, m, r in zip(state, new, zo_masks, zo_rates))
         if lengths is not None:
             keep = (t < lengths).unsqueeze(1)
             new = tuple(torch.where(keep, n, s) for n, s in zip(new, state))
         state = new
         outputs.append(state[0])
+    h0 = state[0]
     out = torch.stack(outputs) if outputs else xp.new_empty(0, h0.shape[0], h0.shape[1])
     return (out, *state)
+
+
+def lstm_reg_fwd(xp, w_hh, w_hr, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
+    """The LSTM step loop of the reference scan with the runner's regularizers (:func:`_regularized`)."""
+    return _regularized(lstm_step, {"weight_hh": w_hh, "weight_hr": w_hr}, xp, (h0, c0), lengths, rd_mask,
+                        (zo_h, zo_c), (zo_h_rate, zo_c_rate))
 
 
 def gru_infer(x, w_ih, b_ih, w_hh, b_hh, h0, lengths):
@@ -87,23 +94,9 @@ def gru_infer(x, w_ih, b_ih, w_hh, b_hh, h0, lengths):
 
 
 def gru_reg_fwd(xp, w_hh, b_hh, h0, lengths, rd_mask, zo_h, zo_h_rate):
-    """The GRU step loop with the runner's regularizers on given masks (see :func:`lstm_reg_fwd`)."""
-    p = {"weight_hh": w_hh, "bias_hh": b_hh}
-    if rd_mask is not None:
-        p[RECURRENT_MASK] = rd_mask
-    h, outputs = h0, []
-    for t, xp_t in enumerate(xp.unbind(0)):
-        (new,) = gru_step(xp_t, (h,), p)
-        if zo_h is not None:
-            new = zo_h[t] * h + (1 - zo_h[t]) * new
-        elif zo_h_rate > 0:
-            new = zo_h_rate * h + (1 - zo_h_rate) * new
-        if lengths is not None:
-            new = torch.where((t < lengths).unsqueeze(1), new, h)
-        h = new
-        outputs.append(h)
-    out = torch.stack(outputs) if outputs else xp.new_empty(0, h0.shape[0], h0.shape[1])
-    return out, h
+    """The GRU step loop with the runner's regularizers on given masks (:func:`_regularized`)."""
+    return _regularized(gru_step, {"weight_hh": w_hh, "bias_hh": b_hh}, xp, (h0,), lengths, rd_mask, (zo_h,),
+                        (zo_h_rate,))
 
 
 def gru_fwd(xp, w_hh, b_hh, h0, lengths):
@@ -126,6 +119,27 @@ def ln_gru_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps):
     from ..zoo.layernorm import layernorm_gru_step
     p = {"weight_hh": w_hh, "ln_weight_hh": ln_w_hh, "ln_bias_hh": shift}
     return _scan(f"ln_gru_{eps}", functools.partial(layernorm_gru_step, eps=eps), p, xp, (h0,), lengths)
+
+
+def peephole_reg_fwd(xp, w_hh, w_ci, w_cf, w_co, h0, c0, lengths, rd_mask, zo_h, zo_c, zo_h_rate, zo_c_rate):
+    from ..zoo.peephole import peephole_lstm_step
+    p = {"weight_hh": w_hh, "weight_ci": w_ci, "weight_cf": w_cf, "weight_co": w_co}
+    return _regularized(peephole_lstm_step, p, xp, (h0, c0), lengths, rd_mask, (zo_h, zo_c), (zo_h_rate, zo_c_rate))
+
+
+def ln_lstm_reg_fwd(xp, w_hh, ln_w_hh, ln_w_c, ln_b_c, h0, c0, lengths, eps, rd_mask, zo_h, zo_c, zo_h_rate,
+                    zo_c_rate):
+    from ..zoo.layernorm import layernorm_lstm_step
+    p = {"weight_hh": w_hh, "ln_weight_hh": ln_w_hh, "ln_weight_c": ln_w_c, "ln_bias_c": ln_b_c}
+    return _regularized(functools.partial(layernorm_lstm_step, eps=eps), p, xp, (h0, c0), lengths, rd_mask,
+                        (zo_h, zo_c), (zo_h_rate, zo_c_rate))
+
+
+def ln_gru_reg_fwd(xp, w_hh, ln_w_hh, shift, h0, lengths, eps, rd_mask, zo_h, zo_h_rate):
+    from ..zoo.layernorm import layernorm_gru_step
+    p = {"weight_hh": w_hh, "ln_weight_hh": ln_w_hh, "ln_bias_hh": shift}
+    return _regularized(functools.partial(layernorm_gru_step, eps=eps), p, xp, (h0,), lengths, rd_mask, (zo_h,),
+                        (zo_h_rate,))
 
 
 def indrnn_fwd(xp, u, h0, lengths, act):
@@ -163,7 +177,8 @@ TWINS: Dict[str, Callable[..., Tuple[Tensor, ...]]] = {
     "rnn_fwd": rnn_fwd, "lstm_fwd": lstm_fwd, "gru_fwd": gru_fwd, "peephole_fwd": peephole_fwd,
     "ln_lstm_fwd": ln_lstm_fwd, "ln_gru_fwd": ln_gru_fwd, "indrnn_fwd": indrnn_fwd,
     "conv_lstm_fwd": conv_lstm_fwd, "conv_gru_fwd": conv_gru_fwd, "project_fwd": project_fwd,
-    "lstm_reg_fwd": lstm_reg_fwd, "gru_reg_fwd": gru_reg_fwd,
+    "lstm_reg_fwd": lstm_reg_fwd, "gru_reg_fwd": gru_reg_fwd, "peephole_reg_fwd": peephole_reg_fwd,
+    "ln_lstm_reg_fwd": ln_lstm_reg_fwd, "ln_gru_reg_fwd": ln_gru_reg_fwd,
 }
 """Each fused ``*_fwd`` op's twin: same arguments, returns ``(out, h_n)`` or ``(out, h_n, c_n)``
 (the op's first two or three results; the rest are what its C++ backward reads)."""

@@ -3,6 +3,7 @@
 #include "common.h"
 #include "gates.h"
 #include "ops.h"
+#include "regularize.h"
 
 namespace rnnkit_fused::ln_gru {
 
@@ -136,10 +137,13 @@ inline void ln_gru_grad_row(const T* g, const T* nz, T rstd, const T* gain, cons
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp_, const Tensor& w_hh_,
-                                                              const Tensor& g_hh_, const Tensor& shift_,
-                                                              const Tensor& h0_,
-                                                              const std::optional<Tensor>& lengths, double eps_) {
+// ln_gru_reg_fwd / ln_gru_reg_bwd: the time loop with the runner's zoneout and recurrent dropout
+// (regularize.h: the mask r only in W_hh (h_{t-1} r); z h_{t-1} reads the unmasked state); ln_gru_fwd /
+// ln_gru_bwd are the same loop without them.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& shift_, const Tensor& h0_,
+    const std::optional<Tensor>& lengths, double eps_, const std::optional<Tensor>& rd_,
+    const std::optional<Tensor>& zh_, double zh_rate) {
   TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) == 3 * w_hh_.size(1),
               "rnnkit_fused::ln_gru_fwd: w_hh must be (3H, H), got ", w_hh_.sizes());
   TORCH_CHECK(eps_ > 0, "rnnkit_fused::ln_gru_fwd: eps must be positive, got ", eps_);
@@ -152,6 +156,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp_,
   check_same(xp, g_hh, "ln_weight_hh", {G});
   check_same(xp, shift, "shift", {G});
   check_same(xp, h0, "h0", {N, H});
+  check_reg(xp, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "ln_gru_reg_fwd");
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_);
+  const bool zoh = zh.defined() || zh_rate > 0;
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor out = rk::empty({L, N, H}, xp.options());
@@ -161,15 +168,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp_,
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "ln_gru_fwd", [&] {
     using T = scalar_t;
     const T eps = T(eps_);
+    const Keep<T> kh(zh, zh_rate);
+    Tensor hr_buf = rd.defined() ? rk::empty({N, H}, xp.options()) : Tensor();
+    Tensor m_buf = zoh ? rk::empty({N, H}, xp.options()) : Tensor();
     const Recurrent<T> rec(N, G, H, true, w_hh);
     const T *x = xp.data_ptr<T>(), *gain = g_hh.data_ptr<T>(), *sh = shift.data_ptr<T>();
-    const T* h_init = h0.data_ptr<T>();
+    const T *h_init = h0.data_ptr<T>(), *r = rd.defined() ? rd.data_ptr<T>() : nullptr;
     T *o = out.data_ptr<T>(), *gs = gates.data_ptr<T>(), *nz = nzs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
+    T *hr = r ? hr_buf.data_ptr<T>() : nullptr, *mb = zoh ? m_buf.data_ptr<T>() : nullptr;
     const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
       T *gt = gs + t * N * G, *ot = o + t * N * H, *nzt = nz + t * N * G, *rst = rs + t * N;
-      rec(hp, H, T(0), gt, G);
+      T* htil = zoh ? mb : ot;  // h~_t
+      if (r) mul_row(hp, r, hr, N * H);
+      rec(r ? hr : hp, H, T(0), gt, G);
       const T* xt = x + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
@@ -180,7 +193,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp_,
             zero_row(nzt + n * G, G);
             rst[n] = T(0);
           } else {
-            ln_gru_row(gt + n * G, xt + n * G, gain, sh, hp + n * H, ot + n * H, nzt + n * G, rst + n, H, eps);
+            ln_gru_row(gt + n * G, xt + n * G, gain, sh, hp + n * H, htil + n * H, nzt + n * G, rst + n, H, eps);
+            if (zoh) zoneout_mix(kh, (t * N + n) * H, hp + n * H, htil + n * H, ot + n * H, H);
           }
         }
       });
@@ -190,10 +204,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp_,
   return {out, h_n, gates, nzs, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_fwd(const Tensor& xp, const Tensor& w_hh,
+                                                              const Tensor& g_hh, const Tensor& shift,
+                                                              const Tensor& h0,
+                                                              const std::optional<Tensor>& lengths, double eps) {
+  return ln_gru_reg_fwd(xp, w_hh, g_hh, shift, h0, lengths, eps, std::nullopt, std::nullopt, 0.0);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_bwd(
     const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& shift_,
     const Tensor& h0_, const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_,
-    const Tensor& nzs_, const Tensor& rstd_) {
+    const Tensor& nzs_, const Tensor& rstd_, const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_,
+    double zh_rate) {
   TORCH_CHECK(out_.dim() == 3, "rnnkit_fused::ln_gru_bwd: out must be (L, N, H), got ", out_.sizes());
   const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 3 * H;
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), w_hh = w_hh_.contiguous();
@@ -208,6 +230,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
   check_same(out, gates, "gates", {L, N, G});
   check_same(out, nzs, "nz", {L, N, G});
   check_same(out, rstd, "rstd", {L, N});
+  check_reg(out, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "ln_gru_reg_bwd");
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_);
+  const bool zoh = zh.defined() || zh_rate > 0;
+  Tensor dt_buf = zoh ? rk::empty({N, H}, out.options()) : Tensor();
+  Tensor kb_buf = zoh ? rk::empty({N, H}, out.options()) : Tensor();
+  Tensor rb_buf = rd.defined() ? rk::empty({N, H}, out.options()) : Tensor();
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dX = rk::empty({L, N, G}, out.options());
@@ -216,6 +244,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
   Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_gru_bwd", [&] {
     using T = scalar_t;
+    const Keep<T> kh(zh, zh_rate);
+    const T* r = rd.defined() ? rd.data_ptr<T>() : nullptr;
+    T *dtl = zoh ? dt_buf.data_ptr<T>() : nullptr, *kb = zoh ? kb_buf.data_ptr<T>() : nullptr;
+    T* rb = r ? rb_buf.data_ptr<T>() : nullptr;
     const Recurrent<T> rec(N, H, G, false, w_hh);
     const T *go = grad_out.data_ptr<T>(), *o = out.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     const T *gs = gates.data_ptr<T>(), *nz = nzs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
@@ -224,7 +256,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
     T *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
     for (int64_t t = L - 1; t >= 0; --t) {
-      add_into(dh, go + t * N * H, N * H);
+      add_into(dh, go + t * N * H, N * H);  // dL/dh_t (the mixed state)
+      const T* dht = dh;                     // dL/dh~_t
+      if (zoh) {
+        zoneout_rest(kh, t * N * H, dh, dtl, N * H);
+        dht = dtl;
+      }
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
       const T *gt = gs + t * N * G, *nzt = nz + t * N * G, *rst = rs + t * N;
       T *dxt = dx + t * N * G, *dzt = dz + t * N * G;
@@ -236,20 +273,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
             zero_row(dzt + n * G, G);
             copy_row(dn + n * H, dh + n * H, H);
           } else {
-            ln_gru_grad_row(gt + n * G, nzt + n * G, rst[n], gain, sh, hp + n * H, dh + n * H, dxt + n * G,
+            ln_gru_grad_row(gt + n * G, nzt + n * G, rst[n], gain, sh, hp + n * H, dht + n * H, dxt + n * G,
                             dgr + n * G, dbr + n * G, dzt + n * G, dn + n * H, H);
+            if (zoh) {  // dL/dh_{t-1} += k dL/dh_t
+              zoneout_kept(kh, (t * N + n) * H, dh + n * H, kb + n * H, H);
+              add_into(dn + n * H, kb + n * H, H);
+            }
           }
         }
       });
-      rec(dzt, G, T(1), dn, H);
-      if (check) pass_held_rows(len, t, N, H, dh, dn);
+      if (r) {
+        masked_rec_grad(rec, dzt, G, r, rb, dn, len, t, check, N, H);
+      } else {
+        rec(dzt, G, T(1), dn, H);
+        if (check) pass_held_rows(len, t, N, H, dh, dn);
+      }
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out, len));
+  Tensor grad_w_hh = weight_grad(dZ, masked_previous(previous_states(h0, out, len), rd));
   // the LN gain and β: each row summed its steps inside the loop (held steps add nothing), rows summed here
   return {dX, grad_w_hh, dG_rows.sum(0), dB_rows.sum(0), dh_a};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& w_hh, const Tensor& g_hh, const Tensor& shift,
+    const Tensor& h0, const std::optional<Tensor>& lengths, const Tensor& out, const Tensor& gates, const Tensor& nzs,
+    const Tensor& rstd) {
+  return ln_gru_reg_bwd(grad_out, grad_hn, w_hh, g_hh, shift, h0, lengths, out, gates, nzs, rstd, std::nullopt,
+                        std::nullopt, 0.0);
 }
 
 }  // namespace rnnkit_fused::ln_gru

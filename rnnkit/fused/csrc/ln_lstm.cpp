@@ -3,6 +3,7 @@
 #include "common.h"
 #include "gates.h"
 #include "ops.h"
+#include "regularize.h"
 
 namespace rnnkit_fused::ln_lstm {
 
@@ -144,9 +145,14 @@ inline void ln_lstm_param_sums(const T* dg, const T* nz, const T* dy, const T* n
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_fwd(
+// ln_lstm_reg_fwd / ln_lstm_reg_bwd: the time loop with the runner's zoneout and recurrent dropout
+// (regularize.h); ln_lstm_fwd / ln_lstm_bwd are the same loop without them. cs holds the mixed c_t; the
+// backward needs no pre-zoneout c~_t (LN(c~_t) and its 1/std are saved).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_reg_fwd(
     const Tensor& xp_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_,
-    const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths, double eps_) {
+    const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths, double eps_,
+    const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_, const std::optional<Tensor>& zc_,
+    double zh_rate, double zc_rate) {
   TORCH_CHECK(w_hh_.dim() == 2 && w_hh_.size(0) == 4 * w_hh_.size(1),
               "rnnkit_fused::ln_lstm_fwd: w_hh must be (4H, H), got ", w_hh_.sizes());
   TORCH_CHECK(eps_ > 0, "rnnkit_fused::ln_lstm_fwd: eps must be positive, got ", eps_);
@@ -161,6 +167,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_ls
   check_same(xp, b_c, "ln_bias_c", {H});
   check_same(xp, h0, "h0", {N, H});
   check_same(xp, c0, "c0", {N, H});
+  check_reg(xp, rd_, zh_, zc_, zh_rate, zc_rate, L, N, H, H, "ln_lstm_reg_fwd");
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_), zc = opt_contig(zc_);
+  const bool zoc = zc.defined() || zc_rate > 0, zoh = zh.defined() || zh_rate > 0;
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor out = rk::empty({L, N, H}, xp.options());
@@ -172,19 +181,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_ls
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "ln_lstm_fwd", [&] {
     using T = scalar_t;
     const T eps = T(eps_);
+    const Keep<T> kh(zh, zh_rate), kc(zc, zc_rate);
+    Tensor hr_buf = rd.defined() ? rk::empty({N, H}, xp.options()) : Tensor();
+    Tensor m_buf = zoh ? rk::empty({N, H}, xp.options()) : Tensor();
     const Recurrent<T> rec(N, G, H, true, w_hh);
     const T* x = xp.data_ptr<T>();
     const T *ghh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
-    const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>();
+    const T *h_init = h0.data_ptr<T>(), *c_init = c0.data_ptr<T>(), *r = rd.defined() ? rd.data_ptr<T>() : nullptr;
     T *o = out.data_ptr<T>(), *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>();
     T *nz = nzs.data_ptr<T>(), *nc = ncs.data_ptr<T>(), *rs = rstd.data_ptr<T>();
+    T *hr = r ? hr_buf.data_ptr<T>() : nullptr, *mb = zoh ? m_buf.data_ptr<T>() : nullptr;
     const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
       const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
       T *gt = gs + t * N * G, *ct = c + t * N * H, *ot = o + t * N * H;
       T *nzt = nz + t * N * G, *nct = nc + t * N * H, *rst = rs + t * N * 2;
-      rec(hp, H, T(0), gt, G);
+      T* htil = zoh ? mb : ot;  // h~_t
+      if (r) mul_row(hp, r, hr, N * H);
+      rec(r ? hr : hp, H, T(0), gt, G);
       const T* xt = x + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
@@ -197,8 +212,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_ls
             zero_row(nct + n * H, H);
             rst[2 * n] = rst[2 * n + 1] = T(0);
           } else {
-            ln_lstm_row(gt + n * G, xt + n * G, ghh, gc, bc, cp + n * H, ct + n * H, ot + n * H, nzt + n * G,
+            ln_lstm_row(gt + n * G, xt + n * G, ghh, gc, bc, cp + n * H, ct + n * H, htil + n * H, nzt + n * G,
                         nct + n * H, rst + 2 * n, H, eps);
+            if (zoc) zoneout_mix(kc, (t * N + n) * H, cp + n * H, ct + n * H, ct + n * H, H);
+            if (zoh) zoneout_mix(kh, (t * N + n) * H, hp + n * H, htil + n * H, ot + n * H, H);
           }
         }
       });
@@ -209,11 +226,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_ls
   return {out, h_n, c_n, gates, cs, nzs, ncs, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_fwd(
+    const Tensor& xp, const Tensor& w_hh, const Tensor& g_hh, const Tensor& g_c, const Tensor& b_c,
+    const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, double eps) {
+  return ln_lstm_reg_fwd(xp, w_hh, g_hh, g_c, b_c, h0, c0, lengths, eps, std::nullopt, std::nullopt, std::nullopt,
+                         0.0, 0.0);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_reg_bwd(
     const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
     const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_, const Tensor& h0_, const Tensor& c0_,
     const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_,
-    const Tensor& nzs_, const Tensor& ncs_, const Tensor& rstd_) {
+    const Tensor& nzs_, const Tensor& ncs_, const Tensor& rstd_, const std::optional<Tensor>& rd_,
+    const std::optional<Tensor>& zh_, const std::optional<Tensor>& zc_, double zh_rate, double zc_rate) {
   check_dim(out_, 3, "ln_lstm_bwd", "out");
   const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 4 * H;
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), grad_cn = grad_cn_.contiguous();
@@ -235,11 +260,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
   check_same(out, b_c, "ln_bias_c", {H});
   check_same(out, h0, "h0", {N, H});
   check_same(out, c0, "c0", {N, H});
+  check_reg(out, rd_, zh_, zc_, zh_rate, zc_rate, L, N, H, H, "ln_lstm_reg_bwd");
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_), zc = opt_contig(zc_);
+  const bool zoc = zc.defined() || zc_rate > 0, zoh = zh.defined() || zh_rate > 0;
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
   Tensor dG = rk::empty({L, N, G}, out.options());
   Tensor dZ = rk::empty({L, N, G}, out.options());
   Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options()), dc = grad_cn.clone();
+  Tensor dt_buf = zoh ? rk::empty({N, H}, out.options()) : Tensor();
+  Tensor kc_buf = zoc ? rk::empty({N, H}, out.options()) : Tensor();
+  Tensor rb_buf = rd.defined() ? rk::empty({N, H}, out.options()) : Tensor();
   // the LN parameters' gradients, summed over steps and rows as the loop goes: one double accumulator
   // (G + 2H) and one dy row (H) per thread, added up in thread order after the loop
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), P = G + 2 * H;
@@ -247,6 +278,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
   Tensor dy_rows = rk::empty({threads, H}, out.options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ln_lstm_bwd", [&] {
     using T = scalar_t;
+    const Keep<T> kh(zh, zh_rate), kc(zc, zc_rate);
+    const T* r = rd.defined() ? rd.data_ptr<T>() : nullptr;
+    T *dtl = zoh ? dt_buf.data_ptr<T>() : nullptr, *kcb = zoc ? kc_buf.data_ptr<T>() : nullptr;
+    T* rb = r ? rb_buf.data_ptr<T>() : nullptr;
     const Recurrent<T> rec(N, H, G, false, w_hh);
     const T* go = grad_out.data_ptr<T>();
     const T *gs = gates.data_ptr<T>(), *c = cs.data_ptr<T>(), *c_init = c0.data_ptr<T>();
@@ -257,7 +292,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
     T *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>(), *dcp = dc.data_ptr<T>();
     const int64_t min_len = min_length(len, N, L), grain = row_grain(2 * G);
     for (int64_t t = L - 1; t >= 0; --t) {
-      add_into(dh, go + t * N * H, N * H);
+      add_into(dh, go + t * N * H, N * H);  // dL/dh_t (the mixed state)
+      const T* dht = dh;                     // dL/dh~_t
+      if (zoh) {
+        zoneout_rest(kh, t * N * H, dh, dtl, N * H);
+        dht = dtl;
+      }
       const T* cp = t == 0 ? c_init : c + (t - 1) * N * H;
       const T *gt = gs + t * N * G, *nzt = nz + t * N * G, *nct = nc + t * N * H, *rst = rs + t * N * 2;
       T *dgt = dg + t * N * G, *dzt = dz + t * N * G;
@@ -273,24 +313,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
             zero_row(dzt + n * G, G);
             copy_row(dn + n * H, dh + n * H, H);
           } else {
+            const int64_t off = (t * N + n) * H;
+            if (zoc) zoneout_split(kc, off, dcp + n * H, kcb + n * H, H);
             ln_lstm_grad_row(gt + n * G, ghh, gc, bc, cp + n * H, nzt + n * G, nct + n * H, rst + 2 * n,
-                             dh + n * H, dcp + n * H, dgt + n * G, dzt + n * G, dy, H);
+                             dht + n * H, dcp + n * H, dgt + n * G, dzt + n * G, dy, H);
+            if (zoc) add_into(dcp + n * H, kcb + n * H, H);
             ln_lstm_param_sums(dgt + n * G, nzt + n * G, dy, nct + n * H, H, a, a + G, a + G + H);
-            zero_row(dn + n * H, H);
+            if (zoh) zoneout_kept(kh, off, dh + n * H, dn + n * H, H);
+            else zero_row(dn + n * H, H);
           }
         }
       });
-      rec(dzt, G, T(1), dn, H);
-      if (check) pass_held_rows(len, t, N, H, dh, dn);
+      if (r) {
+        masked_rec_grad(rec, dzt, G, r, rb, dn, len, t, check, N, H);
+      } else {
+        rec(dzt, G, T(1), dn, H);
+        if (check) pass_held_rows(len, t, N, H, dh, dn);
+      }
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor grad_w_hh = weight_grad(dZ, previous_states(h0, out, len));
+  Tensor grad_w_hh = weight_grad(dZ, masked_previous(previous_states(h0, out, len), rd));
   // the LN gains and shift: the threads' sums, added in thread order
   auto part = [&](int64_t from, int64_t n) { return acc.narrow(1, from, n).sum(0).to(out.scalar_type()); };
   Tensor grad_g_hh = part(0, G), grad_g_c = part(G, H), grad_b_c = part(G + H, H);  // three separate tensors
   return {dG, grad_w_hh, grad_g_hh, grad_g_c, grad_b_c, dh_a, dc};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
+    const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& w_hh, const Tensor& g_hh,
+    const Tensor& g_c, const Tensor& b_c, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
+    const Tensor& out, const Tensor& gates, const Tensor& cs, const Tensor& nzs, const Tensor& ncs,
+    const Tensor& rstd) {
+  return ln_lstm_reg_bwd(grad_out, grad_hn, grad_cn, w_hh, g_hh, g_c, b_c, h0, c0, lengths, out, gates, cs, nzs, ncs,
+                         rstd, std::nullopt, std::nullopt, std::nullopt, 0.0, 0.0);
 }
 
 }  // namespace rnnkit_fused::ln_lstm

@@ -4,6 +4,7 @@
 #include "common.h"
 #include "gates.h"
 #include "ops.h"
+#include "regularize.h"
 
 namespace rnnkit_fused::lstm {
 
@@ -415,48 +416,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_entry(
 
 namespace rnnkit_fused::lstm {
 
-template <typename T>
-struct Keep {  // one state's zoneout keep probability: a per-step mask, a constant rate, or off
-  const T* mask = nullptr;
-  T rate = T(0), rest = T(1);
-  bool on = false;
-  Keep(const Tensor& m, double r) {
-    if (m.defined()) {
-      mask = m.data_ptr<T>();
-      on = true;
-    } else if (r > 0) {
-      rate = T(r);
-      rest = T(1.0 - r);
-      on = true;
-    }
-  }
-  inline Vec<T> k(const T* at, int64_t j, int64_t cnt) const { return mask ? Vec<T>::loadu(at + j, cnt) : Vec<T>(rate); }
-  inline Vec<T> one_minus(const Vec<T>& kv) const { return mask ? Vec<T>(T(1)) - kv : Vec<T>(rest); }
-};
-
-// dst = k prev + (1 - k) cur (dst may be cur); off: the (t, n) row's offset into the mask
-template <typename T>
-inline void zoneout_mix(const Keep<T>& z, int64_t off, const T* prev, const T* cur, T* dst, int64_t S) {
-  constexpr int64_t VS = Vec<T>::size();
-  const T* m = z.mask ? z.mask + off : nullptr;
-  for (int64_t j = 0; j < S; j += VS) {
-    const int64_t cnt = std::min(VS, S - j);
-    const Vec<T> kv = z.k(m, j, cnt);
-    (kv * Vec<T>::loadu(prev + j, cnt) + z.one_minus(kv) * Vec<T>::loadu(cur + j, cnt)).store(dst + j, cnt);
-  }
-}
-
-// dst = (1 - k) src over a whole (N, S) step (the part of a state gradient that reaches s~_t)
-template <typename T>
-inline void zoneout_rest(const Keep<T>& z, int64_t off, const T* src, T* dst, int64_t n) {
-  constexpr int64_t VS = Vec<T>::size();
-  const T* m = z.mask ? z.mask + off : nullptr;
-  for (int64_t j = 0; j < n; j += VS) {
-    const int64_t cnt = std::min(VS, n - j);
-    (z.one_minus(z.k(m, j, cnt)) * Vec<T>::loadu(src + j, cnt)).store(dst + j, cnt);
-  }
-}
-
 // lstm_grad_row with zoneout on c: dc holds dL/dc_t (mixed) on entry and dL/dc_{t-1} on exit;
 // c is the pre-zoneout c~_t
 template <typename T>
@@ -479,31 +438,6 @@ inline void lstm_grad_row_zc(const T* g, const T* cp, const T* c, const T* dm, T
     (d * tc * o * (one - o)).store(dg + 3 * H + j, cnt);
     (kv * din + dct * f).store(dc + j, cnt);
   }
-}
-
-template <typename T>
-inline void mul_row(const T* a, const T* b, T* dst, int64_t n) {
-  constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < n; j += VS) {
-    const int64_t cnt = std::min(VS, n - j);
-    (Vec<T>::loadu(a + j, cnt) * Vec<T>::loadu(b + j, cnt)).store(dst + j, cnt);
-  }
-}
-
-static void check_reg(const Tensor& ref, const std::optional<Tensor>& rd, const std::optional<Tensor>& zh,
-                      const std::optional<Tensor>& zc, double zh_rate, double zc_rate, int64_t L, int64_t N,
-                      int64_t P, int64_t H, const char* op) {
-  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, "rnnkit_fused::", op,
-              ": zoneout and recurrent dropout run in float32 and float64 only, got ", ref.scalar_type());
-  if (rd.has_value() && rd->defined()) check_same(ref, *rd, "rd_mask", {N, P});
-  if (zh.has_value() && zh->defined()) check_same(ref, *zh, "zo_h", {L, N, P});
-  if (zc.has_value() && zc->defined()) check_same(ref, *zc, "zo_c", {L, N, H});
-  TORCH_CHECK(zh_rate >= 0 && zh_rate < 1 && zc_rate >= 0 && zc_rate < 1, "rnnkit_fused::", op,
-              ": zoneout rates must be in [0, 1), got ", zh_rate, " and ", zc_rate);
-}
-
-static Tensor opt_contig(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_fwd(
@@ -675,12 +609,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
             else
               lstm_grad_row(gt + n * G, cp + n * H, ct + n * H, dmt + n * H, dcp + n * H, dgt + n * G, H);
             if (zoh) {  // dn = k dh (the kept part), the product's part added below
-              const T* km = kh.mask ? kh.mask + (t * N + n) * P : nullptr;
-              constexpr int64_t VS = Vec<T>::size();
-              for (int64_t j = 0; j < P; j += VS) {
-                const int64_t cnt = std::min(VS, P - j);
-                (kh.k(km, j, cnt) * Vec<T>::loadu(dh + n * P + j, cnt)).store(dn + n * P + j, cnt);
-              }
+              zoneout_kept(kh, (t * N + n) * P, dh + n * P, dn + n * P, P);
             } else {
               zero_row(dn + n * P, P);
             }
@@ -688,12 +617,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
         }
       });
       if (r) {  // dh_{t-1} += r * (dG W_hh), valid rows only
-        rec(dgt, G, T(0), rb, P);
-        for (int64_t n = 0; n < N; ++n) {
-          if (check && t >= len[n]) continue;
-          mul_row(rb + n * P, r + n * P, rb + n * P, P);
-          add_into(dn + n * P, rb + n * P, P);
-        }
+        masked_rec_grad(rec, dgt, G, r, rb, dn, len, t, check, N, P);
       } else {
         rec(dgt, G, T(1), dn, P);
         if (check) pass_held_rows(len, t, N, P, dh, dn);
@@ -702,16 +626,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor prev = previous_states(h0, out, len);
-  if (rd.defined() && L > 0) {  // the product read h_{t-1} * r
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lstm_reg_bwd_mask", [&] {
-      using T = scalar_t;
-      T* x = prev.data_ptr<T>();
-      const T* r = rd.data_ptr<T>();
-      for (int64_t t = 0; t < L; ++t) mul_row((const T*)(x + t * N * P), r, x + t * N * P, N * P);
-    });
-  }
-  Tensor grad_w_hh = weight_grad(dG, prev);
+  Tensor grad_w_hh = weight_grad(dG, masked_previous(previous_states(h0, out, len), rd));
   Tensor grad_w_hr = proj ? weight_grad(dHall, ms) : rk::empty({0}, out.options());
   return {dG, grad_w_hh, grad_w_hr, dh_a, dc};
 }

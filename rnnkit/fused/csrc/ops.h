@@ -84,6 +84,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_bwd(
     const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
     const Tensor& w_ci_, const Tensor& w_cf_, const Tensor& w_co_, const Tensor& h0_, const Tensor& c0_,
     const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_);
+// with zoneout and recurrent dropout (regularize.h); also returns cn, the pre-zoneout c~_t
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_reg_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const Tensor& w_ci_, const Tensor& w_cf_, const Tensor& w_co_,
+    const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths, const std::optional<Tensor>& rd_,
+    const std::optional<Tensor>& zh_, const std::optional<Tensor>& zc_, double zh_rate, double zc_rate);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_reg_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const Tensor& w_ci_, const Tensor& w_cf_, const Tensor& w_co_, const Tensor& h0_, const Tensor& c0_,
+    const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_,
+    const Tensor& cn_, const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_,
+    const std::optional<Tensor>& zc_, double zh_rate, double zc_rate);
 }  // namespace peephole
 
 namespace ln_lstm {  // ln_lstm.cpp
@@ -95,6 +106,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_bwd(
     const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_, const Tensor& h0_, const Tensor& c0_,
     const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_,
     const Tensor& nzs_, const Tensor& ncs_, const Tensor& rstd_);
+// with zoneout and recurrent dropout (regularize.h)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_reg_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_,
+    const Tensor& h0_, const Tensor& c0_, const std::optional<Tensor>& lengths, double eps_,
+    const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_, const std::optional<Tensor>& zc_,
+    double zh_rate, double zc_rate);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_reg_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& grad_cn_, const Tensor& w_hh_,
+    const Tensor& g_hh_, const Tensor& g_c_, const Tensor& b_c_, const Tensor& h0_, const Tensor& c0_,
+    const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_, const Tensor& cs_,
+    const Tensor& nzs_, const Tensor& ncs_, const Tensor& rstd_, const std::optional<Tensor>& rd_,
+    const std::optional<Tensor>& zh_, const std::optional<Tensor>& zc_, double zh_rate, double zc_rate);
 }  // namespace ln_lstm
 
 namespace ln_gru {  // ln_gru.cpp
@@ -106,6 +129,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_bwd(
     const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& shift_,
     const Tensor& h0_, const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_,
     const Tensor& nzs_, const Tensor& rstd_);
+// with zoneout and recurrent dropout (regularize.h)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_fwd(
+    const Tensor& xp_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& shift_, const Tensor& h0_,
+    const std::optional<Tensor>& lengths, double eps_, const std::optional<Tensor>& rd_,
+    const std::optional<Tensor>& zh_, double zh_rate);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_bwd(
+    const Tensor& grad_out_, const Tensor& grad_hn_, const Tensor& w_hh_, const Tensor& g_hh_, const Tensor& shift_,
+    const Tensor& h0_, const std::optional<Tensor>& lengths, const Tensor& out_, const Tensor& gates_,
+    const Tensor& nzs_, const Tensor& rstd_, const std::optional<Tensor>& rd_, const std::optional<Tensor>& zh_,
+    double zh_rate);
 }  // namespace ln_gru
 
 namespace indrnn {  // indrnn.cpp

@@ -159,4 +159,10 @@ TORCH_LIBRARY_IMPL(rnnkit_fused, CPU, m) {
   m.impl("lstm_reg_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::lstm::lstm_reg_bwd>::call);
   m.impl("gru_reg_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_reg_fwd>::call);
   m.impl("gru_reg_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::gru::gru_reg_bwd>::call);
+  m.impl("peephole_reg_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::peephole::peephole_reg_fwd>::call);
+  m.impl("peephole_reg_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::peephole::peephole_reg_bwd>::call);
+  m.impl("ln_lstm_reg_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::ln_lstm::ln_lstm_reg_fwd>::call);
+  m.impl("ln_lstm_reg_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::ln_lstm::ln_lstm_reg_bwd>::call);
+  m.impl("ln_gru_reg_fwd", &rnnkit_fused::PerCall<&rnnkit_fused::ln_gru::ln_gru_reg_fwd>::call);
+  m.impl("ln_gru_reg_bwd", &rnnkit_fused::PerCall<&rnnkit_fused::ln_gru::ln_gru_reg_bwd>::call);
 }
