@@ -439,7 +439,7 @@ class RecurrentBase(nn.Module):
         and the time loop of the inference-only kernel in one C++ call (no dispatcher, no saved tensors,
         no Python validation: the entry checks every type, shape, dtype, device, gradient and mode itself
         and declines anything not plain), or None: then the next path runs, with its own checks and error
-        messages. Returns what the full path returns (new tensors; ``output`` in the input's layout).
+        messages. Returns what the full path returns (new tensors; ``output`` time-major in memory, a transposed view for ``batch_first``, as torch.nn's).
         ``limit``: the entry's ``lstm_macs_limit`` (0: none; ``auto`` passes :data:`AUTO_DIRECT_LSTM_MACS`).
         ``forward`` runs the same steps inline (this is what ``_plain_inference`` calls)."""
         direct = _fused_cells.layer_run or _fused_cells.get_layer_run()

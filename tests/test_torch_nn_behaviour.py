@@ -537,3 +537,27 @@ def test_cpu_autocast(name, backend_):
         ours, theirs = m(x)[0], ref(x)[0]
     assert ours.dtype == theirs.dtype
     torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("seq_len", [1, 5])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+@pytest.mark.parametrize("backend_", ["auto", "fused", "reference", "torch"])
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
+def test_output_strides_are_torch_nns(name, backend_, batch_first, grad, seq_len):
+    """The output and the final states have torch.nn's strides: a batch_first output is the transposed
+    view of a time-major one (so ``out.transpose(0, 1).view(...)`` works as with torch.nn), also from
+    the fused direct inference entry."""
+    m = make(name, 3, 4, batch_first=batch_first, backend=backend_)
+    ref = getattr(nn, name)(3, 4, batch_first=batch_first)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, seq_len, 3) if batch_first else torch.randn(seq_len, 2, 3)
+    with torch.set_grad_enabled(grad):
+        ours, theirs = m(x), ref(x)
+    def flat(o):
+        return [o[0], *(o[1] if isinstance(o[1], tuple) else (o[1],))]
+    for a, b in zip(flat(ours), flat(theirs)):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b)
+    if batch_first:
+        ours[0].transpose(0, 1).view(seq_len * 2, 4)

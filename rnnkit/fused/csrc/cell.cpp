@@ -274,9 +274,10 @@ void direct_step(long kind, int64_t N, int64_t I, int64_t H, const Tensor& x, co
 // One plain inference call of a one-layer, one-direction RNN/LSTM/GRU over a whole sequence, for
 // cell_py.cpp's CPython entry `layer_run` (which reads and checks the arguments). Writes only what
 // the layer returns: no saved gates, cell states or per-step buffers for a backward. x is
-// (L, N, I) or, batch_first, (N, L, I), contiguous; out has x's layout with H features; h_n/c_n
-// (N, H); h0_/c0_/b_ih/b_hh may be null (zeros). Row (t, n) of x, the projection and out is
-// row n * L + t (batch_first) or t * N + n.
+// (L, N, I) or, batch_first, (N, L, I), contiguous; out is (L, N, H) whatever x's layout (the entry
+// returns its transposed view for batch_first, as torch.nn's op does); h_n/c_n (N, H); h0_/c0_/b_ih/b_hh
+// may be null (zeros). Row (t, n) of x and the projection is row n * L + t (batch_first) or t * N + n;
+// of out, t * N + n.
 //  * the input projection in chunks of steps (common.h, project_chunk) into one reused buffer, each
 //    chunk before its steps (BLAS; the small kernel for fewer than kSmallRows rows), with b_ih + b_hh
 //    (LSTM, RNN) or b_ih (GRU) folded in;
@@ -284,7 +285,7 @@ void direct_step(long kind, int64_t N, int64_t I, int64_t H, const Tensor& x, co
 //    under kSmallRows (BLAS's per-call cost dominates there; W_hh read as torch stores it, so no
 //    transposed copy per call), else MKL's packed GEMM (Recurrent, packed once per call);
 //  * the gate math in place in a (N, G) scratch; the LSTM cell state in two (N, H) rows swapped
-//    per step; h_{t-1} is read from out (leading dimension L * H when batch_first).
+//    per step; h_{t-1} is read from out.
 // One step (L == 1) is the cell's own step: both products in one pass (lstm/gru/rnn_cell_raw).
 template <typename T>
 void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool batch_first, const T* x,
@@ -315,7 +316,6 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
     return;
   }
   const int64_t rows = L * N;
-  const int64_t tstride = batch_first ? 1 : N;  // row (t, n) of x and out: t * tstride + n * (batch_first ? L : 1)
   // the projection of a chunk of steps (C N, G) in a tensor of its own (freed after the call); scratch: the step's gates (N, G),
   // two cell-state buffers (N, H) (LSTM; the GRU's hn (N, H) in one), the GRU's r/z/n (N, G), a zero b_hh (G)
   // and a zero h0 (N, H)
@@ -356,7 +356,7 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
   const bool small = N < kSmallRows;
   std::unique_ptr<Recurrent<T>> rec;
   if (!small) rec = std::make_unique<Recurrent<T>>(N, G, H, true, w_hh_);
-  const int64_t ldh = batch_first ? L * H : H;  // h rows of one step in out
+  const int64_t ldh = H;  // h rows of one step in out (time-major)
   T* cp = ca;
   if (kind == 0) {
     if (c0) copy_row(cp, c0, N * H);
@@ -368,9 +368,9 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
       t0 = t, t1 = std::min(L, t + C);
       project(t0, t1);
     }
-    const T* hp = t == 0 ? h0 : out + (t - 1) * tstride * H;  // row n at hp + n * ldh (h0: n * H)
+    const T* hp = t == 0 ? h0 : out + (t - 1) * N * H;  // row n at hp + n * ldh (h0: n * H)
     const int64_t ldp = t == 0 ? H : ldh;
-    T* ot = out + t * tstride * H;
+    T* ot = out + t * N * H;
     // the recurrent product into g (kind 2/3: into out's rows, the activation applies in place)
     T* dst = kind >= 2 ? ot : g;
     const int64_t ldd = kind >= 2 ? ldh : G;
@@ -403,7 +403,7 @@ void layer_infer_raw(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool
     }
     if (kind == 0) cp = cn_t;
   }
-  const T* last = out + (L - 1) * tstride * H;
+  const T* last = out + (L - 1) * N * H;
   for (int64_t n = 0; n < N; ++n) copy_row(hn + n * H, last + n * ldh, H);
   if (kind == 0) copy_row(cn, cp, N * H);
 }

@@ -337,7 +337,9 @@ PyObject* layer_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   const int64_t N = d.N, H = d.H;
   const at::TensorOptions opts = d.x->options();
-  const int64_t odims[3] = {batch_first ? N : L, batch_first ? L : N, H}, sdims[3] = {1, N, H};
+  // out is time-major whatever x's layout (layer_infer_raw), and batch_first returns its transposed view, as
+  // torch.nn's op does (same strides: code that transposes it back and calls .view() works the same)
+  const int64_t odims[3] = {L, N, H}, sdims[3] = {1, N, H};
   Tensor out = rk::empty(c10::IntArrayRef(odims, 3), opts), h_n = rk::empty(c10::IntArrayRef(sdims, 3), opts), c_n;
   if (d.kind == 0) c_n = rk::empty(c10::IntArrayRef(sdims, 3), opts);
   if (L == 1) {  // one step: a few microseconds, run holding the GIL as cell_step does (releasing costs more)
@@ -363,7 +365,7 @@ PyObject* layer_run(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_DECREF(state);
     return nullptr;
   }
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(out)));
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(batch_first ? out.transpose(0, 1) : std::move(out)));
   PyTuple_SET_ITEM(result, 1, state);
   return result;
   RK_END_HANDLE_ERRORS
