@@ -90,8 +90,14 @@ class TorchBackend(Backend):
             return result[0], tuple(result[1:])
         # torch packs instead of taking lengths; it rejects empty sequences, so
         # run those for one step and give them back their initial state.
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), enforce_sorted=False)
-        order, back = packed.sorted_indices, packed.unsorted_indices
+        order = getattr(module, "_packed_order", None)  # a PackedSequence input's own order (inter-layer dropout)
+        if order is None:
+            packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), enforce_sorted=False)
+            order, back = packed.sorted_indices, packed.unsorted_indices
+        else:  # packed as the caller's: torch's op draws its dropout masks in the packed data's order
+            back = torch.empty_like(order)
+            back[order] = torch.arange(order.numel(), device=order.device)
+            packed = pack_padded_sequence(x.index_select(1, order), lengths[order].clamp(min=1).cpu())
         hx_sorted = tuple(h.index_select(1, order) for h in state0)
         result = fn(packed.data, packed.batch_sizes, hx_sorted if len(state0) > 1 else hx_sorted[0], *args)
         out_packed = PackedSequence(result[0], packed.batch_sizes, order, back)

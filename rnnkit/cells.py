@@ -178,7 +178,8 @@ class CellBase(nn.Module):
         names = self.cell_spec.state_names
         sizes = self._state_sizes()
         if hx is None:
-            state = tuple(x.new_zeros(x.shape[0], size) for size in sizes)
+            # torch.zeros, not x.new_zeros: dense states for a sparse input too, as torch.nn's cells
+            state = tuple(torch.zeros(x.shape[0], size, dtype=x.dtype, device=x.device) for size in sizes)
         else:
             state = self._check_hx(hx, x.shape[0], batched, sizes, ref, mixed)
         check_dtype_device(self, "input", input, ref, any_dtype=mixed)  # after the shapes, as torch.nn

@@ -34,7 +34,7 @@ itself (its ``lstm_macs_limit`` argument), so a one-step call pays nothing for i
 _PLAIN_KIND_ATTRS = frozenset({"num_layers", "bidirectional", "proj_size", "_is_standard", "zoneout", "zoneout_cell",
                                "training", "recurrent_dropout", "weight_drop", "cell_spec"})
 """The attributes :attr:`RecurrentBase._plain_kind` reads: setting one recomputes ``_direct_kind``."""
-_FORWARD_ATTRS = frozenset({"last_backend", "_dropped_weights"})
+_FORWARD_ATTRS = frozenset({"last_backend", "_dropped_weights", "_packed_order"})
 """What ``forward`` itself sets: they leave ``auto``'s remembered choice (``backends.AUTO_CHOICE``) alone."""
 
 
@@ -264,6 +264,7 @@ class RecurrentBase(nn.Module):
                              f"(its step does not read h through rnnkit.functional.recurrent_input), "
                              f"got recurrent_dropout={recurrent_dropout!r}")
         self._dropped_weights: Optional[Dict[str, Tensor]] = None
+        self._packed_order: Optional[Tensor] = None  # during a call on a PackedSequence: see forward
 
     def _regularizer_rates(self) -> Optional[RegularizerRates]:
         """The rates the runner applies, or None when every rate is 0."""
@@ -389,6 +390,8 @@ class RecurrentBase(nn.Module):
                 fast = self._plain_inference(input, hx, kind)
                 if fast is not None:
                     return fast
+        if len(self._param_keys) != self.num_layers * self.num_directions:
+            raise RuntimeError(self._layout_message())
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value, mixed)
         ref = self._ref_param()
         # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
@@ -403,14 +406,20 @@ class RecurrentBase(nn.Module):
         if self.last_backend != backend.name:  # nn.Module.__setattr__ is not free: set only on a change
             self.last_backend = backend.name
         dropped = self._sample_weight_drop()
-        if dropped is None:
+        # a PackedSequence's own order, for the runner's inter-layer dropout (drawn in packed order, as torch.nn)
+        order = None
+        if packed_lengths is not None and self.dropout and self.training and self.num_layers > 1:
+            order = input.sorted_indices
+            if order is None:  # packed with enforce_sorted=True: already in order
+                order = torch.arange(x.shape[1], device=x.device)
+        if dropped is None and order is None:
             out, states = backend.run(self, x, state0, lengths)
         else:
-            self._dropped_weights = dropped
+            self._dropped_weights, self._packed_order = dropped, order
             try:
                 out, states = backend.run(self, x, state0, lengths)
             finally:
-                self._dropped_weights = None
+                self._dropped_weights = self._packed_order = None
         out = mask_padding(out, lengths, padding_value)
 
         if packed_lengths is not None:
@@ -422,12 +431,22 @@ class RecurrentBase(nn.Module):
             out = out.transpose(0, 1)
         return out, (states if len(states) > 1 else states[0])
 
+    def _layout_message(self) -> str:
+        """The error for ``num_layers`` / ``bidirectional`` set after construction to a stack the parameters
+        do not hold (torch.nn raises a ``RuntimeError`` from its op, or, on oneDNN, runs the first layers)."""
+        held = len(self._param_keys)
+        return (f"{self._describe()}: num_layers={self.num_layers} and bidirectional={self.bidirectional} need "
+                f"{self.num_layers * self.num_directions} layer-directions of parameters, but this module holds "
+                f"{held} (its parameters were made for another num_layers or bidirectional). Set them back, or "
+                f"build a new module")
+
     @property
     def _plain_kind(self) -> Optional[int]:
         """The cell's kind (0 LSTM, 1 GRU, 2/3 RNN tanh/relu, as the fused cell step numbers them) when
         this layer is plain: a standard cell, one layer, one direction, no projection, no regularizer
         that changes the function now; else None."""
         if (self.num_layers != 1 or self.bidirectional or self.proj_size or not self._is_standard
+                or len(self._param_keys) != 1
                 or self.zoneout or self.zoneout_cell
                 or (self.training and (self.recurrent_dropout or self.weight_drop))):
             return None
@@ -439,7 +458,8 @@ class RecurrentBase(nn.Module):
         and the time loop of the inference-only kernel in one C++ call (no dispatcher, no saved tensors,
         no Python validation: the entry checks every type, shape, dtype, device, gradient and mode itself
         and declines anything not plain), or None: then the next path runs, with its own checks and error
-        messages. Returns what the full path returns (new tensors; ``output`` time-major in memory, a transposed view for ``batch_first``, as torch.nn's).
+        messages. Returns what the full path returns (new tensors; ``output`` time-major in memory, a transposed
+        view for ``batch_first``, as torch.nn's).
         ``limit``: the entry's ``lstm_macs_limit`` (0: none; ``auto`` passes :data:`AUTO_DIRECT_LSTM_MACS`).
         ``forward`` runs the same steps inline (this is what ``_plain_inference`` calls)."""
         direct = _fused_cells.layer_run or _fused_cells.get_layer_run()

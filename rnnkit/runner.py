@@ -117,8 +117,36 @@ def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan:
                 acc.append(s)
         layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=2)
         if module.dropout and module.training and layer < module.num_layers - 1:
-            layer_input = F.dropout(layer_input, module.dropout, training=True)
+            if lengths is None:
+                layer_input = F.dropout(layer_input, module.dropout, training=True)
+            else:
+                layer_input = dropout_live(layer_input, module.dropout, lengths,
+                                           getattr(module, "_packed_order", None))
     return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+def live_positions(lengths: Tensor, seq_len: int, order: Optional[Tensor] = None) -> Tensor:
+    """The flat positions ``t * N + n`` of the steps inside their sequence, in a PackedSequence's data
+    order: step by step, each step's live sequences in ``order`` (the PackedSequence's ``sorted_indices``;
+    by default the order ``pack_padded_sequence(..., enforce_sorted=False)`` sorts ``lengths`` into)."""
+    batch = lengths.shape[0]
+    if order is None:
+        order = torch.sort(lengths.cpu(), descending=True).indices.to(lengths.device)
+    t = torch.arange(seq_len, device=lengths.device).unsqueeze(1)
+    live = t < lengths[order].unsqueeze(0)  # (L, N), columns in sorted order
+    return (t * batch + order.unsqueeze(0))[live]
+
+
+def dropout_live(x: Tensor, p: float, lengths: Tensor, order: Optional[Tensor] = None) -> Tensor:
+    """Inter-layer dropout of a padded ``x (L, N, F)`` with ``lengths``, drawn as torch.nn draws it on a
+    packed batch: one mask over the live steps only, in the packed data's order (so a seed gives
+    torch.nn's masks for the same PackedSequence, and the random stream continues as torch.nn's);
+    padding positions pass unchanged (masked later)."""
+    seq_len, batch = x.shape[0], x.shape[1]
+    positions = live_positions(lengths, seq_len, order)
+    flat = x.reshape(seq_len * batch, *x.shape[2:])
+    dropped = F.dropout(flat.index_select(0, positions), p, training=True)
+    return flat.index_copy(0, positions, dropped).view(x.shape)
 
 
 def own_output(module, out: Tensor, lengths: Optional[Tensor]) -> Tensor:

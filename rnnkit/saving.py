@@ -57,7 +57,7 @@ FORMAT = 1
 _BY_NAME_KEY = "_rnnkit_activations_by_name"
 """``{attribute: name}`` for attributes that held a function of ACTIVATIONS."""
 
-_TRANSIENT = {"_dropped_weights": None}
+_TRANSIENT = {"_dropped_weights": None, "_packed_order": None}
 """Attributes that only live during a forward: saved as their idle value."""
 
 

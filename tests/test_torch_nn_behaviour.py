@@ -561,3 +561,103 @@ def test_output_strides_are_torch_nns(name, backend_, batch_first, grad, seq_len
         torch.testing.assert_close(a, b)
     if batch_first:
         ours[0].transpose(0, 1).view(seq_len * 2, 4)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("backend_", ["auto", "torch", "reference", "fused"])
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cells_take_a_sparse_input_as_torch_nn(name, backend_, grad):
+    """A sparse COO input (torch.nn's cells take it: their products accept it): the same values and gradients
+    on auto, torch and reference (dense zero states, as torch.nn makes them); the fused kernels take dense
+    tensors only, so pinned they refuse with a ValueError that says so (it recursed before)."""
+    m = make(name, 3, 4, backend="reference")
+    m.backend = backend_
+    ref = getattr(nn, name)(3, 4)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3).to_sparse()
+    if backend_ == "fused":
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="dense \\(strided\\) tensors, got an "
+                                                                              "input of layout torch.sparse_coo"):
+            m(x)
+        return
+    with torch.set_grad_enabled(grad):
+        ours, theirs = m(x), ref(x)
+    ours, theirs = (list(o) if isinstance(o, tuple) else [o] for o in (ours, theirs))
+    for a, b in zip(ours, theirs):
+        assert a.layout == b.layout == torch.strided
+        torch.testing.assert_close(a, b)
+    if grad:
+        sum(t.sum() for t in ours).backward()
+        sum(t.sum() for t in theirs).backward()
+        for p, q in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (3,), (0, 3)], ids=["batched", "unbatched", "batch0"])
+@pytest.mark.parametrize("backend_", ["auto", "fused", "reference", "torch"])
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cells_with_hidden_size_zero_train_as_torch_nn(name, backend_, shape):
+    """torch.nn's cells take hidden_size=0: forward and backward (the input's gradient is zeros) on every
+    backend (the fused backward's weight gradient reshaped a zero-size gate axis with -1 and raised)."""
+    m = make(name, 3, 0, backend=backend_)
+    ref = getattr(nn, name)(3, 0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    m, ref = m.double(), ref.double()
+    grads = []
+    for module in (m, ref):
+        out = module(x)
+        out = out if isinstance(out, tuple) else (out,)
+        assert all(o.shape == (*shape[:-1], 0) for o in out)
+        (g,) = torch.autograd.grad(sum(o.sum() for o in out), x, allow_unused=True)
+        grads.append(torch.zeros_like(x) if g is None else g)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("how", ["packed_sorted", "packed_unsorted", "lengths"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("backend_", ["auto", "fused", "reference", "torch"])
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
+def test_training_dropout_on_a_packed_batch_draws_torch_nns_masks(name, backend_, bidirectional, how):
+    """Inter-layer dropout in training on a PackedSequence (enforce_sorted True or False, ties in the
+    lengths) draws torch.nn's masks under one seed, in its packed data's order, and leaves the random
+    stream where torch.nn leaves it; ``lengths=`` draws the masks of torch.nn on
+    ``pack_padded_sequence(x, lengths, enforce_sorted=False)`` (it drew a mask over the padded batch)."""
+    m = make(name, 3, 4, num_layers=3, dropout=0.4, bidirectional=bidirectional, backend=backend_)
+    ref = getattr(nn, name)(3, 4, num_layers=3, dropout=0.4, bidirectional=bidirectional)
+    ref.load_state_dict(m.state_dict())
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 6, (20,), generator=g)  # 20 rows: torch.sort is not stable from 17
+    if how == "packed_sorted":
+        lengths = lengths.sort(descending=True).values
+    x = torch.randn(5, 20, 3, generator=g)
+    packed = rnn_utils.pack_padded_sequence(x, lengths, enforce_sorted=how == "packed_sorted")
+    torch.manual_seed(1)
+    ours = m(x, lengths=lengths) if how == "lengths" else m(packed)
+    after_ours = torch.rand(())
+    torch.manual_seed(1)
+    theirs = ref(packed)
+    after_theirs = torch.rand(())
+    out = rnn_utils.pack_padded_sequence(ours[0], lengths, enforce_sorted=False) if how == "lengths" else ours[0]
+    torch.testing.assert_close(out.data, theirs[0].data)
+    for a, b in zip(*(s if isinstance(s, tuple) else (s,) for s in (ours[1], theirs[1]))):
+        torch.testing.assert_close(a, b)
+    assert after_ours == after_theirs
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("attr, value, kwargs", [("num_layers", 1, dict(num_layers=2)), ("num_layers", 3, dict(num_layers=2)),
+                                                 ("bidirectional", True, {}),
+                                                 ("bidirectional", False, dict(bidirectional=True))])
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
+def test_a_stack_changed_after_construction_raises(name, attr, value, kwargs, grad):
+    """num_layers or bidirectional set after construction to a stack the parameters do not hold: a RuntimeError
+    (torch.nn's class: its op raises, except oneDNN's LSTM, which runs the first layers) that names both
+    attributes and the count, on every path (rnnkit ran the first layers, or raised IndexError)."""
+    m = getattr(rnnkit, name)(3, 4, **kwargs)
+    setattr(m, attr, value)
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"num_layers=\d and bidirectional=\w+ need "
+                                                                         r"\d layer-directions of parameters, but "
+                                                                         r"this module holds \d"):
+        m(torch.randn(5, 2, 3))
+    setattr(m, attr, kwargs.get(attr, attr == "num_layers" and 1))
+    m(torch.randn(5, 2, 3))  # set back: runs

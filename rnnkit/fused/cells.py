@@ -87,6 +87,8 @@ def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
         return FORWARD_AD_REASON.format("fused kernels")
     if x is not None and _autocast.mixed_active(x):
         return _autocast.MIXED_REASON.format("fused kernels")
+    if x is not None and x.layout != torch.strided:  # a sparse input: torch's cell op takes it (a sparse product)
+        return f"the fused kernels take dense (strided) tensors, got an input of layout {x.layout}"
     ref = cell.weight_ih
     if (cell.cell_spec.fusable in KERNELS and cell._is_standard and ref.dtype in _FLOATS
             and ref.device.type == "cpu" and (x is None or (x.dtype in _FLOATS and x.device.type == "cpu"))):

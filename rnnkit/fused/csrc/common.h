@@ -1065,7 +1065,8 @@ inline void pass_held_rows(const int64_t* len, int64_t t, int64_t N, int64_t H, 
 inline Tensor weight_grad(const Tensor& dG, const Tensor& X) {
   const int64_t G = dG.size(2), K = X.size(2);
   const OneThread one(serial_once(K * dG.numel()));  // (G x L*N) x (L*N x K) multiply-adds
-  return dG.reshape({-1, G}).t().mm(X.reshape({-1, K}));
+  const int64_t rows = dG.size(0) * dG.size(1);  // not -1: a zero-size gate axis (hidden_size 0) has no -1
+  return dG.reshape({rows, G}).t().mm(X.reshape({rows, K}));
 }
 
 // ================================================================ bfloat16
