@@ -4,6 +4,7 @@
 #include "common.h"
 #include "gates.h"
 #include "ops.h"
+#include "regularize.h"
 
 namespace rnnkit_fused::gru {
 
@@ -315,71 +316,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_bwd_entry(const Tensor& grad_out,
 
 namespace rnnkit_fused::gru {
 
-template <typename T>
-struct KeepH {  // as lstm.cpp's Keep
-  const T* mask = nullptr;
-  T rate = T(0), rest = T(1);
-  bool on = false;
-  KeepH(const Tensor& m, double r) {
-    if (m.defined()) {
-      mask = m.data_ptr<T>();
-      on = true;
-    } else if (r > 0) {
-      rate = T(r);
-      rest = T(1.0 - r);
-      on = true;
-    }
-  }
-  inline Vec<T> k(const T* at, int64_t j, int64_t cnt) const { return mask ? Vec<T>::loadu(at + j, cnt) : Vec<T>(rate); }
-  inline Vec<T> one_minus(const Vec<T>& kv) const { return mask ? Vec<T>(T(1)) - kv : Vec<T>(rest); }
-};
-
-// dst = a k + b (1 - k) (b_rest) ; with add: dst += k a (the kept part of a state gradient)
-template <typename T>
-inline void gru_mix(const KeepH<T>& z, const T* m, const T* prev, const T* cur, T* dst, int64_t S) {
-  constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < S; j += VS) {
-    const int64_t cnt = std::min(VS, S - j);
-    const Vec<T> kv = z.k(m, j, cnt);
-    (kv * Vec<T>::loadu(prev + j, cnt) + z.one_minus(kv) * Vec<T>::loadu(cur + j, cnt)).store(dst + j, cnt);
-  }
-}
-
-template <typename T>
-inline void gru_scale(const KeepH<T>& z, const T* m, bool rest, const T* src, T* dst, bool add, int64_t S) {
-  constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < S; j += VS) {
-    const int64_t cnt = std::min(VS, S - j);
-    const Vec<T> kv = z.k(m, j, cnt);
-    Vec<T> v = (rest ? z.one_minus(kv) : kv) * Vec<T>::loadu(src + j, cnt);
-    if (add) v = v + Vec<T>::loadu(dst + j, cnt);
-    v.store(dst + j, cnt);
-  }
-}
-
-template <typename T>
-inline void gru_mul(const T* a, const T* b, T* dst, int64_t n) {
-  constexpr int64_t VS = Vec<T>::size();
-  for (int64_t j = 0; j < n; j += VS) {
-    const int64_t cnt = std::min(VS, n - j);
-    (Vec<T>::loadu(a + j, cnt) * Vec<T>::loadu(b + j, cnt)).store(dst + j, cnt);
-  }
-}
-
-static void check_gru_reg(const Tensor& ref, const std::optional<Tensor>& rd, const std::optional<Tensor>& zh,
-                          double zh_rate, int64_t L, int64_t N, int64_t H, const char* op) {
-  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, "rnnkit_fused::", op,
-              ": zoneout and recurrent dropout run in float32 and float64 only, got ", ref.scalar_type());
-  if (rd.has_value() && rd->defined()) check_same(ref, *rd, "rd_mask", {N, H});
-  if (zh.has_value() && zh->defined()) check_same(ref, *zh, "zo_h", {L, N, H});
-  TORCH_CHECK(zh_rate >= 0 && zh_rate < 1, "rnnkit_fused::", op, ": the zoneout rate must be in [0, 1), got ",
-              zh_rate);
-}
-
-static Tensor opt_contig_g(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_fwd(const Tensor& xp_, const Tensor& w_hh_,
                                                        const std::optional<Tensor>& b_hh_, const Tensor& h0_,
                                                        const std::optional<Tensor>& lengths,
@@ -395,8 +331,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_fwd(const Tensor& xp_, const 
   Tensor b_hh = (b_hh_.has_value() && b_hh_->defined()) ? b_hh_->contiguous() : rk::zeros({G}, xp.options());
   check_same(xp, b_hh, "b_hh", {G});
   check_same(xp, h0, "h0", {N, H});
-  check_gru_reg(xp, rd_, zh_, zh_rate, L, N, H, "gru_reg_fwd");
-  Tensor rd = opt_contig_g(rd_), zh = opt_contig_g(zh_);
+  check_reg(xp, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "gru_reg_fwd", 1, true);
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_);
   const bool zoh = zh.defined() || zh_rate > 0;
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
@@ -408,7 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_fwd(const Tensor& xp_, const 
   Tensor ht_buf = zoh ? rk::empty({N, H}, xp.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "gru_reg_fwd", [&] {
     using T = scalar_t;
-    const KeepH<T> kh(zh, zh_rate);
+    const Keep<T> kh(zh, zh_rate);
     const Recurrent<T> rec(N, G, H, true, w_hh);
     const T *x = xp.data_ptr<T>(), *bh = b_hh.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     const T* r = rd.defined() ? rd.data_ptr<T>() : nullptr;
@@ -417,12 +353,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_fwd(const Tensor& xp_, const 
     const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
-      if (r) {
-        gru_mul(hp, r, hr, N * H);
-        rec(hr, H, T(0), hb, G);
-      } else {
-        rec(hp, H, T(0), hb, G);
-      }
+      if (r) mul_row(hp, r, hr, N * H);
+      rec(r ? hr : hp, H, T(0), hb, G);
       const T* xt = x + t * N * G;
       T *rzt = rz + t * N * G, *hnt = hn + t * N * H, *ot = o + t * N * H;
       const bool check = len && t >= min_len;
@@ -434,7 +366,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_fwd(const Tensor& xp_, const 
             zero_row(hnt + n * H, H);
           } else if (zoh) {
             gru_row(xt + n * G, hb + n * G, bh, hp + n * H, rzt + n * G, hnt + n * H, htl + n * H, H);
-            gru_mix(kh, kh.mask ? kh.mask + (t * N + n) * H : nullptr, hp + n * H, htl + n * H, ot + n * H, H);
+            zoneout_mix(kh, (t * N + n) * H, hp + n * H, htl + n * H, ot + n * H, H);
           } else {
             gru_row(xt + n * G, hb + n * G, bh, hp + n * H, rzt + n * G, hnt + n * H, ot + n * H, H);
           }
@@ -456,8 +388,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_bwd(const Tensor& grad_out_, 
   const int64_t L = out_.size(0), N = out_.size(1), H = out_.size(2), G = 3 * H;
   Tensor grad_out = grad_out_.contiguous(), grad_hn = grad_hn_.contiguous(), w_hh = w_hh_.contiguous();
   Tensor h0 = h0_.contiguous(), out = out_.contiguous(), rzn = rzn_.contiguous(), hns = hns_.contiguous();
-  check_gru_reg(out, rd_, zh_, zh_rate, L, N, H, "gru_reg_bwd");
-  Tensor rd = opt_contig_g(rd_), zh = opt_contig_g(zh_);
+  check_reg(out, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "gru_reg_bwd", 1, true);
+  Tensor rd = opt_contig(rd_), zh = opt_contig(zh_);
   const bool zoh = zh.defined() || zh_rate > 0;
   check_same(out, grad_out, "grad_out", out.sizes());
   check_same(out, grad_hn, "grad_h_n", {N, H});
@@ -471,16 +403,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_bwd(const Tensor& grad_out_, 
   Tensor dhh = rk::empty({L, N, G}, out.options());
   Tensor dh_a = grad_hn.clone(), dh_b = rk::empty({N, H}, out.options());
   Tensor dt_buf = zoh ? rk::empty({N, H}, out.options()) : Tensor();
+  Tensor kb_buf = zoh ? rk::empty({N, H}, out.options()) : Tensor();
   Tensor rb_buf = rd.defined() ? rk::empty({N, H}, out.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gru_reg_bwd", [&] {
     using T = scalar_t;
-    const KeepH<T> kh(zh, zh_rate);
+    const Keep<T> kh(zh, zh_rate);
     const Recurrent<T> rec(N, H, G, false, w_hh);
     const T *go = grad_out.data_ptr<T>(), *o = out.data_ptr<T>();
     const T *rz = rzn.data_ptr<T>(), *hn = hns.data_ptr<T>(), *h_init = h0.data_ptr<T>();
     const T* r = rd.defined() ? rd.data_ptr<T>() : nullptr;
     T *dx = dxp.data_ptr<T>(), *dhp = dhh.data_ptr<T>(), *dh = dh_a.data_ptr<T>(), *dn = dh_b.data_ptr<T>();
     T *dtl = zoh ? dt_buf.data_ptr<T>() : nullptr, *rb = r ? rb_buf.data_ptr<T>() : nullptr;
+    T* kb = zoh ? kb_buf.data_ptr<T>() : nullptr;
     const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
     for (int64_t t = L - 1; t >= 0; --t) {
       add_into(dh, go + t * N * H, N * H);  // dL/dh_t (the mixed state)
@@ -495,40 +429,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_bwd(const Tensor& grad_out_, 
             zero_row(dht + n * G, G);
             copy_row(dn + n * H, dh + n * H, H);
           } else if (zoh) {
-            const T* km = kh.mask ? kh.mask + (t * N + n) * H : nullptr;
-            gru_scale(kh, km, true, dh + n * H, dtl + n * H, false, H);  // dL/dh~_t
+            const int64_t off = (t * N + n) * H;
+            zoneout_rest(kh, off, dh + n * H, dtl + n * H, H);  // dL/dh~_t
             gru_grad_row(rzt + n * G, hnt + n * H, hp + n * H, dtl + n * H, dxt + n * G, dht + n * G, dn + n * H, H);
-            gru_scale(kh, km, false, dh + n * H, dn + n * H, true, H);  // + k dh: the kept part
+            zoneout_kept(kh, off, dh + n * H, kb + n * H, H);  // + k dh: the kept part
+            add_into(dn + n * H, kb + n * H, H);
           } else {
             gru_grad_row(rzt + n * G, hnt + n * H, hp + n * H, dh + n * H, dxt + n * G, dht + n * G, dn + n * H, H);
           }
         }
       });
-      if (r) {  // dh_{t-1} += r * (dhh W_hh), valid rows only
-        rec(dht, G, T(0), rb, H);
-        for (int64_t n = 0; n < N; ++n) {
-          if (check && t >= len[n]) continue;
-          gru_mul(rb + n * H, r + n * H, rb + n * H, H);
-          add_into(dn + n * H, rb + n * H, H);
-        }
-      } else {
-        rec(dht, G, T(1), dn, H);
-        if (check) pass_held_rows(len, t, N, H, dh, dn);
-      }
+      rec_grad(rec, dht, G, r, rb, dh, dn, len, t, check, N, H);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);
   });
-  Tensor prev = previous_states(h0, out, len);
-  if (rd.defined() && L > 0) {  // the product read h_{t-1} * r
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gru_reg_bwd_mask", [&] {
-      using T = scalar_t;
-      T* x = prev.data_ptr<T>();
-      const T* r = rd.data_ptr<T>();
-      for (int64_t t = 0; t < L; ++t) gru_mul((const T*)(x + t * N * H), r, x + t * N * H, N * H);
-    });
-  }
-  Tensor grad_w_hh = weight_grad(dhh, prev);
+  Tensor grad_w_hh = weight_grad(dhh, masked_previous(previous_states(h0, out, len), rd));
   Tensor grad_b_hh;
   {
     const OneThread one(serial_elems(dhh.numel()));

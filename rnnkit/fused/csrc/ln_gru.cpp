@@ -156,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_fwd(
   check_same(xp, g_hh, "ln_weight_hh", {G});
   check_same(xp, shift, "shift", {G});
   check_same(xp, h0, "h0", {N, H});
-  check_reg(xp, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "ln_gru_reg_fwd");
+  check_reg(xp, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "ln_gru_reg_fwd", 1);
   Tensor rd = opt_contig(rd_), zh = opt_contig(zh_);
   const bool zoh = zh.defined() || zh_rate > 0;
   Tensor len_keep;
@@ -230,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_bwd(
   check_same(out, gates, "gates", {L, N, G});
   check_same(out, nzs, "nz", {L, N, G});
   check_same(out, rstd, "rstd", {L, N});
-  check_reg(out, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "ln_gru_reg_bwd");
+  check_reg(out, rd_, zh_, std::nullopt, zh_rate, 0.0, L, N, H, H, "ln_gru_reg_bwd", 1);
   Tensor rd = opt_contig(rd_), zh = opt_contig(zh_);
   const bool zoh = zh.defined() || zh_rate > 0;
   Tensor dt_buf = zoh ? rk::empty({N, H}, out.options()) : Tensor();
@@ -282,12 +282,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_bwd(
           }
         }
       });
-      if (r) {
-        masked_rec_grad(rec, dzt, G, r, rb, dn, len, t, check, N, H);
-      } else {
-        rec(dzt, G, T(1), dn, H);
-        if (check) pass_held_rows(len, t, N, H, dh, dn);
-      }
+      rec_grad(rec, dzt, G, r, rb, dh, dn, len, t, check, N, H);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);

@@ -324,12 +324,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_lstm_reg_b
           }
         }
       });
-      if (r) {
-        masked_rec_grad(rec, dzt, G, r, rb, dn, len, t, check, N, H);
-      } else {
-        rec(dzt, G, T(1), dn, H);
-        if (check) pass_held_rows(len, t, N, H, dh, dn);
-      }
+      rec_grad(rec, dzt, G, r, rb, dh, dn, len, t, check, N, H);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);

@@ -457,7 +457,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_fwd(
   else TORCH_CHECK(P == H, "rnnkit_fused::lstm_reg_fwd: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
   check_same(xp, h0, "h0", {N, P});
   check_same(xp, c0, "c0", {N, H});
-  check_reg(xp, rd_, zh_, zc_, zh_rate, zc_rate, L, N, P, H, "lstm_reg_fwd");
+  check_reg(xp, rd_, zh_, zc_, zh_rate, zc_rate, L, N, P, H, "lstm_reg_fwd", 2, true);
   Tensor rd = opt_contig(rd_), zh = opt_contig(zh_), zc = opt_contig(zc_);
   Tensor len_keep;
   const int64_t* len = lengths_ptr(lengths, N, len_keep);
@@ -538,7 +538,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
   Tensor w_hh = w_hh_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), out = out_.contiguous();
   Tensor gates = gates_.contiguous(), cs = cs_.contiguous(), cn = cn_.contiguous(), ms = ms_.contiguous();
   Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
-  check_reg(out, rd_, zh_, zc_, zh_rate, zc_rate, L, N, P, H, "lstm_reg_bwd");
+  check_reg(out, rd_, zh_, zc_, zh_rate, zc_rate, L, N, P, H, "lstm_reg_bwd", 2, true);
   Tensor rd = opt_contig(rd_), zh = opt_contig(zh_), zc = opt_contig(zc_);
   const bool zoc = zc.defined() || zc_rate > 0, zoh = zh.defined() || zh_rate > 0;
   check_same(out, grad_out, "grad_out", out.sizes());
@@ -616,12 +616,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_bwd(
           }
         }
       });
-      if (r) {  // dh_{t-1} += r * (dG W_hh), valid rows only
-        masked_rec_grad(rec, dgt, G, r, rb, dn, len, t, check, N, P);
-      } else {
-        rec(dgt, G, T(1), dn, P);
-        if (check) pass_held_rows(len, t, N, P, dh, dn);
-      }
+      rec_grad(rec, dgt, G, r, rb, dh, dn, len, t, check, N, P);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);

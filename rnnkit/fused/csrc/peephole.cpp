@@ -214,12 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_reg_
           }
         }
       });
-      if (r) {
-        masked_rec_grad(rec, dgt, G, r, rb, dn, len, t, check, N, H);
-      } else {
-        rec(dgt, G, T(1), dn, H);
-        if (check) pass_held_rows(len, t, N, H, dh, dn);
-      }
+      rec_grad(rec, dgt, G, r, rb, dh, dn, len, t, check, N, H);
       std::swap(dh, dn);
     }
     if (dh != dh_a.data_ptr<T>()) std::swap(dh_a, dh_b);

@@ -87,19 +87,27 @@ inline void mul_row(const T* a, const T* b, T* dst, int64_t n) {
   }
 }
 
-// The regularizer arguments' checks: rd_mask (N, P), zo_h (L, N, P), zo_c (L, N, H), rates in [0, 1)
+// The regularizer arguments' checks: rd_mask (N, P), zo_h (L, N, P), zo_c (L, N, H), rates in [0, 1); a GRU
+// (one state: states 1) has no zo_c. The dtype (float32, float64) is checked where a regularizer is given, or
+// always for an op that exists for them only (`always`: lstm_reg_*, gru_reg_*; the zoo's loops serve their
+// plain ops too)
 inline void check_reg(const Tensor& ref, const std::optional<Tensor>& rd, const std::optional<Tensor>& zh,
                       const std::optional<Tensor>& zc, double zh_rate, double zc_rate, int64_t L, int64_t N,
-                      int64_t P, int64_t H, const char* op) {
-  const bool any = (rd.has_value() && rd->defined()) || (zh.has_value() && zh->defined()) ||
+                      int64_t P, int64_t H, const char* op, int states = 2, bool always = false) {
+  const bool any = always || (rd.has_value() && rd->defined()) || (zh.has_value() && zh->defined()) ||
                    (zc.has_value() && zc->defined()) || zh_rate != 0 || zc_rate != 0;
   TORCH_CHECK(!any || ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, "rnnkit_fused::", op,
               ": zoneout and recurrent dropout run in float32 and float64 only, got ", ref.scalar_type());
   if (rd.has_value() && rd->defined()) check_same(ref, *rd, "rd_mask", {N, P});
   if (zh.has_value() && zh->defined()) check_same(ref, *zh, "zo_h", {L, N, P});
   if (zc.has_value() && zc->defined()) check_same(ref, *zc, "zo_c", {L, N, H});
-  TORCH_CHECK(zh_rate >= 0 && zh_rate < 1 && zc_rate >= 0 && zc_rate < 1, "rnnkit_fused::", op,
-              ": zoneout rates must be in [0, 1), got ", zh_rate, " and ", zc_rate);
+  if (states == 1) {
+    TORCH_CHECK(zh_rate >= 0 && zh_rate < 1, "rnnkit_fused::", op, ": the zoneout rate must be in [0, 1), got ",
+                zh_rate);
+  } else {
+    TORCH_CHECK(zh_rate >= 0 && zh_rate < 1 && zc_rate >= 0 && zc_rate < 1, "rnnkit_fused::", op,
+                ": zoneout rates must be in [0, 1), got ", zh_rate, " and ", zc_rate);
+  }
 }
 
 inline Tensor opt_contig(const std::optional<Tensor>& t) {
@@ -117,6 +125,19 @@ inline void masked_rec_grad(const Recurrent<T>& rec, const T* dgt, int64_t G, co
     mul_row(rb + n * P, r + n * P, rb + n * P, P);
     add_into(dn + n * P, rb + n * P, P);
   }
+}
+
+// The backward's recurrent product of step t into dn (N, P): dn += dG W_hh, and a held row's dn passed
+// through again (pass_held_rows); with recurrent dropout (r) masked_rec_grad
+template <typename T>
+inline void rec_grad(const Recurrent<T>& rec, const T* dgt, int64_t G, const T* r, T* rb, const T* dh, T* dn,
+                     const int64_t* len, int64_t t, bool check, int64_t N, int64_t P) {
+  if (r) {
+    masked_rec_grad(rec, dgt, G, r, rb, dn, len, t, check, N, P);
+    return;
+  }
+  rec(dgt, G, T(1), dn, P);
+  if (check) pass_held_rows(len, t, N, P, dh, dn);
 }
 
 // h_{t-1} as the recurrent product read it: prev (L, N, P), a fresh tensor of the op's own (previous_states),
