@@ -44,6 +44,13 @@ def _build_module():
 
 
 
+def _rate(value) -> str:
+    """A rate as a reason's text shows it; while torch.compile traces (``dynamic=True`` makes a module's float
+    attributes symbolic, which dynamo cannot format into a string) the word "set": the backends only test
+    whether a reason exists there."""
+    return "set" if torch.compiler.is_compiling() else str(value)
+
+
 class RecurrentBase(nn.Module):
     """Shared machinery of every rnnkit layer (the analogue of ``torch.nn.RNNBase``).
 
@@ -280,11 +287,11 @@ class RecurrentBase(nn.Module):
         dropped ``weight_hh`` in its flat weight list."""
         parts = []
         if self.training and self.recurrent_dropout > 0:
-            parts.append(f"recurrent dropout (recurrent_dropout={self.recurrent_dropout}, in training mode)")
+            parts.append(f"recurrent dropout (recurrent_dropout={_rate(self.recurrent_dropout)}, in training mode)")
         if self.zoneout > 0 or self.zoneout_cell > 0:
-            rates = f"zoneout={self.zoneout}"
+            rates = f"zoneout={_rate(self.zoneout)}"
             if len(self.cell_spec.state_names) > 1 and self.zoneout_cell != self.zoneout:
-                rates += f", zoneout_cell={self.zoneout_cell}"
+                rates += f", zoneout_cell={_rate(self.zoneout_cell)}"
             parts.append(f"zoneout ({rates}; it changes the function in eval mode too)")
         return " or ".join(parts) or None
 

@@ -263,3 +263,25 @@ def test_op_errors_name_what_was_received(family):
         bwd[13] = torch.zeros(0, dtype=F64)
         with pytest.raises(RuntimeError, match=r"cn has shape \[0\], expected \[3, 2, 4\]"):
             ops.peephole_reg_bwd(*bwd)
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+@pytest.mark.parametrize("cls, kwargs", [(rnnkit.LayerNormGRU, dict(recurrent_dropout=0.2)),
+                                         (rnnkit.LSTM, dict(recurrent_dropout=0.2, zoneout=0.1))],
+                         ids=["ln_gru", "lstm"])
+def test_torch_compile_dynamic_in_training(cls, kwargs, backend):
+    """torch.compile(fullgraph=True, dynamic=True) of a regularized layer in training, at two shapes: the eager
+    value under the same seed (dynamic=True made the rates symbolic, and the backends' reason text, which
+    formats them, broke the trace)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = cls(3, 4, backend=backend, dtype=F64, **kwargs)
+    compiled = torch.compile(lambda x: layer(x)[0].sum(), fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        for seed, shape in ((1, (5, 3, 3)), (2, (7, 2, 3))):
+            x = torch.randn(shape, dtype=F64)
+            torch.manual_seed(seed)
+            got = compiled(x)
+            torch.manual_seed(seed)
+            want = layer(x)[0].sum()
+            assert_close(got.detach(), want.detach(), F64, f"{shape}")
