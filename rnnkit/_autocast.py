@@ -42,9 +42,19 @@ MIXED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes a :data:`MIXED` run takes in any mix (input, states, parameters): autocast casts them all."""
 
 
-def onednn_lstm() -> bool:
-    """Whether torch.nn's unpacked LSTM without projection runs on oneDNN on this CPU (ATen's ``use_mkldnn``)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled)
+def onednn_lstm(x: Tensor) -> bool:
+    """Whether torch.nn's unpacked LSTM without projection runs ``x`` on oneDNN (ATen's ``use_mkldnn``: oneDNN
+    built and enabled, a non-empty input, float32, or bfloat16 where this CPU has oneDNN's bfloat16, or
+    float16 without a gradient where it has its float16); else ATen's composite cells run it."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) or x.numel() == 0:
+        return False
+    if x.dtype == torch.float32:
+        return True
+    if x.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if x.dtype == torch.float16:
+        return not torch.is_grad_enabled() and bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
 
 
 def mixed_active(x: Tensor) -> bool:
@@ -81,7 +91,7 @@ def compute_dtype(module, input, lengths=None):
     ref = next(iter(module.parameters()), None)
     if x.dtype == torch.float64 or (ref is not None and ref.dtype == torch.float64):
         return None
-    policy = LOWER if device_type != "cpu" else module._autocast_cpu_policy(packed)
+    policy = LOWER if device_type != "cpu" else module._autocast_cpu_policy(packed, x)
     if policy == MIXED:
         return MIXED
     return torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32

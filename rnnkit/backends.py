@@ -199,10 +199,10 @@ call's whole work; a repeated call with the same :func:`_auto_key` takes the rem
 def _auto_key(module, x: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[tuple]:
     """Everything ``auto``'s choice depends on besides the module's attributes, or None where the choice
     is never remembered (no input, a GPU input, tracing, torch.compile or export, forward-mode AD,
-    autocast: a layer reaches a backend with autocast on only to run in mixed precision, which the fused
+    CPU autocast: a layer reaches a backend with it on only to run in mixed precision, which the fused
     kernels decline)."""
     if (x is None or x.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._get_tracing_state()
-            or forward_ad_active() or torch._C._is_any_autocast_enabled()):
+            or forward_ad_active() or torch.is_autocast_enabled("cpu")):
         return None
     fused = BACKENDS.get("fused")
     cal = getattr(fused, "_calibrator", None)

@@ -132,7 +132,7 @@ class CellBase(nn.Module):
         from .layers import _SCRIPT_MESSAGE
         raise RuntimeError(_SCRIPT_MESSAGE.format(self._describe()))
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         """Under CPU autocast: ``"lower"`` (the autocast dtype), ``"float32"`` or ``"mixed"`` (autocast left
         on), as torch.nn's cells (float32 for the zoo's cells on the CPU)."""
         return _autocast.FLOAT32
@@ -280,7 +280,7 @@ class RNNCell(CellBase, nn.RNNCell):
         super().__init__(rnn_spec(nonlinearity), input_size, hidden_size, bias, device, dtype, backend=backend)
         self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         return _autocast.LOWER  # as torch.nn.RNNCell: a composite op, its matrix products run in the lower dtype
 
     def _make_spec(self) -> CellSpec:
@@ -310,7 +310,7 @@ class LSTMCell(CellBase, nn.LSTMCell):
     def _make_spec(self) -> CellSpec:
         return LSTM_SPEC
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         return _autocast.MIXED  # as torch.nn.LSTMCell: ATen's composite cell with autocast on (products cast)
 
 
@@ -337,5 +337,5 @@ class GRUCell(CellBase, nn.GRUCell):
     def _make_spec(self) -> CellSpec:
         return GRU_SPEC
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         return _autocast.MIXED  # as torch.nn.GRUCell: ATen's composite cell with autocast on (products cast)

@@ -317,10 +317,10 @@ class RecurrentBase(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         """Under CPU autocast: run in the autocast dtype (``"lower"``), in ``"float32"`` or with autocast on
         (``"mixed"``) (see :mod:`rnnkit._autocast`: as torch.nn's layers; float32 for the zoo on the CPU).
-        ``packed``: a PackedSequence input or ``lengths``."""
+        ``packed``: a PackedSequence input or ``lengths``; ``x``: the input (its data, packed)."""
         return _autocast.FLOAT32
 
     def which_backend(self, input: Optional[Tensor] = None, lengths=None) -> str:
@@ -641,7 +641,8 @@ _REGULARIZERS_DOC = r"""
             AWD-LSTM): one mask per forward, scaled by ``1 / (1 - p)``; training only. The
             parameters keep their torch.nn names, so ``state_dict`` is unchanged.
         Each rate is in ``[0, 1)``, default 0. Zoneout (any mode) and recurrent dropout
-        (training) run on the reference backend; weight-drop also runs on ``torch``."""
+        (training) run inside the fused kernels (float32, float64; bfloat16: the reference
+        backend); weight-drop also runs on ``torch``."""
 
 
 class RNN(RecurrentBase, nn.RNN):
@@ -685,7 +686,7 @@ class RNN(RecurrentBase, nn.RNN):
                          proj_size, device, dtype, backend=backend)
         self.nonlinearity = nonlinearity  # after Module.__init__: an nn.Module activation becomes a submodule
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         return _autocast.LOWER  # as torch.nn.RNN: its op is composite, its matrix products run in the lower dtype
 
     def _make_spec(self) -> CellSpec:
@@ -754,9 +755,9 @@ class LSTM(RecurrentBase, nn.LSTM):
                          bidirectional, proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, zoneout_cell=zoneout_cell, weight_drop=weight_drop)
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         # as torch.nn.LSTM: oneDNN's op (on autocast's CPU list) where it runs, else ATen's composite cells
-        if packed or self.proj_size or not _autocast.onednn_lstm():
+        if packed or self.proj_size or not _autocast.onednn_lstm(x):
             return _autocast.MIXED
         return _autocast.LOWER
 
@@ -802,7 +803,7 @@ class GRU(RecurrentBase, nn.GRU):
                          bidirectional, proj_size, device, dtype, backend=backend, recurrent_dropout=recurrent_dropout,
                          zoneout=zoneout, weight_drop=weight_drop)
 
-    def _autocast_cpu_policy(self, packed: bool) -> str:
+    def _autocast_cpu_policy(self, packed: bool, x: Tensor) -> str:
         return _autocast.MIXED  # as torch.nn.GRU: ATen's composite cells, autocast on (products cast, state promoted)
 
     def _make_spec(self) -> CellSpec:

@@ -100,6 +100,7 @@ def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan:
     rates = module._regularizer_rates() if hasattr(module, "_regularizer_rates") else None
     finals = [[] for _ in state0]
     layer_input = x
+    live = None  # the live steps in packed order, for inter-layer dropout with lengths (computed once)
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(num_dirs):
@@ -120,8 +121,11 @@ def run_stack(module, x: Tensor, state0: State, lengths: Optional[Tensor], scan:
             if lengths is None:
                 layer_input = F.dropout(layer_input, module.dropout, training=True)
             else:
-                layer_input = dropout_live(layer_input, module.dropout, lengths,
-                                           getattr(module, "_packed_order", None))
+                if live is None:
+                    # clamped as the torch backend packs (it runs an empty sequence for one step), so every
+                    # backend draws the same masks
+                    live = live_positions(lengths.clamp(min=1), x.shape[0], getattr(module, "_packed_order", None))
+                layer_input = dropout_live(layer_input, module.dropout, live)
     return layer_input, tuple(torch.stack(acc) for acc in finals)
 
 
@@ -137,13 +141,12 @@ def live_positions(lengths: Tensor, seq_len: int, order: Optional[Tensor] = None
     return (t * batch + order.unsqueeze(0))[live]
 
 
-def dropout_live(x: Tensor, p: float, lengths: Tensor, order: Optional[Tensor] = None) -> Tensor:
-    """Inter-layer dropout of a padded ``x (L, N, F)`` with ``lengths``, drawn as torch.nn draws it on a
-    packed batch: one mask over the live steps only, in the packed data's order (so a seed gives
-    torch.nn's masks for the same PackedSequence, and the random stream continues as torch.nn's);
-    padding positions pass unchanged (masked later)."""
+def dropout_live(x: Tensor, p: float, positions: Tensor) -> Tensor:
+    """Inter-layer dropout of a padded ``x (L, N, F)``, drawn as torch.nn draws it on a packed batch: one
+    mask over the live steps only (``positions``, from :func:`live_positions`), in the packed data's order
+    (so a seed gives torch.nn's masks for the same PackedSequence, and the random stream continues as
+    torch.nn's); padding positions pass unchanged (masked later)."""
     seq_len, batch = x.shape[0], x.shape[1]
-    positions = live_positions(lengths, seq_len, order)
     flat = x.reshape(seq_len * batch, *x.shape[2:])
     dropped = F.dropout(flat.index_select(0, positions), p, training=True)
     return flat.index_copy(0, positions, dropped).view(x.shape)

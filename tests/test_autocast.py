@@ -36,14 +36,16 @@ def _mixed(kind, kwargs, inputs) -> bool:
     and values torch.nn gives): GRU and the LSTM/GRU cells always, an LSTM off oneDNN."""
     if kind in ("GRU", "GRUCell", "LSTMCell"):
         return True
-    return kind == "LSTM" and (bool(kwargs.get("proj_size")) or inputs in ("packed", "lengths", "onednn_off"))
+    off_onednn = inputs in ("packed", "lengths", "onednn_off", "x_fp16", "empty") or (
+        inputs == "x_bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported())  # ATen's use_mkldnn
+    return kind == "LSTM" and (bool(kwargs.get("proj_size")) or off_onednn)
 
 
 LAYER_CASES = [("RNN", {}), ("RNN", dict(nonlinearity="relu", num_layers=2, bidirectional=True)),
                ("GRU", {}), ("GRU", dict(num_layers=2, bidirectional=True, batch_first=True)),
                ("LSTM", {}), ("LSTM", dict(num_layers=2, bidirectional=True, batch_first=True)),
                ("LSTM", dict(proj_size=2)), ("LSTM", dict(proj_size=2, num_layers=2, bidirectional=True))]
-LAYER_INPUTS = ["plain", "packed", "lengths", "onednn_off", "h0_bf16", "x_bf16"]
+LAYER_INPUTS = ["plain", "packed", "lengths", "onednn_off", "h0_bf16", "x_bf16", "x_fp16", "empty"]
 CELL_INPUTS = ["plain", "onednn_off", "h0_bf16", "x_bf16"]
 LENGTHS = [5, 3, 2]
 
@@ -95,6 +97,10 @@ def _run_both(ours, theirs, kind, kwargs, inputs, backend):
     x = torch.randn(3, 4) if cell else torch.randn(3, 5, 4) if batch_first else torch.randn(5, 3, 4)
     if inputs == "x_bf16":
         x = x.to(BF16)
+    elif inputs == "x_fp16":  # (with a gradient: torch.nn's LSTM takes it off oneDNN)
+        x = x.to(torch.float16)
+    elif inputs == "empty":  # an empty batch: never oneDNN
+        x = x[:0] if batch_first or cell else x[:, :0]
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     args_ours, args_theirs, kw = [x_ours], [x_theirs], {}
     if inputs == "packed":
@@ -321,7 +327,8 @@ def test_the_cpu_policy_of_every_layer(name):
     entry = rnnkit.LAYERS[name]
     module = entry.make(4, 6)
     x = torch.randn(entry.input_shape(5, 3, 4))
-    want = {"rnn": (BF16, BF16), "lstm": (BF16, _autocast.MIXED), "gru": (_autocast.MIXED, _autocast.MIXED)}
+    lstm = BF16 if _autocast.onednn_lstm(x) else _autocast.MIXED  # oneDNN built and enabled here, or not
+    want = {"rnn": (BF16, BF16), "lstm": (lstm, _autocast.MIXED), "gru": (_autocast.MIXED, _autocast.MIXED)}
     with _autocast_ctx():
         got = (_autocast.compute_dtype(module, x), _autocast.compute_dtype(module, x, torch.tensor([5, 2, 4])))
     assert got == want.get(name, (torch.float32, torch.float32))

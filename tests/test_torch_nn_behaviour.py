@@ -661,3 +661,21 @@ def test_a_stack_changed_after_construction_raises(name, attr, value, kwargs, gr
         m(torch.randn(5, 2, 3))
     setattr(m, attr, kwargs.get(attr, attr == "num_layers" and 1))
     m(torch.randn(5, 2, 3))  # set back: runs
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_training_dropout_with_a_zero_length_is_the_same_on_every_backend(name):
+    """``lengths=`` with an empty sequence (rnnkit's, not torch.nn's): under one seed every backend draws the same
+    inter-layer dropout masks (the torch backend runs the empty row for one step; the runner draws as it packs)."""
+    results = []
+    for backend in ("reference", "fused", "torch"):
+        m = make(name, 3, 4, num_layers=2, dropout=0.5, backend=backend)
+        torch.manual_seed(0)
+        m = getattr(rnnkit, name)(3, 4, num_layers=2, dropout=0.5, backend=backend)
+        x = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        out, h = m(x, lengths=torch.tensor([4, 0, 2]))
+        results.append((out, *(h if isinstance(h, tuple) else (h,)), torch.rand(())))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)

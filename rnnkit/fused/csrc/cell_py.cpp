@@ -272,8 +272,9 @@ PyObject* cell_step_reason(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 //   params the module's _parameters dict (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0).
 //   lstm_macs_limit (optional, default 0: none): auto's rule (rnnkit.layers.AUTO_DIRECT_LSTM_MACS):
 //   an LSTM sequence (L > 1) with N * 4H * H >= this many multiply-adds per step is declined too.
-// Returns what the layer returns: (output, h_n), or (output, (h_n, c_n)) for the LSTM; output in
-// the input's layout, h_n and c_n (1, N, H); all new tensors.
+// Returns what the layer returns: (output, h_n), or (output, (h_n, c_n)) for the LSTM; output
+// time-major in memory (a transposed view for batch_first, as torch.nn's), h_n and c_n (1, N, H); all
+// new tensors.
 // (layer_infer is declared here, not in ops.h, so adding it rebuilt only this unit and cell.cpp's.)
 void layer_infer(long kind, int64_t L, int64_t N, int64_t I, int64_t H, bool batch_first, const Tensor& x,
                  const Tensor* h0_, const Tensor* c0_, const Tensor& w_ih, const Tensor& w_hh, const Tensor* b_ih,
