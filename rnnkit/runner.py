@@ -239,8 +239,12 @@ def bernoulli_mask(shape, prob: float, like: Tensor, what: str) -> Tensor:
         return torch.full(shape, float(threshold > 0), dtype=like.dtype, device=like.device)
     # [-2^63, 2^63 - 1): 64 random bits (torch.compile traces randint, not random_)
     words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((numel + 1) // 2,), dtype=torch.int64, device=like.device)
+    bits = words.view(torch.int32)[:numel].view(shape)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # inside torch.func (vmap(randomness="different") makes ``words`` batched): ``out=`` has no batching rule
+        return torch.lt(bits, threshold).to(like.dtype)
     mask = torch.empty(shape, dtype=like.dtype, device=like.device)
-    torch.lt(words.view(torch.int32)[:numel].view(shape), threshold, out=mask)  # no bool tensor in between
+    torch.lt(bits, threshold, out=mask)  # no bool tensor in between
     return mask
 
 

@@ -285,3 +285,28 @@ def test_torch_compile_dynamic_in_training(cls, kwargs, backend):
             torch.manual_seed(seed)
             want = layer(x)[0].sum()
             assert_close(got.detach(), want.detach(), F64, f"{shape}")
+
+
+@pytest.mark.parametrize("family", ["lstm", "ln_gru", "peephole"])
+def test_vmap_with_different_randomness(family):
+    """torch.func.vmap(randomness="different") of a regularized layer in training (each sample its own masks:
+    bernoulli_mask's ``out=`` had no batching rule): identical samples come out different, and the fused
+    backend equals the reference under one seed; randomness="same" gives each sample the unbatched call's
+    result under the same seed."""
+    cls = rnnkit.LSTM if family == "lstm" else LAYERS[family]
+    kwargs = dict(zoneout=0.2, recurrent_dropout=0.3)
+    x = torch.randn(5, 2, 3, dtype=F64).expand(4, 5, 2, 3)  # four identical samples
+    results = {}
+    for backend in ("reference", "fused"):
+        torch.manual_seed(0)
+        layer = cls(3, 4, backend=backend, dtype=F64, **kwargs)
+        torch.manual_seed(1)
+        results[backend] = torch.func.vmap(lambda v: layer(v)[0], randomness="different")(x)
+        torch.manual_seed(2)
+        same = torch.func.vmap(lambda v: layer(v)[0], randomness="same")(x)
+        torch.manual_seed(2)
+        alone = layer(x[0])[0]
+        for b in range(4):
+            assert_close(same[b], alone, F64, f"{backend} same, sample {b}")
+    assert_close(results["fused"], results["reference"], F64, "different")
+    assert not torch.allclose(results["fused"][0], results["fused"][1])
