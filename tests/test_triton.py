@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -303,8 +305,6 @@ def test_gpu_bench_dry_run(tmp_path):
     """benchmarks/gpu_bench.py --dry-run: the GPU benchmark's code on CPU tensors through the
     interpreter (its own process: it sets TRITON_INTERPRET before importing triton)."""
     import json
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "dry.json"
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -369,3 +369,111 @@ def test_second_derivatives_of_combined_flags_are_refused():
     with pytest.raises(NotImplementedError, match="second derivatives with more than one of proj_size"):
         torch.autograd.grad(out.sum(), args[0], create_graph=True)
     assert lstm.lstm_fwd is op
+
+
+# ----------------------------------------------------------------------------- the compiler's view (no GPU needed)
+
+_MATRIX_COMPILE_CHECK = r'''
+import itertools, os, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rnnkit.triton import _common as C, gru as TG, lstm as TL, rnn as TR
+
+assert not C.interpreting(), "the kernels must be compiled ones here"
+target = GPUTarget("cuda", 90, 32)  # H100 / H200
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+         torch.int32: "i32", torch.int64: "i64"}
+launched = []
+
+
+class Record:  # stands in for a kernel: records what the driver launches (nothing runs)
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launched.append((self.fn, args, kwargs))
+
+
+for mod, names in ((TL, ("_lstm_fwd_kernel", "_lstm_bwd_kernel")), (TG, ("_gru_fwd_kernel", "_gru_bwd_kernel")),
+                   (TR, ("_rnn_fwd_kernel", "_rnn_bwd_kernel"))):
+    for name in names:
+        setattr(mod, name, Record(getattr(mod, name)))
+
+L, N, H = 3, 5, 20
+for dt, driver, has_len in itertools.product((torch.float32, torch.bfloat16), (0, 1), (False, True)):
+    lengths = torch.tensor([3, 1, 2, 3, 0]) if has_len else None
+    r = lambda *s: torch.randn(*s, dtype=dt)
+    for variant in ("plain", "proj", "peep", "ln"):
+        P, G = 16 if variant == "proj" else H, 4 * H
+        w_hr = r(P, H) if variant == "proj" else None
+        pe = [r(H) for _ in range(3)] if variant == "peep" else [None] * 3
+        lw = [r(G), r(H), r(H)] if variant == "ln" else [None] * 3
+        xp, w_hh, h0, c0 = r(L, N, G), r(G, P), r(N, P), r(N, H)
+        saved = TL.lstm_forward(xp, w_hh, w_hr, *pe, *lw, h0, c0, lengths, 1e-5, driver)
+        TL.lstm_backward(r(L, N, P), r(N, P), r(N, H), xp, w_hh, w_hr, *pe, *lw, h0, c0, lengths, driver, saved[0],
+                         *saved[3:])
+    for ln in (False, True):
+        xp, w_hh, h0 = r(L, N, 3 * H), r(3 * H, H), r(N, H)
+        saved = TG.gru_forward(xp, w_hh, r(3 * H), r(3 * H) if ln else None, h0, lengths, 1e-5, driver)
+        TG.gru_backward(r(L, N, H), r(N, H), xp, w_hh, r(3 * H), r(3 * H) if ln else None, h0, lengths, driver,
+                        saved[0], *saved[2:6])
+    for act in (0, 1):
+        xp, w_hh, h0 = r(L, N, H), r(H, H), r(N, H)
+        saved = TR.rnn_forward(xp, w_hh, h0, lengths, act, driver)
+        TR.rnn_backward(r(L, N, H), r(N, H), xp, w_hh, h0, lengths, act, driver, saved[0], saved[2])
+
+jobs, seen = [], set()
+for fn, args, kwargs in launched:
+    values = dict(zip(fn.arg_names, args), **kwargs)
+    consts = {p.name for p in fn.params if p.is_constexpr}
+    sig = {n: "constexpr" if n in consts else "*" + TYPES[values[n].dtype] if isinstance(values[n], torch.Tensor)
+           else "fp32" if isinstance(values[n], float) else "i32" for n in fn.arg_names}
+    const = {n: values[n] for n in consts}
+    key = (fn.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in sorted(const.items())))
+    if key not in seen:
+        seen.add(key)
+        jobs.append((fn, sig, const))
+failed, running = [], {}
+
+
+def reap():
+    pid, status = os.wait()
+    what = running.pop(pid)
+    if status:
+        failed.append(f"{what}: exit status {status} (a compiler crash aborts the process)")
+
+
+for fn, sig, const in jobs:  # each compile in a child process: an LLVM assertion aborts the process
+    while len(running) >= 2:
+        reap()
+    what = f"{fn.__name__} {dict((k, str(v)) for k, v in const.items())}"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target)
+            os._exit(0)
+        except Exception as err:
+            print(f"{what}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            os._exit(3)
+    running[pid] = what
+while running:
+    reap()
+print(f"compiled {len(jobs) - len(failed)} of {len(jobs)}")
+sys.exit("\n".join(failed) if failed else 0)
+'''
+
+
+@pytest.mark.slow
+def test_matrix_kernels_compile_for_sm90():
+    """Every variant of the RNN/LSTM/GRU kernels that the drivers launch (persistent and alternating, lengths or
+    not, projection, peepholes, LayerNorm; float32 and bfloat16), recorded from the drivers themselves, through
+    Triton's compiler and ptxas for sm_90 without a GPU. It found the persistent LSTM backward with lengths
+    crashing LLVM (now run by the alternating step loop). Run with -m slow (several minutes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(rnnkit.__file__))),
+                                         env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", _MATRIX_COMPILE_CHECK], env=env, capture_output=True, text=True,
+                            timeout=3000)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "compiled" in result.stdout

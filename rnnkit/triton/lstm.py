@@ -369,7 +369,10 @@ def lstm_backward(grad_out: Tensor, grad_hn: Tensor, grad_cn: Tensor, xp: Tensor
     H, P = G // 4, h0.shape[1]
     proj, peep, ln = w_hr is not None, w_ci is not None, ln_w_hh is not None
     sd = C.state_dtype(xp.dtype)
-    persist = driver == 0
+    # With lengths the persistent backward kernel (plain and LayerNorm, float32) crashes Triton 3.9's compiler for
+    # sm_90 (an LLVM SLP-vectorizer assertion aborts the process; found without a GPU by compiling every variant
+    # the drivers launch, docs/gpu.md): the alternating step loop takes that backward, from the same saved tensors
+    persist = driver == 0 and lengths is None
     BN, BH, BP, grid = _blocks(H, P, N, persist, xp.dtype)
     grad_out = grad_out.contiguous()
     dh = grad_hn.to(sd).contiguous().clone()
