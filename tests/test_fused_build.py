@@ -415,8 +415,13 @@ warnings.simplefilter("always")
 first = sys.argv[1]
 x = torch.randn(3, 2, 3)
 with warnings.catch_warnings(record=True) as caught:
-    if first == "export":
-        torch.export.export(rnnkit.LSTM(3, 4), (x,))
+    if first == "export":  # the process's first call, with a dynamic length: the fused op in the graph
+        from torch.export import Dim
+        ind = rnnkit.IndRNN(3, 4)
+        ep = torch.export.export(ind, (torch.randn(20, 8, 3),), dynamic_shapes=({0: Dim("L", min=2), 1: Dim("N")},))
+        assert any("rnnkit_fused" in str(n.target) for n in ep.graph.nodes)
+        y = torch.randn(31, 3, 3)
+        assert torch.allclose(ep.module()(y)[0], ind(y)[0])
     elif first == "fake":
         from torch._subclasses.fake_tensor import FakeTensorMode
         with FakeTensorMode():
@@ -438,7 +443,8 @@ print(json.dumps({"fused": rnnkit.describe_backends()["fused"], "later": later.l
 def test_a_first_load_inside_export_fake_mode_or_compile_keeps_the_kernels(first):
     """The process's first use of the kernels inside torch.export or a FakeTensorMode: loading runs the
     extension's checks on real tensors (dispatch modes set aside), so it no longer fails (and with it the
-    fused backend, for the rest of the process). Inside torch.compile(fullgraph=True) nothing loads (dynamo
+    fused backend, for the rest of the process); torch.export (non-strict: no dynamo) loads them, so its
+    graph holds the fused op and keeps the length dynamic (it ran the unrolled loop and fixed the length). Inside torch.compile(fullgraph=True) nothing loads (dynamo
     cannot trace the build): auto runs torch's op there, with no warning, and the next eager call loads."""
     if _build.load() is not None:
         pytest.skip(f"fused backend unavailable: {_build.load()}")

@@ -254,7 +254,7 @@ def disabled() -> Optional[str]:
 
 
 # bound at import: load() must work where this module's name ``torch`` is replaced (tests/test_fused_build.py)
-_is_compiling = torch.compiler.is_compiling
+_is_compiling = torch.compiler.is_dynamo_compiling  # dynamo tracing this frame (not non-strict export)
 _DisableTorchFunction = torch._C.DisableTorchFunction
 NOT_WHILE_COMPILING = ("not loaded yet: the fused kernels build and load on the first call outside torch.compile "
                        "(or python -m rnnkit.fused build)")
@@ -277,7 +277,8 @@ def load(verbose: bool = False) -> Optional[str]:
     reason = disabled()
     if reason:
         return reason
-    if _is_compiling():  # dynamo cannot trace the lock or the build: not now, and not for good
+    if _is_compiling():  # dynamo cannot trace the lock or the build: not now, and not for good (torch.export, non-strict, runs
+        # Python: it loads, with its fake modes set aside)
         return NOT_WHILE_COMPILING
     with _lock:
         if _state["loaded"]:
