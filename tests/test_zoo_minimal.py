@@ -362,3 +362,50 @@ def test_docstring_examples_run():
     import rnnkit.zoo.minimal as module
     result = doctest.testmod(module, extraglobs={"rnnkit": rnnkit, "torch": torch})
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_min_lstm_step_is_finite_where_both_gates_underflow():
+    """Where sigmoid(k_f) and sigmoid(k_i) both underflow (k below about -90 in float32) the step's normalized
+    gates are 0 / 0 in linear space: the step works in log space, as the parallel scan, and gives the scan's
+    finite value (f' = i' = 1/2 for equal gates), in the layer's loop and the cell, with finite gradients."""
+    scan = rnnkit.MinLSTM(1, 1)
+    loop = rnnkit.MinLSTM(1, 1, parallel=False)
+    cell = rnnkit.MinLSTMCell(1, 1)
+    sd = {"weight_ih_l0": torch.ones(3, 1), "bias_ih_l0": torch.zeros(3)}
+    scan.load_state_dict(sd)
+    loop.load_state_dict(sd)
+    cell.load_state_dict({"weight_ih": torch.ones(3, 1), "bias_ih": torch.zeros(3)})
+    x = torch.full((4, 1, 1), -90.0, requires_grad=True)
+    h0 = torch.full((1, 1, 1), 0.5)
+    want = scan(x, h0)[0]
+    got = loop(x, h0)[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(cell(x[0], h0[0]), want[0])
+    (g,) = torch.autograd.grad(got.sum(), x)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("cls", [rnnkit.MinGRU, rnnkit.MinLSTM], ids=["mingru", "minlstm"])
+def test_parallel_scan_forward_mode_ad_and_hessian(cls):
+    """Forward-mode AD through the parallel scan with trainable parameters (a dual level) and torch.func.hessian
+    (forward over reverse): the step loop's tangents and Hessian (the scan's logcumsumexp Function had no jvp and
+    raised); and gradcheck of that jvp in float64."""
+    import torch.autograd.forward_ad as fwAD
+    from rnnkit.zoo.minimal import _logcumsumexp
+    torch.manual_seed(0)
+    scan = cls(3, 4, dtype=torch.float64)
+    loop = cls(3, 4, parallel=False, dtype=torch.float64)
+    loop.load_state_dict(scan.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(5, 2, 3, generator=g, dtype=torch.float64), torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    tangents = []
+    for m in (scan, loop):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(m(fwAD.make_dual(x, t))[0]).tangent.detach())
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-9, atol=1e-10)
+    a = torch.randn(3, 1, 3, generator=g, dtype=torch.float64)
+    hess = [torch.func.hessian(lambda v: m(v)[0].sum())(a) for m in (scan, loop)]
+    torch.testing.assert_close(hess[0], hess[1], rtol=1e-8, atol=1e-10)
+    v = torch.randn(6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_logcumsumexp, (v,), check_forward_ad=True)

@@ -63,13 +63,16 @@ def min_gru_step(xp: Tensor, state: State, p: Params) -> State:
 
 def min_lstm_step(xp: Tensor, state: State, p: Params) -> State:
     """minLSTM, ``xp = [k_f, k_i, k_h]`` (``3H``): ``f = sigmoid(k_f)``,
-    ``i = sigmoid(k_i)``, ``h' = f / (f + i) * h + i / (f + i) * g(k_h)``."""
+    ``i = sigmoid(k_i)``, ``h' = f / (f + i) * h + i / (f + i) * g(k_h)``.
+
+    The normalized gates in log space, ``f / (f + i) = sigmoid(log f - log i)`` with
+    ``log f = logsigmoid(k_f)``: the same value, finite where ``f`` and ``i`` both underflow
+    (``k_f, k_i`` below about -90 in float32), where ``f / (f + i)`` is 0 / 0 = NaN (as the
+    parallel scan, which works in log space, never is)."""
     (h,) = state
     k_f, k_i, k_h = xp.chunk(3, dim=-1)
-    f = torch.sigmoid(k_f)
-    i = torch.sigmoid(k_i)
-    total = f + i
-    return ((f / total) * h + (i / total) * g(k_h),)
+    d = F.logsigmoid(k_f) - F.logsigmoid(k_i)
+    return (torch.sigmoid(d) * h + torch.sigmoid(-d) * g(k_h),)
 
 
 # ----------------------------------------------------------------------------- the parallel scan
@@ -104,6 +107,17 @@ class _LogCumSumExp(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], output)
+        ctx.save_for_forward(inputs[0], output)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        # forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, hessian = jacfwd(jacrev)):
+        # dy_t = sum_{j <= t} tangent_j exp(x_j - y_t), over the tangent's positive and negative parts in log space
+        x, y = ctx.saved_tensors
+
+        def head(v):  # logsumexp over j <= t
+            return torch.logcumsumexp(v, dim=0)
+        return torch.exp(head(x + _safe_log(tangent)) - y) - torch.exp(head(x + _safe_log(-tangent)) - y)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
