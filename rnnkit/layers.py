@@ -400,6 +400,8 @@ class RecurrentBase(nn.Module):
         if len(self._param_keys) != self.num_layers * self.num_directions:
             raise RuntimeError(self._layout_message())
         x, reading, lengths, packed_lengths = self._time_major(input, lengths, padding_value, mixed)
+        if lengths is not None:  # padding reads as zeros: a NaN there cannot reach a gradient (the input projection
+            x = mask_padding(x, lengths, 0.0)  # runs over every step), as when each sequence runs alone
         ref = self._ref_param()
         # traced, the batch size stays x's own (jit.trace records it), so the zero state fits other batches
         batch = x.shape[1] if torch.jit.is_tracing() else reading.batch

@@ -239,3 +239,35 @@ def test_chunk_lengths():
     assert rnnkit.chunk_lengths([9, 4, 6], 4, 4).tolist() == [4, 0, 2]
     assert rnnkit.chunk_lengths([9, 4, 6], 0, 4).tolist() == [4, 4, 4]
     assert rnnkit.chunk_lengths([9, 4, 6], 8, 4).tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("backend", runnable_backends())
+@pytest.mark.parametrize("name", sorted(rnnkit.LAYERS))
+def test_nan_in_padding_reaches_nothing(name, backend):
+    """NaN and inf past the lengths (padding) change nothing: the outputs, the final states and every gradient
+    (input and parameters) equal those of the same batch with zero padding, all finite (the input projection
+    runs over every step, so a NaN there reached W_ih's gradient, and the reference loop's every gradient)."""
+    entry = rnnkit.LAYERS[name]
+    torch.manual_seed(0)
+    layer = entry.make(3, 4, dtype=torch.float64)
+    layer.backend = backend
+    if backend != "auto" and why_not(backend, layer) is not None:
+        pytest.skip(why_not(backend, layer))
+    x = torch.randn(entry.input_shape(4, 3, 3), dtype=torch.float64)
+    lengths = torch.tensor([4, 2, 0])
+    dirty = x.clone()
+    dirty[2:, 1] = float("nan")
+    dirty[:, 2] = float("inf")
+    clean = x.clone()
+    clean[2:, 1] = 0.0
+    clean[:, 2] = 0.0
+    results = []
+    for inp in (clean, dirty):
+        xi = inp.clone().requires_grad_()
+        out, h = layer(xi, lengths=lengths)
+        states = list(h) if isinstance(h, tuple) else [h]
+        grads = torch.autograd.grad(weighted_sum([out, *states]), [xi, *layer.parameters()], allow_unused=True)
+        results.append([out, *states, *(g for g in grads if g is not None)])
+    for a, b in zip(*results):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
