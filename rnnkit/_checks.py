@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from .errors import RNNDeviceError, RNNShapeError, RNNTypeError, scalar_name, torch_words
+from . import _autocast
 from ._autocast import MIXED_DTYPES as _MIXED_DTYPES
 
 
@@ -410,3 +411,16 @@ def forward_ad_active() -> bool:
     forward-mode formula: an op without one drops a tangent silently where no input requires grad (and
     raises where one does), so they decline then and ``auto`` runs a backend that has one."""
     return _forward_ad._current_level >= 0
+
+
+def kernel_mode_reason(x: Optional[Tensor], kernels: str) -> Optional[str]:
+    """Why rnnkit's own kernels (``kernels``: "fused kernels", "triton kernels") cannot run ``x`` in the
+    current mode, or None: forward-mode AD (they have no jvp formula) or CPU autocast's mixed precision (they
+    compute in one dtype). Asked with an input only: building a module under either is fine."""
+    if x is None:
+        return None
+    if forward_ad_active():
+        return FORWARD_AD_REASON.format(kernels)
+    if _autocast.mixed_active(x):
+        return _autocast.MIXED_REASON.format(kernels)
+    return None

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, _VF
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import _autocast
 from ._checks import forward_ad_active
 from .runner import reference_scan, run_stack
 from .spec import State
@@ -50,11 +51,11 @@ class ReferenceBackend(Backend):
 
 def _onednn_lstm(module, x: Tensor) -> bool:
     """Whether torch's op runs ``module`` on ``x`` through oneDNN's LSTM (``mkldnn_rnn_layer``, which has no
-    forward-mode AD): an LSTM on a float32 CPU input with oneDNN enabled (ATen's ``use_mkldnn``; its
-    bfloat16 path depends on the CPU, and there torch.nn's behaviour is kept). RNN and GRU run ATen's cells."""
+    forward-mode AD): an LSTM on a float32 CPU input where ATen's ``use_mkldnn`` takes it
+    (:func:`rnnkit._autocast.onednn_lstm`; its bfloat16 path depends on the CPU, and there torch.nn's
+    behaviour is kept). RNN and GRU run ATen's cells."""
     return (module.cell_spec.extra.get("torch_mode") == "LSTM" and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.numel() != 0 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled)
+            and x.dtype == torch.float32 and _autocast.onednn_lstm(x))
 
 
 _VF_LAYERS = {"RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu, "LSTM": _VF.lstm, "GRU": _VF.gru}

@@ -109,3 +109,16 @@ def spy_layer_run(monkeypatch):
 
     monkeypatch.setattr(fc, "layer_run", entry)
     return counts
+
+
+def run_compile_check(script: str, timeout: int):
+    """Run a Triton compile-check ``script`` (``python -c``) in a process of its own with the kernels compiled
+    (``TRITON_INTERPRET`` unset) and this rnnkit importable; returns the ``CompletedProcess``."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(rnnkit.__file__))),
+                                         env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)

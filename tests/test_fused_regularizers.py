@@ -13,7 +13,6 @@ import rnnkit
 import rnnkit.runner as runner
 from rnnkit.backends import BACKENDS
 from rnnkit.fused import _ops, twins
-from rnnkit.fused import backend as fb
 from helpers import assert_close, weighted_sum
 from test_regularizers import FixedMasks
 
@@ -105,14 +104,19 @@ def test_same_seed_same_masks_on_both_backends():
     layer = rnnkit.LSTM(3, 5, num_layers=2, dropout=0.3, dtype=F64, **CONFIGS["all"])
     x, hx, _ = _inputs(rnnkit.LSTM(3, 5, num_layers=1, bidirectional=True), F64)
     hx = tuple(s[:2] for s in hx)
+    assert_one_seed_one_result(lambda backend: _run(layer, backend, x, hx, None), _compare)
+
+
+def assert_one_seed_one_result(run, compare):
+    """``run(backend)`` (results, output first) under one seed gives fused and reference the same results, and
+    another seed another output (the masks do depend on the seed)."""
     results = []
     for backend in ("fused", "reference"):
         torch.manual_seed(42)
-        results.append(_run(layer, backend, x, hx, None))
-    _compare(results[0], results[1], F64)
+        results.append(run(backend))
+    compare(results[0], results[1], F64)
     torch.manual_seed(43)
-    other = _run(layer, "fused", x, hx, None)
-    assert not torch.allclose(other[0], results[0][0])  # the masks do depend on the seed
+    assert not torch.allclose(run("fused")[0], results[0][0])
 
 
 def test_gradcheck_fused_training_and_eval(monkeypatch):

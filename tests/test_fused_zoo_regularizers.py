@@ -17,6 +17,7 @@ from rnnkit.fused import _ops, twins
 from rnnkit.fused import backend as fb
 from helpers import assert_close, weighted_sum
 from test_fused_regularizers import _gru_compare as _compare  # float64 tight, float32 within 2e-5
+from test_fused_regularizers import assert_one_seed_one_result
 from test_regularizers import FixedMasks
 
 FUSED = BACKENDS["fused"]
@@ -86,13 +87,7 @@ def test_same_seed_same_masks_on_both_backends(family):
     """Unpatched: one seed gives both backends the same masks, so the same result (and another seed another)."""
     layer = _layer(family, "all", F64, dropout=0.3)
     x, hx, _ = _inputs(layer, F64)
-    results = []
-    for backend in ("fused", "reference"):
-        torch.manual_seed(42)
-        results.append(_run(layer, backend, x, hx, None))
-    _compare(results[0], results[1], F64)
-    torch.manual_seed(43)
-    assert not torch.allclose(_run(layer, "fused", x, hx, None)[0], results[0][0])
+    assert_one_seed_one_result(lambda backend: _run(layer, backend, x, hx, None), _compare)
 
 
 @pytest.mark.parametrize("family", list(LAYERS))

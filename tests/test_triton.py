@@ -469,11 +469,9 @@ def test_matrix_kernels_compile_for_sm90():
     not, projection, peepholes, LayerNorm; float32 and bfloat16), recorded from the drivers themselves, through
     Triton's compiler and ptxas for sm_90 without a GPU. It found the persistent LSTM backward with lengths
     crashing LLVM (now run by the alternating step loop). Run with -m slow (several minutes)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(rnnkit.__file__))),
-                                         env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", _MATRIX_COMPILE_CHECK], env=env, capture_output=True, text=True,
-                            timeout=3000)
+    import re
+    from helpers import run_compile_check
+    result = run_compile_check(_MATRIX_COMPILE_CHECK, timeout=3000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "compiled" in result.stdout
+    done = re.search(r"compiled (\d+) of (\d+)", result.stdout)
+    assert done and done.group(1) == done.group(2) and int(done.group(1)) > 0, result.stdout[-3000:]

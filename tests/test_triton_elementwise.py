@@ -535,14 +535,7 @@ sys.exit("\n".join(failed) if failed else 0)
 def test_kernels_compile_for_sm90():
     """Every kernel variant (cells, dtypes, lengths, peepholes) through Triton's compiler and ptxas for sm_90,
     without a GPU: catches what the interpreter accepts and the compiler would not (~2 min; run with -m slow)."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(rnnkit.__file__))),
-                                         env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
-                            timeout=900)
+    from helpers import run_compile_check
+    result = run_compile_check(_COMPILE_CHECK, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "compiled 112 of 112" in result.stdout

@@ -20,8 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _autocast
-from .._checks import FORWARD_AD_REASON, forward_ad_active
+from .._checks import kernel_mode_reason
 from ..backends import Backend
 from .. import runner
 from ..functional import RECURRENT_MASK
@@ -380,10 +379,9 @@ class FusedBackend(Backend):
 
     def unsupported(self, module, x: Optional[Tensor]) -> Optional[str]:
         spec = module.cell_spec
-        if x is not None and forward_ad_active():
-            return FORWARD_AD_REASON.format("fused kernels")
-        if x is not None and _autocast.mixed_active(x):
-            return _autocast.MIXED_REASON.format("fused kernels")
+        reason = kernel_mode_reason(x, "fused kernels")
+        if reason is not None:
+            return reason
         if spec.fusable not in KERNELS:
             if spec.name.startswith("indrnn_"):
                 return f"no fused kernel for the '{spec.name}' cell (IndRNN is fused for nonlinearity 'relu' and " \

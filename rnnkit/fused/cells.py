@@ -19,8 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _autocast
-from .._checks import FORWARD_AD_REASON, forward_ad_active
+from .._checks import forward_ad_active, kernel_mode_reason
 from . import _build, _ops
 from .backend import KERNELS, _bias_sum, _project, tensor_unsupported
 
@@ -83,10 +82,9 @@ def cell_unsupported(cell, x: Optional[Tensor] = None) -> Optional[str]:
     global direct_step
     if direct_step is None and _build._state["module"] is not None:
         direct_step = getattr(_build._state["module"], "cell_step", None)
-    if x is not None and forward_ad_active():  # asked with an input: constructing a cell in a dual_level is fine
-        return FORWARD_AD_REASON.format("fused kernels")
-    if x is not None and _autocast.mixed_active(x):
-        return _autocast.MIXED_REASON.format("fused kernels")
+    reason = kernel_mode_reason(x, "fused kernels")  # asked with an input: constructing a cell in a dual_level is fine
+    if reason is not None:
+        return reason
     if x is not None and x.layout != torch.strided:  # a sparse input: torch's cell op takes it (a sparse product)
         return f"the fused kernels take dense (strided) tensors, got an input of layout {x.layout}"
     ref = cell.weight_ih

@@ -20,8 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _autocast
-from .._checks import FORWARD_AD_REASON, forward_ad_active
+from .._checks import kernel_mode_reason
 from ..backends import Backend
 from ..runner import own_output, run_stack
 from ..spec import CellSpec, Params, State
@@ -151,10 +150,9 @@ class TritonBackend(Backend):
 
     def unsupported(self, module, x: Optional[Tensor]) -> Optional[str]:
         spec = module.cell_spec
-        if x is not None and forward_ad_active():
-            return FORWARD_AD_REASON.format("triton kernels")
-        if x is not None and _autocast.mixed_active(x):
-            return _autocast.MIXED_REASON.format("triton kernels")
+        reason = kernel_mode_reason(x, "triton kernels")
+        if reason is not None:
+            return reason
         fam = family(spec)
         if fam not in KERNELS:
             return f"no triton kernel for the '{spec.name}' cell"

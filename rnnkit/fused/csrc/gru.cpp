@@ -353,8 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_reg_fwd(const Tensor& xp_, const 
     const int64_t min_len = min_length(len, N, L), grain = row_grain(G);
     for (int64_t t = 0; t < L; ++t) {
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
-      if (r) mul_row(hp, r, hr, N * H);
-      rec(r ? hr : hp, H, T(0), hb, G);
+      rec_step(rec, hp, r, hr, N, H, hb, G);
       const T* xt = x + t * N * G;
       T *rzt = rz + t * N * G, *hnt = hn + t * N * H, *ot = o + t * N * H;
       const bool check = len && t >= min_len;

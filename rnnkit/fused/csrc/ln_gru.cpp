@@ -181,8 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ln_gru_reg_fwd(
       const T* hp = t == 0 ? h_init : o + (t - 1) * N * H;
       T *gt = gs + t * N * G, *ot = o + t * N * H, *nzt = nz + t * N * G, *rst = rs + t * N;
       T* htil = zoh ? mb : ot;  // h~_t
-      if (r) mul_row(hp, r, hr, N * H);
-      rec(r ? hr : hp, H, T(0), gt, G);
+      rec_step(rec, hp, r, hr, N, H, gt, G);
       const T* xt = x + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {

@@ -198,8 +198,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_ls
       T *gt = gs + t * N * G, *ct = c + t * N * H, *ot = o + t * N * H;
       T *nzt = nz + t * N * G, *nct = nc + t * N * H, *rst = rs + t * N * 2;
       T* htil = zoh ? mb : ot;  // h~_t
-      if (r) mul_row(hp, r, hr, N * H);
-      rec(r ? hr : hp, H, T(0), gt, G);
+      rec_step(rec, hp, r, hr, N, H, gt, G);
       const T* xt = x + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {

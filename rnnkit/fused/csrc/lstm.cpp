@@ -488,12 +488,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_reg_fwd(
       T* cnt_ = zoc ? cn + t * N * H : ct;
       T* ot = o + t * N * P;
       T* mt = proj ? m + t * N * H : (zoh ? mb : ot);
-      if (r) {
-        mul_row(hp, r, hr, N * P);
-        rec(hr, P, T(0), gt, G);
-      } else {
-        rec(hp, P, T(0), gt, G);
-      }
+      rec_step(rec, hp, r, hr, N, P, gt, G);
       const T* xt = x + t * N * G;
       const bool check = len && t >= min_len;
       lstm_rows(N, H, [&](int64_t b, int64_t e) {

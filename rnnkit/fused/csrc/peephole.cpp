@@ -106,8 +106,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> peephole_reg_fwd(
       T *gt = gs + t * N * G, *ct = c + t * N * H, *ot = o + t * N * H;
       T* ctil = zoc ? cn + t * N * H : ct;  // c~_t
       T* htil = zoh ? mb : ot;              // h~_t
-      if (r) mul_row(hp, r, hr, N * H);
-      rec(r ? hr : hp, H, T(0), gt, G);
+      rec_step(rec, hp, r, hr, N, H, gt, G);
       const T* xt = x + t * N * G;
       const bool check = len && t >= min_len;
       at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {

@@ -127,6 +127,15 @@ inline void masked_rec_grad(const Recurrent<T>& rec, const T* dgt, int64_t G, co
   }
 }
 
+// The forward's recurrent product of a step: dst (N, G) = h_{t-1} W_hh^T from hp (N, P), with recurrent dropout
+// (r) of h_{t-1} * r (hr: an (N, P) buffer)
+template <typename T>
+inline void rec_step(const Recurrent<T>& rec, const T* hp, const T* r, T* hr, int64_t N, int64_t P, T* dst,
+                     int64_t G) {
+  if (r) mul_row(hp, r, hr, N * P);
+  rec(r ? hr : hp, P, T(0), dst, G);
+}
+
 // The backward's recurrent product of step t into dn (N, P): dn += dG W_hh, and a held row's dn passed
 // through again (pass_held_rows); with recurrent dropout (r) masked_rec_grad
 template <typename T>
